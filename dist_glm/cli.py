@@ -1,0 +1,26 @@
+"""Entry points shared by launch/*.py and the console scripts in setup.py."""
+
+import sys
+
+from dist_glm.errors import UserError, report_and_exit
+
+
+def train_main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    from dist_glm import config
+
+    if "-h" in argv or "--help" in argv:
+        print(config.help_text())
+        return
+    from dist_glm.distributed import destroy, use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()
+    try:
+        cfg = config.load_config(argv)
+        from dist_glm.train import train
+
+        train(cfg)
+    except UserError as err:
+        report_and_exit(err, prog="train.py")
+    finally:
+        destroy()

@@ -1,0 +1,1 @@
+"""Data: rows in files -> chat messages (formats) -> token ids + labels (template) -> batches (batching)."""

@@ -1,0 +1,210 @@
+"""Everything that touches process groups lives here: rank discovery, init, collectives, the DeepSpeed
+config, and gathering ZeRO-3 partitioned weights for export.
+
+Rank discovery before init reads the launcher's environment (deepspeed/torchrun set RANK, WORLD_SIZE,
+LOCAL_RANK; mpirun sets OMPI_COMM_WORLD_*), so that configuration errors can be reported by rank 0
+only, before any collective could hang.
+"""
+
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from dist_glm.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = REPO_ROOT / "ds_configs" / "zero0.json"
+
+_ENV_KEYS = {
+    "rank": ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
+    "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+    "local_rank": ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+}
+
+
+def _from_env(kind: str, default: int) -> int:
+    for key in _ENV_KEYS[kind]:
+        if key in os.environ:
+            return int(os.environ[key])
+    return default
+
+
+def rank_from_env() -> int:
+    return _from_env("rank", 0)
+
+
+def world_size_from_env() -> int:
+    return _from_env("world_size", 1)
+
+
+def local_rank_from_env() -> int:
+    return _from_env("local_rank", 0)
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """DeepSpeed must be told to use its CPU accelerator before it is first imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Form the process group (gloo on CPU, nccl on GPU) and return (rank, world_size).
+
+    A plain `python launch/train.py` has no launcher environment: it becomes a world of one.
+    """
+    import deepspeed
+
+    if world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank_from_env())
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Sum a small float64 vector across ranks (token counts, loss sums): exact for integer counts."""
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # gloo reduces CPU tensors; nccl needs them on the GPU.
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+        t = t.to(dev)
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def all_gather_objects(obj) -> list:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+# Keys our training config owns. In a ds config they must be "auto" (or agree with ours), so that
+# batch sizes, clipping and precision have one source of truth.
+_OWNED_SECTIONS = ("optimizer", "scheduler")
+
+
+def read_ds_config(path: str) -> dict:
+    p = Path(path) if path else DEFAULT_DS_CONFIG
+    if not p.is_file():
+        raise UserError(f"deepspeed='{path}': file not found; use one of ds_configs/*.json or your own JSON file")
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"deepspeed='{p}': not valid JSON ({e}); fix the file") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"deepspeed='{p}': expected a JSON object at the top level")
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_offload(ds_config: dict) -> bool:
+    z = ds_config.get("zero_optimization", {})
+    return z.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def build_ds_config(train_cfg, world_size: int) -> dict:
+    """Read the user's ds config and fill every "auto" from the training config.
+
+    Raises UserError when a ds config value contradicts the training config, instead of silently
+    letting one of them win (DeepSpeed-Chat's classic surprise).
+    """
+    path = train_cfg.deepspeed
+    ds = read_ds_config(path)
+    where = f"deepspeed='{path or DEFAULT_DS_CONFIG}'"
+    mbs, gas = train_cfg.per_device_train_batch_size, train_cfg.gradient_accumulation_steps
+    ours = {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": mbs * gas * world_size,
+        "gradient_clipping": train_cfg.max_grad_norm,
+    }
+    problems = []
+    for section in _OWNED_SECTIONS:
+        if section in ds:
+            problems.append(f"{where}: remove the '{section}' section; the optimizer and schedule come from "
+                            "learning_rate, weight_decay, lr_scheduler_type and warmup_* in the training config")
+    for key, value in ours.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            problems.append(f"{where}: {key}={given} contradicts the training config ({key}={value} from "
+                            f"per_device_train_batch_size={mbs} x gradient_accumulation_steps={gas} x "
+                            f"world_size={world_size}); set it to \"auto\"")
+        ds[key] = value
+    stage = zero_stage(ds)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{where}: zero_optimization.stage={stage} is not one of 0, 1, 2, 3")
+    for prec, want in (("bf16", train_cfg.bf16), ("fp16", False)):
+        sec = ds.setdefault(prec, {})
+        enabled = sec.get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != want:
+            problems.append(f"{where}: {prec}.enabled={enabled} contradicts bf16={train_cfg.bf16} in the training "
+                            f"config; set it to \"auto\"")
+        sec["enabled"] = want
+    if is_offload(ds) and stage == 0:
+        problems.append(f"{where}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
+    # Per-bucket sizes left as "auto" get DeepSpeed's own defaults.
+    z = ds.setdefault("zero_optimization", {"stage": 0})
+    for key in [k for k, v in z.items() if v == "auto"]:
+        del z[key]
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves; keep DeepSpeed's step log quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    if problems:
+        raise UserError(problems)
+    return ds
+
+
+# ---------------------------------------------------------------- ZeRO-3 aware state gathering
+
+
+def gather_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """Full (unpartitioned) parameters on CPU, on rank 0 (other ranks get {}). Collective: every rank
+    must call it. Under ZeRO-3 each parameter is gathered in turn, so peak memory is one parameter,
+    and the result is never the shape-[0] placeholder that naive `state_dict()` returns."""
+    import deepspeed
+
+    out = {}
+    main = is_main_process()
+    for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if main:
+                    out[name] = param.detach().cpu().clone()
+        elif main:
+            out[name] = param.detach().cpu().clone()
+    return out

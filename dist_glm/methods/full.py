@@ -1,0 +1,14 @@
+"""Full-parameter fine-tuning: every weight trains; the artifact is a complete HF model."""
+
+trainable_only = False
+
+
+def prepare(model, cfg):
+    model.requires_grad_(True)
+    return model
+
+
+def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
+    """Rank 0 only. `state_dict` is the gathered full model (never ZeRO-3 placeholders)."""
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,140 @@
+"""Monitoring and scores: TensorBoard + metrics.jsonl logging, throughput and MFU, and the Chinese
+generation metrics the ChatGLM scripts report (ROUGE-1/2/L on jieba words, BLEU-4 on characters).
+"""
+
+import json
+import math
+import resource
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown hardware (and CPUs) report no MFU rather than
+# a made-up one.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
+
+
+def peak_flops_per_device() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(num_params: int, config) -> float:
+    """6N for the dense matmuls (forward + backward) plus attention scores (PaLM appendix B).
+    Uses a 1024-token context for the attention term; it is small next to 6N for GLM sizes."""
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    return 6 * num_params + 12 * layers * hidden * 1024
+
+
+def memory_gb() -> float:
+    """Peak accelerator memory on GPU; peak resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a disabled logger so call sites need no rank checks.
+
+    On resume from step S, records after S (written by the interrupted run) are dropped from both
+    metrics.jsonl and TensorBoard (purge_step), so each file tells one consistent history.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(output_dir) / "metrics.jsonl"
+        if resume_step and self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif self.path.exists():
+            self.path.unlink()
+        self.writer = SummaryWriter(str(Path(output_dir) / "runs"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------- generation metrics
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _f1(overlap: int, hyp_total: int, ref_total: int) -> float:
+    if overlap == 0:
+        return 0.0
+    p, r = overlap / hyp_total, overlap / ref_total
+    return 2 * p * r / (p + r)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_scores(hyp: list[str], ref: list[str]) -> dict[str, float]:
+    """ROUGE-1/2 (n-gram overlap F1) and ROUGE-L (LCS F1) of one hypothesis against one reference."""
+    out = {}
+    for n in (1, 2):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        out[f"rouge-{n}"] = _f1(sum((h & r).values()), sum(h.values()), sum(r.values()))
+    out["rouge-l"] = _f1(_lcs(hyp, ref), len(hyp), len(ref)) if hyp and ref else 0.0
+    return out
+
+
+def bleu4(hyp: list[str], ref: list[str]) -> float:
+    """Sentence BLEU-4 with NLTK's smoothing method 3 (NIST geometric), as the ChatGLM scripts use."""
+    if not hyp or not (_ngrams(hyp, 1) & _ngrams(ref, 1)):
+        return 0.0  # NLTK's convention: no shared character at all scores 0, not a smoothed value
+    log_p, k = 0.0, 1
+    for n in range(1, 5):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        total = max(sum(h.values()), 1)
+        hits = sum((h & r).values())
+        if hits == 0:
+            k *= 2
+            log_p += math.log(1 / (k * total))
+        else:
+            log_p += math.log(hits / total)
+    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * math.exp(log_p / 4)
+
+
+def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L (jieba words), BLEU-4 (characters) and exact match, all in percent."""
+    import jieba
+
+    jieba.setLogLevel(60)  # silence its dictionary-loading chatter
+    sums = Counter()
+    for pred, ref in zip(predictions, references, strict=True):
+        hyp_words, ref_words = list(jieba.cut(pred)), list(jieba.cut(ref))
+        sums.update(rouge_scores(hyp_words, ref_words))
+        sums["bleu-4"] += bleu4(list(pred), list(ref))
+        sums["exact_match"] += float(pred.strip() == ref.strip())
+    n = max(len(predictions), 1)
+    return {k: 100 * v / n for k, v in sums.items()}

@@ -1,0 +1,96 @@
+"""Loading GLM checkpoints and tokenizers; GLM-specific quirks are kept here.
+
+Supported by path: GLM-4 (`GlmForCausalLM`, e.g. glm-4-9b-chat-hf), GLM-4-0414 (`Glm4ForCausalLM`)
+natively, and the ChatGLM line through `trust_remote_code`. Nothing is downloaded: a checkpoint is a
+local directory.
+"""
+
+from pathlib import Path
+
+import torch
+
+from dist_glm.errors import UserError
+
+# Keeps the HfDeepSpeedConfig alive while the model loads (ZeRO-3 partitions weights during
+# from_pretrained only while such an object exists).
+_hf_ds_config = None
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_path(path: str, from_scratch: bool) -> list[str]:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return [f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
+                "(download one first, e.g. `huggingface-cli download THUDM/glm-4-9b-chat-hf --local-dir DIR`)"]
+    if not from_scratch and not any((p / f).is_file() for f in WEIGHT_FILES):
+        return [f"model_name_or_path='{path}': no weights (model.safetensors or pytorch_model.bin) found; use a "
+                "complete checkpoint, or set train_from_scratch=true to start from random weights"]
+    return []
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # GLM tokenizers pad with <|endoftext|>; fall back to EOS for any that lack a pad token.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def generation_eos_ids(model_or_path, tokenizer) -> list[int]:
+    """GLM-4 chat ends a reply with any of <|endoftext|>, <|user|>, <|observation|>; the list comes
+    from the generation config so it is right for every checkpoint, not hard-coded ids."""
+    from transformers import GenerationConfig
+
+    eos = None
+    if isinstance(model_or_path, (str, Path)):
+        try:
+            eos = GenerationConfig.from_pretrained(model_or_path).eos_token_id
+        except OSError:
+            eos = None
+    elif getattr(model_or_path, "generation_config", None) is not None:
+        eos = model_or_path.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int):
+    """Load (or randomly initialise) the causal LM for training.
+
+    Under ZeRO-3 a pretrained checkpoint is loaded while an HfDeepSpeedConfig is alive, so each rank
+    only ever holds its own partition. A from-scratch model is built normally on every rank from the
+    same seed (identical on all ranks) and partitioned by deepspeed.initialize; building a GLM inside
+    zero.Init crashes in transformers' _init_weights, so it is not attempted.
+    """
+    global _hf_ds_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dist_glm.distributed import zero_stage
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    path = model_cfg.model_name_or_path
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    if model_cfg.train_from_scratch:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        return model.to(dtype)
+    if zero_stage(ds_config) == 3:
+        _hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing computes correct gradients even when the inputs of a checkpointed
+    # block do not require grad (the frozen-embedding case of LoRA), so no input-grad hook is needed.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

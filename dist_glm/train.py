@@ -1,0 +1,242 @@
+"""The training loop: one loop for every method, ZeRO stage and launcher.
+
+The DeepSpeed engine owns backward, accumulation, clipping and the optimizer step; methods differ
+only in how the model is prepared and what gets saved (dist_glm.methods).
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dist_glm import checkpoint, distributed
+from dist_glm.config import Config, save_config
+from dist_glm.data.batching import GlobalBatchSampler, build_examples, collate
+from dist_glm.data.formats import check_data_paths
+from dist_glm.errors import UserError
+from dist_glm.evaluate import eval_loss, predict
+from dist_glm.loss import count_trainable_tokens, token_loss_sum
+from dist_glm.methods import count_parameters, get_method
+from dist_glm.metrics import MetricsLogger, memory_gb, peak_flops_per_device, train_flops_per_token
+from dist_glm.models import check_model_path, enable_gradient_checkpointing, generation_eos_ids, load_model, load_tokenizer
+
+
+def log(msg: str) -> None:
+    if distributed.is_main_process():
+        print(f"[dist_glm] {msg}", flush=True)
+
+
+def validate_inputs(cfg: Config, world_size: int) -> None:
+    """Everything that can be checked before a process group forms; identical on every rank."""
+    problems = check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
+    problems += check_data_paths(cfg.data.dataset, "dataset")
+    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
+    try:
+        distributed.build_ds_config(cfg.train, world_size)
+    except UserError as e:
+        problems += e.problems
+    t = cfg.train
+    existing = checkpoint.list_checkpoints(t.output_dir)
+    if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
+        problems.append(f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
+                        "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over")
+    try:
+        checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    except UserError as e:
+        problems += e.problems
+    if problems:
+        raise UserError(problems)
+
+
+def build_optimizer(model, t, offload: bool):
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in HF and GLM's recipes."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            # Under ZeRO-3 a parameter's local shape is a placeholder; ds_shape is the real one.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    betas = (t.adam_beta1, t.adam_beta2)
+    if offload:
+        # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorised CPU Adam is the one it supports.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
+
+
+def build_scheduler(optimizer, t, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
+    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tuple[float, float, float]:
+    """One optimizer step over this rank's micro-batches. Returns global (loss, trainable tokens,
+    non-pad tokens) for the step."""
+    # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
+    # rank needs it before its first backward.
+    local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
+    global_tokens = float(distributed.all_reduce_sum([local_tokens])[0])
+    # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
+    # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
+    scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
+    local_loss_sum, local_nonpad = 0.0, 0
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum, _ = token_loss_sum(logits, batch["labels"])
+        engine.backward(loss_sum * scale)
+        engine.step()  # only steps the optimizer at the accumulation boundary
+        local_loss_sum += float(loss_sum.detach())
+        local_nonpad += int(batch["attention_mask"].sum())
+    # Collective (for logging): the step's loss over the whole global batch.
+    loss_total, nonpad_total = distributed.all_reduce_sum([local_loss_sum, local_nonpad]).tolist()
+    return loss_total / max(global_tokens, 1.0), global_tokens, nonpad_total
+
+
+def train(cfg: Config) -> dict:
+    import deepspeed
+
+    t = cfg.train
+    validate_inputs(cfg, distributed.world_size_from_env())
+    rank, world = distributed.init_distributed()
+    device = torch.device(deepspeed.get_accelerator().device_name(), distributed.local_rank_from_env()) \
+        if torch.cuda.is_available() else torch.device("cpu")
+    out = Path(t.output_dir)
+    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    if rank == 0:
+        if t.overwrite_output_dir and not resume_path:
+            for _, old in checkpoint.list_checkpoints(t.output_dir):
+                shutil.rmtree(old)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    distributed.barrier()
+    log(f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
+        + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
+
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+    train_examples = build_examples(cfg.data.dataset, tokenizer, cfg.data, cfg.data.max_samples)
+    eval_examples = build_examples(cfg.data.eval_dataset, tokenizer, cfg.data) if cfg.data.eval_dataset else []
+    sampler = GlobalBatchSampler(len(train_examples), t.per_device_train_batch_size,
+                                 t.gradient_accumulation_steps, world, t.seed)
+    if sampler.steps_per_epoch == 0:
+        raise UserError(f"dataset has {len(train_examples)} samples, fewer than one global batch of "
+                        f"{sampler.global_batch} (per_device_train_batch_size x gradient_accumulation_steps x "
+                        f"{world} ranks); lower per_device_train_batch_size or gradient_accumulation_steps")
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+
+    ds_config = distributed.build_ds_config(t, world)
+    method = get_method(cfg.method.finetuning_type)
+    model = load_model(cfg.model, ds_config, t.bf16, t.seed)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
+    model = method.prepare(model, cfg)
+    trainable, total = count_parameters(model)
+    log(f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
+        f"({100 * trainable / total:.2f}%); zero stage {distributed.zero_stage(ds_config)}; "
+        f"{len(train_examples)} train / {len(eval_examples)} eval samples; {total_steps} steps of "
+        f"{sampler.global_batch} samples")
+    optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=build_scheduler(optimizer, t, total_steps), config=ds_config)
+
+    state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0}
+    start_step = 0
+    if resume_path:
+        state = checkpoint.load_checkpoint(engine, resume_path, method.trainable_only)
+        start_step = state["global_step"]
+        log(f"resumed from {resume_path} at step {start_step}")
+    log(f"memory after setup: {memory_gb():.2f} GiB on rank 0")
+
+    logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
+    flops_per_token, peak = train_flops_per_token(total, model.config), peak_flops_per_device()
+    eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or t.disable_tqdm, desc="train",
+               dynamic_ncols=True, file=sys.stdout)
+    results, pad_id, step = {}, tokenizer.pad_token_id, start_step
+    window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+    for step in range(start_step + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        micro = [collate([train_examples[i] for i in idx], pad_id) for idx in sampler.micro_batches(step - 1, rank)]
+        loss, _, nonpad = train_step(engine, micro, world, device)
+        window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
+                  "tokens": window["tokens"] + nonpad, "seconds": window["seconds"] + time.perf_counter() - t0}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+
+        if step % t.logging_steps == 0 or step == total_steps:
+            tps = window["tokens"] / window["seconds"]
+            record = {"train/loss": window["loss"] / window["steps"], "train/learning_rate": engine.get_lr()[0],
+                      "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                      "train/tokens_per_second": tps, "train/memory_gb": memory_gb(), "train/epoch": step /
+                      sampler.steps_per_epoch}
+            if peak:
+                record["train/mfu"] = tps * flops_per_token / (peak * world)
+            logger.log(step, record)
+            results.update(record)
+            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+
+        should_stop = False
+        if eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
+            record = eval_loss(engine, eval_examples, t.per_device_eval_batch_size, pad_id, device)
+            if t.predict_with_generate:
+                preds, gen = predict(engine, eval_examples, tokenizer, t.per_device_eval_batch_size,
+                                     t.generation_max_new_tokens, eos_ids, distributed.zero_stage(ds_config) == 3,
+                                     device)
+                record.update(gen)
+                if rank == 0:
+                    write_predictions(out / "generated_predictions.jsonl", eval_examples, preds)
+            logger.log(step, record)
+            results.update(record)
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items())) if rank == 0 else None
+            # Every rank computed the same all-reduced eval loss, so they all agree on stopping.
+            if record["eval/loss"] < state["best_eval_loss"]:
+                state.update(best_eval_loss=record["eval/loss"], evals_without_improvement=0)
+            else:
+                state["evals_without_improvement"] += 1
+            should_stop = bool(t.early_stopping_patience) and \
+                state["evals_without_improvement"] >= t.early_stopping_patience
+        if (t.save_steps and step % t.save_steps == 0) or should_stop:
+            checkpoint.save_checkpoint(engine, cfg, step, state, method.trainable_only)
+        if should_stop:
+            log(f"early stopping at step {step}: eval loss has not improved for {t.early_stopping_patience} evals")
+            break
+    bar.close()
+    logger.close()
+
+    export_final(engine, method, tokenizer, out)
+    results.update(global_step=step, best_eval_loss=state["best_eval_loss"])
+    if rank == 0:
+        (out / "all_results.json").write_text(json.dumps(results, indent=2))
+    log(f"done: final model in {out}")
+    distributed.barrier()
+    return results
+
+
+def export_final(engine, method, tokenizer, out: Path) -> None:
+    """Collective: gather the (possibly ZeRO-3 partitioned) trained weights, then rank 0 writes them."""
+    state_dict = distributed.gather_state_dict(engine.module, trainable_only=method.trainable_only)
+    if distributed.is_main_process():
+        model = engine.module
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.use_cache = True  # turned off for training; the exported model should generate fast
+        method.save_artifact(model, state_dict, tokenizer, out)
+        if method.trainable_only is False and base.generation_config is not None:
+            base.generation_config.save_pretrained(out)
+    distributed.barrier()
+
+
+def write_predictions(path: Path, examples, predictions: list[str]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for e, p in zip(examples, predictions):
+            f.write(json.dumps({"prediction": p, "reference": e.reference}, ensure_ascii=False) + "\n")

@@ -1,0 +1,111 @@
+"""Regenerate the shipped demo assets: tiny GLM configs, tokenizer and AdvertiseGen-shaped data.
+
+The outputs are committed, so nobody needs to run this; it exists so the assets are reproducible
+and reviewable. Usage: python launch/build_demo_assets.py
+"""
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# GLM-4's special tokens, in GLM-4's own order; the tiny vocab appends them after the BPE merges.
+GLM4_SPECIAL_TOKENS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
+    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+]  # fmt: skip
+
+# GLM-4 chat template (as in THUDM/glm-4-9b-chat-hf, without the tool block, which the data issue adds).
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+TYPES = ["连衣裙", "上衣", "裤子", "外套", "衬衫"]
+COLORS = ["红色", "白色", "黑色", "蓝色", "粉色", "绿色"]
+STYLES = {"复古": "尽显优雅韵味", "休闲": "穿着舒适自在", "简约": "百搭又大方", "甜美": "俏皮又可爱", "通勤": "干练又得体"}
+PATTERNS = ["碎花", "条纹", "格子", "纯色"]
+FABRICS = ["棉质", "雪纺", "牛仔", "针织"]
+
+
+def build_data(out_dir: Path) -> None:
+    """Every attribute combination once; the summary is a fixed function of the attributes, so a tiny
+    model can learn it and the held-out split (unseen combinations) measures real generalisation."""
+    rows = []
+    for kind, color, style, pattern, fabric in itertools.product(TYPES, COLORS, STYLES, PATTERNS, FABRICS):
+        content = f"类型#{kind}*颜色#{color}*风格#{style}*图案#{pattern}*材质#{fabric}"
+        summary = f"这款{color}{kind}采用{fabric}面料，{pattern}图案点缀，{style}风格{STYLES[style]}。"
+        rows.append({"content": content, "summary": summary})
+    random.Random(0).shuffle(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = {"dev.jsonl": rows[:64], "train.jsonl": rows[64:]}
+    for name, split in splits.items():
+        with open(out_dir / name, "w", encoding="utf-8") as f:
+            for row in split:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.add_special_tokens(GLM4_SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=GLM4_SPECIAL_TOKENS[1:],
+        chat_template=GLM4_CHAT_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(out_dir)
+    return len(fast)
+
+
+def build_model_configs(vocab_size: int, tok_dir: Path) -> None:
+    from transformers import AutoTokenizer, Glm4Config, GlmConfig, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")}
+    eos = list(ids.values())
+    shape = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        pad_token_id=ids["<|endoftext|>"], eos_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    for name, cls in (("tiny-glm4", GlmConfig), ("tiny-glm4-0414", Glm4Config)):
+        out = ROOT / "assets" / name
+        cls(**shape).save_pretrained(out)
+        GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"], do_sample=False).save_pretrained(out)
+        tok.save_pretrained(out)
+
+
+def main() -> None:
+    data_dir = ROOT / "data" / "advertisegen_demo"
+    build_data(data_dir)
+    corpus = []
+    for name in ("train.jsonl", "dev.jsonl"):
+        for line in open(data_dir / name, encoding="utf-8"):
+            row = json.loads(line)
+            corpus += [row["content"], row["summary"]]
+    # Some English and punctuation so that user text outside the demo domain still tokenizes sensibly.
+    corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 !?,.;:()[]{}<>\"'-_/\\@#$%^&*+=~`|"] * 20
+    tok_dir = ROOT / "assets" / "tiny-glm4"
+    vocab_size = build_tokenizer(tok_dir, corpus)
+    build_model_configs(vocab_size, tok_dir)
+    print(f"wrote data to {data_dir} and tiny models (vocab {vocab_size}) to {ROOT / 'assets'}")
+
+
+if __name__ == "__main__":
+    main()
