@@ -85,6 +85,7 @@ class TrainConfig:
     save_steps: int = _f(500, "Save a checkpoint every N steps (0 = only at the end).")
     save_total_limit: int = _f(0, "Keep at most N checkpoints, deleting the oldest (0 = keep all).")
     eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end when eval_dataset is set).")
+    eval_on_start: bool = _f(False, "Evaluate once before the first step, as a baseline.")
     predict_with_generate: bool = _f(False, "Also generate on the eval set and report ROUGE/BLEU.")
     generation_max_new_tokens: int = _f(128, "Token budget per generated answer during eval.")
     early_stopping_patience: int = _f(0, "Stop after N evals without a lower eval loss (0 = off).")

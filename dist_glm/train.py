@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config, save_config
@@ -27,7 +28,8 @@ from dist_glm.models import check_model_path, enable_gradient_checkpointing, gen
 
 def log(msg: str) -> None:
     if distributed.is_main_process():
-        print(f"[dist_glm] {msg}", flush=True)
+        # tqdm.write keeps the progress bar intact below the message.
+        tqdm.write(f"[dist_glm] {msg}", file=sys.stdout)
 
 
 def validate_inputs(cfg: Config, world_size: int) -> None:
@@ -159,12 +161,12 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     flops_per_token, peak = train_flops_per_token(total, model.config), peak_flops_per_device()
     eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
-    from tqdm import tqdm
-
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or t.disable_tqdm, desc="train",
                dynamic_ncols=True, file=sys.stdout)
     results, pad_id, step = {}, tokenizer.pad_token_id, start_step
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
+    if eval_examples and t.eval_on_start and start_step == 0:
+        run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, 0)
     for step in range(start_step + 1, total_steps + 1):
         t0 = time.perf_counter()
         micro = [collate([train_examples[i] for i in idx], pad_id) for idx in sampler.micro_batches(step - 1, rank)]
@@ -188,17 +190,7 @@ def train(cfg: Config) -> dict:
 
         should_stop = False
         if eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
-            record = eval_loss(engine, eval_examples, t.per_device_eval_batch_size, pad_id, device)
-            if t.predict_with_generate:
-                preds, gen = predict(engine, eval_examples, tokenizer, t.per_device_eval_batch_size,
-                                     t.generation_max_new_tokens, eos_ids, distributed.zero_stage(ds_config) == 3,
-                                     device)
-                record.update(gen)
-                if rank == 0:
-                    write_predictions(out / "generated_predictions.jsonl", eval_examples, preds)
-            logger.log(step, record)
-            results.update(record)
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in record.items())) if rank == 0 else None
+            record = run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, step)
             # Every rank computed the same all-reduced eval loss, so they all agree on stopping.
             if record["eval/loss"] < state["best_eval_loss"]:
                 state.update(best_eval_loss=record["eval/loss"], evals_without_improvement=0)
@@ -221,6 +213,22 @@ def train(cfg: Config) -> dict:
     log(f"done: final model in {out}")
     distributed.barrier()
     return results
+
+
+def run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, step) -> dict:
+    """Collective: eval loss (and generation metrics); logged, printed and merged into `results`."""
+    t = cfg.train
+    record = eval_loss(engine, eval_examples, t.per_device_eval_batch_size, tokenizer.pad_token_id, device)
+    if t.predict_with_generate:
+        preds, gen = predict(engine, eval_examples, tokenizer, t.per_device_eval_batch_size,
+                             t.generation_max_new_tokens, eos_ids, distributed.zero_stage(ds_config) == 3, device)
+        record.update(gen)
+        if distributed.is_main_process():
+            write_predictions(Path(t.output_dir) / "generated_predictions.jsonl", eval_examples, preds)
+    logger.log(step, record)
+    results.update(record)
+    log(f"eval at step {step}: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items()))
+    return record
 
 
 def export_final(engine, method, tokenizer, out: Path) -> None:
