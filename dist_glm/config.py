@@ -227,11 +227,12 @@ def build_config(values: dict[str, tuple[object, str]]) -> Config:
 
 
 def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Config:
-    """Defaults < YAML < CLI. With no YAML argument the embedded demo recipe is used."""
+    """Defaults < YAML < CLI. With no arguments at all the embedded demo recipe runs; flags without a
+    YAML start from the defaults (never from the demo, whose settings would leak into a real run)."""
     yaml_path, overrides, problems = parse_cli(argv)
     if problems:
         raise UserError(problems)
-    if yaml_path is None and default_yaml is not None:
+    if yaml_path is None and not overrides and default_yaml is not None:
         yaml_path = str(default_yaml)
     values: dict[str, tuple[object, str]] = {}
     if yaml_path is not None:
@@ -286,7 +287,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def help_text() -> str:
     lines = ["usage: train.py [CONFIG.yaml] [--key=value ...]", "",
-             f"With no CONFIG the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.", ""]
+             f"With no arguments at all the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.", ""]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):

@@ -1,0 +1,81 @@
+"""Shared helpers: real training processes launched the way users launch them, on CPU (gloo)."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "assets" / "tiny-glm4"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def launch_cmd(nprocs: int | None) -> list[str]:
+    """nprocs=None: plain `python launch/train.py` (a world of one, no launcher)."""
+    script = str(REPO / "launch" / "train.py")
+    if nprocs is None:
+        return [sys.executable, script]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script]
+
+
+def run_train(args: list[str], nprocs: int | None = 1, timeout: int = 600, check: bool = True):
+    proc = subprocess.run(launch_cmd(nprocs) + args, cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(output_dir: Path, key: str) -> dict[int, float]:
+    out = {}
+    for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if key in rec:
+            out[rec["step"]] = rec[key]
+    return out
+
+
+def base_args(output_dir: Path, data: Path, **overrides) -> list[str]:
+    """A small full fine-tuning run of the tiny GLM; overrides win."""
+    args = {
+        "model_name_or_path": TINY_MODEL, "train_from_scratch": True, "dataset": data, "output_dir": output_dir,
+        "finetuning_type": "full", "cutoff_len": 96, "learning_rate": 2e-3, "max_steps": 10, "logging_steps": 1,
+        "save_steps": 0, "warmup_steps": 2, "weight_decay": 0.01, "disable_tqdm": True,
+        "per_device_train_batch_size": 4, "seed": 7,
+    }
+    args.update(overrides)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="session")
+def varlen_data(tmp_path_factory) -> Path:
+    """AdvertiseGen rows of very different lengths, so per-rank token counts differ within a batch."""
+    rng = random.Random(0)
+    rows = []
+    for line in (REPO / "data" / "advertisegen_demo" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:96]:
+        row = json.loads(line)
+        row["summary"] = row["summary"] * rng.choice([1, 1, 2, 3])
+        row["content"] = row["content"][: rng.randint(8, len(row["content"]))]
+        rows.append(row)
+    path = tmp_path_factory.mktemp("data") / "varlen.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
