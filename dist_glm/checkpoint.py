@@ -43,8 +43,10 @@ def resolve_resume_path(spec: str, output_dir: str) -> Path | None:
         return found[-1][1] if found else None
     p = Path(spec)
     if not (p / STATE_FILE).is_file():
+        found = [str(c) for _, c in list_checkpoints(output_dir)]
+        choices = f"one of {', '.join(found)}" if found else f"'auto' (output_dir '{output_dir}' has none yet)"
         raise UserError(f"resume_from_checkpoint='{spec}': not a complete checkpoint directory (no {STATE_FILE}); "
-                        f"use 'auto' or one of {[str(c) for _, c in list_checkpoints(output_dir)] or 'none found'}")
+                        f"use {choices}")
     return p
 
 

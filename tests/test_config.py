@@ -1,0 +1,95 @@
+"""Config parsing and validation: precedence, types, did-you-mean, and every shipped file loads."""
+
+from pathlib import Path
+
+import pytest
+
+from dist_glm.config import DEMO_CONFIG, help_text, load_config
+from dist_glm.distributed import build_ds_config
+from dist_glm.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = ["--model_name_or_path=m", "--dataset=d.jsonl", "--output_dir=o"]
+
+
+def test_cli_overrides_yaml_overrides_defaults(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\nlearning_rate: 2e-4\nmax_steps: 5\n")
+    cfg = load_config([str(y), "--max_steps=7", "--bf16", "--local_rank=1"])
+    assert cfg.train.learning_rate == 2e-4  # YAML 1.1 reads 2e-4 as a string; it is converted
+    assert cfg.train.max_steps == 7 and cfg.train.bf16 is True
+    assert cfg.train.weight_decay == 0.0  # default untouched
+    cfg = load_config([str(y), "--learning_rate", "1e-5"])  # the space-separated form works too
+    assert cfg.train.learning_rate == 1e-5
+
+
+def test_no_arguments_runs_the_demo_but_flags_alone_do_not():
+    assert load_config([]).model.train_from_scratch is True
+    assert load_config(["--local_rank=0"]).model.model_name_or_path == "assets/tiny-glm4"
+    assert load_config(REQUIRED).model.train_from_scratch is False
+
+
+@pytest.mark.parametrize("argv,match", [
+    (REQUIRED + ["--learning_rat=1e-4"], r"unknown key 'learning_rat'; did you mean 'learning_rate'\?"),
+    (REQUIRED + ["--bf16=maybe"], r"bf16='maybe' is not a boolean"),
+    (REQUIRED + ["--max_steps=1.5"], r"max_steps='1.5' is not an integer"),
+    (REQUIRED + ["--finetuning_type=ptuningv3"], r"finetuning_type='ptuningv3' is not supported; use one of"),
+    (REQUIRED + ["--per_device_train_batch_size=0"], r"per_device_train_batch_size=0 must be at least 1"),
+    (REQUIRED + ["--early_stopping_patience=2"], r"early_stopping_patience needs eval_dataset"),
+    (["--dataset=d.jsonl"], r"model_name_or_path is required"),
+    (REQUIRED + ["extra.yaml", "again.yaml"], r"unexpected argument 'again.yaml'"),
+])
+def test_bad_values_are_reported(argv, match):
+    with pytest.raises(UserError, match=match):
+        load_config(argv)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(UserError) as e:
+        load_config(REQUIRED + ["--lerning_rate=1", "--warmup_ratio=2", "--lora_rank=0"])
+    assert len(e.value.problems) == 3
+
+
+def test_unreadable_yaml_names_file_and_line(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("model_name_or_path: m\nlist: [1,\n  oops\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config([str(y)])
+    y.write_text("- just\n- a list\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config([str(y)])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    assert load_config([str(path)]).model.model_name_or_path
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_ds_config_fills_its_autos(path):
+    cfg = load_config(REQUIRED + [f"--deepspeed={path}", "--per_device_train_batch_size=2",
+                                  "--gradient_accumulation_steps=3", "--bf16"])
+    ds = build_ds_config(cfg.train, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert "auto" not in str(ds)
+
+
+def test_ds_config_contradictions_are_errors(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": true}, '
+                   '"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 5}}')
+    cfg = load_config(REQUIRED + [f"--deepspeed={bad}"])
+    with pytest.raises(UserError) as e:
+        build_ds_config(cfg.train, world_size=1)
+    text = str(e.value)
+    for needle in ("train_micro_batch_size_per_gpu=8 contradicts", "bf16.enabled=True contradicts",
+                   "remove the 'optimizer' section", "stage=5 is not one of"):
+        assert needle in text
+
+
+def test_help_lists_every_field_with_its_doc():
+    text = help_text()
+    assert "--learning_rate=5e-05" in text and "Peak learning rate." in text
+    assert str(DEMO_CONFIG.name) in text
