@@ -51,13 +51,17 @@ class MetricsLogger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path, runs = Path(output_dir) / "metrics.jsonl", Path(output_dir) / "runs"
         if resume_step and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.writer = SummaryWriter(str(Path(output_dir) / "runs"), purge_step=resume_step + 1 if resume_step else None)
+        elif not resume_step:
+            # A fresh run (the trainer already refused to start over existing checkpoints unless told
+            # to) starts a fresh history rather than mixing its curves with an earlier run's.
+            self.path.unlink(missing_ok=True)
+            for old in runs.glob("events.out.tfevents.*"):
+                old.unlink()
+        self.writer = SummaryWriter(str(runs), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

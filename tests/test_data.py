@@ -1,0 +1,72 @@
+"""GLM-4 template golden ids, answer-safe truncation, and the split-independent global sampler."""
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import TINY_MODEL
+from dist_glm.data.batching import Example, GlobalBatchSampler, collate
+from dist_glm.data.template import IGNORE_INDEX, Glm4Template
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+def test_single_turn_golden_ids_and_mask(tok):
+    ids, labels = Glm4Template(tok).encode(
+        [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}], cutoff_len=64)
+    # [gMASK] <sop> <|user|> \n 类型 # 裙 <|assistant|> \n 红色 <|user|>
+    assert ids == [702, 704, 707, 198, 305, 2, 371, 708, 198, 390, 707]
+    assert labels == [IGNORE_INDEX] * 9 + [390, 707]  # the reply and the turn-ending token only
+
+
+def test_prompt_matches_the_tokenizers_own_chat_template(tok):
+    messages = [{"role": "system", "content": "你是广告文案助手"}, {"role": "user", "content": "类型#裙*颜色#红色"}]
+    ours = Glm4Template(tok).encode_prompt(messages)
+    theirs = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours == list(theirs)
+
+
+def test_truncation_keeps_the_answer(tok):
+    template = Glm4Template(tok)
+    long_prompt = "类型#裙*颜色#红色*" * 40
+    reply = "".join(f"{i} fox jumps; " for i in range(40))  # well over 64 tokens in the tiny vocab
+    assert len(tok.encode(reply, add_special_tokens=False)) > 64
+    ids, labels = template.encode([{"role": "user", "content": long_prompt},
+                                   {"role": "assistant", "content": reply}], cutoff_len=64)
+    assert len(ids) == len(labels) == 64
+    trained = [x for x in labels if x != IGNORE_INDEX]
+    assert len(trained) == 32  # both sides are too long: the reply gets exactly half the budget
+    assert ids[:3] == template.prefix + [template.role_ids["user"]]  # the prompt starts intact
+    i = ids.index(template.role_ids["assistant"])
+    assert labels[:i + 2] == [IGNORE_INDEX] * (i + 2)  # the assistant header survives, unlabelled
+    # A short prompt leaves the reply everything else.
+    ids, labels = template.encode([{"role": "user", "content": "裙"}, {"role": "assistant", "content": reply}], 64)
+    assert len(ids) == 64 and sum(x != IGNORE_INDEX for x in labels) == 64 - len(template.encode_prompt(
+        [{"role": "user", "content": "裙"}]))
+
+
+def test_sampler_gives_the_same_global_batch_for_every_split():
+    n, seed = 50, 3
+    ref = GlobalBatchSampler(n, 4, 1, 1, seed)
+    for mbs, gas, world in [(2, 1, 2), (2, 2, 1), (1, 2, 2), (1, 4, 1), (1, 1, 4)]:
+        s = GlobalBatchSampler(n, mbs, gas, world, seed)
+        assert s.steps_per_epoch == ref.steps_per_epoch == 12
+        for step in (0, 5, 11, 12, 30):  # crossing epochs reshuffles identically
+            got = sorted(i for r in range(world) for mb in s.micro_batches(step, r) for i in mb)
+            assert got == sorted(ref.micro_batches(step, 0)[0])
+
+
+def test_sampler_epochs_are_permutations():
+    s = GlobalBatchSampler(20, 5, 1, 1, seed=1)
+    epoch0 = [i for step in range(4) for i in s.micro_batches(step, 0)[0]]
+    epoch1 = [i for step in range(4, 8) for i in s.micro_batches(step, 0)[0]]
+    assert sorted(epoch0) == sorted(epoch1) == list(range(20)) and epoch0 != epoch1
+
+
+def test_collate_right_pads_and_masks():
+    batch = collate([Example([1, 2, 3], [-100, 2, 3], [], ""), Example([4], [4], [], "")], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

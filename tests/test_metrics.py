@@ -1,0 +1,41 @@
+"""Generation metrics on hand-checked strings; the loss helper's token accounting."""
+
+import math
+
+import pytest
+import torch
+
+from dist_glm.loss import token_loss_sum
+from dist_glm.metrics import bleu4, generation_metrics, rouge_scores
+
+
+def test_rouge_hand_checked():
+    # unigrams: 2 shared of 4 (hyp) and 3 (ref): F1 = 2 * 0.5 * 0.667 / 1.167 = 0.5714
+    # bigrams: {ab} shared of 3 and 2: F1 = 2 * (1/3) * (1/2) / (5/6) = 0.4; LCS "ab" = 2 -> 0.5714
+    s = rouge_scores(list("abcd"), list("abe"))
+    assert s["rouge-1"] == pytest.approx(4 / 7)
+    assert s["rouge-2"] == pytest.approx(0.4)
+    assert s["rouge-l"] == pytest.approx(4 / 7)
+    assert rouge_scores([], list("abc"))["rouge-l"] == 0.0
+
+
+def test_bleu4_matches_nltk_method3_values():
+    # Reference values from nltk.translate.bleu_score.sentence_bleu(..., SmoothingFunction().method3).
+    assert bleu4(list("这款红色裙子很好看"), list("这款蓝色裙子很好看")) == pytest.approx(0.6606328636027614)
+    assert bleu4(list("红"), list("这款红色连衣裙")) == pytest.approx(0.0008763712365008487)
+    assert bleu4(list("完全不同"), list("这款红色")) == 0.0
+    assert bleu4(list("这款红色"), list("这款红色")) == pytest.approx(1.0)
+
+
+def test_generation_metrics_are_percentages():
+    m = generation_metrics(["这款红色连衣裙", "完全不同"], ["这款红色连衣裙", "这款蓝色上衣"])
+    assert m["exact_match"] == 50.0
+    assert m["rouge-l"] == pytest.approx(50.0)  # 100 for the first, 0 for the second
+    assert 50.0 <= m["bleu-4"] <= 50.01
+
+
+def test_token_loss_sum_counts_only_labelled_positions():
+    logits = torch.zeros(1, 4, 5)  # uniform: every token costs ln 5
+    labels = torch.tensor([[-100, -100, 2, 3]])
+    loss_sum, n = token_loss_sum(logits, labels)
+    assert n == 2 and float(loss_sum) == pytest.approx(2 * math.log(5))
