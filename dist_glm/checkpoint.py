@@ -45,8 +45,9 @@ def resolve_resume_path(spec: str, output_dir: str) -> Path | None:
     if not (p / STATE_FILE).is_file():
         found = [str(c) for _, c in list_checkpoints(output_dir)]
         choices = f"one of {', '.join(found)}" if found else f"'auto' (output_dir '{output_dir}' has none yet)"
-        raise UserError(f"resume_from_checkpoint='{spec}': not a complete checkpoint directory (no {STATE_FILE}); "
-                        f"use {choices}")
+        raise UserError(
+            f"resume_from_checkpoint='{spec}': not a complete checkpoint directory (no {STATE_FILE}); use {choices}"
+        )
     return p
 
 
@@ -100,8 +101,11 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
 def load_checkpoint(engine, path: Path, trainable_only: bool) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG; return the trainer state."""
     load_path, _ = engine.load_checkpoint(
-        str(path), tag=TAG, load_module_strict=not trainable_only,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
+        str(path),
+        tag=TAG,
+        load_module_strict=not trainable_only,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise UserError(f"resume_from_checkpoint='{path}': DeepSpeed found no engine state under {path / TAG}")

@@ -253,14 +253,25 @@ def check_values(cfg: Config) -> list[str]:
     need(bool(m.model_name_or_path), "model_name_or_path is required; set it to a local GLM checkpoint directory")
     need(bool(d.dataset), "dataset is required; set it to one or more comma-separated jsonl/json files")
     need(bool(t.output_dir), "output_dir is required; set it to a directory for checkpoints and the final model")
-    need(me.finetuning_type in FINETUNING_TYPES,
-         f"finetuning_type={me.finetuning_type!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}")
-    need(d.dataset_format in DATASET_FORMATS,
-         f"dataset_format={d.dataset_format!r} is not supported; use one of {', '.join(DATASET_FORMATS)}")
-    need(t.lr_scheduler_type in LR_SCHEDULERS,
-         f"lr_scheduler_type={t.lr_scheduler_type!r} is not supported; use one of {', '.join(LR_SCHEDULERS)}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "generation_max_new_tokens"):
+    need(
+        me.finetuning_type in FINETUNING_TYPES,
+        f"finetuning_type={me.finetuning_type!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}",
+    )
+    need(
+        d.dataset_format in DATASET_FORMATS,
+        f"dataset_format={d.dataset_format!r} is not supported; use one of {', '.join(DATASET_FORMATS)}",
+    )
+    need(
+        t.lr_scheduler_type in LR_SCHEDULERS,
+        f"lr_scheduler_type={t.lr_scheduler_type!r} is not supported; use one of {', '.join(LR_SCHEDULERS)}",
+    )
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "generation_max_new_tokens",
+    ):
         need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
     for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):
         need(getattr(t, key) >= 0, f"{key}={getattr(t, key)} must be 0 or more")
@@ -273,11 +284,15 @@ def check_values(cfg: Config) -> list[str]:
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
-    need(not (t.early_stopping_patience and not d.eval_dataset),
-         "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience")
+    need(
+        not (t.early_stopping_patience and not d.eval_dataset),
+        "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",
+    )
     need(not (t.eval_steps and not d.eval_dataset), "eval_steps needs eval_dataset; set eval_dataset")
-    need(not (t.predict_with_generate and not d.eval_dataset),
-         "predict_with_generate needs eval_dataset; set eval_dataset")
+    need(
+        not (t.predict_with_generate and not d.eval_dataset),
+        "predict_with_generate needs eval_dataset; set eval_dataset",
+    )
     return out
 
 
@@ -286,8 +301,12 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def help_text() -> str:
-    lines = ["usage: train.py [CONFIG.yaml] [--key=value ...]", "",
-             f"With no arguments at all the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.", ""]
+    lines = [
+        "usage: train.py [CONFIG.yaml] [--key=value ...]",
+        "",
+        f"With no arguments at all the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.",
+        "",
+    ]
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):

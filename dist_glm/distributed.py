@@ -65,8 +65,9 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     import deepspeed
 
     if world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
@@ -155,14 +156,18 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
     problems = []
     for section in _OWNED_SECTIONS:
         if section in ds:
-            problems.append(f"{where}: remove the '{section}' section; the optimizer and schedule come from "
-                            "learning_rate, weight_decay, lr_scheduler_type and warmup_* in the training config")
+            problems.append(
+                f"{where}: remove the '{section}' section; the optimizer and schedule come from "
+                "learning_rate, weight_decay, lr_scheduler_type and warmup_* in the training config"
+            )
     for key, value in ours.items():
         given = ds.get(key, "auto")
         if given != "auto" and given != value:
-            problems.append(f"{where}: {key}={given} contradicts the training config ({key}={value} from "
-                            f"per_device_train_batch_size={mbs} x gradient_accumulation_steps={gas} x "
-                            f"world_size={world_size}); set it to \"auto\"")
+            problems.append(
+                f"{where}: {key}={given} contradicts the training config ({key}={value} from "
+                f"per_device_train_batch_size={mbs} x gradient_accumulation_steps={gas} x "
+                f'world_size={world_size}); set it to "auto"'
+            )
         ds[key] = value
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
@@ -171,8 +176,10 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
         sec = ds.setdefault(prec, {})
         enabled = sec.get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != want:
-            problems.append(f"{where}: {prec}.enabled={enabled} contradicts bf16={train_cfg.bf16} in the training "
-                            f"config; set it to \"auto\"")
+            problems.append(
+                f"{where}: {prec}.enabled={enabled} contradicts bf16={train_cfg.bf16} in the training "
+                f'config; set it to "auto"'
+            )
         sec["enabled"] = want
     if is_offload(ds) and stage == 0:
         problems.append(f"{where}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")

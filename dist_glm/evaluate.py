@@ -23,7 +23,7 @@ def _shard(n: int, rank: int, world: int) -> list[int | None]:
 
 def _batches(slots: list, size: int):
     for i in range(0, len(slots), size):
-        yield slots[i:i + size]
+        yield slots[i : i + size]
 
 
 @torch.no_grad()
@@ -33,8 +33,12 @@ def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, dev
     loss_sum, tokens = 0.0, 0
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
         # A padding slot repeats example 0 with every label masked, so it costs compute but no loss.
-        batch_examples = [examples[i] if i is not None else Example(examples[0].input_ids, [-100] *
-                          len(examples[0].input_ids), [], "") for i in slot_batch]
+        batch_examples = [
+            examples[i]
+            if i is not None
+            else Example(examples[0].input_ids, [-100] * len(examples[0].input_ids), [], "")
+            for i in slot_batch
+        ]
         batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s, n = token_loss_sum(logits, batch["labels"])
@@ -46,8 +50,16 @@ def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, dev
 
 
 @torch.no_grad()
-def predict(engine, examples: list[Example], tokenizer, batch_size: int, max_new_tokens: int, eos_ids: list[int],
-            synced_gpus: bool, device) -> tuple[list[str], dict[str, float]]:
+def predict(
+    engine,
+    examples: list[Example],
+    tokenizer,
+    batch_size: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    synced_gpus: bool,
+    device,
+) -> tuple[list[str], dict[str, float]]:
     """Greedy generation for the whole eval set; returns (predictions in input order, metrics)."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     model = engine.module
@@ -60,9 +72,17 @@ def predict(engine, examples: list[Example], tokenizer, batch_size: int, max_new
         # Left padding so that every prompt ends where generation starts.
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_ids, pad_token_id=pad_id, use_cache=True, synced_gpus=synced_gpus)
-        for i, row in zip(slot_batch, out[:, width:].tolist()):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+            use_cache=True,
+            synced_gpus=synced_gpus,
+        )
+        for i, row in zip(slot_batch, out[:, width:].tolist(), strict=True):
             if i is not None:
                 cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
                 local.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True)))

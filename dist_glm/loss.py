@@ -16,8 +16,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """Sum of next-token losses over labelled positions (in fp32), and how many there were."""
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
-    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
 
 

@@ -12,8 +12,17 @@ import torch
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown hardware (and CPUs) report no MFU rather than
 # a made-up one.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "A10": 125e12, "4090": 165e12, "V100": 125e12}
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "4090": 165e12,
+    "V100": 125e12,
+}
 
 
 def peak_flops_per_device() -> float | None:
@@ -81,7 +90,7 @@ class MetricsLogger:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _f1(overlap: int, hyp_total: int, ref_total: int) -> float:

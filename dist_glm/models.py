@@ -15,18 +15,26 @@ from dist_glm.errors import UserError
 # from_pretrained only while such an object exists).
 _hf_ds_config = None
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_model_path(path: str, from_scratch: bool) -> list[str]:
     p = Path(path)
     if not (p / "config.json").is_file():
-        return [f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
-                "(download one first, e.g. `huggingface-cli download THUDM/glm-4-9b-chat-hf --local-dir DIR`)"]
+        return [
+            f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
+            "(download one first, e.g. `huggingface-cli download THUDM/glm-4-9b-chat-hf --local-dir DIR`)"
+        ]
     if not from_scratch and not any((p / f).is_file() for f in WEIGHT_FILES):
-        return [f"model_name_or_path='{path}': no weights (model.safetensors or pytorch_model.bin) found; use a "
-                "complete checkpoint, or set train_from_scratch=true to start from random weights"]
+        return [
+            f"model_name_or_path='{path}': no weights (model.safetensors or pytorch_model.bin) found; use a "
+            "complete checkpoint, or set train_from_scratch=true to start from random weights"
+        ]
     return []
 
 

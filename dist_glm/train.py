@@ -23,7 +23,13 @@ from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
 from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import MetricsLogger, memory_gb, peak_flops_per_device, train_flops_per_token
-from dist_glm.models import check_model_path, enable_gradient_checkpointing, generation_eos_ids, load_model, load_tokenizer
+from dist_glm.models import (
+    check_model_path,
+    enable_gradient_checkpointing,
+    generation_eos_ids,
+    load_model,
+    load_tokenizer,
+)
 
 
 def log(msg: str) -> None:
@@ -44,8 +50,10 @@ def validate_inputs(cfg: Config, world_size: int) -> None:
     t = cfg.train
     existing = checkpoint.list_checkpoints(t.output_dir)
     if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
-        problems.append(f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
-                        "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over")
+        problems.append(
+            f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
+            "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over"
+        )
     try:
         checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
     except UserError as e:
@@ -109,8 +117,11 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     validate_inputs(cfg, distributed.world_size_from_env())
     rank, world = distributed.init_distributed()
-    device = torch.device(deepspeed.get_accelerator().device_name(), distributed.local_rank_from_env()) \
-        if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device(deepspeed.get_accelerator().device_name(), distributed.local_rank_from_env())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     out = Path(t.output_dir)
     resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
     if rank == 0:
@@ -120,18 +131,23 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     distributed.barrier()
-    log(f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
-        + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
+    log(
+        f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
+        + json.dumps(cfg.to_flat_dict(), ensure_ascii=False)
+    )
 
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     train_examples = build_examples(cfg.data.dataset, tokenizer, cfg.data, cfg.data.max_samples)
     eval_examples = build_examples(cfg.data.eval_dataset, tokenizer, cfg.data) if cfg.data.eval_dataset else []
-    sampler = GlobalBatchSampler(len(train_examples), t.per_device_train_batch_size,
-                                 t.gradient_accumulation_steps, world, t.seed)
+    sampler = GlobalBatchSampler(
+        len(train_examples), t.per_device_train_batch_size, t.gradient_accumulation_steps, world, t.seed
+    )
     if sampler.steps_per_epoch == 0:
-        raise UserError(f"dataset has {len(train_examples)} samples, fewer than one global batch of "
-                        f"{sampler.global_batch} (per_device_train_batch_size x gradient_accumulation_steps x "
-                        f"{world} ranks); lower per_device_train_batch_size or gradient_accumulation_steps")
+        raise UserError(
+            f"dataset has {len(train_examples)} samples, fewer than one global batch of "
+            f"{sampler.global_batch} (per_device_train_batch_size x gradient_accumulation_steps x "
+            f"{world} ranks); lower per_device_train_batch_size or gradient_accumulation_steps"
+        )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
 
     ds_config = distributed.build_ds_config(t, world)
@@ -142,13 +158,16 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
     model = method.prepare(model, cfg)
     trainable, total = count_parameters(model)
-    log(f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
+    log(
+        f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
         f"({100 * trainable / total:.2f}%); zero stage {distributed.zero_stage(ds_config)}; "
         f"{len(train_examples)} train / {len(eval_examples)} eval samples; {total_steps} steps of "
-        f"{sampler.global_batch} samples")
+        f"{sampler.global_batch} samples"
+    )
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=build_scheduler(optimizer, t, total_steps), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, t, total_steps), config=ds_config
+    )
 
     state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0}
     start_step = 0
@@ -161,8 +180,14 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     flops_per_token, peak = train_flops_per_token(total, model.config), peak_flops_per_device()
     eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
-    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0 or t.disable_tqdm, desc="train",
-               dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=rank != 0 or t.disable_tqdm,
+        desc="train",
+        dynamic_ncols=True,
+        file=sys.stdout,
+    )
     results, pad_id, step = {}, tokenizer.pad_token_id, start_step
     window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
     if eval_examples and t.eval_on_start and start_step == 0:
@@ -171,17 +196,25 @@ def train(cfg: Config) -> dict:
         t0 = time.perf_counter()
         micro = [collate([train_examples[i] for i in idx], pad_id) for idx in sampler.micro_batches(step - 1, rank)]
         loss, _, nonpad = train_step(engine, micro, world, device)
-        window = {"loss": window["loss"] + loss, "steps": window["steps"] + 1,
-                  "tokens": window["tokens"] + nonpad, "seconds": window["seconds"] + time.perf_counter() - t0}
+        window = {
+            "loss": window["loss"] + loss,
+            "steps": window["steps"] + 1,
+            "tokens": window["tokens"] + nonpad,
+            "seconds": window["seconds"] + time.perf_counter() - t0,
+        }
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
 
         if step % t.logging_steps == 0 or step == total_steps:
             tps = window["tokens"] / window["seconds"]
-            record = {"train/loss": window["loss"] / window["steps"], "train/learning_rate": engine.get_lr()[0],
-                      "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                      "train/tokens_per_second": tps, "train/memory_gb": memory_gb(), "train/epoch": step /
-                      sampler.steps_per_epoch}
+            record = {
+                "train/loss": window["loss"] / window["steps"],
+                "train/learning_rate": engine.get_lr()[0],
+                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "train/tokens_per_second": tps,
+                "train/memory_gb": memory_gb(),
+                "train/epoch": step / sampler.steps_per_epoch,
+            }
             if peak:
                 record["train/mfu"] = tps * flops_per_token / (peak * world)
             logger.log(step, record)
@@ -196,8 +229,9 @@ def train(cfg: Config) -> dict:
                 state.update(best_eval_loss=record["eval/loss"], evals_without_improvement=0)
             else:
                 state["evals_without_improvement"] += 1
-            should_stop = bool(t.early_stopping_patience) and \
-                state["evals_without_improvement"] >= t.early_stopping_patience
+            should_stop = (
+                bool(t.early_stopping_patience) and state["evals_without_improvement"] >= t.early_stopping_patience
+            )
         if (t.save_steps and step % t.save_steps == 0) or should_stop:
             checkpoint.save_checkpoint(engine, cfg, step, state, method.trainable_only)
         if should_stop:
@@ -220,8 +254,16 @@ def run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, 
     t = cfg.train
     record = eval_loss(engine, eval_examples, t.per_device_eval_batch_size, tokenizer.pad_token_id, device)
     if t.predict_with_generate:
-        preds, gen = predict(engine, eval_examples, tokenizer, t.per_device_eval_batch_size,
-                             t.generation_max_new_tokens, eos_ids, distributed.zero_stage(ds_config) == 3, device)
+        preds, gen = predict(
+            engine,
+            eval_examples,
+            tokenizer,
+            t.per_device_eval_batch_size,
+            t.generation_max_new_tokens,
+            eos_ids,
+            distributed.zero_stage(ds_config) == 3,
+            device,
+        )
         record.update(gen)
         if distributed.is_main_process():
             write_predictions(Path(t.output_dir) / "generated_predictions.jsonl", eval_examples, preds)
@@ -246,5 +288,5 @@ def export_final(engine, method, tokenizer, out: Path) -> None:
 
 def write_predictions(path: Path, examples, predictions: list[str]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for e, p in zip(examples, predictions):
+        for e, p in zip(examples, predictions, strict=True):
             f.write(json.dumps({"prediction": p, "reference": e.reference}, ensure_ascii=False) + "\n")

@@ -26,7 +26,13 @@ GLM4_CHAT_TEMPLATE = (
 
 TYPES = ["连衣裙", "上衣", "裤子", "外套", "衬衫"]
 COLORS = ["红色", "白色", "黑色", "蓝色", "粉色", "绿色"]
-STYLES = {"复古": "尽显优雅韵味", "休闲": "穿着舒适自在", "简约": "百搭又大方", "甜美": "俏皮又可爱", "通勤": "干练又得体"}
+STYLES = {
+    "复古": "尽显优雅韵味",
+    "休闲": "穿着舒适自在",
+    "简约": "百搭又大方",
+    "甜美": "俏皮又可爱",
+    "通勤": "干练又得体",
+}
 PATTERNS = ["碎花", "条纹", "格子", "纯色"]
 FABRICS = ["棉质", "雪纺", "牛仔", "针织"]
 
@@ -74,7 +80,7 @@ def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
 
 
 def build_model_configs(vocab_size: int, tok_dir: Path) -> None:
-    from transformers import AutoTokenizer, Glm4Config, GlmConfig, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig, Glm4Config, GlmConfig
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")}

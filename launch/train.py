@@ -1,8 +1,8 @@
 """Fine-tune a GLM model. With no arguments it runs the embedded demo (configs/demo.yaml).
 
-    deepspeed launch/train.py [CONFIG.yaml] [--key=value ...]
-    deepspeed --num_gpus 8 launch/train.py configs/glm4_9b_lora.yaml --learning_rate=2e-4
-    python launch/train.py configs/demo.yaml --max_steps=10          # single process
+deepspeed launch/train.py [CONFIG.yaml] [--key=value ...]
+deepspeed --num_gpus 8 launch/train.py configs/glm4_9b_lora.yaml --learning_rate=2e-4
+python launch/train.py configs/demo.yaml --max_steps=10          # single process
 """
 
 import sys

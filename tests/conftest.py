@@ -21,8 +21,9 @@ def _free_port() -> int:
 
 
 def child_env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1"
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -38,8 +39,9 @@ def launch_cmd(nprocs: int | None) -> list[str]:
 
 
 def run_train(args: list[str], nprocs: int | None = 1, timeout: int = 600, check: bool = True):
-    proc = subprocess.run(launch_cmd(nprocs) + args, cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        launch_cmd(nprocs) + args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -57,10 +59,21 @@ def read_metrics(output_dir: Path, key: str) -> dict[int, float]:
 def base_args(output_dir: Path, data: Path, **overrides) -> list[str]:
     """A small full fine-tuning run of the tiny GLM; overrides win."""
     args = {
-        "model_name_or_path": TINY_MODEL, "train_from_scratch": True, "dataset": data, "output_dir": output_dir,
-        "finetuning_type": "full", "cutoff_len": 96, "learning_rate": 2e-3, "max_steps": 10, "logging_steps": 1,
-        "save_steps": 0, "warmup_steps": 2, "weight_decay": 0.01, "disable_tqdm": True,
-        "per_device_train_batch_size": 4, "seed": 7,
+        "model_name_or_path": TINY_MODEL,
+        "train_from_scratch": True,
+        "dataset": data,
+        "output_dir": output_dir,
+        "finetuning_type": "full",
+        "cutoff_len": 96,
+        "learning_rate": 2e-3,
+        "max_steps": 10,
+        "logging_steps": 1,
+        "save_steps": 0,
+        "warmup_steps": 2,
+        "weight_decay": 0.01,
+        "disable_tqdm": True,
+        "per_device_train_batch_size": 4,
+        "seed": 7,
     }
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]

@@ -12,23 +12,45 @@ GOOD = ["--model_name_or_path=" + str(TINY_MODEL), "--train_from_scratch", "--da
 
 
 def run(args, tmp_path):
-    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("make_args,expect", [
-    (lambda d: ["--model_name_or_path=/no/such/model", "--dataset=data/advertisegen_demo/dev.jsonl",
-                f"--output_dir={d}"], "model_name_or_path='/no/such/model': no config.json there"),
-    (lambda d: GOOD[:2] + ["--dataset=missing.jsonl", f"--output_dir={d}"], "dataset: file 'missing.jsonl' not found"),
-    (lambda d: [str(d / "broken.yaml")], "broken.yaml:3: not valid YAML"),
-    (lambda d: GOOD + [f"--output_dir={d}", f"--deepspeed={d / 'broken.json'}"], "broken.json': not valid JSON"),
-    (lambda d: GOOD + [f"--output_dir={d}", f"--deepspeed={d / 'tbs.json'}"],
-     "train_batch_size=7 contradicts the training config"),
-    (lambda d: GOOD + [f"--output_dir={d}", "--per_device_train_batch_size=65"],
-     "dataset has 64 samples, fewer than one global batch of 65"),
-    (lambda d: GOOD + [f"--output_dir={d}", "--lerning_rate=1"], "did you mean 'learning_rate'"),
-    (lambda d: GOOD + [f"--output_dir={d}", f"--dataset={d / 'rows.jsonl'}"], "rows.jsonl:2: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "make_args,expect",
+    [
+        (
+            lambda d: [
+                "--model_name_or_path=/no/such/model",
+                "--dataset=data/advertisegen_demo/dev.jsonl",
+                f"--output_dir={d}",
+            ],
+            "model_name_or_path='/no/such/model': no config.json there",
+        ),
+        (
+            lambda d: GOOD[:2] + ["--dataset=missing.jsonl", f"--output_dir={d}"],
+            "dataset: file 'missing.jsonl' not found",
+        ),
+        (lambda d: [str(d / "broken.yaml")], "broken.yaml:3: not valid YAML"),
+        (lambda d: GOOD + [f"--output_dir={d}", f"--deepspeed={d / 'broken.json'}"], "broken.json': not valid JSON"),
+        (
+            lambda d: GOOD + [f"--output_dir={d}", f"--deepspeed={d / 'tbs.json'}"],
+            "train_batch_size=7 contradicts the training config",
+        ),
+        (
+            lambda d: GOOD + [f"--output_dir={d}", "--per_device_train_batch_size=65"],
+            "dataset has 64 samples, fewer than one global batch of 65",
+        ),
+        (lambda d: GOOD + [f"--output_dir={d}", "--lerning_rate=1"], "did you mean 'learning_rate'"),
+        (lambda d: GOOD + [f"--output_dir={d}", f"--dataset={d / 'rows.jsonl'}"], "rows.jsonl:2: invalid JSON"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line_each(tmp_path, make_args, expect):
     (tmp_path / "broken.yaml").write_text("a: 1\nb: [\n")
     (tmp_path / "broken.json").write_text("{nope")

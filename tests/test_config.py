@@ -29,16 +29,19 @@ def test_no_arguments_runs_the_demo_but_flags_alone_do_not():
     assert load_config(REQUIRED).model.train_from_scratch is False
 
 
-@pytest.mark.parametrize("argv,match", [
-    (REQUIRED + ["--learning_rat=1e-4"], r"unknown key 'learning_rat'; did you mean 'learning_rate'\?"),
-    (REQUIRED + ["--bf16=maybe"], r"bf16='maybe' is not a boolean"),
-    (REQUIRED + ["--max_steps=1.5"], r"max_steps='1.5' is not an integer"),
-    (REQUIRED + ["--finetuning_type=ptuningv3"], r"finetuning_type='ptuningv3' is not supported; use one of"),
-    (REQUIRED + ["--per_device_train_batch_size=0"], r"per_device_train_batch_size=0 must be at least 1"),
-    (REQUIRED + ["--early_stopping_patience=2"], r"early_stopping_patience needs eval_dataset"),
-    (["--dataset=d.jsonl"], r"model_name_or_path is required"),
-    (REQUIRED + ["extra.yaml", "again.yaml"], r"unexpected argument 'again.yaml'"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (REQUIRED + ["--learning_rat=1e-4"], r"unknown key 'learning_rat'; did you mean 'learning_rate'\?"),
+        (REQUIRED + ["--bf16=maybe"], r"bf16='maybe' is not a boolean"),
+        (REQUIRED + ["--max_steps=1.5"], r"max_steps='1.5' is not an integer"),
+        (REQUIRED + ["--finetuning_type=ptuningv3"], r"finetuning_type='ptuningv3' is not supported; use one of"),
+        (REQUIRED + ["--per_device_train_batch_size=0"], r"per_device_train_batch_size=0 must be at least 1"),
+        (REQUIRED + ["--early_stopping_patience=2"], r"early_stopping_patience needs eval_dataset"),
+        (["--dataset=d.jsonl"], r"model_name_or_path is required"),
+        (REQUIRED + ["extra.yaml", "again.yaml"], r"unexpected argument 'again.yaml'"),
+    ],
+)
 def test_bad_values_are_reported(argv, match):
     with pytest.raises(UserError, match=match):
         load_config(argv)
@@ -67,8 +70,10 @@ def test_every_shipped_recipe_loads(path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_ds_config_fills_its_autos(path):
-    cfg = load_config(REQUIRED + [f"--deepspeed={path}", "--per_device_train_batch_size=2",
-                                  "--gradient_accumulation_steps=3", "--bf16"])
+    cfg = load_config(
+        REQUIRED
+        + [f"--deepspeed={path}", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=3", "--bf16"]
+    )
     ds = build_ds_config(cfg.train, world_size=4)
     assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 1.0
@@ -78,14 +83,20 @@ def test_every_shipped_ds_config_fills_its_autos(path):
 
 def test_ds_config_contradictions_are_errors(tmp_path):
     bad = tmp_path / "ds.json"
-    bad.write_text('{"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": true}, '
-                   '"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 5}}')
+    bad.write_text(
+        '{"train_micro_batch_size_per_gpu": 8, "bf16": {"enabled": true}, '
+        '"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 5}}'
+    )
     cfg = load_config(REQUIRED + [f"--deepspeed={bad}"])
     with pytest.raises(UserError) as e:
         build_ds_config(cfg.train, world_size=1)
     text = str(e.value)
-    for needle in ("train_micro_batch_size_per_gpu=8 contradicts", "bf16.enabled=True contradicts",
-                   "remove the 'optimizer' section", "stage=5 is not one of"):
+    for needle in (
+        "train_micro_batch_size_per_gpu=8 contradicts",
+        "bf16.enabled=True contradicts",
+        "remove the 'optimizer' section",
+        "stage=5 is not one of",
+    ):
         assert needle in text
 
 

@@ -15,7 +15,8 @@ def tok():
 
 def test_single_turn_golden_ids_and_mask(tok):
     ids, labels = Glm4Template(tok).encode(
-        [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}], cutoff_len=64)
+        [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}], cutoff_len=64
+    )
     # [gMASK] <sop> <|user|> \n 类型 # 裙 <|assistant|> \n 红色 <|user|>
     assert ids == [702, 704, 707, 198, 305, 2, 371, 708, 198, 390, 707]
     assert labels == [IGNORE_INDEX] * 9 + [390, 707]  # the reply and the turn-ending token only
@@ -33,18 +34,20 @@ def test_truncation_keeps_the_answer(tok):
     long_prompt = "类型#裙*颜色#红色*" * 40
     reply = "".join(f"{i} fox jumps; " for i in range(40))  # well over 64 tokens in the tiny vocab
     assert len(tok.encode(reply, add_special_tokens=False)) > 64
-    ids, labels = template.encode([{"role": "user", "content": long_prompt},
-                                   {"role": "assistant", "content": reply}], cutoff_len=64)
+    ids, labels = template.encode(
+        [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": reply}], cutoff_len=64
+    )
     assert len(ids) == len(labels) == 64
     trained = [x for x in labels if x != IGNORE_INDEX]
     assert len(trained) == 32  # both sides are too long: the reply gets exactly half the budget
     assert ids[:3] == template.prefix + [template.role_ids["user"]]  # the prompt starts intact
     i = ids.index(template.role_ids["assistant"])
-    assert labels[:i + 2] == [IGNORE_INDEX] * (i + 2)  # the assistant header survives, unlabelled
+    assert labels[: i + 2] == [IGNORE_INDEX] * (i + 2)  # the assistant header survives, unlabelled
     # A short prompt leaves the reply everything else.
     ids, labels = template.encode([{"role": "user", "content": "裙"}, {"role": "assistant", "content": reply}], 64)
-    assert len(ids) == 64 and sum(x != IGNORE_INDEX for x in labels) == 64 - len(template.encode_prompt(
-        [{"role": "user", "content": "裙"}]))
+    assert len(ids) == 64 and sum(x != IGNORE_INDEX for x in labels) == 64 - len(
+        template.encode_prompt([{"role": "user", "content": "裙"}])
+    )
 
 
 def test_sampler_gives_the_same_global_batch_for_every_split():

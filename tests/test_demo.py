@@ -16,12 +16,21 @@ OUT = REPO / "out" / "demo"
 @pytest.mark.slow
 def test_readme_demo_command_learns_and_writes_its_outputs():
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    proc = subprocess.run([deepspeed, "launch/train.py"], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [deepspeed, "launch/train.py"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "config.yaml",
-                 "metrics.jsonl", "all_results.json", "generated_predictions.jsonl"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "all_results.json",
+        "generated_predictions.jsonl",
+    ):
         assert (OUT / name).is_file(), name
     # save_total_limit=2 kept the two newest complete checkpoints.
     assert sorted(p.name for p in OUT.glob("checkpoint-*")) == ["checkpoint-400", "checkpoint-600"]
@@ -51,4 +60,4 @@ def test_readme_demo_command_learns_and_writes_its_outputs():
     row = json.loads((REPO / "data" / "advertisegen_demo" / "dev.jsonl").read_text(encoding="utf-8").splitlines()[0])
     prompt = torch.tensor([Glm4Template(tok).encode_prompt([{"role": "user", "content": row["content"]}])])
     out = model.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=generation_eos_ids(OUT, tok))
-    assert tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True) == row["summary"]
+    assert tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True) == row["summary"]

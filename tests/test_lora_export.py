@@ -9,8 +9,9 @@ from conftest import TINY_MODEL, base_args, read_metrics, run_train
 
 
 def lora_args(out, data, **kw):
-    return base_args(out, data, finetuning_type="lora", lora_rank=4, lora_alpha=8, learning_rate=1e-2,
-                     max_steps=8, **kw)
+    return base_args(
+        out, data, finetuning_type="lora", lora_rank=4, lora_alpha=8, learning_rate=1e-2, max_steps=8, **kw
+    )
 
 
 @pytest.mark.slow
@@ -20,15 +21,17 @@ def test_lora_zero3_adapter_equals_zero0_and_reloads(tmp_path, varlen_data):
 
     torch.manual_seed(0)
     base = tmp_path / "base"
-    AutoModelForCausalLM.from_config(
-        __import__("transformers").AutoConfig.from_pretrained(TINY_MODEL)).save_pretrained(base)
+    AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.from_pretrained(TINY_MODEL)).save_pretrained(
+        base
+    )
     for f in TINY_MODEL.glob("*token*"):
         (base / f.name).write_bytes(f.read_bytes())
     common = {"model_name_or_path": base, "train_from_scratch": False}
     z0, z3 = tmp_path / "z0", tmp_path / "z3"
     run_train(lora_args(z0, varlen_data, **common), nprocs=None)
-    run_train(lora_args(z3, varlen_data, deepspeed="ds_configs/zero3.json", per_device_train_batch_size=2,
-                        **common), nprocs=2)
+    run_train(
+        lora_args(z3, varlen_data, deepspeed="ds_configs/zero3.json", per_device_train_batch_size=2, **common), nprocs=2
+    )
 
     a0, a3 = load_file(z0 / "adapter_model.safetensors"), load_file(z3 / "adapter_model.safetensors")
     assert a0.keys() == a3.keys() and any("lora_B" in k for k in a0)

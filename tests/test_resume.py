@@ -15,8 +15,14 @@ TOL = 1e-6
 
 def args(out, data, **kw):
     # LoRA with dropout exercises the RNG-state restore as well as optimizer and scheduler state.
-    settings = {"max_steps": 20, "save_steps": 5, "lr_scheduler_type": "cosine", "finetuning_type": "lora",
-                "lora_dropout": 0.1, "learning_rate": 1e-2}
+    settings = {
+        "max_steps": 20,
+        "save_steps": 5,
+        "lr_scheduler_type": "cosine",
+        "finetuning_type": "lora",
+        "lora_dropout": 0.1,
+        "learning_rate": 1e-2,
+    }
     return base_args(out, data, **{**settings, **kw})
 
 
@@ -35,8 +41,15 @@ def test_train_10_then_continue_to_20_equals_20_straight(tmp_path_factory, varle
     run_train(args(straight_dir, varlen_data, lr_scheduler_type="constant_with_warmup"), nprocs=2)
     straight = read_metrics(straight_dir, "train/loss")
     run_train(args(split_dir, varlen_data, lr_scheduler_type="constant_with_warmup", max_steps=10), nprocs=2)
-    run_train(args(split_dir, varlen_data, lr_scheduler_type="constant_with_warmup",
-                   resume_from_checkpoint=split_dir / "checkpoint-10"), nprocs=2)
+    run_train(
+        args(
+            split_dir,
+            varlen_data,
+            lr_scheduler_type="constant_with_warmup",
+            resume_from_checkpoint=split_dir / "checkpoint-10",
+        ),
+        nprocs=2,
+    )
     resumed = read_metrics(split_dir, "train/loss")
     assert sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):
@@ -46,8 +59,9 @@ def test_train_10_then_continue_to_20_equals_20_straight(tmp_path_factory, varle
 @pytest.mark.slow
 def test_resume_after_sigkill_from_last_complete_checkpoint(tmp_path, varlen_data, straight):
     cmd = launch_cmd(2) + args(tmp_path, varlen_data)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     while not (tmp_path / "checkpoint-10").is_dir():
         assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint-10"
@@ -57,8 +71,7 @@ def test_resume_after_sigkill_from_last_complete_checkpoint(tmp_path, varlen_dat
     # Simulate the worst case too: a save that died half-way leaves only a .tmp directory.
     (tmp_path / "checkpoint-15.tmp").mkdir(exist_ok=True)
 
-    run_train(args(tmp_path, varlen_data,
-                   resume_from_checkpoint="auto"), nprocs=2)
+    run_train(args(tmp_path, varlen_data, resume_from_checkpoint="auto"), nprocs=2)
     resumed = read_metrics(tmp_path, "train/loss")
     assert sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):

@@ -10,9 +10,20 @@ from conftest import base_args, read_metrics, run_train
 
 @pytest.mark.slow
 def test_bf16_gradient_checkpointing_lora_zero2(tmp_path, varlen_data):
-    run_train(base_args(tmp_path, varlen_data, finetuning_type="lora", learning_rate=1e-2, bf16=True,
-                        gradient_checkpointing=True, deepspeed="ds_configs/zero2.json", per_device_train_batch_size=2,
-                        max_steps=12), nprocs=2)
+    run_train(
+        base_args(
+            tmp_path,
+            varlen_data,
+            finetuning_type="lora",
+            learning_rate=1e-2,
+            bf16=True,
+            gradient_checkpointing=True,
+            deepspeed="ds_configs/zero2.json",
+            per_device_train_batch_size=2,
+            max_steps=12,
+        ),
+        nprocs=2,
+    )
     losses = read_metrics(tmp_path, "train/loss")
     assert all(math.isfinite(v) for v in losses.values())
     assert losses[12] < losses[1] - 0.3, losses
@@ -23,9 +34,21 @@ def test_bf16_gradient_checkpointing_lora_zero2(tmp_path, varlen_data):
 def test_early_stopping_on_eval_loss(tmp_path, varlen_data):
     # A learning rate this large makes the eval loss rise after the first step, so patience 1 stops
     # the run at the second eval on every rank (a rank that kept going would hang the job).
-    run_train(base_args(tmp_path, varlen_data, learning_rate=1.0, max_grad_norm=0, warmup_steps=0, max_steps=20,
-                        eval_dataset=varlen_data, eval_steps=1, early_stopping_patience=1,
-                        per_device_train_batch_size=2), nprocs=2)
+    run_train(
+        base_args(
+            tmp_path,
+            varlen_data,
+            learning_rate=1.0,
+            max_grad_norm=0,
+            warmup_steps=0,
+            max_steps=20,
+            eval_dataset=varlen_data,
+            eval_steps=1,
+            early_stopping_patience=1,
+            per_device_train_batch_size=2,
+        ),
+        nprocs=2,
+    )
     results = json.loads((tmp_path / "all_results.json").read_text())
     assert results["global_step"] == 2
     assert sorted(read_metrics(tmp_path, "eval/loss")) == [1, 2]

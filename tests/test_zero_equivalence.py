@@ -31,19 +31,28 @@ def assert_same_losses(got: dict, want: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config,extra", [
-    ("zero0", {}),
-    ("zero1", {}),
-    ("zero2", {}),
-    ("zero3", {}),
-    ("zero2_offload", {}),
-    ("zero3_offload", {}),
-    ("zero3", {"gradient_checkpointing": True}),
-])
+@pytest.mark.parametrize(
+    "ds_config,extra",
+    [
+        ("zero0", {}),
+        ("zero1", {}),
+        ("zero2", {}),
+        ("zero3", {}),
+        ("zero2_offload", {}),
+        ("zero3_offload", {}),
+        ("zero3", {"gradient_checkpointing": True}),
+    ],
+)
 def test_two_ranks_match_single_process(tmp_path, varlen_data, reference, ds_config, extra):
     ref_dir, ref_losses = reference
-    args = base_args(tmp_path, varlen_data, max_steps=STEPS, per_device_train_batch_size=2,
-                     deepspeed=f"ds_configs/{ds_config}.json", **extra)
+    args = base_args(
+        tmp_path,
+        varlen_data,
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        deepspeed=f"ds_configs/{ds_config}.json",
+        **extra,
+    )
     run_train(args, nprocs=2)
     assert_same_losses(read_metrics(tmp_path, "train/loss"), ref_losses)
     # The exported model (gathered from ZeRO-3 partitions where applicable) equals the reference one.
@@ -57,7 +66,8 @@ def test_two_ranks_match_single_process(tmp_path, varlen_data, reference, ds_con
 @pytest.mark.slow
 def test_gradient_accumulation_matches_single_batch(tmp_path, varlen_data, reference):
     _, ref_losses = reference
-    args = base_args(tmp_path, varlen_data, max_steps=STEPS, per_device_train_batch_size=2,
-                     gradient_accumulation_steps=2)
+    args = base_args(
+        tmp_path, varlen_data, max_steps=STEPS, per_device_train_batch_size=2, gradient_accumulation_steps=2
+    )
     run_train(args, nprocs=1)
     assert_same_losses(read_metrics(tmp_path, "train/loss"), ref_losses)

@@ -63,6 +63,7 @@ class GlobalBatchSampler:
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Step counts from 0. Micro-step m of rank r takes slice (m * world + r) of the global batch."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
-        return [order[(m * self.world + rank) * self.mbs:(m * self.world + rank + 1) * self.mbs]
-                for m in range(self.gas)]
+        order = self._order(epoch)[pos * self.global_batch : (pos + 1) * self.global_batch].tolist()
+        return [
+            order[(m * self.world + rank) * self.mbs : (m * self.world + rank + 1) * self.mbs] for m in range(self.gas)
+        ]

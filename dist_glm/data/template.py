@@ -14,12 +14,13 @@ IGNORE_INDEX = -100
 class Glm4Template:
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        ids = tokenizer.convert_tokens_to_ids(["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
-                                               "<|observation|>"])
+        ids = tokenizer.convert_tokens_to_ids(
+            ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+        )
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError("tokenizer lacks GLM-4 special tokens ([gMASK], <sop>, <|user|>, ...)")
         self.prefix = ids[:2]
-        self.role_ids = dict(zip(("system", "user", "assistant", "observation"), ids[2:]))
+        self.role_ids = dict(zip(("system", "user", "assistant", "observation"), ids[2:], strict=True))
         self.nl = tokenizer.encode("\n", add_special_tokens=False)
 
     def _text(self, s: str) -> list[int]:
@@ -44,5 +45,5 @@ class Glm4Template:
             reply = reply[:reply_budget]
             header = [self.role_ids["assistant"], *self.nl]
             keep = cutoff_len - len(reply) - len(header)
-            prompt = prompt[:-len(header)][:keep] + header
+            prompt = prompt[: -len(header)][:keep] + header
         return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply

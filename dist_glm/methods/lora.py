@@ -9,7 +9,10 @@ def prepare(model, cfg):
     m = cfg.method
     target = m.lora_target if m.lora_target == "all-linear" else [t.strip() for t in m.lora_target.split(",")]
     lora_config = LoraConfig(
-        task_type="CAUSAL_LM", r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+        task_type="CAUSAL_LM",
+        r=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
         target_modules=target,
     )
     return get_peft_model(model, lora_config)

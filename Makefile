@@ -1,0 +1,43 @@
+# The commands the README shows. `make demo` and `make test` work on a fresh machine: they create
+# .venv, install torch (CUDA build where an NVIDIA driver is present, CPU build otherwise), install
+# dist_glm, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Used only on a CPU-only machine whose pip cannot already see a local CPU build of torch.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "NVIDIA driver found: installing the CUDA build of torch"; \
+		$(BIN)/pip install "torch>=2.4"; \
+	elif $(BIN)/pip install --no-index "torch>=2.4" >/dev/null 2>&1; then \
+		echo "CPU-only machine: installed the local CPU build of torch"; \
+	else \
+		echo "CPU-only machine: installing the CPU build of torch"; \
+		$(BIN)/pip install "torch>=2.4" --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/deepspeed launch/train.py
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check dist_glm launch tests
+	$(BIN)/ruff format --check dist_glm launch tests
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,31 @@
+"""dist_glm: DeepSpeed-based distributed fine-tuning for the GLM family.
+
+Install torch first (the Makefile's `setup` target picks the CUDA or CPU build for this machine),
+then `pip install -e .[dev]`.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dist_glm",
+    version="0.1.0",
+    description="DeepSpeed-based distributed fine-tuning for GLM-4, GLM-4-0414 and ChatGLM",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dist_glm", "dist_glm.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.17,<0.20",
+        "transformers>=5.0,<6",
+        "peft>=0.17",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "jieba>=0.42",
+        "ninja>=1.11",  # DeepSpeed JIT-builds its CPU Adam (ZeRO-Offload) with it
+        "numpy",
+    ],
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["dist-glm-train=dist_glm.cli:train_main"]},
+)
