@@ -4,7 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Used only on a CPU-only machine whose pip cannot already see a local CPU build of torch.
+# Used only on a CPU-only machine whose pip cannot already see a local CPU build of torch (pip's
+# find-links). A local build is installed without dependencies first, so pip never swaps it for a
+# newer CUDA build, then its dependencies are resolved against it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 
@@ -17,8 +19,9 @@ $(VENV)/.installed: setup.py
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "NVIDIA driver found: installing the CUDA build of torch"; \
 		$(BIN)/pip install "torch>=2.4"; \
-	elif $(BIN)/pip install --no-index "torch>=2.4" >/dev/null 2>&1; then \
-		echo "CPU-only machine: installed the local CPU build of torch"; \
+	elif $(BIN)/pip install --no-index --no-deps "torch>=2.4" >/dev/null 2>&1; then \
+		echo "CPU-only machine: installed the local CPU build of torch; now its dependencies"; \
+		$(BIN)/pip install "torch==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("torch"))')"; \
 	else \
 		echo "CPU-only machine: installing the CPU build of torch"; \
 		$(BIN)/pip install "torch>=2.4" --index-url $(TORCH_CPU_INDEX); \
