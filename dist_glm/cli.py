@@ -12,9 +12,10 @@ def train_main(argv: list[str] | None = None) -> None:
     if "-h" in argv or "--help" in argv:
         print(config.help_text())
         return
-    from dist_glm.distributed import destroy, use_cpu_accelerator_if_no_gpu
+    from dist_glm.distributed import destroy, quiet_other_ranks, use_cpu_accelerator_if_no_gpu
 
     use_cpu_accelerator_if_no_gpu()
+    quiet_other_ranks()
     try:
         cfg = config.load_config(argv)
         from dist_glm.train import train

@@ -51,6 +51,17 @@ def use_cpu_accelerator_if_no_gpu() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def quiet_other_ranks() -> None:
+    """Only rank 0 talks: other ranks drop Python warnings and library info logs (errors still show).
+    Called before transformers and DeepSpeed are imported, so their loggers pick it up."""
+    if rank_from_env() == 0:
+        return
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,8 +73,12 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
 
     A plain `python launch/train.py` has no launcher environment: it becomes a world of one.
     """
+    import logging
+
     import deepspeed
 
+    if rank_from_env() != 0:
+        deepspeed.utils.logger.setLevel(logging.ERROR)  # DeepSpeed sets its logger's level on import
     if world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())

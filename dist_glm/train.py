@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,26 +112,35 @@ def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tu
     return loss_total / max(global_tokens, 1.0), global_tokens, nonpad_total
 
 
-def train(cfg: Config) -> dict:
+@dataclass
+class Run:
+    """Everything set up for training; built once by `setup`, read by the loop."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    train_examples: list
+    eval_examples: list
+    sampler: GlobalBatchSampler
+    total_steps: int
+    ds_config: dict
+    method: object
+    engine: object
+    eos_ids: list[int]
+    num_params: int
+
+
+def setup(cfg: Config) -> Run:
+    """Validate, form the process group, tokenize, load and prepare the model, build the engine."""
     import deepspeed
 
     t = cfg.train
     validate_inputs(cfg, distributed.world_size_from_env())
     rank, world = distributed.init_distributed()
-    device = (
-        torch.device(deepspeed.get_accelerator().device_name(), distributed.local_rank_from_env())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    out = Path(t.output_dir)
-    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
-    if rank == 0:
-        if t.overwrite_output_dir and not resume_path:
-            for _, old in checkpoint.list_checkpoints(t.output_dir):
-                shutil.rmtree(old)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    distributed.barrier()
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda", distributed.local_rank_from_env()) if on_gpu else torch.device("cpu")
     log(
         f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
         + json.dumps(cfg.to_flat_dict(), ensure_ascii=False)
@@ -139,9 +149,8 @@ def train(cfg: Config) -> dict:
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     train_examples = build_examples(cfg.data.dataset, tokenizer, cfg.data, cfg.data.max_samples)
     eval_examples = build_examples(cfg.data.eval_dataset, tokenizer, cfg.data) if cfg.data.eval_dataset else []
-    sampler = GlobalBatchSampler(
-        len(train_examples), t.per_device_train_batch_size, t.gradient_accumulation_steps, world, t.seed
-    )
+    mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    sampler = GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed)
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"dataset has {len(train_examples)} samples, fewer than one global batch of "
@@ -161,86 +170,105 @@ def train(cfg: Config) -> dict:
     log(
         f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
         f"({100 * trainable / total:.2f}%); zero stage {distributed.zero_stage(ds_config)}; "
-        f"{len(train_examples)} train / {len(eval_examples)} eval samples; {total_steps} steps of "
-        f"{sampler.global_batch} samples"
+        f"{len(train_examples)} train / {len(eval_examples)} eval samples; "
+        f"{total_steps} steps of {sampler.global_batch} samples"
     )
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, t, total_steps), config=ds_config
+    scheduler = build_scheduler(optimizer, t, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
+    return Run(
+        cfg,
+        rank,
+        world,
+        device,
+        tokenizer,
+        train_examples,
+        eval_examples,
+        sampler,
+        total_steps,
+        ds_config,
+        method,
+        engine,
+        eos_ids,
+        total,
     )
 
-    state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0}
-    start_step = 0
+
+def prepare_output_dir(cfg: Config, resume_path: Path | None) -> None:
+    """Rank 0 creates output_dir (clearing old checkpoints only when told to) and records the config."""
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    if distributed.is_main_process():
+        if t.overwrite_output_dir and not resume_path:
+            for _, old in checkpoint.list_checkpoints(t.output_dir):
+                shutil.rmtree(old)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    distributed.barrier()  # every rank may write into output_dir from here on
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    run = setup(cfg)
+    engine, rank = run.engine, run.rank
+    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    prepare_output_dir(cfg, resume_path)
+    state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0, "global_step": 0}
     if resume_path:
-        state = checkpoint.load_checkpoint(engine, resume_path, method.trainable_only)
-        start_step = state["global_step"]
-        log(f"resumed from {resume_path} at step {start_step}")
+        state = checkpoint.load_checkpoint(engine, resume_path, run.method.trainable_only)
+        log(f"resumed from {resume_path} at step {state['global_step']}")
+    start_step = step = state["global_step"]
     log(f"memory after setup: {memory_gb():.2f} GiB on rank 0")
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
-    flops_per_token, peak = train_flops_per_token(total, model.config), peak_flops_per_device()
-    eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
+    window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
     bar = tqdm(
-        total=total_steps,
+        total=run.total_steps,
         initial=start_step,
         disable=rank != 0 or t.disable_tqdm,
         desc="train",
         dynamic_ncols=True,
         file=sys.stdout,
     )
-    results, pad_id, step = {}, tokenizer.pad_token_id, start_step
-    window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
-    if eval_examples and t.eval_on_start and start_step == 0:
-        run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, 0)
-    for step in range(start_step + 1, total_steps + 1):
+    results = {}
+    if run.eval_examples and t.eval_on_start and start_step == 0:
+        run_eval(run, logger, results, step=0)
+    for step in range(start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
-        micro = [collate([train_examples[i] for i in idx], pad_id) for idx in sampler.micro_batches(step - 1, rank)]
-        loss, _, nonpad = train_step(engine, micro, world, device)
-        window = {
-            "loss": window["loss"] + loss,
-            "steps": window["steps"] + 1,
-            "tokens": window["tokens"] + nonpad,
-            "seconds": window["seconds"] + time.perf_counter() - t0,
-        }
+        micro = [
+            collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
+            for idx in run.sampler.micro_batches(step - 1, rank)
+        ]
+        loss, _, nonpad_tokens = train_step(engine, micro, run.world, run.device)
+        window.add(loss, nonpad_tokens, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
 
-        if step % t.logging_steps == 0 or step == total_steps:
-            tps = window["tokens"] / window["seconds"]
-            record = {
-                "train/loss": window["loss"] / window["steps"],
-                "train/learning_rate": engine.get_lr()[0],
-                "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "train/tokens_per_second": tps,
-                "train/memory_gb": memory_gb(),
-                "train/epoch": step / sampler.steps_per_epoch,
-            }
-            if peak:
-                record["train/mfu"] = tps * flops_per_token / (peak * world)
+        if step % t.logging_steps == 0 or step == run.total_steps:
+            record = window.flush(engine, epoch=step / run.sampler.steps_per_epoch)
             logger.log(step, record)
             results.update(record)
-            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "seconds": 0.0}
 
         should_stop = False
-        if eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == total_steps):
-            record = run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, step)
+        if run.eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == run.total_steps):
+            record = run_eval(run, logger, results, step)
             # Every rank computed the same all-reduced eval loss, so they all agree on stopping.
             if record["eval/loss"] < state["best_eval_loss"]:
                 state.update(best_eval_loss=record["eval/loss"], evals_without_improvement=0)
             else:
                 state["evals_without_improvement"] += 1
-            should_stop = (
-                bool(t.early_stopping_patience) and state["evals_without_improvement"] >= t.early_stopping_patience
-            )
+            patience = t.early_stopping_patience
+            should_stop = bool(patience) and state["evals_without_improvement"] >= patience
         if (t.save_steps and step % t.save_steps == 0) or should_stop:
-            checkpoint.save_checkpoint(engine, cfg, step, state, method.trainable_only)
+            checkpoint.save_checkpoint(engine, cfg, step, state, run.method.trainable_only)
         if should_stop:
             log(f"early stopping at step {step}: eval loss has not improved for {t.early_stopping_patience} evals")
             break
     bar.close()
     logger.close()
 
-    export_final(engine, method, tokenizer, out)
+    out = Path(t.output_dir)
+    export_final(engine, run.method, run.tokenizer, out)
     results.update(global_step=step, best_eval_loss=state["best_eval_loss"])
     if rank == 0:
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
@@ -249,24 +277,54 @@ def train(cfg: Config) -> dict:
     return results
 
 
-def run_eval(engine, cfg, eval_examples, tokenizer, eos_ids, ds_config, device, results, logger, step) -> dict:
+class ThroughputWindow:
+    """Train metrics averaged over the steps since the last log line."""
+
+    def __init__(self, flops_per_token: float, world: int):
+        self.flops_per_token, self.world, self.peak = flops_per_token, world, peak_flops_per_device()
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
+
+    def add(self, loss: float, tokens: float, seconds: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def flush(self, engine, epoch: float) -> dict[str, float]:
+        tokens_per_second = self.tokens / self.seconds
+        record = {
+            "train/loss": self.loss / self.steps,
+            "train/learning_rate": engine.get_lr()[0],
+            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/tokens_per_second": tokens_per_second,
+            "train/memory_gb": memory_gb(),
+            "train/epoch": epoch,
+        }
+        if self.peak:
+            record["train/mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.world)
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
+        return record
+
+
+def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:
     """Collective: eval loss (and generation metrics); logged, printed and merged into `results`."""
-    t = cfg.train
-    record = eval_loss(engine, eval_examples, t.per_device_eval_batch_size, tokenizer.pad_token_id, device)
+    t = run.cfg.train
+    record = eval_loss(
+        run.engine, run.eval_examples, t.per_device_eval_batch_size, run.tokenizer.pad_token_id, run.device
+    )
     if t.predict_with_generate:
+        zero3 = distributed.zero_stage(run.ds_config) == 3  # ZeRO-3 ranks must keep stepping together
         preds, gen = predict(
-            engine,
-            eval_examples,
-            tokenizer,
+            run.engine,
+            run.eval_examples,
+            run.tokenizer,
             t.per_device_eval_batch_size,
             t.generation_max_new_tokens,
-            eos_ids,
-            distributed.zero_stage(ds_config) == 3,
-            device,
+            run.eos_ids,
+            zero3,
+            run.device,
         )
         record.update(gen)
-        if distributed.is_main_process():
-            write_predictions(Path(t.output_dir) / "generated_predictions.jsonl", eval_examples, preds)
+        if run.rank == 0:
+            write_predictions(Path(t.output_dir) / "generated_predictions.jsonl", run.eval_examples, preds)
     logger.log(step, record)
     results.update(record)
     log(f"eval at step {step}: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items()))
