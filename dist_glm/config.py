@@ -23,7 +23,9 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
 FINETUNING_TYPES = ("full", "lora")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DATASET_FORMATS = ("auto", "advertisegen")
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
+TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2")
+ON_INVALID = ("error", "skip")
 
 
 def _f(default, help: str, **kw):
@@ -42,13 +44,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("", "Training data: comma-separated local json/jsonl files.")
+    dataset: str = _f("", "Training data: comma-separated local json/jsonl/csv/parquet files.")
     eval_dataset: str = _f("", "Held-out data for eval loss and generation metrics (comma-separated).")
     dataset_format: str = _f("auto", f"Row format: one of {', '.join(DATASET_FORMATS)}.")
     prompt_column: str = _f("content", "AdvertiseGen prompt column.")
     response_column: str = _f("summary", "AdvertiseGen response column.")
+    template: str = _f("auto", f"Chat template: one of {', '.join(TEMPLATES)} (auto: from the model type).")
     cutoff_len: int = _f(1024, "Maximum tokens per sample; the response keeps at least half.")
+    mask_history: bool = _f(False, "Train on the last assistant turn only (default: every assistant turn).")
+    train_on_prompt: bool = _f(False, "Also train on prompt tokens (system, user, observation).")
+    on_invalid: str = _f("error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them.")
     max_samples: int = _f(0, "Use only the first N training rows (0 = all).")
+    data_cache_dir: str = _f(
+        "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
+    )
 
 
 @dataclass

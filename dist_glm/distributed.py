@@ -118,6 +118,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (a small picklable value, such as a path or an error message)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

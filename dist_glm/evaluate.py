@@ -85,7 +85,8 @@ def predict(
         for i, row in zip(slot_batch, out[:, width:].tolist(), strict=True):
             if i is not None:
                 cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
-                local.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True)))
+                # GLM replies start with the newline that follows <|assistant|>; it is not part of the answer.
+                local.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True).removeprefix("\n")))
     model.train()
     # Gathering Python objects is fine here: predictions are short strings, gathered once per eval.
     merged = sorted(p for part in distributed.all_gather_objects(local) for p in part)

@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config, save_config
-from dist_glm.data.batching import GlobalBatchSampler, build_examples, collate
+from dist_glm.data.batching import GlobalBatchSampler, collate, pad_share
 from dist_glm.data.formats import check_data_paths
+from dist_glm.data.preprocess import prepare
+from dist_glm.data.template import choose_template
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
@@ -147,8 +149,7 @@ def setup(cfg: Config) -> Run:
     )
 
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-    train_examples = build_examples(cfg.data.dataset, tokenizer, cfg.data, cfg.data.max_samples)
-    eval_examples = build_examples(cfg.data.eval_dataset, tokenizer, cfg.data) if cfg.data.eval_dataset else []
+    train_examples, eval_examples = load_data(cfg, tokenizer)
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
     sampler = GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed)
     if sampler.steps_per_epoch == 0:
@@ -158,6 +159,7 @@ def setup(cfg: Config) -> Run:
             f"{world} ranks); lower per_device_train_batch_size or gradient_accumulation_steps"
         )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
+    log(f"padding: {100 * pad_share(train_examples, sampler):.1f}% of tokens in an epoch's micro-batches are pad")
 
     ds_config = distributed.build_ds_config(t, world)
     method = get_method(cfg.method.finetuning_type)
@@ -193,6 +195,28 @@ def setup(cfg: Config) -> Run:
         eos_ids,
         total,
     )
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
+    """Tokenized train and eval examples (through the shared cache); writes the skipped-rows report."""
+    from transformers import AutoConfig
+
+    path = cfg.model.model_name_or_path
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
+    template = choose_template(cfg.data.template, tokenizer, model_type)
+    train_examples, stats = prepare(cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log)
+    eval_examples, eval_stats = [], None
+    if cfg.data.eval_dataset:
+        eval_examples, eval_stats = prepare(cfg.data.eval_dataset, tokenizer, path, template, cfg.data, 0, log)
+    skipped = stats.skipped + (eval_stats.skipped if eval_stats else [])
+    if skipped and distributed.is_main_process():
+        report = Path(cfg.train.output_dir) / "skipped_rows.jsonl"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped), encoding="utf-8")
+        log(f"{len(skipped)} invalid rows skipped (on_invalid=skip); every one is listed in {report}")
+    if not train_examples:
+        raise UserError(f"dataset: no usable samples in {cfg.data.dataset} ({stats.summary('dataset')})")
+    return train_examples, eval_examples
 
 
 def prepare_output_dir(cfg: Config, resume_path: Path | None) -> None:

@@ -21,7 +21,7 @@ GLM4_SPECIAL_TOKENS = [
 # GLM-4 chat template (as in THUDM/glm-4-9b-chat-hf, without the tool block, which the data issue adds).
 GLM4_CHAT_TEMPLATE = (
     "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 TYPES = ["连衣裙", "上衣", "裤子", "外套", "衬衫"]

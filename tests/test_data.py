@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from conftest import TINY_MODEL
 from dist_glm.data.batching import Example, GlobalBatchSampler, collate
-from dist_glm.data.template import IGNORE_INDEX, Glm4Template
+from dist_glm.data.template import IGNORE_INDEX, build_template
 
 
 @pytest.fixture(scope="module")
@@ -14,40 +14,66 @@ def tok():
 
 
 def test_single_turn_golden_ids_and_mask(tok):
-    ids, labels = Glm4Template(tok).encode(
-        [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}], cutoff_len=64
+    enc = build_template("glm4", tok).encode(
+        {"messages": [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}]}, cutoff_len=64
     )
+    ids, labels = enc.input_ids, enc.labels
     # [gMASK] <sop> <|user|> \n 类型 # 裙 <|assistant|> \n 红色 <|user|>
     assert ids == [702, 704, 707, 198, 305, 2, 371, 708, 198, 390, 707]
-    assert labels == [IGNORE_INDEX] * 9 + [390, 707]  # the reply and the turn-ending token only
+    assert labels == [IGNORE_INDEX] * 8 + [198, 390, 707]  # "\n", the reply and the turn-ending token
 
 
 def test_prompt_matches_the_tokenizers_own_chat_template(tok):
     messages = [{"role": "system", "content": "你是广告文案助手"}, {"role": "user", "content": "类型#裙*颜色#红色"}]
-    ours = Glm4Template(tok).encode_prompt(messages)
+    ours = build_template("glm4", tok).encode_prompt({"system": messages[0]["content"], "messages": messages[1:]})
     theirs = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert ours == list(theirs)
 
 
+def conv(*turns, system="", tools=None):
+    roles = ["user", "assistant"]
+    return {
+        "system": system,
+        "tools": tools,
+        "messages": [{"role": roles[k % 2], "content": t} for k, t in enumerate(turns)],
+    }
+
+
 def test_truncation_keeps_the_answer(tok):
-    template = Glm4Template(tok)
+    template = build_template("glm4", tok)
     long_prompt = "类型#裙*颜色#红色*" * 40
     reply = "".join(f"{i} fox jumps; " for i in range(40))  # well over 64 tokens in the tiny vocab
     assert len(tok.encode(reply, add_special_tokens=False)) > 64
-    ids, labels = template.encode(
-        [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": reply}], cutoff_len=64
-    )
-    assert len(ids) == len(labels) == 64
-    trained = [x for x in labels if x != IGNORE_INDEX]
-    assert len(trained) == 32  # both sides are too long: the reply gets exactly half the budget
+    enc = template.encode(conv(long_prompt, reply), cutoff_len=64)
+    ids, labels = enc.input_ids, enc.labels
+    assert len(ids) == len(labels) == 64 and enc.truncated
+    # Both sides are too long: the reply side gets exactly half the budget.
+    assert sum(x != IGNORE_INDEX for x in labels) == 32
     assert ids[:3] == template.prefix + [template.role_ids["user"]]  # the prompt starts intact
     i = ids.index(template.role_ids["assistant"])
-    assert labels[: i + 2] == [IGNORE_INDEX] * (i + 2)  # the assistant header survives, unlabelled
+    assert i == 31 and labels[: i + 1] == [IGNORE_INDEX] * (i + 1)  # the header survives, unlabelled
     # A short prompt leaves the reply everything else.
-    ids, labels = template.encode([{"role": "user", "content": "裙"}, {"role": "assistant", "content": reply}], 64)
-    assert len(ids) == 64 and sum(x != IGNORE_INDEX for x in labels) == 64 - len(
-        template.encode_prompt([{"role": "user", "content": "裙"}])
-    )
+    enc = template.encode(conv("裙", reply), 64)
+    prompt_len = len(template.encode_prompt(conv("裙")))
+    assert len(enc.input_ids) == 64 and sum(x != IGNORE_INDEX for x in enc.labels) == 64 - prompt_len
+
+
+def test_long_history_loses_its_oldest_rounds_first(tok):
+    template = build_template("glm4", tok)
+    turns = [f"问题{k} " + "颜色#红色*" * 6 if k % 2 == 0 else f"回答{k}" for k in range(12)]
+    full = template.encode(conv(*turns), cutoff_len=4096)
+    enc = template.encode(conv(*turns), cutoff_len=len(full.input_ids) - 5)
+    assert enc.truncated and len(enc.input_ids) <= len(full.input_ids) - 5
+    text = tok.decode(enc.input_ids)
+    assert "问题0" not in text and "问题10" in text and "回答11" in text  # newest round intact
+    assert enc.input_ids[:2] == template.prefix
+    # The first kept token after the prefix is a role token whose (dropped) reply is gone: untrained.
+    assert enc.labels[2] == IGNORE_INDEX
+
+
+def test_empty_reply_still_trains_the_newline_and_stop_token(tok):
+    enc = build_template("glm4", tok).encode(conv("类型#裙", ""), 64)
+    assert [x for x in enc.labels if x != IGNORE_INDEX] == [198, tok.convert_tokens_to_ids("<|user|>")]
 
 
 def test_sampler_gives_the_same_global_batch_for_every_split():

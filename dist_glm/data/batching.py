@@ -6,12 +6,12 @@ accumulation micro-steps only decide who computes which slice of it. So 1 rank x
 step, and resuming at step N needs no replay: the position is a function of N.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dist_glm.data.formats import load_conversations
-from dist_glm.data.template import IGNORE_INDEX, Glm4Template
+from dist_glm.data.template import IGNORE_INDEX, build_template
 
 
 @dataclass
@@ -22,15 +22,49 @@ class Example:
     reference: str  # the reply text, for generation metrics
 
 
-def build_examples(spec: str, tokenizer, data_cfg, max_samples: int = 0) -> list[Example]:
-    template = Glm4Template(tokenizer)
-    out = []
-    for messages in load_conversations(spec, data_cfg):
-        input_ids, labels = template.encode(messages, data_cfg.cutoff_len)
-        out.append(Example(input_ids, labels, template.encode_prompt(messages[:-1]), messages[-1]["content"]))
+@dataclass
+class DataStats:
+    rows: int = 0
+    truncated: int = 0
+    dropped_no_labels: int = 0  # nothing left to train on (e.g. an empty reply)
+    skipped: list = field(default_factory=list)  # bad rows skipped under on_invalid: skip
+
+    def summary(self, name: str) -> str:
+        return (
+            f"{name}: {self.rows} rows -> {self.rows - self.dropped_no_labels - len(self.skipped)} samples; "
+            f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
+            f"token, {len(self.skipped)} invalid rows skipped"
+        )
+
+
+def build_examples(
+    spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
+) -> tuple[list[Example], DataStats]:
+    template = build_template(template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt)
+    stats, out = DataStats(), []
+    conversations = load_conversations(spec, data_cfg, stats.skipped)
+    stats.rows = len(conversations) + len(stats.skipped)
+    for conv in conversations:
+        enc = template.encode(conv, data_cfg.cutoff_len)
+        stats.truncated += enc.truncated
+        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+            stats.dropped_no_labels += 1
+            continue
+        out.append(Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference))
         if max_samples and len(out) >= max_samples:
             break
-    return out
+    return out, stats
+
+
+def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:
+    """Share of pad tokens in one epoch of this sampler's micro-batches (rank 0's view of the order)."""
+    real = padded = 0
+    for step in range(sampler.steps_per_epoch):
+        for rank in range(sampler.world):
+            for idx in sampler.micro_batches(step, rank):
+                lengths = [len(examples[i].input_ids) for i in idx]
+                real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
+    return 1 - real / max(padded, 1)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

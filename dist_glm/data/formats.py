@@ -1,73 +1,309 @@
-"""Reading local data files into chat messages: a list of {"role", "content"} per sample.
+"""Reading local data files into conversations.
 
-Formats: ChatGLM AdvertiseGen (`content` -> `summary`, column names configurable as in the ChatGLM-6B
-scripts). Every bad row stops the run with `file:line: what is wrong`.
+A conversation is `{"system": str, "tools": list | None, "messages": [...]}` where each message has a
+`role` (`user`, `assistant`, `observation`) and `content`; an assistant message that calls a tool
+also has `tool_call = {"name": str, "arguments": str}`.
+
+Formats (detected per file from its first row, or forced with `dataset_format`):
+- alpaca: `instruction`, `input`, `output`, optional `system`, `history` ([[query, reply], ...]);
+- sharegpt: `conversations` of `{"from", "value"}` (human/gpt/system/function_call/observation), `tools`;
+- openai: `messages` of `{"role", "content"}` (system/user/assistant/tool, `tool_calls`), `tools`;
+- advertisegen: ChatGLM's `content` -> `summary` (column names from `prompt_column`/`response_column`);
+- chatglm3: `conversations` of `{"role", "content"}` (system/user/assistant/observation, `tools`).
+
+json/jsonl are read here so that errors carry the line number; csv and parquet go through Hugging
+Face `datasets` (row numbers count data rows from 1). Every bad row is reported as `file:line: what`.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from dist_glm.errors import UserError
 
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
 
-def check_data_paths(spec: str, key: str) -> list[str]:
-    problems = []
-    for path in split_paths(spec):
-        if not Path(path).is_file():
-            problems.append(f"{key}: file '{path}' not found; give comma-separated paths to local json/jsonl files")
-        elif Path(path).suffix not in (".json", ".jsonl"):
-            problems.append(f"{key}: '{path}' is not a .json or .jsonl file")
-    return problems
+
+class BadRow(ValueError):
+    """One row that cannot be used; carries `where` (file:line) and what is wrong."""
 
 
 def split_paths(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def read_rows(path: str) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a .jsonl file or a .json list."""
+def check_data_paths(spec: str, key: str) -> list[str]:
+    problems = []
+    for path in split_paths(spec):
+        if not Path(path).is_file():
+            problems.append(f"{key}: file '{path}' not found; give comma-separated paths to local data files")
+        elif Path(path).suffix not in SUFFIXES:
+            problems.append(f"{key}: '{path}' has an unsupported extension; use one of {', '.join(SUFFIXES)}")
+    return problems
+
+
+def read_rows(path: str) -> list[tuple[int, object]]:
+    """(line or row number, row) pairs. A file-level problem (not UTF-8, empty) raises UserError;
+    a bad JSON line is returned as a BadRow in place of its row, so `on_invalid: skip` can skip it."""
+    suffix = Path(path).suffix
+    if suffix in (".csv", ".parquet"):
+        return _read_with_datasets(path, suffix)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
-    if path.endswith(".json"):
+        raise UserError(f"{path}: not UTF-8 (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+    if suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
         if not isinstance(data, list):
-            raise UserError(f"{path}: expected a JSON list of objects")
+            raise UserError(f"{path}: expected a JSON list of objects; use .jsonl for one object per line")
         rows = list(enumerate(data, start=1))
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if line.strip():
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    rows.append((lineno, BadRow(f"invalid JSON ({e.msg})")))
     if not rows:
-        raise UserError(f"{path}: no rows; the file is empty")
+        raise UserError(f"{path}: the file has no rows")
     return rows
 
 
-def advertisegen_to_messages(row: dict, where: str, prompt_column: str, response_column: str) -> list[dict]:
+def _read_with_datasets(path: str, suffix: str) -> list[tuple[int, object]]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(suffix[1:], data_files=path, split="train")
+    except Exception as e:  # datasets raises many types for a malformed file; all mean "cannot read it"
+        raise UserError(f"{path}: cannot read as {suffix[1:]} ({str(e).splitlines()[0][:200]})") from None
+    if len(ds) == 0:
+        raise UserError(f"{path}: the file has no rows")
+    return [(i + 1, row) for i, row in enumerate(ds)]
+
+
+# ---------------------------------------------------------------- detection
+
+
+def detect_format(row: dict, prompt_column: str) -> str | None:
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for col in (prompt_column, response_column):
-        if col not in row:
-            raise UserError(f"{where}: missing field '{col}' (set prompt_column/response_column if yours differ)")
-        if not isinstance(row[col], str):
-            raise UserError(f"{where}: field '{col}' must be a string, got {type(row[col]).__name__}")
-    return [{"role": "user", "content": row[prompt_column]}, {"role": "assistant", "content": row[response_column]}]
+        return None
+    if "conversations" in row:
+        turns = row["conversations"]
+        first = turns[0] if isinstance(turns, list) and turns else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "chatglm3"
+    if "messages" in row:
+        return "openai"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if prompt_column in row:
+        return "advertisegen"
+    return None
 
 
-def load_conversations(spec: str, data_cfg) -> list[list[dict]]:
-    """All samples from the comma-separated files in `spec`, in file order."""
+# ---------------------------------------------------------------- converters
+
+
+def _str(row: dict, key: str, required: bool = True) -> str:
+    if key not in row or row[key] is None:
+        if required:
+            raise BadRow(f"missing field '{key}'")
+        return ""
+    if not isinstance(row[key], str):
+        raise BadRow(f"field '{key}' must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
+def _tools(value) -> list | None:
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRow("field 'tools' is a string but not valid JSON") from None
+    if not isinstance(value, list):
+        raise BadRow("field 'tools' must be a list of function descriptions")
+    return value
+
+
+def _tool_call(value) -> dict:
+    """A function call given as a JSON string or object with `name` and `arguments`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise BadRow("a function_call turn must hold JSON with 'name' and 'arguments'") from None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise BadRow("a function_call needs a string 'name'")
+    args = value.get("arguments", value.get("parameters", {}))
+    return {"name": value["name"], "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}
+
+
+def from_alpaca(row: dict, cfg) -> dict:
+    messages = []
+    history = row.get("history") or []
+    if not isinstance(history, list):
+        raise BadRow("field 'history' must be a list of [query, reply] pairs")
+    for pair in history:
+        if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise BadRow("each 'history' entry must be a [query, reply] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = "\n".join(x for x in (_str(row, "instruction"), _str(row, "input", required=False)) if x)
+    messages += [{"role": "user", "content": query}, {"role": "assistant", "content": _str(row, "output")}]
+    return {"system": _str(row, "system", required=False), "tools": None, "messages": messages}
+
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "observation": "observation",
+    "function_call": "function_call",
+    "system": "system",
+}
+_OPENAI_ROLES = {
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "observation",
+    "function": "observation",
+    "observation": "observation",
+    "system": "system",
+}
+
+
+def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> dict:
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(f"field '{key}' must be a non-empty list of turns")
+    system, messages = "", []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRow(f"{key}[{i}] must be an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise BadRow(f"{key}[{i}]: unknown role {role!r}; expected one of {', '.join(sorted(roles))}")
+        role = roles[role]
+        content = turn.get(text_key)
+        if role == "assistant" and turn.get("tool_calls"):  # OpenAI: an assistant turn that calls tools
+            for call in turn["tool_calls"]:
+                fn = call.get("function", call) if isinstance(call, dict) else call
+                messages.append({"role": "assistant", "content": "", "tool_call": _tool_call(fn)})
+            continue
+        if role == "function_call":
+            messages.append({"role": "assistant", "content": "", "tool_call": _tool_call(content)})
+            continue
+        if role == "assistant" and turn.get("metadata"):  # ChatGLM3: metadata names the called tool
+            call = {
+                "name": turn["metadata"],
+                "arguments": content if isinstance(content, str) else json.dumps(content, ensure_ascii=False),
+            }
+            messages.append({"role": "assistant", "content": "", "tool_call": _tool_call(call)})
+            continue
+        if not isinstance(content, str):
+            if role == "observation" and content is not None:
+                content = json.dumps(content, ensure_ascii=False)
+            else:
+                raise BadRow(f"{key}[{i}].{text_key} must be a string, got {type(content).__name__}")
+        if role == "system":
+            if messages:
+                raise BadRow(f"{key}[{i}]: a system turn may only come first")
+            system = content
+            if turn.get("tools"):  # ChatGLM3 keeps tools on the system turn
+                row = {**row, "tools": turn["tools"]}
+            continue
+        messages.append({"role": role, "content": content})
+    return {
+        "system": system or _str(row, "system", required=False),
+        "tools": _tools(row.get("tools")),
+        "messages": messages,
+    }
+
+
+def from_sharegpt(row: dict, cfg) -> dict:
+    return _turns(row, "conversations", "from", "value", _SHAREGPT_ROLES)
+
+
+def from_openai(row: dict, cfg) -> dict:
+    return _turns(row, "messages", "role", "content", _OPENAI_ROLES)
+
+
+def from_chatglm3(row: dict, cfg) -> dict:
+    return _turns(row, "conversations", "role", "content", _OPENAI_ROLES)
+
+
+def from_advertisegen(row: dict, cfg) -> dict:
+    prompt, response = _str(row, cfg.prompt_column), _str(row, cfg.response_column)
+    return {
+        "system": "",
+        "tools": None,
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+    }
+
+
+CONVERTERS: dict[str, Callable[[dict, object], dict]] = {
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "openai": from_openai,
+    "advertisegen": from_advertisegen,
+    "chatglm3": from_chatglm3,
+}
+
+
+def check_alternation(messages: list[dict]) -> None:
+    """user -> assistant (a reply or a tool call) -> [observation -> assistant]* -> user ..., ending on
+    an assistant turn, which is what training learns to produce."""
+    expected = {"user"}
+    for i, m in enumerate(messages):
+        if m["role"] not in expected:
+            raise BadRow(
+                f"turn {i} is '{m['role']}' but expected {' or '.join(sorted(expected))}: the "
+                "conversation does not alternate"
+            )
+        if m["role"] in ("user", "observation"):
+            expected = {"assistant"}
+        elif m.get("tool_call"):
+            expected = {"observation", "assistant"}  # several calls may precede the observations
+        else:
+            expected = {"user"}
+    if not messages or messages[-1]["role"] != "assistant":
+        raise BadRow("the conversation must end with an assistant turn")
+
+
+def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
+    """All conversations from the comma-separated files in `spec`, in file order. Bad rows raise
+    UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}."""
     out = []
     for path in split_paths(spec):
-        for lineno, row in read_rows(path):
+        rows = read_rows(path)
+        fmt = data_cfg.dataset_format
+        if fmt == "auto":
+            first = next((r for _, r in rows if not isinstance(r, BadRow)), None)
+            fmt = detect_format(first, data_cfg.prompt_column)
+            if fmt is None:
+                raise UserError(
+                    f"{path}: cannot tell the data format from the first row's fields; set "
+                    f"dataset_format to one of {', '.join(FORMATS[1:])}"
+                )
+        for lineno, row in rows:
             where = f"{path}:{lineno}"
-            out.append(advertisegen_to_messages(row, where, data_cfg.prompt_column, data_cfg.response_column))
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                if not isinstance(row, dict):
+                    raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+                conv = CONVERTERS[fmt](row, data_cfg)
+                check_alternation(conv["messages"])
+            except BadRow as e:
+                if data_cfg.on_invalid != "skip":
+                    raise UserError(f"{where}: {e} (fix the row, or set on_invalid: skip to skip bad rows)") from None
+                skipped.append({"where": where, "error": str(e)})
+                continue
+            conv["where"] = where
+            out.append(conv)
     return out
