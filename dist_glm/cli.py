@@ -25,3 +25,27 @@ def train_main(argv: list[str] | None = None) -> None:
         report_and_exit(err, prog="train.py")
     finally:
         destroy()
+
+
+def prepare_main(argv: list[str] | None = None) -> None:
+    """Tokenize `dataset` and `eval_dataset` of a recipe into the shared cache, without training."""
+    argv = sys.argv[1:] if argv is None else argv
+    from dist_glm import config
+
+    if "-h" in argv or "--help" in argv:
+        print(config.help_text().replace("train.py", "prepare.py"))
+        return
+    try:
+        cfg = config.load_config(argv)
+        from dist_glm.data.formats import check_data_paths
+        from dist_glm.models import load_tokenizer
+        from dist_glm.train import load_data
+
+        problems = check_data_paths(cfg.data.dataset, "dataset") + check_data_paths(
+            cfg.data.eval_dataset, "eval_dataset"
+        )
+        if problems:
+            raise UserError(problems)
+        load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code))
+    except UserError as err:
+        report_and_exit(err, prog="prepare.py")

@@ -25,13 +25,14 @@ class Example:
 @dataclass
 class DataStats:
     rows: int = 0
+    samples: int = 0
     truncated: int = 0
     dropped_no_labels: int = 0  # nothing left to train on (e.g. an empty reply)
     skipped: list = field(default_factory=list)  # bad rows skipped under on_invalid: skip
 
     def summary(self, name: str) -> str:
         return (
-            f"{name}: {self.rows} rows -> {self.rows - self.dropped_no_labels - len(self.skipped)} samples; "
+            f"{name}: {self.rows} rows -> {self.samples} samples; "
             f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
             f"token, {len(self.skipped)} invalid rows skipped"
         )
@@ -53,6 +54,7 @@ def build_examples(
         out.append(Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference))
         if max_samples and len(out) >= max_samples:
             break
+    stats.samples = len(out)
     return out, stats
 
 

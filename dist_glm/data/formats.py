@@ -49,11 +49,15 @@ def read_rows(path: str) -> list[tuple[int, object]]:
     suffix = Path(path).suffix
     if suffix in (".csv", ".parquet"):
         return _read_with_datasets(path, suffix)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 (bad byte at offset {e.start}); re-save the file as UTF-8") from None
+    raw = Path(path).read_bytes()
     if suffix == ".json":
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise UserError(
+                f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8"
+            ) from None
         try:
             data = json.loads(text) if text.strip() else []
         except json.JSONDecodeError as e:
@@ -62,13 +66,17 @@ def read_rows(path: str) -> list[tuple[int, object]]:
             raise UserError(f"{path}: expected a JSON list of objects; use .jsonl for one object per line")
         rows = list(enumerate(data, start=1))
     else:
+        # Line by line, so one bad line (bad JSON, bad bytes) is one bad row that `skip` can skip.
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((lineno, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    rows.append((lineno, BadRow(f"invalid JSON ({e.msg})")))
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                rows.append((lineno, BadRow(f"not UTF-8 (byte 0x{line[e.start]:02x}); re-save the file as UTF-8")))
+            except json.JSONDecodeError as e:
+                rows.append((lineno, BadRow(f"invalid JSON ({e.msg})")))
     if not rows:
         raise UserError(f"{path}: the file has no rows")
     return rows

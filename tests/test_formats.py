@@ -1,0 +1,203 @@
+"""Data formats -> GLM chat templates: golden ids and masks, label modes, bad rows, csv/parquet, cache."""
+
+import json
+import re
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import TINY_MODEL
+from dist_glm.config import DataConfig
+from dist_glm.data.batching import build_examples
+from dist_glm.data.formats import load_conversations
+from dist_glm.data.preprocess import tokenize_to_cache
+from dist_glm.data.template import IGNORE_INDEX, build_template
+from dist_glm.errors import UserError
+
+X = IGNORE_INDEX
+SYSTEM_MULTI_TURN = {
+    "alpaca": {"instruction": "类型#裙", "input": "颜色#红色", "output": "红色裙子", "system": "你是助手",
+               "history": [["你好", "好的"]]},
+    "sharegpt": {"conversations": [
+        {"from": "system", "value": "你是助手"}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "好的"},
+        {"from": "human", "value": "类型#裙\n颜色#红色"}, {"from": "gpt", "value": "红色裙子"}]},
+    "openai": {"messages": [
+        {"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "好的"}, {"role": "user", "content": "类型#裙\n颜色#红色"},
+        {"role": "assistant", "content": "红色裙子"}]},
+    "chatglm3": {"conversations": [
+        {"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "好的"}, {"role": "user", "content": "类型#裙\n颜色#红色"},
+        {"role": "assistant", "content": "红色裙子"}]},
+}  # fmt: skip
+TOOL_CALL = {
+    "sharegpt": {"conversations": [
+        {"from": "human", "value": "天气"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "北京"}}'},
+        {"from": "observation", "value": "晴"}, {"from": "gpt", "value": "北京晴"}],
+        "tools": '[{"name": "get_weather", "description": "查天气", "parameters": {"type": "object"}}]'},
+    "openai": {"messages": [
+        {"role": "user", "content": "天气"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]},
+        {"role": "tool", "content": "晴"}, {"role": "assistant", "content": "北京晴"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "查天气",
+                                                    "parameters": {"type": "object"}}}]},
+    "chatglm3": {"conversations": [
+        {"role": "system", "content": "", "tools": [
+            {"name": "get_weather", "description": "查天气", "parameters": {"type": "object"}}]},
+        {"role": "user", "content": "天气"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+        {"role": "observation", "content": "晴"}, {"role": "assistant", "content": "北京晴"}]},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TINY_MODEL)
+
+
+def data_cfg(**kw):
+    return DataConfig(**kw)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def encode_file(path, tok, template="glm4", **kw):
+    cfg = data_cfg(**kw)
+    t = build_template(template, tok, cfg.mask_history, cfg.train_on_prompt)
+    return [t.encode(c, cfg.cutoff_len) for c in load_conversations(str(path), cfg, [])]
+
+
+def test_system_multi_turn_golden_ids_and_mask_identical_across_formats(tmp_path, tok):
+    # [gMASK] <sop> <|system|> \n 你是助手 <|user|> \n 你好 <|assistant|> \n 好的 <|user|> \n 类型#裙\n颜色#红色
+    # <|assistant|> \n 红色裙子 <|user|>
+    want_ids = [702, 704, 706, 198, 160, 121, 254, 424, 107, 161, 232, 102, 162, 231, 233, 707, 198, 160, 121, 254,
+                161, 98, 121, 708, 198, 161, 98, 121, 425, 226, 707, 198, 305, 2, 371, 198, 308, 2, 390, 708, 198,
+                390, 371, 312, 707]  # fmt: skip
+    # Trained: "\n好的<|user|>" and "\n红色裙子<|user|>" (each reply, its newline and its stop token).
+    want_labels = [X] * 24 + want_ids[24:31] + [X] * 9 + want_ids[40:]
+    for fmt, row in SYSTEM_MULTI_TURN.items():
+        (enc,) = encode_file(write_jsonl(tmp_path / f"{fmt}.jsonl", [row]), tok)
+        assert enc.input_ids == want_ids, fmt
+        assert enc.labels == want_labels, fmt
+        assert enc.reference == "红色裙子"
+
+
+def test_tool_call_golden_text_and_mask_identical_across_formats(tmp_path, tok):
+    encs = {fmt: encode_file(write_jsonl(tmp_path / f"{fmt}.jsonl", [row]), tok)[0] for fmt, row in TOOL_CALL.items()}
+    ids, labels = encs["sharegpt"].input_ids, encs["sharegpt"].labels
+    assert all(e.input_ids == ids and e.labels == labels for e in encs.values())
+    text = tok.decode(ids)
+    assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 GLM-4 的人工智能助手。")
+    assert '\n\n# 可用工具\n\n## get_weather\n\n{\n    "name": "get_weather",\n' in text
+    assert text.endswith(
+        '<|user|>\n天气<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>\n北京晴<|user|>'
+    )
+    trained = tok.decode([t for t in labels if t != X])
+    assert trained == 'get_weather\n{"city": "北京"}<|observation|>\n北京晴<|user|>'
+
+
+def test_label_modes(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [SYSTEM_MULTI_TURN["openai"]])
+    (last_only,) = encode_file(path, tok, mask_history=True)
+    assert tok.decode([t for t in last_only.labels if t != X]) == "\n红色裙子<|user|>"
+    (everything,) = encode_file(path, tok, train_on_prompt=True)
+    assert everything.labels[:2] == [X, X] and everything.labels[2:] == everything.input_ids[2:]
+
+
+def test_advertisegen_custom_columns_and_chatglm_templates(tmp_path, tok):
+    path = write_jsonl(tmp_path / "ad.jsonl", [{"prompt": "类型#裙", "answer": "红色"}])
+    tok3 = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tok3.add_special_tokens({"additional_special_tokens": ["sop", "</s>"]}, replace_extra_special_tokens=False)
+    (glm3,) = encode_file(path, tok3, "chatglm3", prompt_column="prompt", response_column="answer")
+    assert tok3.decode(glm3.input_ids) == "[gMASK]sop<|user|>\n类型#裙<|assistant|>\n红色<|endoftext|>"
+    (glm2,) = encode_file(path, tok3, "chatglm2", prompt_column="prompt", response_column="answer")
+    assert tok3.decode(glm2.input_ids) == "[gMASK]sop[Round 1]\n\n问：类型#裙\n\n答：红色<|endoftext|>"
+    assert tok3.decode([t for t in glm2.labels if t != X]) == "红色<|endoftext|>"
+
+
+def test_csv_and_parquet_through_datasets(tmp_path, tok):
+    import datasets
+
+    rows = [
+        {"instruction": "类型#裙", "input": "", "output": "红色"},
+        {"instruction": "你好", "input": "", "output": "好"},
+    ]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    jsonl = encode_file(write_jsonl(tmp_path / "a.jsonl", rows), tok)
+    for name in ("a.csv", "a.parquet"):
+        got = encode_file(tmp_path / name, tok)
+        assert [e.input_ids for e in got] == [e.input_ids for e in jsonl], name
+
+
+GOOD = {"content": "类型#裙", "summary": "红色"}
+BAD_ROWS = [
+    (b'{"content": "a", ', "invalid JSON"),
+    (json.dumps({"content": "a"}).encode(), "missing field 'summary'"),
+    (json.dumps({"content": "a", "summary": 3}).encode(), "field 'summary' must be a string, got int"),
+    (b'{"content": "\xff\xfe", "summary": "b"}', "not UTF-8 (byte 0xff)"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD_ROWS, ids=["json", "missing", "type", "utf8"])
+def test_bad_rows_stop_with_file_and_line_or_are_skipped_and_reported(tmp_path, tok, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(GOOD, ensure_ascii=False) + "\n").encode() + line + b"\n")
+    with pytest.raises(UserError, match=rf"d.jsonl:2: {re.escape(message)}.*on_invalid: skip"):
+        build_examples(str(path), tok, data_cfg(), "glm4")
+    examples, stats = build_examples(str(path), tok, data_cfg(on_invalid="skip"), "glm4")
+    assert len(examples) == 1 and stats.rows == 2
+    assert stats.skipped == [{"where": f"{path}:2", "error": stats.skipped[0]["error"]}]
+    assert message in stats.skipped[0]["error"]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"conversations": [{"from": "robot", "value": "x"}]}, r"unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, r"turn 1 is 'user' but expected assistant"),
+    ({"messages": [{"role": "user", "content": "a"}]}, r"must end with an assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, r"turn 0 is 'assistant' but expected user"),
+], ids=["role", "alternation", "no-reply", "starts-with-reply"])  # fmt: skip
+def test_conversation_errors(tmp_path, tok, row, message):
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    with pytest.raises(UserError, match=rf"c.jsonl:1: .*{message}"):
+        build_examples(str(path), tok, data_cfg(), "glm4")
+
+
+def test_file_level_errors(tmp_path, tok):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="empty.jsonl: the file has no rows"):
+        build_examples(str(tmp_path / "empty.jsonl"), tok, data_cfg(on_invalid="skip"), "glm4")
+    write_jsonl(tmp_path / "odd.jsonl", [{"foo": 1}])
+    with pytest.raises(UserError, match="odd.jsonl: cannot tell the data format.*set dataset_format"):
+        build_examples(str(tmp_path / "odd.jsonl"), tok, data_cfg(), "glm4")
+
+
+def test_truncated_samples_are_counted_and_keep_their_reply(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD])
+    # The prompt alone fills the 8-token cutoff; the answer-safe split still gives the 3-token reply
+    # ("\n", "红色", <|user|>) its room, so the samples are truncated but none is dropped.
+    examples, stats = build_examples(str(path), tok, data_cfg(cutoff_len=8), "glm4")
+    assert len(examples) == 2 and stats.truncated == 2 and stats.dropped_no_labels == 0
+    assert all(len(e.input_ids) == 8 and sum(t != X for t in e.labels) == 3 for e in examples)
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
+    cfg = data_cfg(data_cache_dir=str(tmp_path / "cache"))
+    first, tokenized = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    assert tokenized
+    again, tokenized = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    assert again == first and not tokenized
+    write_jsonl(path, [GOOD, GOOD])
+    changed, tokenized = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    assert tokenized and changed != first
+    other_setting, tokenized = tokenize_to_cache(
+        str(path), tok, str(TINY_MODEL), "glm4", data_cfg(data_cache_dir=str(tmp_path / "cache"), cutoff_len=16)
+    )
+    assert tokenized and other_setting != changed
