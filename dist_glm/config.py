@@ -51,6 +51,7 @@ class DataConfig:
     response_column: str = _f("summary", "AdvertiseGen response column.")
     template: str = _f("auto", f"Chat template: one of {', '.join(TEMPLATES)} (auto: from the model type).")
     cutoff_len: int = _f(1024, "Maximum tokens per sample; the response keeps at least half.")
+    packing: bool = _f(False, "Pack several samples into each row of cutoff_len tokens (attention stays per sample).")
     mask_history: bool = _f(False, "Train on the last assistant turn only (default: every assistant turn).")
     train_on_prompt: bool = _f(False, "Also train on prompt tokens (system, user, observation).")
     on_invalid: str = _f("error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them.")

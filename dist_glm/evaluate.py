@@ -10,7 +10,7 @@ import math
 import torch
 
 from dist_glm import distributed
-from dist_glm.data.batching import Example, collate
+from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.loss import token_loss_sum
 from dist_glm.metrics import generation_metrics
 
@@ -40,7 +40,7 @@ def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, dev
             for i in slot_batch
         ]
         batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = engine(**model_inputs(batch)).logits
         s, n = token_loss_sum(logits, batch["labels"])
         loss_sum, tokens = loss_sum + float(s), tokens + n
     engine.train()

@@ -17,8 +17,9 @@ from tqdm import tqdm
 
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config, save_config
-from dist_glm.data.batching import GlobalBatchSampler, collate, pad_share
+from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
 from dist_glm.data.formats import check_data_paths
+from dist_glm.data.packing import pack_examples
 from dist_glm.data.preprocess import prepare
 from dist_glm.data.template import choose_template
 from dist_glm.errors import UserError
@@ -103,12 +104,12 @@ def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tu
     local_loss_sum, local_nonpad = 0.0, 0
     for batch in micro_batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = engine(**model_inputs(batch)).logits
         loss_sum, _ = token_loss_sum(logits, batch["labels"])
         engine.backward(loss_sum * scale)
         engine.step()  # only steps the optimizer at the accumulation boundary
         local_loss_sum += float(loss_sum.detach())
-        local_nonpad += int(batch["attention_mask"].sum())
+        local_nonpad += int(batch["token_mask"].sum())
     # Collective (for logging): the step's loss over the whole global batch.
     loss_total, nonpad_total = distributed.all_reduce_sum([local_loss_sum, local_nonpad]).tolist()
     return loss_total / max(global_tokens, 1.0), global_tokens, nonpad_total
@@ -151,7 +152,14 @@ def setup(cfg: Config) -> Run:
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     train_examples, eval_examples = load_data(cfg, tokenizer)
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
+    unpacked_pad = pad_share(train_examples, GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed))
+    if cfg.data.packing:
+        samples = len(train_examples)
+        train_examples = pack_examples(train_examples, cfg.data.cutoff_len)
+        log(f"packing: {samples} samples into {len(train_examples)} rows of up to {cfg.data.cutoff_len} tokens")
     sampler = GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed)
+    packed_pad = f", {100 * pad_share(train_examples, sampler):.1f}% with packing" if cfg.data.packing else ""
+    log(f"padding per epoch: {100 * unpacked_pad:.1f}% of tokens are pad without packing{packed_pad}")
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"dataset has {len(train_examples)} samples, fewer than one global batch of "
@@ -159,7 +167,6 @@ def setup(cfg: Config) -> Run:
             f"{world} ranks); lower per_device_train_batch_size or gradient_accumulation_steps"
         )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
-    log(f"padding: {100 * pad_share(train_examples, sampler):.1f}% of tokens in an epoch's micro-batches are pad")
 
     ds_config = distributed.build_ds_config(t, world)
     method = get_method(cfg.method.finetuning_type)

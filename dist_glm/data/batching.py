@@ -20,6 +20,7 @@ class Example:
     labels: list[int]
     prompt_ids: list[int]  # for generation: the prompt only
     reference: str  # the reply text, for generation metrics
+    position_ids: list[int] | None = None  # set on packed rows: restarts at 0 for every sample
 
 
 @dataclass
@@ -70,17 +71,36 @@ def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; labels are pre-shifted-free (the loss shifts them)."""
+    """Right-pad to the longest row. `token_mask` marks real tokens (for throughput counts). Unpacked
+    rows get a 2-D `attention_mask`; packed rows get `position_ids` instead, from which the model
+    builds its block-diagonal mask (a 2-D mask would switch that off)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    # Padding in a packed row is a segment of its own (positions from 0), so it attends to no sample.
+    positions = torch.arange(width).repeat(len(examples), 1) if packed else None
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            positions[i, :n] = torch.tensor(e.position_ids)
+            positions[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "token_mask": mask}
+    if packed:
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
+    return batch
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """Forward arguments for a loss computation. use_cache=False matters beyond saving memory: with a KV
+    cache present transformers skips the packed-sequence mask, and packed samples would see each other."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
 class GlobalBatchSampler:

@@ -48,7 +48,9 @@ def cache_key(spec: str, tokenizer_dir: str, template: str, data_cfg, max_sample
         if p.is_file():
             h.update(f"tok:{name}:{_sha256_file(p)}".encode())
     settings = {
-        k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in ("dataset", "eval_dataset", "data_cache_dir")
+        k: v
+        for k, v in dataclasses.asdict(data_cfg).items()
+        if k not in ("dataset", "eval_dataset", "data_cache_dir", "packing")
     }
     h.update(json.dumps({**settings, "template": template, "max_samples": max_samples}, sort_keys=True).encode())
     return h.hexdigest()[:20]
