@@ -24,7 +24,7 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 FINETUNING_TYPES = ("full", "lora")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
-TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2")
+TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
 ON_INVALID = ("error", "skip")
 
 

@@ -21,7 +21,7 @@ from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pa
 from dist_glm.data.formats import check_data_paths
 from dist_glm.data.packing import pack_examples
 from dist_glm.data.preprocess import prepare
-from dist_glm.data.template import choose_template
+from dist_glm.data.template import build_template, chat_template_mismatch, choose_template
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
@@ -211,6 +211,11 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
     path = cfg.model.model_name_or_path
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     template = choose_template(cfg.data.template, tokenizer, model_type)
+    mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
+    log(
+        f"chat template: {template}"
+        + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
+    )
     train_examples, stats = prepare(cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log)
     eval_examples, eval_stats = [], None
     if cfg.data.eval_dataset:

@@ -118,6 +118,27 @@ def test_advertisegen_custom_columns_and_chatglm_templates(tmp_path, tok):
     (glm2,) = encode_file(path, tok3, "chatglm2", prompt_column="prompt", response_column="answer")
     assert tok3.decode(glm2.input_ids) == "[gMASK]sop[Round 1]\n\n问：类型#裙\n\n答：红色<|endoftext|>"
     assert tok3.decode([t for t in glm2.labels if t != X]) == "红色<|endoftext|>"
+    # The original ChatGLM-6B: rounds from 0, single newlines, [gMASK]<sop> after the prompt.
+    two_rounds = write_jsonl(tmp_path / "two.jsonl", [SYSTEM_MULTI_TURN["openai"]])
+    (glm1,) = encode_file(two_rounds, tok3, "chatglm")
+    assert tok3.decode(glm1.input_ids) == (
+        "[Round 0]\n问：你是助手\n你好\n答：好的\n[Round 1]\n问：类型#裙\n颜色#红色\n答："
+        "[gMASK]<sop>红色裙子<|endoftext|>"
+    )
+    assert tok3.decode([t for t in glm1.labels if t != X]) == "红色裙子<|endoftext|>"
+    assert tok3.decode(glm1.prompt_ids).endswith("答：[gMASK]<sop>")
+
+
+def test_chat_template_check_against_the_tokenizers_own(tok):
+    from dist_glm.data.template import chat_template_mismatch, choose_template
+
+    assert choose_template("auto", tok, "glm") == "glm4" and choose_template("auto", tok, "glm4") == "glm4"
+    assert chat_template_mismatch(build_template("glm4", tok), tok) is None
+    tok2 = AutoTokenizer.from_pretrained(TINY_MODEL)
+    tok2.add_special_tokens({"additional_special_tokens": ["sop"]}, replace_extra_special_tokens=False)
+    assert choose_template("auto", tok2, "chatglm") == "chatglm3"  # it also has <|user|>
+    message = chat_template_mismatch(build_template("chatglm2", tok2), tok2)
+    assert "renders a probe prompt as" in message and "check the `template` setting" in message
 
 
 def test_csv_and_parquet_through_datasets(tmp_path, tok):
@@ -164,9 +185,13 @@ def test_bad_rows_stop_with_file_and_line_or_are_skipped_and_reported(tmp_path, 
     ({"messages": [{"role": "assistant", "content": "a"}]}, r"turn 0 is 'assistant' but expected user"),
 ], ids=["role", "alternation", "no-reply", "starts-with-reply"])  # fmt: skip
 def test_conversation_errors(tmp_path, tok, row, message):
-    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    good = SYSTEM_MULTI_TURN["sharegpt" if "conversations" in row else "openai"]  # one format per file
+    path = write_jsonl(tmp_path / "c.jsonl", [row, good])
     with pytest.raises(UserError, match=rf"c.jsonl:1: .*{message}"):
         build_examples(str(path), tok, data_cfg(), "glm4")
+    examples, stats = build_examples(str(path), tok, data_cfg(on_invalid="skip"), "glm4")
+    assert len(examples) == 1 and [r["where"] for r in stats.skipped] == [f"{path}:1"]
+    assert re.search(message, stats.skipped[0]["error"])
 
 
 def test_file_level_errors(tmp_path, tok):

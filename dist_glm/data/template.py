@@ -5,8 +5,8 @@ GLM-4 (GlmForCausalLM / Glm4ForCausalLM checkpoints):
     [gMASK]<sop><|system|>\\n{system + tools}<|user|>\\n{query}<|assistant|>\\n{reply}<|user|>...
     a tool call:   <|assistant|>{name}\\n{arguments}<|observation|>\\n{result}<|assistant|>\\n{reply}
 
-ChatGLM3 is the same shape with `sop` for `<sop>` and tools as JSON in the system turn. ChatGLM2 is
-text rounds: `[Round N]\\n\\n问：{query}\\n\\n答：{reply}\\n\\n`.
+ChatGLM3 is the same shape with `sop` for `<sop>` and tools as JSON in the system turn. ChatGLM2 and
+the original ChatGLM-6B are text rounds (`[Round N]` 问/答, see RoundTextTemplate).
 
 The generation prompt ends at `<|assistant|>`: the model itself writes the newline of a reply or the
 name of a tool call, so those are trained. By default every assistant turn is trained, plus the token
@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100
-TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2")
+TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
 GLM4_DEFAULT_TOOL_SYSTEM = (
     "你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
     "你的任务是针对用户的问题和要求提供适当的答复和支持。"
@@ -40,13 +40,13 @@ class Encoded:
 
 
 def choose_template(name: str, tokenizer, model_type: str) -> str:
-    """`auto`: GLM-4 for the native glm/glm4 classes; ChatGLM3 or ChatGLM2 for `chatglm` checkpoints,
-    told apart by whether the tokenizer knows `<|user|>`."""
+    """`auto`: GLM-4 for the native glm/glm4 classes. `chatglm` checkpoints (remote code) are told apart
+    by their tokenizer: `<|user|>` means ChatGLM3, `sop` ChatGLM2, otherwise the original ChatGLM-6B."""
     if name != "auto":
         return name
     if model_type == "chatglm":
-        has_roles = "<|user|>" in tokenizer.get_vocab() or "<|user|>" in getattr(tokenizer, "special_tokens", {})
-        return "chatglm3" if has_roles else "chatglm2"
+        known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
+        return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"
     return "glm4"
 
 
@@ -147,14 +147,20 @@ class RoleTokenTemplate:
         return Encoded(input_ids, out_labels, prompt, reference, truncated)
 
 
-class ChatGLM2Template:
-    """ChatGLM2 text rounds, as its official fine-tuning scripts build them: earlier rounds are prompt
-    text (untrained unless train_on_prompt), the last reply plus EOS is trained."""
+class RoundTextTemplate:
+    """ChatGLM2 and ChatGLM-6B text rounds, as their official fine-tuning scripts build them: earlier
+    rounds are prompt text (untrained unless train_on_prompt), the last reply plus EOS is trained.
 
-    def __init__(self, tokenizer, mask_history: bool = False, train_on_prompt: bool = False):
+    ChatGLM2: `[gMASK]sop[Round 1]\n\n问：q\n\n答：r` (rounds from 1, blank-line separated).
+    ChatGLM-6B: `[Round 0]\n问：q\n答：[gMASK]<sop>r` (rounds from 0; [gMASK]<sop> follow the prompt).
+    """
+
+    def __init__(self, tokenizer, version: int, train_on_prompt: bool = False):
         self.tok, self.train_on_prompt = tokenizer, train_on_prompt
-        self.prefix = _ids(tokenizer, ["[gMASK]", "sop"])
-        self.header_len = len(self._text("\n\n答："))
+        self.sep, self.first_round = ("\n\n", 1) if version == 2 else ("\n", 0)
+        marks = _ids(tokenizer, ["[gMASK]", "sop" if version == 2 else "<sop>"])
+        self.head, self.tail = (marks, []) if version == 2 else ([], marks)
+        self.header_len = len(self._text(f"{self.sep}答：")) + len(self.tail)
 
     def _text(self, s: str) -> list[int]:
         return self.tok.encode(s, add_special_tokens=False) if s else []
@@ -166,28 +172,24 @@ class ChatGLM2Template:
             pairs[0] = (conv["system"] + "\n" + pairs[0][0], pairs[0][1])
         return pairs
 
-    def _round_ids(self, i: int, query: str) -> list[int]:
-        return self._text(f"[Round {i + 1}]\n\n问：{query}\n\n答：")
+    def _round(self, i: int, query: str) -> str:
+        return f"[Round {i + self.first_round}]{self.sep}问：{query}{self.sep}答："
 
     def encode_prompt(self, conv: dict) -> list[int]:
         pairs = self._pairs({**conv, "messages": conv["messages"] + [{"role": "assistant", "content": ""}]})
-        history = self._text(
-            "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(pairs[:-1]))
-        )
-        return self.prefix + history + self._round_ids(len(pairs) - 1, pairs[-1][0])
+        history = "".join(self._round(i, q) + r + self.sep for i, (q, r) in enumerate(pairs[:-1]))
+        return self.head + self._text(history + self._round(len(pairs) - 1, pairs[-1][0])) + self.tail
 
     def encode(self, conv: dict, cutoff_len: int) -> Encoded:
         pairs, rounds = self._pairs(conv), []
         for i, (q, r) in enumerate(pairs):
-            prompt = self._round_ids(i, q)
             is_last = i == len(pairs) - 1
-            reply = self._text(r) + ([self.tok.eos_token_id] if is_last else self._text("\n\n"))
+            prompt = self._text(self._round(i, q)) + (self.tail if is_last else [])
+            reply = self._text(r) + ([self.tok.eos_token_id] if is_last else self._text(self.sep))
             reply_labels = reply if (is_last or self.train_on_prompt) else [IGNORE_INDEX] * len(reply)
             prompt_labels = prompt if self.train_on_prompt else [IGNORE_INDEX] * len(prompt)
             rounds.append((prompt + reply, prompt_labels + reply_labels, len(prompt)))
-        ids, labels, truncated = _fit(
-            self.prefix, [IGNORE_INDEX] * len(self.prefix), rounds, cutoff_len, self.header_len
-        )
+        ids, labels, truncated = _fit(self.head, [IGNORE_INDEX] * len(self.head), rounds, cutoff_len, self.header_len)
         prompt = self.encode_prompt({**conv, "messages": conv["messages"][:-1]})
         return Encoded(ids, labels, prompt, pairs[-1][1], truncated)
 
@@ -218,6 +220,27 @@ def _fit(head, head_labels, rounds, cutoff_len: int, header_len: int) -> tuple[l
 
 
 def build_template(name: str, tokenizer, mask_history: bool = False, train_on_prompt: bool = False):
-    if name == "chatglm2":
-        return ChatGLM2Template(tokenizer, mask_history, train_on_prompt)
+    if name in ("chatglm2", "chatglm"):
+        return RoundTextTemplate(tokenizer, 2 if name == "chatglm2" else 1, train_on_prompt)
     return RoleTokenTemplate(tokenizer, name, mask_history, train_on_prompt)
+
+
+def chat_template_mismatch(template, tokenizer) -> str | None:
+    """When the tokenizer ships a chat_template, check that our encoding of a probe prompt equals the
+    tokenizer's own rendering; a difference means the checkpoint expects another format."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "你好"}]
+    try:
+        theirs = list(
+            tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=True, return_dict=False)
+        )
+    except Exception as e:  # a remote-code tokenizer's template may not render plain messages at all
+        return f"the tokenizer's chat_template could not render a probe conversation ({e})"
+    ours = template.encode_prompt({"system": probe[0]["content"], "messages": probe[1:]})
+    if ours == theirs:
+        return None
+    return (
+        f"the tokenizer's own chat_template renders a probe prompt as {tokenizer.decode(theirs)!r} but the "
+        f"chosen template gives {tokenizer.decode(ours)!r}; check the `template` setting"
+    )
