@@ -21,7 +21,7 @@ from dist_glm.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-FINETUNING_TYPES = ("full", "lora")
+FINETUNING_TYPES = ("full", "freeze", "lora")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
 TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
@@ -68,6 +68,14 @@ class MethodConfig:
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
     lora_target: str = _f("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = _f(False, "DoRA: weight-decomposed low-rank adaptation.")
+    lora_modules_to_save: str = _f("", "Modules trained in full next to LoRA, e.g. 'embed_tokens,lm_head'.")
+    freeze_trainable_layers: int = _f(2, "freeze: train the last N decoder layers (negative: the first N).")
+    freeze_trainable_modules: str = _f(
+        "all", "freeze: inside those layers train only these modules (comma-separated, e.g. 'mlp,self_attn'), or 'all'."
+    )
+    freeze_extra_modules: str = _f("", "freeze: also train these modules, e.g. 'embed_tokens,lm_head'.")
 
 
 @dataclass

@@ -369,13 +369,13 @@ def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:
 
 def export_final(engine, method, tokenizer, out: Path) -> None:
     """Collective: gather the (possibly ZeRO-3 partitioned) trained weights, then rank 0 writes them."""
-    state_dict = distributed.gather_state_dict(engine.module, trainable_only=method.trainable_only)
+    state_dict = distributed.gather_state_dict(engine.module, trainable_only=method.export_trainable_only)
     if distributed.is_main_process():
         model = engine.module
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = True  # turned off for training; the exported model should generate fast
         method.save_artifact(model, state_dict, tokenizer, out)
-        if method.trainable_only is False and base.generation_config is not None:
+        if not method.export_trainable_only and base.generation_config is not None:
             base.generation_config.save_pretrained(out)
     distributed.barrier()
 

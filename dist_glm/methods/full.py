@@ -1,6 +1,7 @@
 """Full-parameter fine-tuning: every weight trains; the artifact is a complete HF model."""
 
-trainable_only = False
+trainable_only = False  # in checkpoints
+export_trainable_only = False
 
 
 def prepare(model, cfg):

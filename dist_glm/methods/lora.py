@@ -1,6 +1,9 @@
 """LoRA: frozen base weights plus trained low-rank adapters; the artifact is a PEFT adapter."""
 
-trainable_only = True
+from dist_glm.errors import UserError
+
+trainable_only = True  # in checkpoints
+export_trainable_only = True  # the adapter (and modules_to_save) only
 
 
 def prepare(model, cfg):
@@ -8,14 +11,21 @@ def prepare(model, cfg):
 
     m = cfg.method
     target = m.lora_target if m.lora_target == "all-linear" else [t.strip() for t in m.lora_target.split(",")]
+    extra = [s.strip() for s in m.lora_modules_to_save.split(",") if s.strip()] or None
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=m.lora_rank,
         lora_alpha=m.lora_alpha,
         lora_dropout=m.lora_dropout,
         target_modules=target,
+        use_rslora=m.use_rslora,  # scale alpha / sqrt(r) instead of alpha / r
+        use_dora=m.use_dora,  # weight-decomposed LoRA
+        modules_to_save=extra,  # trained in full next to the adapter, e.g. embed_tokens, lm_head
     )
-    return get_peft_model(model, lora_config)
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as e:  # PEFT names the target modules it could not find
+        raise UserError(f"lora_target/lora_modules_to_save: {str(e).splitlines()[0]}") from None
 
 
 def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:

@@ -1,0 +1,150 @@
+"""Freeze tuning and LoRA variants: what trains, equality across ranks/stages, artifacts that reload."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import TINY_MODEL, base_args, read_metrics, run_train
+from dist_glm.config import load_config
+from dist_glm.errors import UserError
+from dist_glm.methods import count_parameters, get_method
+
+REQUIRED = ["--model_name_or_path=m", "--dataset=d.jsonl", "--output_dir=o"]
+
+
+def tiny_model(seed=7):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL))
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_trains_only_the_chosen_layers_and_modules():
+    cfg = load_config(
+        REQUIRED
+        + [
+            "--finetuning_type=freeze",
+            "--freeze_trainable_layers=1",
+            "--freeze_trainable_modules=mlp",
+            "--freeze_extra_modules=lm_head",
+        ]
+    )
+    model = get_method("freeze").prepare(tiny_model(), cfg)
+    assert trainable_names(model) == {
+        "model.layers.3.mlp.gate_up_proj.weight",
+        "model.layers.3.mlp.down_proj.weight",
+        "lm_head.weight",
+    }
+    cfg = load_config(REQUIRED + ["--finetuning_type=freeze", "--freeze_trainable_layers=-2"])
+    names = trainable_names(get_method("freeze").prepare(tiny_model(), cfg))
+    assert names and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in names)
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--freeze_trainable_layers=5"], r"freeze_trainable_layers=5: the model has 4 layers"),
+        (["--freeze_trainable_modules=mlpp"], r"freeze_trainable_modules: no parameter is named like \['mlpp'\]"),
+    ],
+)
+def test_freeze_errors_name_the_fix(flags, match):
+    cfg = load_config(REQUIRED + ["--finetuning_type=freeze", *flags])
+    with pytest.raises(UserError, match=match):
+        get_method("freeze").prepare(tiny_model(), cfg)
+
+
+def test_lora_variants_and_bad_targets():
+    cfg = load_config(
+        REQUIRED
+        + [
+            "--finetuning_type=lora",
+            "--use_rslora",
+            "--use_dora",
+            "--lora_target=q_proj,v_proj",
+            "--lora_modules_to_save=lm_head",
+        ]
+    )
+    model = get_method("lora").prepare(tiny_model(), cfg)
+    names = trainable_names(model)
+    assert any("lora_magnitude_vector" in n for n in names)  # DoRA
+    assert any("lm_head.modules_to_save" in n for n in names)
+    assert not any("k_proj" in n for n in names)
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    cfg = load_config(REQUIRED + ["--finetuning_type=lora", "--lora_target=qq_proj"])
+    with pytest.raises(UserError, match="lora_target"):
+        get_method("lora").prepare(tiny_model(), cfg)
+
+
+@pytest.mark.slow
+def test_freeze_zero3_two_ranks_matches_single_process_and_keeps_frozen_weights(tmp_path, varlen_data):
+    common = dict(
+        finetuning_type="freeze",
+        freeze_trainable_layers=1,
+        freeze_extra_modules="lm_head",
+        max_steps=6,
+        learning_rate=5e-3,
+    )
+    one, three = tmp_path / "one", tmp_path / "z3"
+    run_train(base_args(one, varlen_data, **common), nprocs=None)
+    run_train(
+        base_args(three, varlen_data, deepspeed="ds_configs/zero3.json", per_device_train_batch_size=2, **common),
+        nprocs=2,
+    )
+    a, b = read_metrics(one, "train/loss"), read_metrics(three, "train/loss")
+    assert max(abs(a[s] - b[s]) for s in a) < 2e-5 and a[6] < a[1]
+    init = dict(tiny_model(seed=7).named_parameters())  # base_args trains from scratch with seed 7
+    got, ref = load_file(three / "model.safetensors"), load_file(one / "model.safetensors")
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, ref[name], atol=1e-4, rtol=1e-3)
+        changed = not torch.equal(tensor, init[name].detach())
+        assert changed == (name.startswith("model.layers.3.") or name == "lm_head.weight"), name
+
+
+@pytest.mark.slow
+def test_freeze_resume_continues_the_loss_curve(tmp_path, varlen_data):
+    common = dict(
+        finetuning_type="freeze",
+        freeze_trainable_layers=2,
+        lr_scheduler_type="constant_with_warmup",
+        save_steps=3,
+        per_device_train_batch_size=2,
+    )
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_train(base_args(straight, varlen_data, max_steps=6, **common), nprocs=2)
+    run_train(base_args(split, varlen_data, max_steps=3, **common), nprocs=2)
+    run_train(base_args(split, varlen_data, max_steps=6, resume_from_checkpoint="auto", **common), nprocs=2)
+    a, b = read_metrics(straight, "train/loss"), read_metrics(split, "train/loss")
+    assert sorted(b) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 1e-6
+
+
+@pytest.mark.slow
+def test_rslora_dora_modules_to_save_match_across_ranks_and_reload(tmp_path, varlen_data):
+    common = dict(
+        finetuning_type="lora",
+        use_rslora=True,
+        use_dora=True,
+        lora_modules_to_save="lm_head",
+        learning_rate=1e-2,
+        max_steps=6,
+    )
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(base_args(one, varlen_data, **common), nprocs=None)
+    run_train(
+        base_args(two, varlen_data, deepspeed="ds_configs/zero2.json", per_device_train_batch_size=2, **common),
+        nprocs=2,
+    )
+    a, b = read_metrics(one, "train/loss"), read_metrics(two, "train/loss")
+    assert max(abs(a[s] - b[s]) for s in a) < 2e-5 and a[6] < a[1]
+    adapter = load_file(two / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in adapter) and any("lm_head" in k for k in adapter)
+    from peft import PeftModel
+
+    base = tiny_model(seed=7)
+    model = PeftModel.from_pretrained(base, two).eval()
+    ids = torch.tensor([[3, 17, 40, 99]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, tiny_model(seed=7)(ids).logits, atol=1e-4)
