@@ -92,8 +92,8 @@ def build_scheduler(optimizer, t, total_steps: int):
 
 
 def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tuple[float, float, float]:
-    """One optimizer step over this rank's micro-batches. Returns global (loss, trainable tokens,
-    non-pad tokens) for the step."""
+    """One optimizer step over this rank's micro-batches. Returns the global (loss, gradient norm before
+    clipping, non-pad tokens) of the step."""
     # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
     # rank needs it before its first backward.
     local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
@@ -101,18 +101,32 @@ def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tu
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
     # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
     scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
-    local_loss_sum, local_nonpad = 0.0, 0
-    for batch in micro_batches:
+    local_loss_sum, local_nonpad, own_norm = 0.0, 0, None
+    for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = engine(**model_inputs(batch)).logits
         loss_sum, _ = token_loss_sum(logits, batch["labels"])
         engine.backward(loss_sum * scale)
+        if i == len(micro_batches) - 1 and not _engine_records_grad_norm(engine):
+            own_norm = _grad_norm(engine.module)  # gradients are final (all-reduced) and not yet clipped
         engine.step()  # only steps the optimizer at the accumulation boundary
         local_loss_sum += float(loss_sum.detach())
         local_nonpad += int(batch["token_mask"].sum())
     # Collective (for logging): the step's loss over the whole global batch.
     loss_total, nonpad_total = distributed.all_reduce_sum([local_loss_sum, local_nonpad]).tolist()
-    return loss_total / max(global_tokens, 1.0), global_tokens, nonpad_total
+    grad_norm = own_norm if own_norm is not None else float(engine.get_global_grad_norm() or 0.0)
+    return loss_total / max(global_tokens, 1.0), grad_norm, nonpad_total
+
+
+def _engine_records_grad_norm(engine) -> bool:
+    # DeepSpeed's ZeRO and bf16/fp16 optimizers record the global norm; plain fp32 ZeRO-0 clips without
+    # keeping it, so there we compute it ourselves.
+    return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+def _grad_norm(model) -> float:
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
 @dataclass
@@ -275,8 +289,8 @@ def train(cfg: Config) -> dict:
             collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
-        loss, _, nonpad_tokens = train_step(engine, micro, run.world, run.device)
-        window.add(loss, nonpad_tokens, time.perf_counter() - t0)
+        loss, grad_norm, nonpad_tokens = train_step(engine, micro, run.world, run.device)
+        window.add(loss, grad_norm, nonpad_tokens, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
 
@@ -318,10 +332,10 @@ class ThroughputWindow:
 
     def __init__(self, flops_per_token: float, world: int):
         self.flops_per_token, self.world, self.peak = flops_per_token, world, peak_flops_per_device()
-        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
+        self.loss, self.steps, self.tokens, self.seconds, self.grad_norm = 0.0, 0, 0.0, 0.0, 0.0
 
-    def add(self, loss: float, tokens: float, seconds: float) -> None:
-        self.loss, self.steps = self.loss + loss, self.steps + 1
+    def add(self, loss: float, grad_norm: float, tokens: float, seconds: float) -> None:
+        self.loss, self.steps, self.grad_norm = self.loss + loss, self.steps + 1, grad_norm
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
 
     def flush(self, engine, epoch: float) -> dict[str, float]:
@@ -329,7 +343,7 @@ class ThroughputWindow:
         record = {
             "train/loss": self.loss / self.steps,
             "train/learning_rate": engine.get_lr()[0],
-            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/grad_norm": self.grad_norm,  # of the window's last step, before clipping
             "train/tokens_per_second": tokens_per_second,
             "train/memory_gb": memory_gb(),
             "train/epoch": epoch,

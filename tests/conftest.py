@@ -47,6 +47,30 @@ def run_train(args: list[str], nprocs: int | None = 1, timeout: int = 600, check
     return proc
 
 
+def run_script(script: str, args: list[str], timeout: int = 300):
+    """A launch/ script as a plain single process (no launcher), output captured."""
+    return subprocess.run(
+        [sys.executable, f"launch/{script}", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_one_and_two_ranks(tmp_path: Path, data: Path, ds_config: str, **settings):
+    """The same global batch of 4 on one process and on 2 ranks x micro-batch 2 under `ds_config`.
+    Returns (dir_one, dir_two, losses_one, losses_two, stdout_one)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = run_train(base_args(one, data, per_device_train_batch_size=4, **settings), nprocs=None)
+    run_train(
+        base_args(two, data, per_device_train_batch_size=2, deepspeed=f"ds_configs/{ds_config}.json", **settings),
+        nprocs=2,
+    )
+    return one, two, read_metrics(one, "train/loss"), read_metrics(two, "train/loss"), proc.stdout
+
+
 def read_metrics(output_dir: Path, key: str) -> dict[int, float]:
     out = {}
     for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines():

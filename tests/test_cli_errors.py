@@ -6,20 +6,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_MODEL, child_env, run_train
+from conftest import REPO, TINY_MODEL, run_script, run_train
 
 GOOD = ["--model_name_or_path=" + str(TINY_MODEL), "--train_from_scratch", "--dataset=data/advertisegen_demo/dev.jsonl"]
 
 
 def run(args, tmp_path):
-    return subprocess.run(
-        [sys.executable, "launch/train.py", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("train.py", args)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,10 @@
 """The data pipeline inside real runs: bad rows on 2 ranks, skip reports, and the prepare.py cache."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, base_args, child_env, run_train
+from conftest import REPO, base_args, run_script, run_train
 
 
 def rows_with_one_bad(tmp_path, n=40):
@@ -47,14 +45,7 @@ def test_prepare_ahead_then_training_does_no_tokenization(tmp_path):
     data = rows_with_one_bad(tmp_path)
     data.write_text("\n".join(x for x in data.read_text().splitlines() if "summary" in x) + "\n")
     args = base_args(tmp_path / "out", data, max_steps=2, data_cache_dir=tmp_path / "cache")
-    prep = subprocess.run(
-        [sys.executable, "launch/prepare.py", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    prep = run_script("prepare.py", args)
     assert prep.returncode == 0 and "tokenized into" in prep.stdout, prep.stderr[-2000:]
     proc = run_train(args, nprocs=2)
     assert "reused cache" in proc.stdout and "tokenized into" not in proc.stdout

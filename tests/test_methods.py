@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_MODEL, base_args, read_metrics, run_train
+from conftest import TINY_MODEL, base_args, read_metrics, run_train, train_one_and_two_ranks
 from dist_glm.config import load_config
 from dist_glm.errors import UserError
 from dist_glm.methods import count_parameters, get_method
@@ -88,16 +88,10 @@ def test_freeze_zero3_two_ranks_matches_single_process_and_keeps_frozen_weights(
         max_steps=6,
         learning_rate=5e-3,
     )
-    one, three = tmp_path / "one", tmp_path / "z3"
-    run_train(base_args(one, varlen_data, **common), nprocs=None)
-    run_train(
-        base_args(three, varlen_data, deepspeed="ds_configs/zero3.json", per_device_train_batch_size=2, **common),
-        nprocs=2,
-    )
-    a, b = read_metrics(one, "train/loss"), read_metrics(three, "train/loss")
+    _, three, a, b, _ = train_one_and_two_ranks(tmp_path, varlen_data, "zero3", **common)
     assert max(abs(a[s] - b[s]) for s in a) < 2e-5 and a[6] < a[1]
     init = dict(tiny_model(seed=7).named_parameters())  # base_args trains from scratch with seed 7
-    got, ref = load_file(three / "model.safetensors"), load_file(one / "model.safetensors")
+    got, ref = load_file(three / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
     for name, tensor in got.items():
         torch.testing.assert_close(tensor, ref[name], atol=1e-4, rtol=1e-3)
         changed = not torch.equal(tensor, init[name].detach())
@@ -131,13 +125,7 @@ def test_rslora_dora_modules_to_save_match_across_ranks_and_reload(tmp_path, var
         learning_rate=1e-2,
         max_steps=6,
     )
-    one, two = tmp_path / "one", tmp_path / "two"
-    run_train(base_args(one, varlen_data, **common), nprocs=None)
-    run_train(
-        base_args(two, varlen_data, deepspeed="ds_configs/zero2.json", per_device_train_batch_size=2, **common),
-        nprocs=2,
-    )
-    a, b = read_metrics(one, "train/loss"), read_metrics(two, "train/loss")
+    _, two, a, b, _ = train_one_and_two_ranks(tmp_path, varlen_data, "zero2", **common)
     assert max(abs(a[s] - b[s]) for s in a) < 2e-5 and a[6] < a[1]
     adapter = load_file(two / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in adapter) and any("lm_head" in k for k in adapter)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_MODEL, base_args, read_metrics, run_train
+from conftest import TINY_MODEL, train_one_and_two_ranks
 from dist_glm.config import DataConfig
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.data.formats import load_conversations
@@ -53,12 +53,6 @@ def test_packed_per_sample_losses_equal_unpacked(varlen_data, attn):
 @pytest.mark.slow
 def test_packed_training_same_losses_on_1_and_2_ranks(tmp_path, varlen_data):
     common = dict(packing=True, cutoff_len=96, max_steps=6, data_cache_dir=tmp_path / "cache")
-    one, two = tmp_path / "one", tmp_path / "two"
-    out1 = run_train(base_args(one, varlen_data, per_device_train_batch_size=4, **common), nprocs=None)
-    run_train(
-        base_args(two, varlen_data, per_device_train_batch_size=2, deepspeed="ds_configs/zero2.json", **common),
-        nprocs=2,
-    )
-    a, b = read_metrics(one, "train/loss"), read_metrics(two, "train/loss")
+    _, _, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero2", **common)
     assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 2e-5
-    assert "with packing" in out1.stdout and "packing: 96 samples into" in out1.stdout
+    assert "with packing" in stdout and "packing: 96 samples into" in stdout

@@ -55,6 +55,10 @@ def test_two_ranks_match_single_process(tmp_path, varlen_data, reference, ds_con
     )
     run_train(args, nprocs=2)
     assert_same_losses(read_metrics(tmp_path, "train/loss"), ref_losses)
+    # Gradient norms (before clipping) agree too: every stage saw the same global gradient.
+    norms, ref_norms = read_metrics(tmp_path, "train/grad_norm"), read_metrics(ref_dir, "train/grad_norm")
+    for step, want in ref_norms.items():
+        assert want > 0 and abs(norms[step] - want) <= 1e-4 * want, (step, norms[step], want)
     # The exported model (gathered from ZeRO-3 partitions where applicable) equals the reference one.
     got, want = load_file(tmp_path / "model.safetensors"), load_file(ref_dir / "model.safetensors")
     assert got.keys() == want.keys()
