@@ -60,7 +60,7 @@ def build_examples(
 
 
 def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:
-    """Share of pad tokens in one epoch of this sampler's micro-batches (rank 0's view of the order)."""
+    """Share of pad tokens in one epoch of this sampler's micro-batches (all ranks' micro-batches)."""
     real = padded = 0
     for step in range(sampler.steps_per_epoch):
         for rank in range(sampler.world):

@@ -50,6 +50,10 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
     return "glm4"
 
 
+def _encode_text(tokenizer, s: str) -> list[int]:
+    return tokenizer.encode(s, add_special_tokens=False) if s else []
+
+
 def _ids(tokenizer, names: list[str]) -> list[int]:
     ids = tokenizer.convert_tokens_to_ids(names)
     missing = [n for n, i in zip(names, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
@@ -72,7 +76,7 @@ class RoleTokenTemplate:
         self.end_id = self.role_ids["user"] if name == "glm4" else tokenizer.eos_token_id
 
     def _text(self, s: str) -> list[int]:
-        return self.tok.encode(s, add_special_tokens=False) if s else []
+        return _encode_text(self.tok, s)
 
     def _system_text(self, system: str, tools: list | None) -> str:
         if not tools:
@@ -89,6 +93,11 @@ class RoleTokenTemplate:
             )
         return "".join(parts)
 
+    def _head(self, conv: dict) -> list[int]:
+        """[gMASK]<sop> and, when there is a system prompt or tools, the system turn."""
+        system = self._system_text(conv.get("system", ""), conv.get("tools"))
+        return self.prefix + ([self.role_ids["system"], *self._text("\n" + system)] if system else [])
+
     def _message(self, m: dict) -> tuple[list[int], list[int]]:
         """(header ids, body ids) of one message; the header is the role token (plus newline)."""
         role = self.role_ids[m["role"]]
@@ -99,10 +108,7 @@ class RoleTokenTemplate:
 
     def encode_prompt(self, conv: dict) -> list[int]:
         """Ids for generation: the conversation so far, then the assistant header."""
-        ids = list(self.prefix)
-        system = self._system_text(conv.get("system", ""), conv.get("tools"))
-        if system:
-            ids += [self.role_ids["system"], *self._text("\n" + system)]
+        ids = self._head(conv)
         for m in conv["messages"]:
             header, body = self._message(m)
             ids += header + body
@@ -111,10 +117,7 @@ class RoleTokenTemplate:
     def encode(self, conv: dict, cutoff_len: int) -> Encoded:
         messages = conv["messages"]
         last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        head = list(self.prefix)
-        system = self._system_text(conv.get("system", ""), conv.get("tools"))
-        if system:
-            head += [self.role_ids["system"], *self._text("\n" + system)]
+        head = self._head(conv)
         # Rounds: (token ids, labels), each ending with one assistant turn.
         rounds, ids, labels, prev_trained = [], [], [], False
         for i, m in enumerate(messages):
@@ -163,7 +166,7 @@ class RoundTextTemplate:
         self.header_len = len(self._text(f"{self.sep}答：")) + len(self.tail)
 
     def _text(self, s: str) -> list[int]:
-        return self.tok.encode(s, add_special_tokens=False) if s else []
+        return _encode_text(self.tok, s)
 
     def _pairs(self, conv: dict) -> list[tuple[str, str]]:
         msgs = [m for m in conv["messages"] if m["role"] in ("user", "assistant")]
