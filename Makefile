@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 # newer CUDA build, then its dependencies are resolved against it.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+# DeepSpeed's just-in-time ops are built per venv: a shared ~/.cache build is rebuilt (and its lock
+# fought over) whenever another checkout with different include paths uses it.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo test test-fast lint clean
 
@@ -27,6 +30,7 @@ $(VENV)/.installed: setup.py
 		$(BIN)/pip install "torch>=2.4" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/python -m dist_glm.ops
 	touch $@
 
 demo: setup

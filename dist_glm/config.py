@@ -21,7 +21,7 @@ from dist_glm.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-FINETUNING_TYPES = ("full", "freeze", "lora")
+FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "ptuning")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
 TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
@@ -76,6 +76,12 @@ class MethodConfig:
         "all", "freeze: inside those layers train only these modules (comma-separated, e.g. 'mlp,self_attn'), or 'all'."
     )
     freeze_extra_modules: str = _f("", "freeze: also train these modules, e.g. 'embed_tokens,lm_head'.")
+    quantization_bit: int = _f(4, "qlora: bits of the frozen base weights, 4 or 8 (bitsandbytes).")
+    quantization_type: str = _f("nf4", "qlora 4-bit: data type, 'nf4' or 'fp4'.")
+    double_quantization: bool = _f(True, "qlora 4-bit: also quantize the quantization constants.")
+    pre_seq_len: int = _f(128, "ptuning: number of prefix (virtual) tokens per layer.")
+    prefix_projection: bool = _f(False, "ptuning: produce the prefix through a two-layer MLP (P-tuning v2 option).")
+    prefix_hidden_size: int = _f(512, "ptuning: hidden size of that MLP.")
 
 
 @dataclass
@@ -302,6 +308,10 @@ def check_values(cfg: Config) -> list[str]:
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
+    need(me.quantization_bit in (4, 8), f"quantization_bit={me.quantization_bit} is not supported; use 4 or 8")
+    need(me.quantization_type in ("nf4", "fp4"), f"quantization_type={me.quantization_type!r}: use 'nf4' or 'fp4'")
+    need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
+    need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
     need(
         not (t.early_stopping_patience and not d.eval_dataset),
         "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",

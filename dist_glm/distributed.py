@@ -87,7 +87,22 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank_from_env())
+    else:
+        _unlink_shm_allreduce_buffer()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """On CPU, DeepSpeed's shared-memory all-reduce gives each rank a 69 MB /dev/shm segment that it
+    never unlinks: every run leaks one per rank until the machine's RAM is full. Once all ranks have
+    mapped each other's segment (done inside init_distributed; the barrier makes it true for all),
+    the names can go: the memory lives on while mapped and is freed when the processes exit, even if
+    they are killed."""
+    barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), torch.distributed.get_rank()
+    )
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:

@@ -66,7 +66,7 @@ def generation_eos_ids(model_or_path, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int):
+def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_config=None):
     """Load (or randomly initialise) the causal LM for training.
 
     Under ZeRO-3 a pretrained checkpoint is loaded while an HfDeepSpeedConfig is alive, so each rank
@@ -90,12 +90,24 @@ def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int):
         return model.to(dtype)
     if zero_stage(ds_config) == 3:
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
+    extra = {}
+    if quantization_config is not None:
+        # bitsandbytes quantizes while the weights move to the device, so each rank loads onto its own.
+        extra = dict(quantization_config=quantization_config)
+        if zero_stage(ds_config) != 3:  # ZeRO-3 places (and partitions) the weights itself
+            extra["device_map"] = {"": _device()}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+            path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+
+
+def _device() -> torch.device:
+    from dist_glm.distributed import local_rank_from_env
+
+    return torch.device("cuda", local_rank_from_env()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -25,7 +25,7 @@ from dist_glm.data.template import build_template, chat_template_mismatch, choos
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
-from dist_glm.methods import count_parameters, get_method
+from dist_glm.methods import check_combination, count_parameters, get_method
 from dist_glm.metrics import MetricsLogger, memory_gb, peak_flops_per_device, train_flops_per_token
 from dist_glm.models import (
     check_model_path,
@@ -48,7 +48,8 @@ def validate_inputs(cfg: Config, world_size: int) -> None:
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
     try:
-        distributed.build_ds_config(cfg.train, world_size)
+        ds_config = distributed.build_ds_config(cfg.train, world_size)
+        problems += check_combination(cfg, distributed.zero_stage(ds_config), distributed.is_offload(ds_config))
     except UserError as e:
         problems += e.problems
     t = cfg.train
@@ -184,7 +185,7 @@ def setup(cfg: Config) -> Run:
 
     ds_config = distributed.build_ds_config(t, world)
     method = get_method(cfg.method.finetuning_type)
-    model = load_model(cfg.model, ds_config, t.bf16, t.seed)
+    model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run

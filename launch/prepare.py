@@ -1,6 +1,6 @@
 """Tokenize a recipe's data once, ahead of training, into the cache every rank and node reuses.
 
-    python launch/prepare.py configs/x.yaml [--key=value ...]
+python launch/prepare.py configs/x.yaml [--key=value ...]
 """
 
 import sys

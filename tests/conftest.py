@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "assets" / "tiny-glm4"
 
 
+def pytest_sessionstart(session):
+    """Build DeepSpeed's JIT ops here, alone, so no multi-rank test compiles inside its time limit
+    (seconds when already built; see dist_glm/ops.py)."""
+    subprocess.run([sys.executable, "-m", "dist_glm.ops"], cwd=REPO, env=child_env(), check=True, timeout=1800)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

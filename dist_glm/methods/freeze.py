@@ -52,3 +52,4 @@ def prepare(model, cfg):
 
 
 save_artifact = full.save_artifact
+quantization_config = full.quantization_config

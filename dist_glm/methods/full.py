@@ -13,3 +13,7 @@ def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
     """Rank 0 only. `state_dict` is the gathered full model (never ZeRO-3 placeholders)."""
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def quantization_config(cfg):
+    return None  # the base model loads in the training dtype

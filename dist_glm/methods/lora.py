@@ -33,3 +33,7 @@ def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
     PEFT never reads the (possibly ZeRO-3 partitioned, shape-[0]) live parameters."""
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def quantization_config(cfg):
+    return None  # the base model loads in the training dtype

@@ -1,0 +1,91 @@
+"""P-tuning v2 (deep prefix tuning, as ChatGLM's recipe): `pre_seq_len` trained key/value vectors are
+prepended to the attention of every layer, optionally produced by a two-layer MLP
+(`prefix_projection`). Built on PEFT prefix tuning; the base model is frozen.
+
+The artifact is the prefix alone (PEFT's `prompt_embeddings`: pre_seq_len x layers x 2 x kv width,
+KB-MB), reloadable with `PeftModel.from_pretrained(base, out_dir)`.
+"""
+
+import torch
+
+trainable_only = True
+export_trainable_only = True
+
+
+def quantization_config(cfg):
+    return None  # the base model loads in the training dtype
+
+
+class PrefixCache:
+    """Read-only view of the prefix keys/values: each layer attends over cat(prefix, own keys) while
+    the cache never grows. PEFT hands the model a growing DynamicCache, which transformers drops under
+    gradient checkpointing (a recomputed layer would append twice); a read-only one gives the same
+    attention with or without checkpointing, so checkpointing is allowed to keep it."""
+
+    def __new__(cls, cache):
+        from transformers import DynamicCache
+
+        class _PrefixCache(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+                layer = self.layers[layer_idx]
+                return (
+                    torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2),
+                    torch.cat([layer.values.to(value_states.dtype), value_states], dim=-2),
+                )
+
+        cache.__class__ = _PrefixCache
+        return cache
+
+
+def prepare(model, cfg):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    m = cfg.method
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=m.pre_seq_len,
+        prefix_projection=m.prefix_projection,
+        encoder_hidden_size=m.prefix_hidden_size,
+    )
+    kv_heads = getattr(model.config, "num_key_value_heads", None)
+    if kv_heads:  # grouped-query attention (GLM-4: 2 KV heads): the prefix has the KV width, not the query width
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        config.num_attention_heads = kv_heads
+        config.token_dim = kv_heads * head_dim
+    peft_model = get_peft_model(model, config)
+    get_prompt = peft_model.get_prompt
+
+    def get_prompt_for_training(*args, **kwargs):
+        cache = get_prompt(*args, **kwargs)
+        return PrefixCache(cache) if peft_model.training else cache  # generation needs a growing cache
+
+    peft_model.get_prompt = get_prompt_for_training
+    for module in peft_model.modules():
+        if hasattr(module, "_can_checkpoint_with_cache"):
+            module._can_checkpoint_with_cache = True  # the cache is read-only during training (see PrefixCache)
+    return peft_model
+
+
+def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
+    """Rank 0 only. The prefix is computed from the gathered encoder weights in `state_dict` on a
+    fresh encoder, never from the live (possibly ZeRO-3 partitioned) module."""
+    import copy
+    from pathlib import Path
+
+    from peft.tuners.prefix_tuning import PrefixEncoder
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = False
+    encoder = PrefixEncoder(config)
+    prefix = "prompt_encoder.default."
+    encoder.load_state_dict({k[len(prefix) :]: v.float() for k, v in state_dict.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        embeddings = encoder(torch.arange(config.num_virtual_tokens).unsqueeze(0))[0]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeddings": embeddings.contiguous()}, out / "adapter_model.safetensors")
+    config.inference_mode = True
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
