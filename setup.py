@@ -17,6 +17,7 @@ setup(
         "deepspeed>=0.17,<0.20",
         "transformers>=5.0,<6",
         "peft>=0.17",
+        "bitsandbytes>=0.45",  # QLoRA; ships CPU and CUDA kernels
         "datasets>=3.0",  # csv and parquet input
         "tokenizers>=0.21",
         "safetensors>=0.4",

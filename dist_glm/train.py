@@ -186,10 +186,10 @@ def setup(cfg: Config) -> Run:
     ds_config = distributed.build_ds_config(t, world)
     method = get_method(cfg.method.finetuning_type)
     model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
     model = method.prepare(model, cfg)
+    if t.gradient_checkpointing:  # after prepare: PEFT refuses to add a prefix to a checkpointed model
+        enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     log(
         f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "assets" / "tiny-glm4"
@@ -107,6 +108,21 @@ def base_args(output_dir: Path, data: Path, **overrides) -> list[str]:
     }
     args.update(overrides)
     return [f"--{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory) -> Path:
+    """The tiny GLM saved as a checkpoint on disk (seeded random weights + the shipped tokenizer): what
+    QLoRA quantizes and what adapters are applied to."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pretrained") / "tiny-glm4"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL)).save_pretrained(path)
+    for f in TINY_MODEL.iterdir():
+        if f.name != "config.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """Freeze tuning and LoRA variants: what trains, equality across ranks/stages, artifacts that reload."""
 
+import json
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -136,3 +139,79 @@ def test_rslora_dora_modules_to_save_match_across_ranks_and_reload(tmp_path, var
     ids = torch.tensor([[3, 17, 40, 99]])
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, tiny_model(seed=7)(ids).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_ptuning_two_ranks_zero3_checkpointing_matches_single_process(tmp_path, varlen_data, pretrained_tiny):
+    """ChatGLM-6B's P-tuning v2 scripts were reported to change the loss under data parallelism; ours
+    does not, also with ZeRO-3 partitioning the prefix encoder and gradient checkpointing on."""
+    common = dict(
+        model_name_or_path=pretrained_tiny,
+        train_from_scratch=False,
+        finetuning_type="ptuning",
+        pre_seq_len=8,
+        prefix_projection=True,
+        prefix_hidden_size=32,
+        learning_rate=1e-2,
+        max_steps=6,
+        gradient_checkpointing=True,
+    )
+    one, two, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero3", **common)
+    assert sorted(b) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 2e-5 and a[6] < a[1]
+    assert re.search(r"method=ptuning trainable params [\d,]+ / [\d,]+", stdout)
+    # The artifact is the prefix alone (8 tokens x 4 layers x 2 x 64 KV width, fp32), not the model.
+    prefix = load_file(two / "adapter_model.safetensors")
+    assert list(prefix) == ["prompt_embeddings"] and prefix["prompt_embeddings"].shape == (8, 4 * 2 * 64)
+    torch.testing.assert_close(
+        prefix["prompt_embeddings"],
+        load_file(one / "adapter_model.safetensors")["prompt_embeddings"],
+        atol=1e-4,
+        rtol=1e-3,
+    )
+    assert not (two / "model.safetensors").exists()
+
+
+def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data, pretrained_tiny):
+    from dist_glm.inference import load_for_inference
+
+    out = tmp_path / "q8"
+    run_train(
+        base_args(
+            out,
+            varlen_data,
+            model_name_or_path=pretrained_tiny,
+            train_from_scratch=False,
+            finetuning_type="qlora",
+            quantization_bit=8,
+            lora_rank=4,
+            learning_rate=1e-2,
+            max_steps=4,
+        ),
+        nprocs=None,
+    )
+    quant = json.loads((out / "quantization_config.json").read_text())
+    assert quant["load_in_8bit"] is True and quant["load_in_4bit"] is False
+    model = load_for_inference(str(out))
+    assert type(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear8bitLt"
+    ids = torch.tensor([[3, 17, 40, 99]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (
+            ["--finetuning_type=qlora", "--train_from_scratch"],
+            r"qlora quantizes pretrained weights.*use finetuning_type=lora",
+        ),
+        (["--finetuning_type=ptuning", "--packing"], r"packing=true with finetuning_type=ptuning.*set packing=false"),
+        (["--finetuning_type=qlora", "--quantization_bit=3"], r"quantization_bit=3 is not supported; use 4 or 8"),
+    ],
+)
+def test_unsupported_method_combinations_are_refused_up_front(tmp_path, varlen_data, flags, match):
+    args = base_args(tmp_path / "o", varlen_data) + flags
+    proc = run_train(args, nprocs=None, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(match, proc.stderr + proc.stdout), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
