@@ -13,6 +13,7 @@ def train_main(argv: list[str] | None = None) -> None:
         print(config.help_text())
         return
     from dist_glm.distributed import destroy, quiet_other_ranks, use_cpu_accelerator_if_no_gpu
+    from dist_glm.preemption import PREEMPTED_EXIT, Preempted
 
     use_cpu_accelerator_if_no_gpu()
     quiet_other_ranks()
@@ -23,6 +24,8 @@ def train_main(argv: list[str] | None = None) -> None:
         train(cfg)
     except UserError as err:
         report_and_exit(err, prog="train.py")
+    except Preempted:  # the checkpoint is complete on every rank; the scheduler should requeue
+        sys.exit(PREEMPTED_EXIT)
     finally:
         destroy()
 

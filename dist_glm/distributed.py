@@ -105,6 +105,11 @@ def _unlink_shm_allreduce_buffer() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def local_device() -> torch.device:
+    """This rank's device: its GPU (by local rank) or the CPU."""
+    return torch.device("cuda", local_rank_from_env()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 

@@ -78,7 +78,7 @@ def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_c
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dist_glm.distributed import zero_stage
+    from dist_glm.distributed import local_device, zero_stage
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     path = model_cfg.model_name_or_path
@@ -95,19 +95,13 @@ def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_c
         # bitsandbytes quantizes while the weights move to the device, so each rank loads onto its own.
         extra = dict(quantization_config=quantization_config)
         if zero_stage(ds_config) != 3:  # ZeRO-3 places (and partitions) the weights itself
-            extra["device_map"] = {"": _device()}
+            extra["device_map"] = {"": local_device()}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **extra
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
-
-
-def _device() -> torch.device:
-    from dist_glm.distributed import local_rank_from_env
-
-    return torch.device("cuda", local_rank_from_env()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def enable_gradient_checkpointing(model) -> None:

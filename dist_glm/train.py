@@ -34,6 +34,7 @@ from dist_glm.models import (
     load_model,
     load_tokenizer,
 )
+from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch
 
 
 def log(msg: str) -> None:
@@ -48,10 +49,10 @@ def validate_inputs(cfg: Config, world_size: int) -> None:
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
     try:
-        ds_config = distributed.build_ds_config(cfg.train, world_size)
-        problems += check_combination(cfg, distributed.zero_stage(ds_config), distributed.is_offload(ds_config))
+        distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
+    problems += check_combination(cfg)
     t = cfg.train
     existing = checkpoint.list_checkpoints(t.output_dir)
     if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
@@ -157,8 +158,7 @@ def setup(cfg: Config) -> Run:
     t = cfg.train
     validate_inputs(cfg, distributed.world_size_from_env())
     rank, world = distributed.init_distributed()
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", distributed.local_rank_from_env()) if on_gpu else torch.device("cpu")
+    device = distributed.local_device()
     log(
         f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
         + json.dumps(cfg.to_flat_dict(), ensure_ascii=False)
@@ -269,7 +269,9 @@ def train(cfg: Config) -> dict:
         state = checkpoint.load_checkpoint(engine, resume_path, run.method.trainable_only)
         log(f"resumed from {resume_path} at step {state['global_step']}")
     start_step = step = state["global_step"]
-    log(f"memory after setup: {memory_gb():.2f} GiB on rank 0")
+    per_rank = ", ".join(f"{m:.2f}" for m in distributed.all_gather_objects(round(memory_gb(), 2)))
+    kind = "peak allocated" if run.device.type == "cuda" else "peak RSS"
+    log(f"memory after setup, per rank: {per_rank} GiB ({kind})")
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
@@ -282,6 +284,7 @@ def train(cfg: Config) -> dict:
         file=sys.stdout,
     )
     results = {}
+    watch = PreemptionWatch()
     if run.eval_examples and t.eval_on_start and start_step == 0:
         run_eval(run, logger, results, step=0)
     for step in range(start_step + 1, run.total_steps + 1):
@@ -310,8 +313,17 @@ def train(cfg: Config) -> dict:
                 state["evals_without_improvement"] += 1
             patience = t.early_stopping_patience
             should_stop = bool(patience) and state["evals_without_improvement"] >= patience
-        if (t.save_steps and step % t.save_steps == 0) or should_stop:
-            checkpoint.save_checkpoint(engine, cfg, step, state, run.method.trainable_only)
+        preempted = watch.requested()
+        if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
+            saved = checkpoint.save_checkpoint(engine, cfg, step, state, run.method.trainable_only)
+        if preempted:
+            bar.close()
+            logger.close()
+            log(
+                f"preempted at step {step}: {saved} is complete; exiting with code {PREEMPTED_EXIT} so the job "
+                "is requeued (the slurm/ templates do it); rerun with --resume_from_checkpoint=auto to continue"
+            )
+            raise Preempted()
         if should_stop:
             log(f"early stopping at step {step}: eval loss has not improved for {t.early_stopping_patience} evals")
             break

@@ -9,6 +9,7 @@
 The training loop is identical for every method; only these differ.
 """
 
+import math
 from types import ModuleType
 from typing import Protocol
 
@@ -34,16 +35,21 @@ def get_method(name: str) -> Method:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size."""
+    """(trainable, total), counting ZeRO-3 partitioned parameters at their full size and 4-bit
+    parameters (packed several to a storage element) at their logical size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        quant_state = getattr(p, "quant_state", None)
+        if quant_state is not None:
+            n = math.prod(quant_state.shape)
+        else:
+            n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
 
 
-def check_combination(cfg, stage: int, offload: bool) -> list[str]:
+def check_combination(cfg) -> list[str]:
     """Combinations refused before training starts, each with one that works. Everything not refused
     here trains under every ZeRO stage, with or without offload (tests/test_method_matrix.py)."""
     method, out = cfg.method.finetuning_type, []

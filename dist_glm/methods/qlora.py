@@ -33,7 +33,12 @@ def quantization_config(cfg):
 
 
 def prepare(model, cfg):
+    import warnings
+
     from peft import prepare_model_for_kbit_training
+
+    # LLM.int8 says this on every forward of every layer; the cast is how 8-bit matmul works.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     # Casts the few unquantized weights (norms, embeddings, LM head) to fp32 for stable updates of
     # what flows through them; gradient checkpointing was already set up by the caller.

@@ -1,0 +1,41 @@
+"""Preemption: save a complete checkpoint and exit cleanly when the scheduler says time is up.
+
+SIGTERM (what Slurm, Kubernetes and most schedulers send before killing) and SIGUSR1 (what the slurm/
+templates ask Slurm to send a few minutes before the time limit, `--signal=USR1@180`) only set a flag;
+the training loop checks it after each optimizer step. The check is a collective, because a signal may
+reach the ranks at different steps, or only some of them, and the checkpoint must be written by all
+ranks at the same step. The process then exits with PREEMPTED_EXIT, which the templates turn into a
+requeue; the rerun resumes with `resume_from_checkpoint=auto`.
+"""
+
+import signal
+
+import torch
+
+from dist_glm import distributed
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is complete on every rank."""
+
+
+class PreemptionWatch:
+    def __init__(self):
+        self.received: int | None = None
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signum
+
+    def requested(self) -> bool:
+        """Collective: true on every rank when any rank has been signalled."""
+        flag = [1.0 if self.received is not None else 0.0]
+        return bool(distributed.all_reduce_sum(flag)[0] > 0) if torch.distributed.is_initialized() else bool(flag[0])
+
+    def restore(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
