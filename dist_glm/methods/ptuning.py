@@ -6,6 +6,8 @@ The artifact is the prefix alone (PEFT's `prompt_embeddings`: pre_seq_len x laye
 KB-MB), reloadable with `PeftModel.from_pretrained(base, out_dir)`.
 """
 
+import functools
+
 import torch
 
 trainable_only = True
@@ -16,25 +18,29 @@ def quantization_config(cfg):
     return None  # the base model loads in the training dtype
 
 
-class PrefixCache:
-    """Read-only view of the prefix keys/values: each layer attends over cat(prefix, own keys) while
-    the cache never grows. PEFT hands the model a growing DynamicCache, which transformers drops under
-    gradient checkpointing (a recomputed layer would append twice); a read-only one gives the same
-    attention with or without checkpointing, so checkpointing is allowed to keep it."""
+@functools.cache
+def _prefix_cache_class():
+    from transformers import DynamicCache
 
-    def __new__(cls, cache):
-        from transformers import DynamicCache
+    class PrefixCache(DynamicCache):
+        """Read-only view of the prefix keys/values: each layer attends over cat(prefix, own keys) while
+        the cache never grows. PEFT hands the model a growing DynamicCache, which transformers drops under
+        gradient checkpointing (a recomputed layer would append twice); a read-only one gives the same
+        attention with or without checkpointing, so checkpointing is allowed to keep it."""
 
-        class _PrefixCache(DynamicCache):
-            def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-                layer = self.layers[layer_idx]
-                return (
-                    torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2),
-                    torch.cat([layer.values.to(value_states.dtype), value_states], dim=-2),
-                )
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            layer = self.layers[layer_idx]
+            return (
+                torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2),
+                torch.cat([layer.values.to(value_states.dtype), value_states], dim=-2),
+            )
 
-        cache.__class__ = _PrefixCache
-        return cache
+    return PrefixCache
+
+
+def read_only(cache):
+    cache.__class__ = _prefix_cache_class()  # same data, read-only update()
+    return cache
 
 
 def prepare(model, cfg):
@@ -58,12 +64,12 @@ def prepare(model, cfg):
 
     def get_prompt_for_training(*args, **kwargs):
         cache = get_prompt(*args, **kwargs)
-        return PrefixCache(cache) if peft_model.training else cache  # generation needs a growing cache
+        return read_only(cache) if peft_model.training else cache  # generation needs a growing cache
 
     peft_model.get_prompt = get_prompt_for_training
     for module in peft_model.modules():
         if hasattr(module, "_can_checkpoint_with_cache"):
-            module._can_checkpoint_with_cache = True  # the cache is read-only during training (see PrefixCache)
+            module._can_checkpoint_with_cache = True  # the cache is read-only during training (read_only)
     return peft_model
 
 
