@@ -35,7 +35,3 @@ class PreemptionWatch:
         """Collective: true on every rank when any rank has been signalled."""
         flag = [1.0 if self.received is not None else 0.0]
         return bool(distributed.all_reduce_sum(flag)[0] > 0) if torch.distributed.is_initialized() else bool(flag[0])
-
-    def restore(self) -> None:
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)

@@ -320,8 +320,8 @@ def train(cfg: Config) -> dict:
             bar.close()
             logger.close()
             log(
-                f"preempted at step {step}: {saved} is complete; exiting with code {PREEMPTED_EXIT} so the job "
-                "is requeued (the slurm/ templates do it); rerun with --resume_from_checkpoint=auto to continue"
+                f"preempted at step {step}: {saved} is complete; exiting with code {PREEMPTED_EXIT} so the "
+                "scheduler can requeue the job; rerun with --resume_from_checkpoint=auto to continue"
             )
             raise Preempted()
         if should_stop:

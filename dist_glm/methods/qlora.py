@@ -41,7 +41,7 @@ def prepare(model, cfg):
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     # Casts the few unquantized weights (norms, embeddings, LM head) to fp32 for stable updates of
-    # what flows through them; gradient checkpointing was already set up by the caller.
+    # what flows through them; gradient checkpointing is enabled by the caller, after prepare.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return lora.prepare(model, cfg)
 
