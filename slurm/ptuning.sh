@@ -1,0 +1,27 @@
+#!/bin/bash
+# P-tuning v2 fine-tuning of GLM on any number of nodes.
+#   sbatch slurm/ptuning.sh configs/glm4_9b_lora.yaml --pre_seq_len=128
+#   sbatch --nodes=4 slurm/ptuning.sh configs/glm4_9b_lora.yaml
+# Submit from the repository root. Arguments after the script go to launch/train.py.
+#SBATCH --job-name=glm-ptuning
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8          # one task per GPU: keep equal to --gpus-per-node
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=USR1@180            # 3 minutes before the limit: checkpoint, exit, requeue
+#SBATCH --requeue
+#SBATCH --open-mode=append           # a requeued run appends to the same log
+#SBATCH --output=slurm-%x-%j.log
+##SBATCH --partition=gpu             # cluster settings: uncomment and set
+##SBATCH --account=my-account
+
+# ---- cluster settings -------------------------------------------------------------------------
+MODULES=""                           # e.g. "cuda/12.4 nccl"
+ENV_SETUP="source .venv/bin/activate"
+# export NCCL_SOCKET_IFNAME=ib0      # the interface between nodes
+# export NCCL_IB_HCA=mlx5
+# export NCCL_DEBUG=WARN
+# ------------------------------------------------------------------------------------------------
+METHOD_ARGS="--finetuning_type=ptuning"           # the ZeRO config comes from the recipe (deepspeed: ...), or add --deepspeed=...
+source "${DIST_GLM_HOME:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
