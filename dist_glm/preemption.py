@@ -4,11 +4,13 @@ SIGTERM (what Slurm, Kubernetes and most schedulers send before killing) and SIG
 templates ask Slurm to send a few minutes before the time limit, `--signal=USR1@180`) only set a flag;
 the training loop checks it after each optimizer step. The check is a collective, because a signal may
 reach the ranks at different steps, or only some of them, and the checkpoint must be written by all
-ranks at the same step. The process then exits with PREEMPTED_EXIT, which the templates turn into a
-requeue; the rerun resumes with `resume_from_checkpoint=auto`.
+ranks at the same step. The process then exits with PREEMPTED_EXIT and rank 0 leaves the marker file
+the slurm/ templates turn into a requeue; the rerun resumes with `resume_from_checkpoint=auto`.
 """
 
+import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -35,3 +37,12 @@ class PreemptionWatch:
         """Collective: true on every rank when any rank has been signalled."""
         flag = [1.0 if self.received is not None else 0.0]
         return bool(distributed.all_reduce_sum(flag)[0] > 0) if torch.distributed.is_initialized() else bool(flag[0])
+
+
+def mark_for_requeue(checkpoint: Path) -> None:
+    """Rank 0 only, after the checkpoint is complete: tell the job script to requeue. Under srun the exit
+    code cannot tell it (the first rank to exit makes srun terminate the rest, so the step's code is
+    often 143), hence a file named by the script in DIST_GLM_PREEMPTED_FILE (slurm/common.sh)."""
+    marker = os.environ.get("DIST_GLM_PREEMPTED_FILE")
+    if marker:
+        Path(marker).write_text(f"{checkpoint}\n")

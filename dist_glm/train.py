@@ -34,7 +34,7 @@ from dist_glm.models import (
     load_model,
     load_tokenizer,
 )
-from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch
+from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
 
 
 def log(msg: str) -> None:
@@ -317,6 +317,8 @@ def train(cfg: Config) -> dict:
         if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
             saved = checkpoint.save_checkpoint(engine, cfg, step, state, run.method.trainable_only)
         if preempted:
+            if rank == 0:
+                mark_for_requeue(saved)
             bar.close()
             logger.close()
             log(
