@@ -116,6 +116,10 @@ class TrainConfig:
     seed: int = _f(42, "Seed for init, data order and dropout.")
     resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest.")
     disable_tqdm: bool = _f(False, "Turn off the rank-0 progress bar.")
+    preflight_timeout: int = _f(
+        300, "Seconds for every rank to join at start-up; a rank that cannot is reported with its host, not hung on."
+    )
+    ddp_timeout: int = _f(1800, "Seconds one collective may wait for the other ranks before the job fails.")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
@@ -295,6 +299,8 @@ def check_values(cfg: Config) -> list[str]:
         "gradient_accumulation_steps",
         "logging_steps",
         "generation_max_new_tokens",
+        "preflight_timeout",
+        "ddp_timeout",
     ):
         need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
     for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):

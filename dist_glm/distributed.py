@@ -62,20 +62,24 @@ def quiet_other_ranks() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _free_port() -> int:
+def _free_port(interface: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((interface, 0))
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
-    """Form the process group (gloo on CPU, nccl on GPU) and return (rank, world_size).
+def init_distributed(output_dir: str = "", preflight_timeout: int = 300, ddp_timeout: int = 1800) -> tuple[int, int]:
+    """Form the process group (gloo on CPU, nccl on GPU) after the preflight (dist_glm.preflight) and
+    return (rank, world_size).
 
-    A plain `python launch/train.py` has no launcher environment: it becomes a world of one.
+    A plain `python launch/train.py` has no launcher environment: it becomes a world of one. Under
+    mpirun the ranks are known but not the rendezvous address: rank 0 picks it and MPI broadcasts it.
     """
     import logging
 
     import deepspeed
+
+    from dist_glm import preflight
 
     if rank_from_env() != 0:
         deepspeed.utils.logger.setLevel(logging.ERROR)  # DeepSpeed sets its logger's level on import
@@ -83,13 +87,76 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
         )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    elif "MASTER_ADDR" not in os.environ:
+        _discover_from_mpi()
+    rank, world = rank_from_env(), world_size_from_env()
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank_from_env()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank_from_env())
-    else:
+    store = preflight.rendezvous(rank, world, preflight_timeout)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    try:
+        torch.distributed.init_process_group(
+            backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=preflight_timeout)
+        )
+    except RuntimeError as e:
+        raise UserError(
+            f"rank {rank} ({socket.gethostname()}): the {backend} process group did not connect within "
+            f"{preflight_timeout} s although every rank reached the rendezvous ({str(e).strip()[:200]}); the ranks "
+            "cannot open connections to each other's hosts: set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the "
+            "interface between the nodes and check the firewall",
+            every_rank=True,
+        ) from None
+    # DeepSpeed wraps the group formed above (and, on CPU, sets up its shared-memory all-reduce).
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=ddp_timeout))
+    if not torch.cuda.is_available():
         _unlink_shm_allreduce_buffer()
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    preflight.check_all_reduce(rank, world, local_device(), preflight_timeout)
+    if output_dir:
+        preflight.check_shared_output_dir(store, rank, world, output_dir, preflight_timeout)
+    # From here on a collective may legitimately wait long (rank 0 writing a checkpoint, say).
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=ddp_timeout))
+    return rank, world
+
+
+def _discover_from_mpi() -> None:
+    """mpirun (OpenMPI, MPICH, Intel MPI) starts the ranks but sets no MASTER_ADDR/MASTER_PORT: rank 0
+    chooses its own address and a free port and MPI broadcasts them (DeepSpeed's mpi_discovery does the
+    same with a fixed port, which collides when two jobs share a node)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise UserError(
+            f"launched with WORLD_SIZE={world_size_from_env()} by mpirun but MASTER_ADDR is not set and mpi4py is "
+            "not installed: `pip install mpi4py` (needs an MPI compiler, e.g. Debian's libopenmpi-dev), or pass "
+            "-x MASTER_ADDR=<head address> -x MASTER_PORT=<free port> to mpirun"
+        ) from None
+    comm = MPI.COMM_WORLD
+    head = (_host_address(), _free_port("")) if comm.Get_rank() == 0 else None
+    addr, port = comm.bcast(head, root=0)
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    os.environ.update(
+        RANK=str(comm.Get_rank()),
+        WORLD_SIZE=str(comm.Get_size()),
+        LOCAL_RANK=str(local_rank),
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+    )
+
+
+def _host_address() -> str:
+    """This host's address as other hosts reach it: the first of `hostname -I`, else the name's address."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
 
 
 def _unlink_shm_allreduce_buffer() -> None:

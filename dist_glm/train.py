@@ -157,7 +157,7 @@ def setup(cfg: Config) -> Run:
 
     t = cfg.train
     validate_inputs(cfg, distributed.world_size_from_env())
-    rank, world = distributed.init_distributed()
+    rank, world = distributed.init_distributed(t.output_dir, t.preflight_timeout, t.ddp_timeout)
     device = distributed.local_device()
     log(
         f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
