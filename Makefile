@@ -30,6 +30,8 @@ $(VENV)/.installed: setup.py
 		$(BIN)/pip install "torch>=2.4" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	$(BIN)/pip install -e ".[dev]"
+	@# mpirun launches need mpi4py (rank 0's address is broadcast through MPI); only where MPI exists.
+	@if command -v mpirun >/dev/null 2>&1; then $(BIN)/pip install "mpi4py>=3.1"; fi
 	$(BIN)/python -m dist_glm.ops
 	touch $@
 
