@@ -3,14 +3,22 @@
 A checkpoint is written into `checkpoint-STEP.tmp/` and renamed once every rank has finished, so a
 crash mid-save can never leave a directory that looks complete: `checkpoint-STEP` exists only whole.
 Contents: DeepSpeed's engine state under `deepspeed/` (module, optimizer partitions, lr scheduler),
-`rng_state_RANK.pt` per rank, `trainer_state.json` (step, best eval loss, patience) and the resolved
-`config.yaml`. The data position needs no saving: the sampler derives it from the step.
+`rng_state_RANK.pt` per rank, `trainer_state.json` (step, best eval loss, patience, world size, global
+batch) and the resolved `config.yaml`. The data position needs no saving: the sampler derives it from
+the step.
+
+A checkpoint written by N ranks resumes on M: DeepSpeed's optimizer partitions are per rank, so the
+first M-rank resume converts them once into a universal checkpoint (`universal/` beside `deepspeed/`,
+DeepSpeed's ds_to_universal) and loads that. The global batch must stay the same (raise
+gradient_accumulation_steps when ranks go away) so that the data order and schedule continue exactly.
 """
 
 import json
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +29,7 @@ from dist_glm.config import save_config
 from dist_glm.errors import UserError
 
 TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -78,7 +87,12 @@ def save_checkpoint(engine, cfg, step: int, trainer_state: dict, trainable_only:
     engine.save_checkpoint(str(tmp), tag=TAG, exclude_frozen_parameters=trainable_only)
     torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
     if rank == 0:
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "global_step": step}, indent=2))
+        t, world = cfg.train, torch.distributed.get_world_size()
+        layout = {
+            "world_size": world,
+            "global_batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
+        }
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, **layout, "global_step": step}, indent=2))
         save_config(cfg, tmp / "config.yaml")
     # Rename only after every rank's files are on disk; trainer_state.json last marks completeness.
     distributed.barrier()
@@ -98,17 +112,69 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine, path: Path, trainable_only: bool) -> dict:
+def prepare_resume(path: Path, cfg, world: int, ds_config: dict) -> str:
+    """Collective, before deepspeed.initialize. Returns the tag to load: the checkpoint as written, or
+    (world size changed, optimizer state partitioned) its universal conversion, which rank 0 makes once
+    and `ds_config` is switched to load."""
+    state = json.loads((path / STATE_FILE).read_text())
+    saved_world = state.get("world_size", world)
+    t = cfg.train
+    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    if state.get("global_batch", global_batch) != global_batch:
+        old = state["global_batch"]
+        raise UserError(
+            f"resume_from_checkpoint='{path}': it was trained with a global batch of {old} samples ({saved_world} "
+            f"ranks) but this run's is {global_batch} (per_device_train_batch_size={t.per_device_train_batch_size} "
+            f"x gradient_accumulation_steps={t.gradient_accumulation_steps} x {world} ranks); keep it at {old} "
+            "(e.g. raise gradient_accumulation_steps when there are fewer ranks) so data order and schedule continue"
+        )
+    partitioned = any((path / TAG).glob("*zero_pp_rank_*"))
+    if saved_world == world or not partitioned:
+        return TAG
+    universal = path / UNIVERSAL_TAG
+    if torch.distributed.get_rank() == 0 and not universal.is_dir():
+        _convert_to_universal(path / TAG, universal)
+    distributed.barrier()
+    if not universal.is_dir():  # rank 0 failed and said why; the others stop here too
+        raise UserError(f"resume_from_checkpoint='{path}': converting it for {world} ranks failed (see rank 0)")
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return UNIVERSAL_TAG
+
+
+def _convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's converter, in a child process (it starts worker pools); written to a .tmp sibling and
+    renamed, so a crash never leaves a half conversion that looks complete."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src)]
+    cmd += [
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"[dist_glm] universal conversion of {src} failed: {tail[0]}", file=sys.stderr)
+        return
+    tmp.rename(dst)
+
+
+def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) -> dict:
     """Restore engine, optimizer, scheduler and this rank's RNG; return the trainer state."""
     load_path, _ = engine.load_checkpoint(
         str(path),
-        tag=TAG,
+        tag=tag,
         load_module_strict=not trainable_only,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise UserError(f"resume_from_checkpoint='{path}': DeepSpeed found no engine state under {path / TAG}")
+        raise UserError(f"resume_from_checkpoint='{path}': DeepSpeed found no engine state under {path / tag}")
     rank = torch.distributed.get_rank()
     rng_file = path / f"rng_state_{rank}.pt"
     if rng_file.is_file():

@@ -149,6 +149,8 @@ class Run:
     engine: object
     eos_ids: list[int]
     num_params: int
+    resume_path: Path | None
+    resume_tag: str
 
 
 def setup(cfg: Config) -> Run:
@@ -184,6 +186,8 @@ def setup(cfg: Config) -> Run:
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
 
     ds_config = distributed.build_ds_config(t, world)
+    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    resume_tag = checkpoint.prepare_resume(resume_path, cfg, world, ds_config) if resume_path else checkpoint.TAG
     method = get_method(cfg.method.finetuning_type)
     model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
@@ -216,6 +220,8 @@ def setup(cfg: Config) -> Run:
         engine,
         eos_ids,
         total,
+        resume_path,
+        resume_tag,
     )
 
 
@@ -262,12 +268,15 @@ def train(cfg: Config) -> dict:
     t = cfg.train
     run = setup(cfg)
     engine, rank = run.engine, run.rank
-    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    resume_path = run.resume_path
     prepare_output_dir(cfg, resume_path)
     state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0, "global_step": 0}
     if resume_path:
-        state = checkpoint.load_checkpoint(engine, resume_path, run.method.trainable_only)
-        log(f"resumed from {resume_path} at step {state['global_step']}")
+        state = checkpoint.load_checkpoint(engine, resume_path, run.method.trainable_only, run.resume_tag)
+        how = ""
+        if run.resume_tag == checkpoint.UNIVERSAL_TAG:
+            how = f" (written by {state['world_size']} ranks, loaded through its universal conversion)"
+        log(f"resumed from {resume_path} at step {state['global_step']}{how}")
     start_step = step = state["global_step"]
     per_rank = ", ".join(f"{m:.2f}" for m in distributed.all_gather_objects(round(memory_gb(), 2)))
     kind = "peak allocated" if run.device.type == "cuda" else "peak RSS"
