@@ -45,13 +45,61 @@ def launch_cmd(nprocs: int | None) -> list[str]:
     return [deepspeed, "--num_gpus", str(nprocs), "--master_port", str(_free_port()), script]
 
 
-def run_train(args: list[str], nprocs: int | None = 1, timeout: int = 600, check: bool = True):
-    proc = subprocess.run(
-        launch_cmd(nprocs) + args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
-    )
+def run_train(args: list[str], nprocs: int | None = 1, timeout: int = 600, check: bool = True, launcher: str = "env"):
+    """Train in real processes. nprocs=None: plain `python launch/train.py`. Otherwise `nprocs` ranks,
+    started by default the way srun (slurm/common.sh) and torchrun start them: one process per rank
+    with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in its environment. launcher="deepspeed" goes
+    through the deepspeed launcher instead (the demo, preemption and resume tests do too); it costs
+    two extra Python start-ups per run, which across the suite is minutes of CI."""
+    if nprocs is None or launcher == "deepspeed":
+        proc = subprocess.run(
+            launch_cmd(nprocs) + args, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout
+        )
+    else:
+        proc = run_ranks(args, nprocs, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_ranks(args: list[str], nprocs: int, timeout: int) -> subprocess.CompletedProcess:
+    """`nprocs` rank processes; like a launcher, the first failure terminates the others. Returns rank
+    0's stdout, every rank's stderr, and the first non-zero exit code (0 when all succeed)."""
+    import tempfile
+    import time
+
+    port = str(_free_port())
+    procs, files = [], []
+    for rank in range(nprocs):
+        env = dict(child_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        files.append((out, err))
+        cmd = [sys.executable, str(REPO / "launch" / "train.py"), *args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True))
+    deadline, timed_out = time.monotonic() + timeout, False
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(0.1)
+        rc = next((p.returncode for p in procs if p.returncode not in (None, 0)), 0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    texts = []
+    for out, err in files:
+        out.seek(0), err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close(), err.close()
+    if timed_out:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=texts[0][0], stderr="".join(e for _, e in texts))
+    return subprocess.CompletedProcess(cmd, rc, stdout=texts[0][0], stderr="".join(e for _, e in texts))
 
 
 def run_script(script: str, args: list[str], timeout: int = 300):
