@@ -26,6 +26,8 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
 TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
 ON_INVALID = ("error", "skip")
+EVAL_METRICS = ("loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match")
+LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 def _f(default, help: str, **kw):
@@ -112,7 +114,12 @@ class TrainConfig:
     eval_on_start: bool = _f(False, "Evaluate once before the first step, as a baseline.")
     predict_with_generate: bool = _f(False, "Also generate on the eval set and report ROUGE/BLEU.")
     generation_max_new_tokens: int = _f(128, "Token budget per generated answer during eval.")
-    early_stopping_patience: int = _f(0, "Stop after N evals without a lower eval loss (0 = off).")
+    early_stopping_patience: int = _f(0, "Stop after N evals without a better metric_for_best_model (0 = off).")
+    metric_for_best_model: str = _f(
+        "loss",
+        f"Eval metric early stopping and best_metric follow: one of {', '.join(EVAL_METRICS)} (lower is better "
+        "for loss and perplexity, higher for the rest, which need predict_with_generate).",
+    )
     seed: int = _f(42, "Seed for init, data order and dropout.")
     resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest.")
     disable_tqdm: bool = _f(False, "Turn off the rank-0 progress bar.")
@@ -323,6 +330,15 @@ def check_values(cfg: Config) -> list[str]:
         "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",
     )
     need(not (t.eval_steps and not d.eval_dataset), "eval_steps needs eval_dataset; set eval_dataset")
+    need(
+        t.metric_for_best_model in EVAL_METRICS,
+        f"metric_for_best_model={t.metric_for_best_model!r} is not an eval metric; use one of "
+        + ", ".join(EVAL_METRICS),
+    )
+    need(
+        t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
+        f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
+    )
     need(
         not (t.predict_with_generate and not d.eval_dataset),
         "predict_with_generate needs eval_dataset; set eval_dataset",

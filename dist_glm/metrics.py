@@ -111,11 +111,13 @@ def _lcs(a: list[str], b: list[str]) -> int:
 
 
 def rouge_scores(hyp: list[str], ref: list[str]) -> dict[str, float]:
-    """ROUGE-1/2 (n-gram overlap F1) and ROUGE-L (LCS F1) of one hypothesis against one reference."""
+    """ROUGE-1/2 (F1 of the *sets* of n-grams) and ROUGE-L (LCS F1) of one hypothesis against one
+    reference: what `rouge_chinese` (the scorer of the ChatGLM fine-tuning scripts) computes, so our
+    numbers are comparable with theirs; a repeated word counts once."""
     out = {}
     for n in (1, 2):
-        h, r = _ngrams(hyp, n), _ngrams(ref, n)
-        out[f"rouge-{n}"] = _f1(sum((h & r).values()), sum(h.values()), sum(r.values()))
+        h, r = set(_ngrams(hyp, n)), set(_ngrams(ref, n))
+        out[f"rouge-{n}"] = _f1(len(h & r), len(h), len(r))
     out["rouge-l"] = _f1(_lcs(hyp, ref), len(hyp), len(ref)) if hyp and ref else 0.0
     return out
 
@@ -145,7 +147,8 @@ def generation_metrics(predictions: list[str], references: list[str]) -> dict[st
     jieba.setLogLevel(60)  # silence its dictionary-loading chatter
     sums = Counter()
     for pred, ref in zip(predictions, references, strict=True):
-        hyp_words, ref_words = list(jieba.cut(pred)), list(jieba.cut(ref))
+        # As the ChatGLM scripts: jieba words joined by spaces and split again, so whitespace is no word.
+        hyp_words, ref_words = " ".join(jieba.cut(pred)).split(), " ".join(jieba.cut(ref)).split()
         sums.update(rouge_scores(hyp_words, ref_words))
         sums["bleu-4"] += bleu4(list(pred), list(ref))
         sums["exact_match"] += float(pred.strip() == ref.strip())

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dist_glm import checkpoint, distributed
-from dist_glm.config import Config, save_config
+from dist_glm.config import LOWER_IS_BETTER, Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
 from dist_glm.data.formats import check_data_paths
 from dist_glm.data.packing import pack_examples
@@ -315,9 +315,11 @@ def train(cfg: Config) -> dict:
         should_stop = False
         if run.eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == run.total_steps):
             record = run_eval(run, logger, results, step)
-            # Every rank computed the same all-reduced eval loss, so they all agree on stopping.
-            if record["eval/loss"] < state["best_eval_loss"]:
-                state.update(best_eval_loss=record["eval/loss"], evals_without_improvement=0)
+            # Every rank computed the same all-reduced (or gathered) metrics, so they all agree on stopping.
+            state["best_eval_loss"] = min(state["best_eval_loss"], record["eval/loss"])
+            if is_improvement(record[f"eval/{t.metric_for_best_model}"], state.get("best_metric"), t):
+                state.update(best_metric=record[f"eval/{t.metric_for_best_model}"], best_step=step)
+                state["evals_without_improvement"] = 0
             else:
                 state["evals_without_improvement"] += 1
             patience = t.early_stopping_patience
@@ -336,7 +338,10 @@ def train(cfg: Config) -> dict:
             )
             raise Preempted()
         if should_stop:
-            log(f"early stopping at step {step}: eval loss has not improved for {t.early_stopping_patience} evals")
+            log(
+                f"early stopping at step {step}: eval {t.metric_for_best_model} has not improved for "
+                f"{t.early_stopping_patience} evals (best {state['best_metric']:.4f} at step {state['best_step']})"
+            )
             break
     bar.close()
     logger.close()
@@ -344,11 +349,20 @@ def train(cfg: Config) -> dict:
     out = Path(t.output_dir)
     export_final(engine, run.method, run.tokenizer, out)
     results.update(global_step=step, best_eval_loss=state["best_eval_loss"])
+    if state.get("best_metric") is not None:
+        results.update(best_metric=state["best_metric"], best_step=state["best_step"])
+        results["metric_for_best_model"] = t.metric_for_best_model
     if rank == 0:
         (out / "all_results.json").write_text(json.dumps(results, indent=2))
     log(f"done: final model in {out}")
     distributed.barrier()
     return results
+
+
+def is_improvement(value: float, best: float | None, t) -> bool:
+    if best is None:
+        return True
+    return value < best if t.metric_for_best_model in LOWER_IS_BETTER else value > best
 
 
 class ThroughputWindow:

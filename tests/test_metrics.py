@@ -39,3 +39,28 @@ def test_token_loss_sum_counts_only_labelled_positions():
     labels = torch.tensor([[-100, -100, 2, 3]])
     loss_sum, n = token_loss_sum(logits, labels)
     assert n == 2 and float(loss_sum) == pytest.approx(2 * math.log(5))
+
+
+def test_rouge_on_jieba_words_bleu_on_characters_and_exact_match():
+    # jieba: 这/款/连衣裙/很/好看 vs 这/款/连衣裙/不/好看. Words: 4 of 5 shared, LCS 4 -> ROUGE-1 = ROUGE-L = 80;
+    # bigrams: 2 of 4 shared -> ROUGE-2 = 50. rouge_chinese (what the ChatGLM scripts call) gives the same.
+    # BLEU-4 on characters: nltk sentence_bleu(..., SmoothingFunction().method3) = 0.5946035575013605.
+    m = generation_metrics(["这款连衣裙很好看"], ["这款连衣裙不好看"])
+    assert m["rouge-1"] == pytest.approx(80.0)
+    assert m["rouge-2"] == pytest.approx(50.0)
+    assert m["rouge-l"] == pytest.approx(80.0)
+    assert m["bleu-4"] == pytest.approx(59.46035575013605)
+    assert m["exact_match"] == 0.0
+    # Exact match ignores leading and trailing whitespace only.
+    assert generation_metrics([" 这款连衣裙\n"], ["这款连衣裙"])["exact_match"] == 100.0
+    assert generation_metrics(["这款 连衣裙"], ["这款连衣裙"])["exact_match"] == 0.0
+
+
+def test_rouge_matches_chatglm_scorer_on_repeats_and_spaces():
+    # Reference: rouge_chinese.Rouge().get_scores(" ".join(jieba.cut(p)), " ".join(jieba.cut(r)))[0][k]["f"],
+    # as in ChatGLM3's finetune_demo: (100, 0, 50) and (100, 100, 100); BLEU-4 from nltk method3.
+    m = generation_metrics(["好看好看好看", "这款红色外套采用棉质面料 "], ["好看", "这款红色外套采用棉质面料"])
+    assert m["bleu-4"] == pytest.approx((16.233395773754943 + 91.2167909070388) / 2)
+    assert m["rouge-1"] == pytest.approx(100.0, abs=1e-4)
+    assert m["rouge-2"] == pytest.approx(50.0, abs=1e-4)
+    assert m["rouge-l"] == pytest.approx(75.0, abs=1e-4)

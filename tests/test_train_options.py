@@ -1,4 +1,5 @@
-"""bf16 + gradient checkpointing + LoRA under ZeRO-2 on 2 ranks; early stopping agreed by all ranks."""
+"""bf16 + gradient checkpointing + LoRA under ZeRO-2 on 2 ranks; early stopping agreed by all ranks, on
+the eval loss and on a generation metric."""
 
 import json
 import math
@@ -54,3 +55,29 @@ def test_early_stopping_on_eval_loss(tmp_path, varlen_data):
     assert sorted(read_metrics(tmp_path, "eval/loss")) == [1, 2]
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()  # saved when it stopped
     assert (tmp_path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_early_stopping_on_a_generation_metric(tmp_path, varlen_data):
+    # With 8 new tokens no answer can equal its (longer) reference: exact_match stays 0, the first eval
+    # sets the best, the second only ties it (a tie is no improvement), so patience 1 stops at step 2.
+    eval_rows = varlen_data.read_text(encoding="utf-8").splitlines()[:4]
+    eval_path = tmp_path / "eval.jsonl"
+    eval_path.write_text("\n".join(eval_rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = base_args(
+        out,
+        varlen_data,
+        max_steps=20,
+        eval_dataset=eval_path,
+        eval_steps=1,
+        predict_with_generate=True,
+        generation_max_new_tokens=8,
+        metric_for_best_model="exact_match",
+        early_stopping_patience=1,
+    )
+    proc = run_train(args, nprocs=None)
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["global_step"] == 2 and results["metric_for_best_model"] == "exact_match"
+    assert results["best_step"] == 1 and results["best_metric"] == 0.0
+    assert "early stopping at step 2: eval exact_match has not improved for 1 evals" in proc.stdout
