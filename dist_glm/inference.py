@@ -1,41 +1,546 @@
-"""Loading a trained result for inference, whatever the method produced it: a full HF model, or a
-PEFT artifact (LoRA adapter, QLoRA adapter + quantization_config.json, P-tuning v2 prefix) applied to
-its base model."""
+"""Using a trained result outside training: load it from whatever artifact training produced, evaluate
+it on a data set, chat with it. (Export to a standalone HF model is dist_glm/export.py.)
 
+What a path may name; `resolve_artifact` tells them apart, and reports every mistake, before anything
+loads:
+- a full HF model: the `full`/`freeze` export, an exported merge, or any base checkpoint;
+- a PEFT adapter directory: LoRA, QLoRA (with `quantization_config.json`, so the same quantized base is
+  rebuilt) or a P-tuning v2 prefix, applied to `--model_name_or_path` or to the base recorded in its
+  adapter_config.json;
+- a training checkpoint `output_dir/checkpoint-STEP/` of any method under any ZeRO stage: its weights
+  are consolidated from DeepSpeed's files (under ZeRO 1-3, the fp32 master weights of every rank's
+  partition) and applied to the base named in its config.yaml, since adapter and freeze checkpoints
+  hold only the trained weights.
+"""
+
+import dataclasses
 import json
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from dist_glm import checkpoint, distributed
 from dist_glm.errors import UserError
 from dist_glm.methods.qlora import QUANTIZATION_FILE
 
 ADAPTER_FILE = "adapter_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARTIFACT_KINDS = "a model directory, an adapter directory or a training checkpoint (output_dir/checkpoint-STEP)"
 
 
-def load_for_inference(model_name_or_path: str, adapter_name_or_path: str = "", dtype=torch.float32):
-    """`model_name_or_path` is a full model, or an adapter directory whose adapter_config.json names
-    its base; `adapter_name_or_path` applies an adapter to the given base explicitly."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def help_field(default, help: str):
+    """A field whose help text becomes `--help` output (as in dist_glm.config)."""
+    return field(default=default, metadata={"help": help})
 
-    path = Path(model_name_or_path)
-    adapter = Path(adapter_name_or_path) if adapter_name_or_path else None
-    if adapter is None and (path / ADAPTER_FILE).is_file():
-        adapter = path
-        path = Path(json.loads((path / ADAPTER_FILE).read_text())["base_model_name_or_path"] or "")
-    if adapter is not None and not (adapter / ADAPTER_FILE).is_file():
-        raise UserError(f"adapter_name_or_path='{adapter}': no {ADAPTER_FILE} there; point it at a training output")
+
+@dataclass
+class ModelArgs:
+    """What to load; shared by evaluate.py, chat.py and export.py."""
+
+    model_name_or_path: str = help_field("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
+    adapter_name_or_path: str = help_field(
+        "", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path."
+    )
+    trust_remote_code: bool = help_field(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    dtype: str = help_field(
+        "auto",
+        "float32, bfloat16 or float16; auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype).",
+    )
+
+
+@dataclass
+class EvaluateArgs(ModelArgs):
+    output_dir: str = help_field(
+        "", "Where eval_results.json and generated_predictions.jsonl go (default: <model>/eval; never a recipe's)."
+    )
+    per_device_eval_batch_size: int = help_field(8, "Samples per forward pass and per generate call.")
+    predict_with_generate: bool = help_field(
+        True, "Also generate a reply per sample and report ROUGE/BLEU/exact match."
+    )
+    generation_max_new_tokens: int = help_field(128, "Token budget per generated reply.")
+    max_eval_samples: int = help_field(0, "Evaluate only the first N samples (0 = all).")
+
+
+@dataclass
+class ChatArgs(ModelArgs):
+    system: str = help_field("", "System prompt, the first turn of every conversation.")
+    max_new_tokens: int = help_field(512, "Token budget per reply.")
+    do_sample: bool | None = help_field(
+        None, "Sample instead of greedy decoding (default: the model's generation_config)."
+    )
+    temperature: float | None = help_field(None, "Sampling temperature (default: the model's generation_config).")
+    top_p: float | None = help_field(None, "Nucleus sampling top_p (default: the model's generation_config).")
+
+
+# Evaluation reads its data with the training pipeline; these DataConfig keys apply to it.
+EVAL_DATA_KEYS = (
+    "eval_dataset",
+    "dataset_format",
+    "prompt_column",
+    "response_column",
+    "template",
+    "cutoff_len",
+    "mask_history",
+    "train_on_prompt",
+    "on_invalid",
+    "data_cache_dir",
+)
+
+
+def log(msg: str) -> None:
+    if distributed.is_main_process():
+        print(f"[dist_glm] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- what a path names
+
+
+@dataclass
+class Artifact:
+    base: Path  # HF model directory: the weights (or only the architecture, from scratch) and tokenizer
+    method: str  # what trained it: full, freeze, lora, qlora or ptuning
+    adapter: Path | None = None  # PEFT adapter directory
+    checkpoint: Path | None = None  # training checkpoint directory
+    train_cfg: object = None  # the checkpoint's resolved training config (dist_glm.config.Config)
+
+    @property
+    def source(self) -> Path:
+        """The directory that holds the trained weights."""
+        return self.checkpoint or self.adapter or self.base
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        # Training saves the tokenizer next to an adapter; a checkpoint's comes from its base.
+        if self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file():
+            return self.adapter
+        return self.base
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / checkpoint.STATE_FILE).is_file() and (path / checkpoint.TAG).is_dir()
+
+
+def _recorded_base(adapter: Path) -> str:
+    return json.loads((adapter / ADAPTER_FILE).read_text()).get("base_model_name_or_path") or ""
+
+
+def _adapter_method(adapter: Path) -> str:
+    peft_type = json.loads((adapter / ADAPTER_FILE).read_text()).get("peft_type", "")
+    if peft_type == "PREFIX_TUNING":
+        return "ptuning"
+    return "qlora" if (adapter / QUANTIZATION_FILE).is_file() else "lora"
+
+
+def _not_a_model(name: str, path: Path) -> str | None:
+    if not path.is_dir():
+        return f"{name}='{path}': no such directory; pass {ARTIFACT_KINDS}"
+    found = checkpoint.list_checkpoints(str(path))
+    if found and not (path / "config.json").is_file():
+        return (
+            f"{name}='{path}' holds training checkpoints but no final model (did the run finish?); "
+            f"pass one of them, e.g. {found[-1][1]}"
+        )
     if not (path / "config.json").is_file():
-        raise UserError(f"model_name_or_path='{path}': no config.json there; point it at the base model directory")
-    extra = {}
-    if adapter is not None and (adapter / QUANTIZATION_FILE).is_file():
-        # A QLoRA adapter was trained against the quantized base: rebuild exactly that base.
-        settings = json.loads((adapter / QUANTIZATION_FILE).read_text())
-        extra["quantization_config"] = BitsAndBytesConfig.from_dict(settings)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
-    model.config.use_cache = True
-    if adapter is not None:
-        from peft import PeftModel
+        return (
+            f"{name}='{path}': no config.json, adapter_config.json or trainer_state.json there; pass {ARTIFACT_KINDS}"
+        )
+    return None
 
-        model = PeftModel.from_pretrained(model, adapter)
+
+def resolve_artifact(model_name_or_path: str, adapter_name_or_path: str = "") -> Artifact:
+    """Classify the paths without loading anything; raise one UserError naming the fix."""
+    model = Path(model_name_or_path) if model_name_or_path else None
+    adapter = Path(adapter_name_or_path) if adapter_name_or_path else None
+    if adapter is not None and model is None:
+        recorded = _recorded_base(adapter) if (adapter / ADAPTER_FILE).is_file() else ""
+        hint = f" (its adapter_config.json names '{recorded}')" if recorded else ""
+        raise UserError(f"adapter_name_or_path='{adapter}' needs its base model: pass --model_name_or_path=BASE{hint}")
+    if model is None:
+        raise UserError(f"model_name_or_path is required; pass {ARTIFACT_KINDS}")
+    if adapter is None and is_checkpoint(model):
+        return _checkpoint_artifact(model, base=None)
+    if adapter is None and (model / ADAPTER_FILE).is_file():
+        recorded = _recorded_base(model)
+        if not (Path(recorded) / "config.json").is_file():
+            raise UserError(
+                f"model_name_or_path='{model}' is an adapter trained on '{recorded}', which is not a model "
+                f"directory here; pass --model_name_or_path=BASE --adapter_name_or_path={model}"
+            )
+        model, adapter = Path(recorded), model
+    if adapter is not None and (is_checkpoint(model) or (model / ADAPTER_FILE).is_file()):
+        raise UserError(
+            f"model_name_or_path='{model}' must be the base model when adapter_name_or_path is given; "
+            f"pass the trained result alone as --model_name_or_path={model}"
+        )
+    if adapter is not None and is_checkpoint(adapter):  # a checkpoint moved away from its base: base given here
+        return _checkpoint_artifact(adapter, base=model)
+    problems = [p for p in [_not_a_model("model_name_or_path", model)] if p]
+    if adapter is not None and not (adapter / ADAPTER_FILE).is_file():
+        problems.append(
+            f"adapter_name_or_path='{adapter}': no {ADAPTER_FILE} there; pass the output_dir of a "
+            "lora, qlora or ptuning run (or one of its checkpoints)"
+        )
+    if problems:
+        raise UserError(problems)
+    if adapter is None:
+        from dist_glm.models import check_model_path
+
+        problems = check_model_path(str(model), from_scratch=False)
+        if problems:
+            raise UserError(problems)
+        return Artifact(base=model, method="full")
+    return Artifact(base=model, method=_adapter_method(adapter), adapter=adapter)
+
+
+def _checkpoint_artifact(ckpt: Path, base: Path | None) -> Artifact:
+    from dist_glm.config import load_config
+    from dist_glm.models import check_model_path
+
+    cfg_file = ckpt / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"checkpoint '{ckpt}' has no config.yaml; it was not written by dist_glm")
+    cfg = load_config([str(cfg_file)], default_yaml=None)
+    recorded = cfg.model.model_name_or_path
+    base = base or Path(recorded)
+    # A full checkpoint holds every weight: the base only contributes its config and tokenizer.
+    from_scratch = cfg.model.train_from_scratch or cfg.method.finetuning_type == "full"
+    problems = check_model_path(str(base), from_scratch)
+    if problems:
+        raise UserError(
+            f"checkpoint '{ckpt}' was trained from model_name_or_path='{recorded}' (its config.yaml), which is "
+            f"not usable here ({problems[0]}); pass --model_name_or_path=BASE --adapter_name_or_path={ckpt}"
+        )
+    cfg.model.model_name_or_path = str(base)
+    return Artifact(base=base, method=cfg.method.finetuning_type, checkpoint=ckpt, train_cfg=cfg)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def check_model_args(args: ModelArgs) -> list[str]:
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        return [f"dtype='{args.dtype}' is not supported; use auto, {', '.join(DTYPES)}"]
+    return []
+
+
+def resolve_dtype(name: str, art: Artifact, device: torch.device, for_export: bool = False) -> torch.dtype:
+    """'auto': the base model's own dtype (its config.json) when exporting or on a GPU; float32 on CPU,
+    where half-precision matmuls are slow, and for a config that names none."""
+    if name != "auto":
+        return DTYPES[name]  # checked by check_model_args
+    if not for_export and device.type == "cpu":
+        return torch.float32
+    from transformers import AutoConfig
+
+    own = getattr(AutoConfig.from_pretrained(art.base), "dtype", None)
+    own = getattr(torch, own, None) if isinstance(own, str) else own
+    return own if own in DTYPES.values() else torch.float32
+
+
+def load_for_inference(
+    model_name_or_path: str,
+    adapter_name_or_path: str = "",
+    dtype=torch.float32,
+    *,
+    device: torch.device | str | None = None,
+    dequantize: bool = False,
+):
+    """The model in eval mode, from any artifact (see the module docstring). `device` defaults to this
+    process's accelerator (the CPU without one). `dequantize`: a QLoRA base is rebuilt quantized, exactly
+    as trained, then turned back into ordinary weights of `dtype` (what export merges into)."""
+    return load_artifact(resolve_artifact(model_name_or_path, adapter_name_or_path), dtype, device, dequantize)
+
+
+def load_artifact(art: Artifact, dtype=torch.float32, device=None, dequantize: bool = False):
+    device = torch.device(device) if device is not None else distributed.local_device()
+    if art.method == "qlora":
+        import logging
+
+        # LLM.int8 logs "inputs will be cast to float16" on every forward of every layer; that cast is
+        # how its 8-bit matmul works, not a problem to report.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if art.checkpoint is not None:
+        model = _load_checkpoint(art, dtype, device, dequantize)
+    else:
+        quantization = None
+        if art.method == "qlora":
+            from transformers import BitsAndBytesConfig
+
+            # A QLoRA adapter was trained against the quantized base: rebuild exactly that base.
+            settings = json.loads((art.adapter / QUANTIZATION_FILE).read_text())
+            quantization = BitsAndBytesConfig.from_dict(settings)
+        model = _load_base(art.base, dtype, device, quantization, dequantize)
+        if art.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, art.adapter)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (art.base / "generation_config.json").is_file():  # a model built from its config alone lacks it
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(art.base)
+    base.config.use_cache = base.generation_config.use_cache = True  # turned off for training
+    base.config.name_or_path = str(art.base)  # where the tokenizer is; a model built from its config has none
     return model.eval()
+
+
+def _load_base(path: Path, dtype, device, quantization, dequantize: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device}
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+    if quantization is not None and dequantize:
+        model = model.dequantize(dtype=dtype)
+    return model
+
+
+def read_checkpoint_weights(ckpt: Path, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights of a training checkpoint as one state dict on CPU, under the trained module's names.
+
+    ZeRO 1-3 keep fp32 master weights partitioned over the ranks' optimizer files (zero_pp_rank_*);
+    DeepSpeed's zero_to_fp32 stitches them together without a process group. ZeRO-0 keeps the whole
+    module in one file (in the training dtype; its bf16 optimizer's bf16_zero_pp_rank_* files are not a
+    format zero_to_fp32 reads)."""
+    ds_dir = ckpt / checkpoint.TAG
+    if any(ds_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress bars and a stage banner
+            return get_fp32_state_dict_from_zero_checkpoint(
+                str(ckpt), tag=checkpoint.TAG, exclude_frozen_parameters=trainable_only
+            )
+    files = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise UserError(f"checkpoint '{ckpt}': no DeepSpeed model states under {ds_dir}; is the checkpoint complete?")
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+
+def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
+    """Rebuild the trained module exactly as training built it (base, quantization, PEFT wrapping), then
+    load the checkpoint's weights into it."""
+    from dist_glm.methods import get_method, lora
+    from dist_glm.models import check_model_path, load_model
+
+    cfg = art.train_cfg
+    method = get_method(art.method)
+    state = read_checkpoint_weights(art.checkpoint, method.trainable_only)
+    quantization = method.quantization_config(cfg)
+    model_cfg = cfg.model
+    if art.method == "full" and check_model_path(model_cfg.model_name_or_path, from_scratch=False):
+        # Every weight is in the checkpoint: a base directory with only config and tokenizer will do.
+        model_cfg = dataclasses.replace(model_cfg, train_from_scratch=True)
+    model = load_model(model_cfg, {}, dtype == torch.bfloat16, cfg.train.seed, quantization)
+    if quantization is not None and dequantize:
+        model = model.dequantize(dtype=dtype)
+    if quantization is None or dequantize:
+        model = model.to(device=device, dtype=dtype)
+    if art.method in ("lora", "qlora", "ptuning"):
+        # A dequantized QLoRA base is an ordinary model: it takes plain LoRA wrapping.
+        model = (lora if art.method == "qlora" and dequantize else method).prepare(model, cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise UserError(f"checkpoint '{art.checkpoint}': does not fit base '{art.base}' ({str(e)[:300]})") from None
+    missing = [] if method.trainable_only else missing
+    if unexpected or missing:
+        odd = (unexpected or missing)[0]
+        raise UserError(
+            f"checkpoint '{art.checkpoint}': {len(unexpected)} weights not in the model built from '{art.base}' "
+            f"and {len(missing)} missing (e.g. {odd}); is that the base it was trained from?"
+        )
+    return model
+
+
+def generation_eos_ids_of(model, tokenizer) -> list[int]:
+    from dist_glm.models import generation_eos_ids
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return generation_eos_ids(base, tokenizer)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class _Engine:
+    """The two things dist_glm.evaluate uses of a DeepSpeed engine, for a plain model: a forward call and
+    `.module`. Inference never switches training mode (dropout) back on."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def eval(self):
+        self.module.eval()
+
+    def train(self):
+        self.module.eval()
+
+
+def evaluate(args: EvaluateArgs, data_cfg) -> dict:
+    """Loss, perplexity and (predict_with_generate) ROUGE-1/2/L, BLEU-4 and exact match on the whole eval
+    set, with the very functions the trainer evaluates with, so the numbers are comparable. Under a
+    launcher each rank holds the whole model and takes a shard of the set; alone it is a world of one."""
+    from dist_glm.data.formats import check_data_paths
+    from dist_glm.data.preprocess import prepare
+    from dist_glm.data.template import choose_template
+    from dist_glm.evaluate import eval_loss, predict
+    from dist_glm.models import load_tokenizer
+
+    art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
+    problems = check_model_args(args)
+    problems += check_data_paths(data_cfg.eval_dataset, "eval_dataset") if data_cfg.eval_dataset else []
+    if not data_cfg.eval_dataset:
+        problems.append("eval_dataset is required; set it to one or more comma-separated jsonl/json files")
+    for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):
+        if getattr(args, key) < 1:
+            problems.append(f"{key}={getattr(args, key)} must be at least 1")
+    if problems:
+        raise UserError(problems)
+    out = Path(args.output_dir) if args.output_dir else art.source / "eval"
+
+    rank, world = distributed.init_distributed()
+    device = distributed.local_device()
+    dtype = resolve_dtype(args.dtype, art, device)
+    tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
+    model = load_artifact(art, dtype, device)
+    log(f"loaded {art.source} ({art.method}, {str(dtype).removeprefix('torch.')}) on {device}, {world} rank(s)")
+    # The cache sits beside the eval file and is shared with training's (same key for the same settings).
+    data_cfg = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset)
+    template = choose_template(data_cfg.template, tokenizer, model.config.model_type)
+    examples, stats = prepare(
+        data_cfg.eval_dataset, tokenizer, str(art.tokenizer_dir), template, data_cfg, args.max_eval_samples, log
+    )
+    if not examples:
+        raise UserError(f"eval_dataset: no usable samples ({stats.summary('eval_dataset')})")
+
+    engine, pad_id = _Engine(model), tokenizer.pad_token_id
+    record = eval_loss(engine, examples, args.per_device_eval_batch_size, pad_id, device)
+    predictions = []
+    if args.predict_with_generate:
+        eos_ids = generation_eos_ids_of(model, tokenizer)
+        predictions, gen = predict(
+            engine,
+            examples,
+            tokenizer,
+            args.per_device_eval_batch_size,
+            args.generation_max_new_tokens,
+            eos_ids,
+            False,
+            device,
+        )
+        record.update(gen)
+    results = {
+        **record,
+        "eval/samples": len(examples),
+        "model_name_or_path": args.model_name_or_path,
+        "adapter_name_or_path": args.adapter_name_or_path,
+        "eval_dataset": data_cfg.eval_dataset,
+        "generation_max_new_tokens": args.generation_max_new_tokens,
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        if predictions:
+            with open(out / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
+                for e, p in zip(examples, predictions, strict=True):
+                    prompt = tokenizer.decode(e.prompt_ids)
+                    f.write(
+                        json.dumps({"prompt": prompt, "prediction": p, "reference": e.reference}, ensure_ascii=False)
+                    )
+                    f.write("\n")
+        log(
+            ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items())
+            + f" on {len(examples)} samples; written to {out}"
+        )
+    distributed.barrier()
+    return results
+
+
+# ---------------------------------------------------------------- chat
+
+
+class ChatSession:
+    """A conversation with one model: history, system prompt, streamed replies."""
+
+    def __init__(self, args: ChatArgs):
+        from dist_glm.models import load_tokenizer
+
+        art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
+        self.args, self.device = args, distributed.local_device()
+        self.tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
+        self.model = load_artifact(art, resolve_dtype(args.dtype, art, self.device), self.device)
+        self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
+        self.source = art.source
+        self.history: list[dict] = []
+
+    def clear(self) -> None:
+        self.history = []
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(enc["input_ids"])
+
+    def _fit(self, query: str) -> tuple[list[int], int, int]:
+        """Prompt ids for history + query, dropping the oldest rounds while the reply would have less room
+        than max_new_tokens (at most a quarter of the context). Returns (ids, reply budget, rounds dropped)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        room = min(self.args.max_new_tokens, limit // 4)
+        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        dropped = 0
+        while True:
+            ids = self._prompt_ids(system + self.history + [{"role": "user", "content": query}])
+            if len(ids) + room <= limit or not self.history:
+                return ids, max(min(self.args.max_new_tokens, limit - len(ids)), 0), dropped
+            self.history = self.history[2:]  # one user + assistant round
+            dropped += 1
+
+    def reply(self, query: str, stop: threading.Event):
+        """Yield the reply to `query` in pieces as they are generated; record the round in the history
+        unless `stop` was set (the reply was interrupted)."""
+        from transformers import StoppingCriteria, TextIteratorStreamer
+
+        class StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        ids, budget, dropped = self._fit(query)
+        if dropped:
+            yield f"[history too long: dropped the {dropped} oldest round(s)]\n"
+        if budget == 0:
+            yield f"[message too long: {len(ids)} tokens fill the model's context; send a shorter one]"
+            return
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {k: getattr(self.args, k) for k in ("do_sample", "temperature", "top_p")}
+        kwargs = dict(
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            max_new_tokens=budget,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            stopping_criteria=[StopOnEvent()],
+            **{k: v for k, v in sampling.items() if v is not None},
+        )
+        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        text, started = "", False
+        for piece in streamer:
+            if piece and not started:  # GLM starts a reply with the newline after <|assistant|>
+                piece, started = piece.removeprefix("\n"), True
+            text += piece
+            if piece:
+                yield piece
+        worker.join()
+        if not stop.is_set():
+            self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": text}]

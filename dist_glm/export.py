@@ -1,0 +1,96 @@
+"""Export: turn any trained artifact into one standalone HF model directory (safetensors weights, config,
+tokenizer, generation config) that `AutoModelForCausalLM.from_pretrained` loads with no PEFT, DeepSpeed
+or bitsandbytes.
+
+- LoRA adapter + base: the adapter is merged into the base weights (W + scale * B @ A).
+- QLoRA adapter + base: the base is rebuilt quantized exactly as it was trained, de-quantized to
+  ordinary weights, and the adapter merged into those. The result is what the adapter model computes
+  (to float rounding), not the original full-precision base plus the adapter, which the adapter never
+  saw in training.
+- A training checkpoint (any method but ptuning, any ZeRO stage, ZeRO-3 included): consolidated from
+  every rank's partition (fp32 master weights), merged when it holds an adapter.
+- P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
+  of any weight, so no plain HF model can carry it. Use the prefix as it is (chat.py, evaluate.py,
+  `load_for_inference`).
+"""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_glm.errors import UserError
+from dist_glm.inference import ModelArgs, check_model_args, help_field, load_artifact, resolve_artifact, resolve_dtype
+
+PTUNING_REFUSED = (
+    "a P-tuning v2 prefix cannot be merged into model weights (it adds key/value vectors to every attention "
+    "layer, not a weight change); use it as it is: chat.py, evaluate.py and "
+    "dist_glm.inference.load_for_inference take the same --model_name_or_path/--adapter_name_or_path as here"
+)
+
+
+@dataclass
+class ExportArgs(ModelArgs):
+    export_dir: str = help_field("", "Directory for the exported HF model.")
+    overwrite_export_dir: bool = help_field(False, "Replace export_dir if it is not empty.")
+    max_shard_size: str = help_field("5GB", "Largest safetensors file; bigger models are split into shards.")
+
+
+def _within(a: Path, b: Path) -> bool:
+    """Whether a is b or inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_export_dir(args: ExportArgs, sources: list[Path]) -> list[str]:
+    if not args.export_dir:
+        return ["export_dir is required; set it to a new directory for the exported model"]
+    out = Path(args.export_dir)
+    for src in sources:
+        if _within(src, out) or _within(out, src):
+            return [f"export_dir='{out}' overlaps the model being exported ('{src}'); choose another directory"]
+    if out.exists() and not out.is_dir():
+        return [f"export_dir='{out}' is a file; choose a directory"]
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_export_dir:
+        return [f"export_dir='{out}' is not empty; pass --overwrite_export_dir to replace it, or choose another one"]
+    return []
+
+
+def export(args: ExportArgs) -> Path:
+    """Write the merged / consolidated model to `args.export_dir`; returns that path."""
+    from dist_glm.models import load_tokenizer
+
+    art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
+    problems = check_model_args(args)
+    if art.method == "ptuning":
+        problems.append(PTUNING_REFUSED)
+    problems += check_export_dir(args, [p for p in (art.base, art.adapter, art.checkpoint) if p is not None])
+    if problems:
+        raise UserError(problems)
+
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, art, cpu, for_export=True)
+    model = load_artifact(art, dtype, cpu, dequantize=True)
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the adapter into the base weights
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+    model.config.use_cache = True
+    if hasattr(model.config, "quantization_config"):  # de-quantized: the weights are ordinary now
+        del model.config.quantization_config
+    tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
+
+    # Written beside the target and renamed when complete, so an interrupted export never looks finished.
+    out = Path(args.export_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    what = {"full": "model", "freeze": "model"}.get(art.method, f"{art.method} adapter merged into its base")
+    print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}) to {out}", flush=True)
+    return out
