@@ -347,7 +347,7 @@ def train(cfg: Config) -> dict:
     logger.close()
 
     out = Path(t.output_dir)
-    export_final(engine, run.method, run.tokenizer, out)
+    export_final(engine, run.method, run.tokenizer, out, cfg.model.model_name_or_path)
     results.update(global_step=step, best_eval_loss=state["best_eval_loss"])
     if state.get("best_metric") is not None:
         results.update(best_metric=state["best_metric"], best_step=state["best_step"])
@@ -419,16 +419,26 @@ def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:
     return record
 
 
-def export_final(engine, method, tokenizer, out: Path) -> None:
+def export_final(engine, method, tokenizer, out: Path, model_path: str) -> None:
     """Collective: gather the (possibly ZeRO-3 partitioned) trained weights, then rank 0 writes them."""
+    from transformers import GenerationConfig
+
     state_dict = distributed.gather_state_dict(engine.module, trainable_only=method.export_trainable_only)
     if distributed.is_main_process():
         model = engine.module
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = True  # turned off for training; the exported model should generate fast
         method.save_artifact(model, state_dict, tokenizer, out)
-        if not method.export_trainable_only and base.generation_config is not None:
-            base.generation_config.save_pretrained(out)
+        if not method.export_trainable_only:
+            # The base's own generation config (GLM's several eos ids); a model built with
+            # train_from_scratch only has a default one derived from config.json.
+            try:
+                generation = GenerationConfig.from_pretrained(model_path)
+            except OSError:
+                generation = base.generation_config
+            if generation is not None:
+                generation.use_cache = True
+                generation.save_pretrained(out)
     distributed.barrier()
 
 
