@@ -204,7 +204,7 @@ CHAT_HELP = "commands: 'clear' starts a new conversation, 'exit' (or Ctrl-D) qui
 def chat_main(argv: list[str] | None = None) -> None:
     """Interactive, streaming chat with a trained result (launch/chat.py)."""
     argv = sys.argv[1:] if argv is None else argv
-    from dist_glm.inference import ChatArgs
+    from dist_glm.chat import ChatArgs
 
     if "-h" in argv or "--help" in argv:
         print(
@@ -219,7 +219,8 @@ def chat_main(argv: list[str] | None = None) -> None:
     use_cpu_accelerator_if_no_gpu()
     try:
         (args,) = load_tool_args(argv, [(ChatArgs, None)])
-        from dist_glm.inference import ChatSession, check_model_args
+        from dist_glm.chat import ChatSession
+        from dist_glm.inference import check_model_args
 
         problems = check_model_args(args)
         if args.max_new_tokens < 1:

@@ -1,0 +1,103 @@
+"""Chatting with a trained result: history, a system prompt and streamed replies (launch/chat.py)."""
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from dist_glm import distributed
+from dist_glm.inference import (
+    ModelArgs,
+    generation_eos_ids_of,
+    help_field,
+    load_artifact,
+    resolve_artifact,
+    resolve_dtype,
+)
+
+
+@dataclass
+class ChatArgs(ModelArgs):
+    system: str = help_field("", "System prompt, the first turn of every conversation.")
+    max_new_tokens: int = help_field(512, "Token budget per reply.")
+    do_sample: bool | None = help_field(
+        None, "Sample instead of greedy decoding (default: the model's generation_config)."
+    )
+    temperature: float | None = help_field(None, "Sampling temperature (default: the model's generation_config).")
+    top_p: float | None = help_field(None, "Nucleus sampling top_p (default: the model's generation_config).")
+
+
+class ChatSession:
+    """A conversation with one model: history, system prompt, streamed replies."""
+
+    def __init__(self, args: ChatArgs):
+        from dist_glm.models import load_tokenizer
+
+        art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
+        self.args, self.device = args, distributed.local_device()
+        self.tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
+        self.model = load_artifact(art, resolve_dtype(args.dtype, art, self.device), self.device)
+        self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
+        self.source = art.source
+        self.history: list[dict] = []
+
+    def clear(self) -> None:
+        self.history = []
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(enc["input_ids"])
+
+    def _fit(self, query: str) -> tuple[list[int], int, int]:
+        """Prompt ids for history + query, dropping the oldest rounds while the reply would have less room
+        than max_new_tokens (at most a quarter of the context). Returns (ids, reply budget, rounds dropped)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        room = min(self.args.max_new_tokens, limit // 4)
+        system = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        dropped = 0
+        while True:
+            ids = self._prompt_ids(system + self.history + [{"role": "user", "content": query}])
+            if len(ids) + room <= limit or not self.history:
+                return ids, max(min(self.args.max_new_tokens, limit - len(ids)), 0), dropped
+            self.history = self.history[2:]  # one user + assistant round
+            dropped += 1
+
+    def reply(self, query: str, stop: threading.Event):
+        """Yield the reply to `query` in pieces as they are generated; record the round in the history
+        unless `stop` was set (the reply was interrupted)."""
+        from transformers import StoppingCriteria, TextIteratorStreamer
+
+        class StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        ids, budget, dropped = self._fit(query)
+        if dropped:
+            yield f"[history too long: dropped the {dropped} oldest round(s)]\n"
+        if budget == 0:
+            yield f"[message too long: {len(ids)} tokens fill the model's context; send a shorter one]"
+            return
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sampling = {k: getattr(self.args, k) for k in ("do_sample", "temperature", "top_p")}
+        kwargs = dict(
+            input_ids=torch.tensor([ids], device=self.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
+            max_new_tokens=budget,
+            eos_token_id=self.eos_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            streamer=streamer,
+            stopping_criteria=[StopOnEvent()],
+            **{k: v for k, v in sampling.items() if v is not None},
+        )
+        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        text, started = "", False
+        for piece in streamer:
+            if piece and not started:  # GLM starts a reply with the newline after <|assistant|>
+                piece, started = piece.removeprefix("\n"), True
+            text += piece
+            if piece:
+                yield piece
+        worker.join()
+        if not stop.is_set():
+            self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": text}]
