@@ -27,7 +27,18 @@ setup(
         "jieba>=0.42",
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU Adam (ZeRO-Offload) with it
         "numpy",
+        "fastapi>=0.110",  # launch/serve.py: the OpenAI-compatible API
+        "uvicorn>=0.29",
+        "pydantic>=2",
     ],
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6"]},
-    entry_points={"console_scripts": ["dist-glm-train=dist_glm.cli:train_main"]},
+    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "openai>=1.40", "httpx>=0.27"]},
+    entry_points={
+        "console_scripts": [
+            "dist-glm-train=dist_glm.cli:train_main",
+            "dist-glm-evaluate=dist_glm.cli:evaluate_main",
+            "dist-glm-chat=dist_glm.cli:chat_main",
+            "dist-glm-export=dist_glm.cli:export_main",
+            "dist-glm-serve=dist_glm.serve:main",
+        ]
+    },
 )

@@ -74,6 +74,12 @@ def test_signal_before_time_limit_checkpoints_requeues_and_resumes(slurm_env, tm
     deadline = time.time() + 600
     while not job_gone(slurm_env, job_id):
         assert time.time() < deadline, log.read_text()[-4000:]
+        # Slurm defers a requeued job's start (BeginTime) by a couple of minutes; here, start it now.
+        state = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%T %r"], env=slurm_env, capture_output=True, text=True
+        )
+        if state.stdout.split()[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_env)
         time.sleep(1)
     text = log.read_text()
     assert "preempted; checkpoint saved; requeueing" in text and "restart 1" in text, text[-4000:]

@@ -1,0 +1,399 @@
+"""The OpenAI-compatible server: a real `python launch/serve.py` process on a briefly trained tiny GLM,
+driven by the official `openai` client (and raw httpx where the client would refuse to send the request).
+
+Every reply is checked against greedy `model.generate` run here in the test process, token for token:
+plain, streamed, under stop sequences and max_tokens, and for 50 concurrent requests."""
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import REPO, base_args, child_env, run_train
+from dist_glm.serve import MAX_BODY_BYTES, Job, ReplyText, Sampling, _PerRowSampling
+
+KEY = "test-key-123"
+NAME = "tiny-demo"
+DEV = [json.loads(line)["content"] for line in (REPO / "data/advertisegen_demo/dev.jsonl").read_text().splitlines()]
+
+
+def user(content: str) -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reply_text_holds_back_split_characters_and_stop_prefixes():
+    # A fake byte-level tokenizer: each "token" is a few bytes; "好" (3 bytes in UTF-8) is split in two tokens.
+    pieces = [b"\n", b"ab", b"\xe5\xa5", b"\xbd", b"c", b"ST", b"OP", b"tail"]
+    decode = lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+    reply = ReplyText(decode, stops=("STOP",))
+    out = []
+    for i in range(len(pieces)):
+        reply.add(i)
+        out.append(reply.take())
+        if reply.stop_at is not None:
+            break
+    out.append(reply.take(final=True))
+    # The leading newline is dropped, the split character comes out whole, "ST" waits until "OP" completes
+    # the stop sequence, and nothing from the stop sequence on is ever handed out.
+    assert out == ["", "ab", "", "好", "c", "", "", ""]
+    assert reply.stop_at == len("ab好c")
+
+
+def test_reply_text_releases_a_false_stop_prefix():
+    pieces = [b"x", b"ST", b"ay"]
+    decode = lambda ids: b"".join(pieces[i] for i in ids).decode()
+    reply = ReplyText(decode, stops=("STOP",))
+    out = []
+    for i in range(len(pieces)):
+        reply.add(i)
+        out.append(reply.take())
+    assert out == ["x", "", "STay"] and reply.stop_at is None
+
+
+def test_per_row_sampling_applies_openai_adjustments_row_by_row():
+    def job(generated=(), **sampling) -> Job:
+        j = Job(id="j", prompt_ids=[1], max_tokens=9, sampling=Sampling(**sampling), stops=(), loop=None)
+        j.generated, j.rng = list(generated), torch.Generator().manual_seed(0)
+        return j
+
+    jobs = [
+        job(),  # plain greedy: untouched
+        job(generated=[4, 4], logit_bias=((2, 5.0),), frequency_penalty=0.5, presence_penalty=1.0),
+        job(temperature=1.0, top_p=0.5),  # token 1 alone holds over half the mass: top_p keeps only it
+    ]
+    scores = torch.tensor([[0.0, 1.0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 3.0, 0, 0, 0, 0]])
+    out = _PerRowSampling(jobs)(torch.zeros(3, 1, dtype=torch.long), scores.clone())
+    inf = float("inf")
+    assert out.tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 5, 0, -2, 0], [-inf, 0, -inf, -inf, -inf, -inf]]
+
+
+# ---------------------------------------------------------------------------------------------
+# A running server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory) -> Path:
+    """The tiny GLM after 100 steps on the demo data: short, prompt-dependent replies (about 30 s)."""
+    out = tmp_path_factory.mktemp("serve") / "demo"
+    data = REPO / "data" / "advertisegen_demo" / "train.jsonl"
+    settings = dict(max_steps=100, learning_rate=5e-3, per_device_train_batch_size=16, cutoff_len=64, warmup_steps=5)
+    run_train(base_args(out, data, **settings), nprocs=None)
+    return out
+
+
+class Server:
+    def __init__(self, model: Path, log: Path):
+        self.model, self.log = model, log
+        cmd = [sys.executable, "launch/serve.py", f"--model_name_or_path={model}", "--port=0", f"--api_key={KEY}"]
+        cmd += [f"--served_model_name={NAME}", "--max_batch_size=8"]
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not (m := re.search(r"at (http://\S+/v1) ", self.text())):
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"server did not start:\n{self.text()}"
+            time.sleep(0.2)
+        self.url = m.group(1)
+        self.client = openai.OpenAI(base_url=self.url, api_key=KEY, max_retries=0, timeout=60)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout_s: float = 30) -> str:
+        """The first log line matching `pattern`, once the server has written it."""
+        deadline = time.monotonic() + timeout_s
+        while not (m := re.search(pattern, self.text())):
+            assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{self.text()[-2000:]}"
+            time.sleep(0.1)
+        return m.group(0)
+
+    def health(self) -> dict:
+        return httpx.get(self.url.removesuffix("/v1") + "/health").json()
+
+    def post(self, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        content = json.dumps(body) if isinstance(body, dict) else body
+        kwargs.setdefault("timeout", 60)
+        return httpx.post(f"{self.url}/chat/completions", content=content, headers=headers, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def server(demo_model, tmp_path_factory):
+    srv = Server(demo_model, tmp_path_factory.mktemp("serve_log") / "server.log")
+    yield srv
+    srv.proc.terminate()
+    # uvicorn shuts down cleanly, then exits by the signal it caught.
+    assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM), srv.text()[-3000:]
+    assert "Traceback" not in srv.text(), srv.text()  # bad input and dropped clients never crash a request
+
+
+REFERENCE_TOKENS = 40  # every reply the tests ask for is at most this long
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model):
+    """Greedy decoding of the same checkpoint in this process: what every reply must equal."""
+    from dist_glm.inference import load_for_inference
+    from dist_glm.models import generation_eos_ids, load_tokenizer
+
+    model, tok = load_for_inference(str(demo_model)), load_tokenizer(str(demo_model))
+    eos = generation_eos_ids(str(demo_model), tok)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside a busy server on 2 cores, two OpenMP threads here would crawl
+    generated = {}
+
+    def expected(messages: list[dict], max_tokens: int) -> dict:
+        assert max_tokens <= REFERENCE_TOKENS
+        key = json.dumps(messages)
+        if key not in generated:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+            out = model.generate(
+                torch.tensor([ids]), max_new_tokens=REFERENCE_TOKENS, do_sample=False, eos_token_id=eos, use_cache=True
+            )
+            generated[key] = (len(ids), out[0, len(ids) :].tolist())
+        prompt_tokens, new = generated[key]
+        new = new[:max_tokens]
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        return dict(
+            text=tok.decode(new[:cut], skip_special_tokens=True).removeprefix("\n"),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(new) if cut is None else cut + 1,  # the end-of-reply token counts
+            finish_reason="length" if cut is None else "stop",
+        )
+
+    yield expected
+    torch.set_num_threads(threads)
+
+
+def check_reply(completion, expected: dict) -> None:
+    choice = completion.choices[0]
+    assert (choice.message.content, choice.finish_reason) == (expected["text"], expected["finish_reason"])
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (expected["prompt_tokens"], expected["completion_tokens"])
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def stream_text(server: Server, **request) -> tuple[str, list, object, list]:
+    chunks = list(server.client.chat.completions.create(model=NAME, stream=True, **request))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return text, reasons, chunks[-1].usage, chunks
+
+
+@pytest.mark.slow
+def test_models_health_and_api_key(server):
+    assert [m.id for m in server.client.models.list().data] == [NAME]
+    assert server.health()["status"] == "ok"  # no key needed
+    wrong = openai.OpenAI(base_url=server.url, api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        wrong.chat.completions.create(model=NAME, messages=user(DEV[0]), max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    r = server.post({"model": NAME, "messages": user(DEV[0])}, key=None)  # the openai client always sends a key
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.slow
+def test_plain_and_streamed_completion_equal_greedy_generate(server, reference):
+    expected = reference(user(DEV[0]), 40)
+    assert expected["finish_reason"] == "stop" and len(expected["text"]) > 10, expected  # a real, finished reply
+    plain = server.client.chat.completions.create(model=NAME, messages=user(DEV[0]), max_tokens=40, temperature=0)
+    check_reply(plain, expected)
+    assert plain.model == NAME and plain.choices[0].message.role == "assistant"
+
+    text, reasons, usage, chunks = stream_text(
+        server, messages=user(DEV[0]), max_tokens=40, temperature=0, stream_options={"include_usage": True}
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert (text, reasons) == (expected["text"], ["stop"])
+    assert usage == plain.usage
+    # Without include_usage no chunk carries usage.
+    _, _, usage, _ = stream_text(server, messages=user(DEV[0]), max_tokens=40, temperature=0)
+    assert usage is None
+
+
+@pytest.mark.slow
+def test_stop_sequences_and_max_tokens(server, reference):
+    full = reference(user(DEV[1]), 40)["text"]
+    stop = full[6:8]  # cut inside the reply
+    want = full[: full.index(stop)]
+    plain = server.client.chat.completions.create(model=NAME, messages=user(DEV[1]), max_tokens=40, stop=[stop, "@@"])
+    assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (want, "stop")
+    text, reasons, _, _ = stream_text(server, messages=user(DEV[1]), max_tokens=40, stop=stop)
+    assert (text, reasons) == (want, ["stop"])
+
+    short = server.client.chat.completions.create(model=NAME, messages=user(DEV[1]), max_tokens=2)
+    check_reply(short, reference(user(DEV[1]), 2))
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_reproducible(server):
+    def sample(seed):
+        request = dict(model=NAME, messages=user(DEV[2]), max_tokens=20, temperature=1.5, top_p=0.95, seed=seed)
+        return server.client.chat.completions.create(**request).choices[0].message.content
+
+    assert sample(11) == sample(11)
+    assert len({sample(s) for s in range(6)}) > 1  # it does sample
+
+
+BAD_REQUESTS = [
+    ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "role"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "text"),
+    ({"n": 2}, 400, "n=2"),
+    ({"temperature": 3}, 400, "temperature"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"logit_bias": {"99999": 5}}, 400, "vocabulary size"),
+    ({"logprobs": True}, 400, "logprobs"),
+    ({"messages": user(DEV[0] * 40)}, 400, "maximum context length is 512"),
+    ({"max_tokens": 500}, 400, "maximum context length is 512"),
+    ({"model": "gpt-4"}, 404, "does not exist"),
+]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_4xx_with_openai_error_bodies(server):
+    for change, status, message in BAD_REQUESTS:
+        r = server.post({"model": NAME, "messages": user(DEV[0]), "max_tokens": 8} | change)
+        assert r.status_code == status, (change, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and message in error["message"], (change, error)
+    for raw in ('{"model": "tiny-demo", "messages": [', "not json", ""):
+        r = server.post(raw)
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"], (raw, r.text)
+    r = server.post(b"x" * (MAX_BODY_BYTES + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(
+        f"{server.url}/chat/completions", content=iter([b"{}"]), headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert chunked.status_code == 411, chunked.text
+    with pytest.raises(openai.BadRequestError, match="role"):
+        server.client.chat.completions.create(model=NAME, messages=[{"role": "robot", "content": "hi"}])
+    # Still serving.
+    assert server.client.chat.completions.create(model=NAME, messages=user(DEV[0]), max_tokens=4).choices
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_requests_all_get_their_own_reply(server, reference):
+    # 50 prompts, each with its own max_tokens (2..10: some replies cut, some finished), half streamed: the
+    # replies differ from request to request, so a mix-up between batch rows would show.
+    requests = [(user(DEV[i]), 2 + i % 9) for i in range(50)]
+    expected = [reference(messages, max_tokens) for messages, max_tokens in requests]
+    assert len({e["text"] for e in expected}) > 10
+    start = threading.Barrier(50)
+
+    def ask(i: int):
+        messages, max_tokens = requests[i]
+        start.wait()
+        if i % 2:
+            text, reasons, usage, _ = stream_text(
+                server, messages=messages, max_tokens=max_tokens, stream_options={"include_usage": True}
+            )
+            return text, reasons[0], usage.completion_tokens
+        reply = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=max_tokens)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    with ThreadPoolExecutor(50) as pool:
+        got = list(pool.map(ask, range(50)))
+    assert got == [(e["text"], e["finish_reason"], e["completion_tokens"]) for e in expected]
+    batches = [int(n) for n in re.findall(r"batch of up to (\d+)", server.text())]
+    assert max(batches) == 8, "concurrent requests were not batched up to --max_batch_size"
+
+
+def _endless(server: Server, messages: list[dict], max_tokens: int) -> dict:
+    """A streamed request whose logit_bias bans every end-of-reply token: it runs to max_tokens."""
+    eos = json.loads((server.model / "generation_config.json").read_text())["eos_token_id"]
+    bias = {str(t): -100 for t in eos}
+    return {"model": NAME, "messages": messages, "max_tokens": max_tokens, "stream": True, "logit_bias": bias}
+
+
+@pytest.mark.slow
+def test_a_slow_client_and_a_long_reply_do_not_block_a_short_request(server, reference):
+    body = _endless(server, user(DEV[3]), 300)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/chat/completions", json=body, headers=headers, timeout=60) as slow:
+        lines = slow.iter_lines()
+        long_id = json.loads(next(lines)[6:])["id"]  # the slow client reads one event, then stops reading
+        started = time.monotonic()
+        fast = server.client.chat.completions.create(model=NAME, messages=user(DEV[4]), max_tokens=24, timeout=30)
+        fast_s = time.monotonic() - started
+        check_reply(fast, reference(user(DEV[4]), 24))
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]  # now read the rest
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    # The short request joined the running batch and finished while the 300-token reply was still generating.
+    fast_line, long_line = server.wait_for(rf"{fast.id}: .*"), server.wait_for(rf"{long_id}: .*")
+    log = server.text()
+    assert log.index(fast_line) < log.index(long_line), (fast_line, long_line)
+    print(f"short request answered in {fast_s:.2f} s beside a 300-token stream that sat unread")
+
+
+@pytest.mark.slow
+def test_client_disconnect_cancels_its_generation(server):
+    body = _endless(server, user(DEV[5]), 480)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/chat/completions", json=body, headers=headers, timeout=60) as r:
+        lines = r.iter_lines()
+        data = (json.loads(line[6:]) for line in lines if line.startswith("data: "))
+        first, _ = next(data), next(data)  # the role event, then the first text: generation is under way
+    # Leaving the block closed the connection mid-stream.
+    line = server.wait_for(rf"{first['id']}: .*")
+    m = re.search(r"\+ (\d+) completion tokens, finish=(\w+)", line)
+    assert m.group(2) == "cancelled" and int(m.group(1)) < 480, line
+
+    # A non-streamed request whose client gives up: its generation stops and its handler returns.
+    cancelled_before = server.text().count("finish=cancelled")
+    with pytest.raises(httpx.ReadTimeout):
+        server.post(body | {"stream": False}, timeout=httpx.Timeout(30, read=0.5))
+    server.wait_for(r"(?s)" + r".*finish=cancelled" * (cancelled_before + 1))
+    deadline = time.monotonic() + 10
+    while (health := server.health())["replying"] or health["running"]:  # nothing left behind
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up mistakes: one line each, exit 2, before any model loads
+# ---------------------------------------------------------------------------------------------
+
+
+def _serve(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "launch/serve.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_startup_mistakes_exit_2_with_one_line_each(tmp_path):
+    proc = _serve(f"--model_name_or_path={tmp_path / 'missing'}", "--port=70000", "--max_batch_size=0")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert [line.split("=")[0] for line in lines] == [
+        "serve.py: error: model_name_or_path",
+        "serve.py: error: port",
+        "serve.py: error: max_batch_size",
+    ], lines
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _serve(f"--model_name_or_path={REPO / 'assets' / 'tiny-glm4'}", f"--port={port}")
+    assert proc.returncode == 2 and f"serve.py: error: port={port}: cannot listen" in proc.stderr, proc.stderr
