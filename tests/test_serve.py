@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, child_env, run_train
-from dist_glm.serve import MAX_BODY_BYTES, Job, ReplyText, Sampling, _PerRowSampling
+from dist_glm.serving.api import MAX_BODY_BYTES
+from dist_glm.serving.engine import Job, ReplyText, Sampling, _PerRowSampling
 
 KEY = "test-key-123"
 NAME = "tiny-demo"
