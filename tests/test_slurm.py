@@ -27,11 +27,16 @@ def slurm_env():
     subprocess.run(["bash", "slurm/local_cluster/down.sh"], cwd=REPO, timeout=60)
 
 
-def sbatch(env, template, args, log, wait=True):
+def sbatch_cmd(template, args, log, wait=True) -> list[str]:
     # The templates ask for 8 GPUs per node; this cluster has CPUs only, one rank per node.
     cmd = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
-    cmd += [f"--output={log}", "--parsable"] + (["--wait"] if wait else []) + [f"slurm/{template}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return cmd + [f"--output={log}", "--parsable"] + (["--wait"] if wait else []) + [f"slurm/{template}", *args]
+
+
+def sbatch(env, template, args, log, wait=True):
+    return subprocess.run(
+        sbatch_cmd(template, args, log, wait), cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def job_gone(env, job_id) -> bool:
@@ -44,14 +49,23 @@ def job_gone(env, job_id) -> bool:
 def test_two_node_job_matches_single_process(slurm_env, tmp_path, varlen_data, template, extra):
     method = {"full_ft.sh": "full", "lora.sh": "lora"}[template]
     one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "job.log"
-    run_train(base_args(one, varlen_data, finetuning_type=method, max_steps=6, **extra), nprocs=None)
     args = base_args(
         two, varlen_data, max_steps=6, per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json", **extra
     )
     args = [a for a in args if not a.startswith("--finetuning_type")]  # the template sets the method
-    proc = sbatch(slurm_env, template, args, log)
+    job = subprocess.Popen(
+        sbatch_cmd(template, args, log),
+        cwd=REPO,
+        env=slurm_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The single-process reference runs while `sbatch --wait` polls for the job's end.
+    run_train(base_args(one, varlen_data, finetuning_type=method, max_steps=6, **extra), nprocs=None)
+    _, err = job.communicate(timeout=900)
     text = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, proc.stderr + text[-4000:]
+    assert job.returncode == 0, err + text[-4000:]
     assert "nodes node[1-2] (2), 2 ranks" in text, text[-3000:]
     a, b = read_metrics(one, "train/loss"), read_metrics(two, "train/loss")
     assert sorted(b) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 2e-5
