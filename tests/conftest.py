@@ -174,6 +174,15 @@ def pretrained_tiny(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def eval_data(tmp_path_factory) -> Path:
+    """The first 8 held-out demo rows: a small eval set for eval loss and generation metrics."""
+    rows = (REPO / "data" / "advertisegen_demo" / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def varlen_data(tmp_path_factory) -> Path:
     """AdvertiseGen rows of very different lengths, so per-rank token counts differ within a batch."""
     rng = random.Random(0)

@@ -39,14 +39,6 @@ QLORA_MERGE_ATOL = 1e-5
 EVAL_FLAGS = ["--cutoff_len=96", "--per_device_eval_batch_size=4", "--generation_max_new_tokens=12"]
 
 
-@pytest.fixture(scope="module")
-def eval_data(tmp_path_factory):
-    rows = (REPO / "data" / "advertisegen_demo" / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:8]
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
 def adapter_run(out, data, base, eval_data, method: str, **kw):
     """A short adapter run on the saved tiny base that evaluates (with generation) at its last step."""
     run_train(

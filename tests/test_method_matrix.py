@@ -43,14 +43,6 @@ RESULTS: dict[tuple[str, str], str] = {}
 START, END = "<!-- compat-table:start -->", "<!-- compat-table:end -->"
 
 
-@pytest.fixture(scope="module")
-def eval_data(tmp_path_factory):
-    rows = (REPO / "data" / "advertisegen_demo" / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:6]
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
 def eval_loss_of(model, model_dir, eval_path) -> float:
     """Mean loss per trainable token on the eval set: the same quantity the trainer logs as eval/loss."""
     cfg = load_config(
