@@ -114,6 +114,20 @@ def rendezvous(rank: int, world: int, timeout_s: int) -> torch.distributed.Store
 def check_shared_output_dir(store, rank: int, world: int, output_dir: str, timeout_s: int) -> None:
     """Every rank must see the file rank 0 writes into output_dir. Network filesystems may take a few
     seconds to show a new file on another node, so a rank retries for up to 30 s before it fails."""
+    try:
+        _check_shared_output_dir(store, rank, world, output_dir, timeout_s)
+    except RuntimeError as e:  # the store went away: rank 0 stopped (its log says why)
+        raise UserError(
+            f"{_who(rank)}: lost the connection to rank 0 during the preflight ({str(e).strip()[:120]}); "
+            "see rank 0's log",
+            every_rank=True,
+        ) from None
+
+
+def _check_shared_output_dir(store, rank: int, world: int, output_dir: str, timeout_s: int) -> None:
+    visible_within = min(30, timeout_s)
+    # Rank 0 (and every rank, for the verdict) waits out the slowest rank's retries, plus a margin.
+    verdict_within = timeout_s + visible_within + 5
     if rank == 0:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +138,7 @@ def check_shared_output_dir(store, rank: int, world: int, output_dir: str, timeo
     else:
         token, rank0_path = json.loads(_wait_for(store, "preflight/token", rank, timeout_s, "to write its token"))
         probe = Path(output_dir) / f".preflight-{token}"
-        deadline = time.monotonic() + min(30, timeout_s)
+        deadline = time.monotonic() + visible_within
         while not _holds(probe, token) and time.monotonic() < deadline:
             time.sleep(0.5)
         problem = ""
@@ -137,7 +151,7 @@ def check_shared_output_dir(store, rank: int, world: int, output_dir: str, timeo
             )
         store.set(f"preflight/dir/{rank}", problem)
     if rank == 0:
-        missing = _wait_keys(store, [f"preflight/dir/{r}" for r in range(1, world)], timeout_s)
+        missing = _wait_keys(store, [f"preflight/dir/{r}" for r in range(1, world)], verdict_within)
         probe.unlink(missing_ok=True)
         problems = [
             store.get(f"preflight/dir/{r}").decode() for r in range(1, world) if f"preflight/dir/{r}" not in missing
@@ -147,7 +161,7 @@ def check_shared_output_dir(store, rank: int, world: int, output_dir: str, timeo
         ]
         store.set("preflight/dir_result", json.dumps(problems))
     else:
-        problems = json.loads(_wait_for(store, "preflight/dir_result", rank, timeout_s, "to collect the checks"))
+        problems = json.loads(_wait_for(store, "preflight/dir_result", rank, verdict_within, "to collect the checks"))
     if problems:
         raise UserError(problems)  # the same list on every rank; rank 0 prints it
 
