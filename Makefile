@@ -1,9 +1,13 @@
 # The commands the README shows. `make demo` and `make test` work on a fresh machine: they create
 # .venv, install torch (CUDA build where an NVIDIA driver is present, CPU build otherwise), install
-# dist_glm, then run.
+# dist_glm with the exact versions CI tested (constraints.txt), then run.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Every install is pinned to what CI tested; `make test-latest` empties this to try the newest releases.
+CONSTRAINTS ?= constraints.txt
+PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' constraints.txt)
 # Used only on a CPU-only machine whose pip cannot already see a local CPU build of torch (pip's
 # find-links). A local build is installed without dependencies first, so pip never swaps it for a
 # newer CUDA build, then its dependencies are resolved against it.
@@ -13,26 +17,28 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 # fought over) whenever another checkout with different include paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-latest doctor lint clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# torch is pinned to the tested release in every branch; only the build (CUDA or CPU) differs.
+$(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "NVIDIA driver found: installing the CUDA build of torch"; \
-		$(BIN)/pip install "torch>=2.4"; \
-	elif $(BIN)/pip install --no-index --no-deps "torch>=2.4" >/dev/null 2>&1; then \
-		echo "CPU-only machine: installed the local CPU build of torch; now its dependencies"; \
-		$(BIN)/pip install "torch==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("torch"))')"; \
+		echo "NVIDIA driver found: installing the CUDA build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+	elif $(BIN)/pip install --no-index --no-deps "torch==$(TORCH_VERSION)" >/dev/null 2>&1; then \
+		echo "CPU-only machine: installed the local CPU build of torch $(TORCH_VERSION); now its dependencies"; \
+		$(BIN)/pip install $(PIN) "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "CPU-only machine: installing the CPU build of torch"; \
-		$(BIN)/pip install "torch>=2.4" --index-url $(TORCH_CPU_INDEX); \
+		echo "CPU-only machine: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install $(PIN) -e ".[dev]"
 	@# mpirun launches need mpi4py (rank 0's address is broadcast through MPI); only where MPI exists.
-	@if command -v mpirun >/dev/null 2>&1; then $(BIN)/pip install "mpi4py>=3.1"; fi
+	@if command -v mpirun >/dev/null 2>&1; then $(BIN)/pip install $(PIN) "mpi4py>=3.1"; fi
 	$(BIN)/python -m dist_glm.ops
+	$(BIN)/python -m dist_glm.doctor --brief
 	touch $@
 
 demo: setup
@@ -44,9 +50,18 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
+# The suite against the newest releases of every dependency (setup.py's upper bounds dropped), in its
+# own venv, so that drift is found here before users meet it. torch stays at the tested release: a
+# newer one is a multi-GB CUDA download on a CPU-only machine.
+test-latest:
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS= DIST_GLM_LATEST=1
+
+doctor: setup
+	$(BIN)/python -m dist_glm.doctor
+
 lint: setup
 	$(BIN)/ruff check dist_glm launch tests
 	$(BIN)/ruff format --check dist_glm launch tests
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .venv-latest out

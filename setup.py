@@ -1,10 +1,41 @@
 """dist_glm: DeepSpeed-based distributed fine-tuning for the GLM family.
 
 Install torch first (the Makefile's `setup` target picks the CUDA or CPU build for this machine),
-then `pip install -e .[dev]`.
+then `pip install -c constraints.txt -e .[dev]` for the exact versions CI tested.
+
+The ranges below stop at the newest release that CI has tested (constraints.txt pins it); they widen
+only after `make test-latest` passes on the newer one. That target sets DIST_GLM_LATEST=1, which drops
+the upper bounds so the newest releases install.
 """
 
+import os
+import re
+
 from setuptools import find_packages, setup
+
+REQUIREMENTS = [
+    "torch>=2.4,<2.14",
+    "deepspeed>=0.17,<0.20",
+    # 5.2x changed Cache.update's keyword (P-tuning's read-only prefix cache accepts both spellings).
+    "transformers>=5.0,<5.25",
+    "peft>=0.17,<0.22",
+    "accelerate>=1.0,<1.17",
+    "bitsandbytes>=0.45,<0.51",  # QLoRA; ships CPU and CUDA kernels
+    "datasets>=3.0,<5.3",  # csv and parquet input
+    "tokenizers>=0.21,<0.24",
+    "safetensors>=0.4,<0.9",
+    "tensorboard>=2.15",
+    "pyyaml>=6.0",
+    "tqdm>=4.66",
+    "jieba>=0.42",
+    "ninja>=1.11",  # DeepSpeed JIT-builds its CPU Adam (ZeRO-Offload) with it
+    "numpy",
+    "fastapi>=0.110",  # launch/serve.py: the OpenAI-compatible API
+    "uvicorn>=0.29",
+    "pydantic>=2",
+]
+if os.environ.get("DIST_GLM_LATEST"):
+    REQUIREMENTS = [re.sub(r",<[^,;\s]+", "", r) for r in REQUIREMENTS]
 
 setup(
     name="dist_glm",
@@ -12,25 +43,7 @@ setup(
     description="DeepSpeed-based distributed fine-tuning for GLM-4, GLM-4-0414 and ChatGLM",
     python_requires=">=3.10",
     packages=find_packages(include=["dist_glm", "dist_glm.*"]),
-    install_requires=[
-        "torch>=2.4",
-        "deepspeed>=0.17,<0.20",
-        "transformers>=5.0,<6",
-        "peft>=0.17",
-        "bitsandbytes>=0.45",  # QLoRA; ships CPU and CUDA kernels
-        "datasets>=3.0",  # csv and parquet input
-        "tokenizers>=0.21",
-        "safetensors>=0.4",
-        "tensorboard>=2.15",
-        "pyyaml>=6.0",
-        "tqdm>=4.66",
-        "jieba>=0.42",
-        "ninja>=1.11",  # DeepSpeed JIT-builds its CPU Adam (ZeRO-Offload) with it
-        "numpy",
-        "fastapi>=0.110",  # launch/serve.py: the OpenAI-compatible API
-        "uvicorn>=0.29",
-        "pydantic>=2",
-    ],
+    install_requires=REQUIREMENTS,
     extras_require={"dev": ["pytest>=8", "ruff>=0.6", "openai>=1.40", "httpx>=0.27"]},
     entry_points={
         "console_scripts": [

@@ -27,6 +27,26 @@ class ChatArgs(ModelArgs):
     top_p: float | None = help_field(None, "Nucleus sampling top_p (default: the model's generation_config).")
 
 
+class GenerationFailed(Exception):
+    """model.generate raised (settings the model rejects, out of memory): the chat cannot go on."""
+
+
+def check_sampling(args) -> list[str]:
+    """Sampling settings generate() would reject, found before the model loads (the same rules as
+    transformers' GenerationConfig.validate)."""
+    out = []
+    if args.max_new_tokens < 1:
+        out.append(f"max_new_tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature is not None and args.temperature <= 0 and args.do_sample is not False:
+        out.append(
+            f"temperature={args.temperature} must be positive when sampling; for greedy replies pass "
+            "--do_sample=false instead"
+        )
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        out.append(f"top_p={args.top_p} must be in (0, 1]")
+    return out
+
+
 class ChatSession:
     """A conversation with one model: history, system prompt, streamed replies."""
 
@@ -89,7 +109,16 @@ class ChatSession:
             stopping_criteria=[StopOnEvent()],
             **{k: v for k, v in sampling.items() if v is not None},
         )
-        worker = threading.Thread(target=self.model.generate, kwargs=kwargs, daemon=True)
+        failure: list[BaseException] = []
+
+        def generate():
+            try:
+                self.model.generate(**kwargs)
+            except Exception as e:  # reported by the caller's thread; the streamer must still end
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         text, started = "", False
         for piece in streamer:
@@ -99,5 +128,7 @@ class ChatSession:
             if piece:
                 yield piece
         worker.join()
+        if failure:
+            raise GenerationFailed(f"generation failed: {type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}")
         if not stop.is_set():
             self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": text}]

@@ -27,6 +27,7 @@ import torch
 from dist_glm import distributed
 from dist_glm.config import save_config
 from dist_glm.errors import UserError
+from dist_glm.trainer_state import TrainerState
 
 TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"
@@ -75,9 +76,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, cfg, step: int, trainer_state: dict, trainable_only: bool) -> Path:
+def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     out = Path(cfg.train.output_dir)
+    step = state.global_step
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
     rank = torch.distributed.get_rank()
     if rank == 0 and tmp.exists():
@@ -88,11 +90,9 @@ def save_checkpoint(engine, cfg, step: int, trainer_state: dict, trainable_only:
     torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
     if rank == 0:
         t, world = cfg.train, torch.distributed.get_world_size()
-        layout = {
-            "world_size": world,
-            "global_batch": t.per_device_train_batch_size * t.gradient_accumulation_steps * world,
-        }
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, **layout, "global_step": step}, indent=2))
+        # The layout is what a resume on a different world size must know (choose_resume_tag).
+        layout = {"world_size": world, "global_batch": t.global_batch_size(world)}
+        (tmp / STATE_FILE).write_text(json.dumps({**state.to_dict(), **layout}, indent=2))
         save_config(cfg, tmp / "config.yaml")
     # Rename only after every rank's files are on disk; trainer_state.json last marks completeness.
     distributed.barrier()
@@ -112,14 +112,14 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def prepare_resume(path: Path, cfg, world: int, ds_config: dict) -> str:
+def choose_resume_tag(path: Path, cfg, world: int, ds_config: dict) -> str:
     """Collective, before deepspeed.initialize. Returns the tag to load: the checkpoint as written, or
     (world size changed, optimizer state partitioned) its universal conversion, which rank 0 makes once
     and `ds_config` is switched to load."""
     state = json.loads((path / STATE_FILE).read_text())
     saved_world = state.get("world_size", world)
     t = cfg.train
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    global_batch = t.global_batch_size(world)
     if state.get("global_batch", global_batch) != global_batch:
         old = state["global_batch"]
         raise UserError(
@@ -164,8 +164,9 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; return the trainer state."""
+def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) -> tuple[TrainerState, int]:
+    """Restore engine, optimizer, scheduler and this rank's RNG; return the trainer state and the world
+    size that wrote the checkpoint."""
     load_path, _ = engine.load_checkpoint(
         str(path),
         tag=tag,
@@ -179,4 +180,5 @@ def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) ->
     rng_file = path / f"rng_state_{rank}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    saved = json.loads((path / STATE_FILE).read_text())
+    return TrainerState.from_dict(saved), saved.get("world_size", torch.distributed.get_world_size())

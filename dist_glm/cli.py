@@ -22,14 +22,20 @@ def train_main(argv: list[str] | None = None) -> None:
     use_cpu_accelerator_if_no_gpu()
     quiet_other_ranks()
     try:
-        cfg = config.load_config(argv)
-        from dist_glm.train import train
+        cfg, problems = config.collect_config(argv)
+        from dist_glm.distributed import world_size_from_env
+        from dist_glm.train import FinalEvalFailed, train, validate_inputs
 
-        train(cfg)
+        # The config's own problems and those of the files it names, reported together.
+        inputs = validate_inputs(cfg, world_size_from_env(), problems)
+        train(cfg, inputs)
     except UserError as err:
         report_and_exit(err, prog="train.py")
     except Preempted:  # the checkpoint is complete on every rank; the scheduler should requeue
         sys.exit(PREEMPTED_EXIT)
+    except FinalEvalFailed as err:  # the traceback above says why; the trained model is safe
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         destroy()
 
@@ -45,15 +51,15 @@ def prepare_main(argv: list[str] | None = None) -> None:
     try:
         cfg = config.load_config(argv)
         from dist_glm.data.formats import check_data_paths
+        from dist_glm.data.loading import load_datasets
         from dist_glm.models import load_tokenizer
-        from dist_glm.train import load_data
 
         problems = check_data_paths(cfg.data.dataset, "dataset") + check_data_paths(
             cfg.data.eval_dataset, "eval_dataset"
         )
         if problems:
             raise UserError(problems)
-        load_data(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code))
+        load_datasets(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code))
     except UserError as err:
         report_and_exit(err, prog="prepare.py")
 
@@ -219,12 +225,10 @@ def chat_main(argv: list[str] | None = None) -> None:
     use_cpu_accelerator_if_no_gpu()
     try:
         (args,) = load_tool_args(argv, [(ChatArgs, None)])
-        from dist_glm.chat import ChatSession
+        from dist_glm.chat import ChatSession, check_sampling
         from dist_glm.inference import check_model_args
 
-        problems = check_model_args(args)
-        if args.max_new_tokens < 1:
-            problems.append(f"max_new_tokens={args.max_new_tokens} must be at least 1")
+        problems = check_model_args(args) + check_sampling(args)
         if problems:
             raise UserError(problems)
         session = ChatSession(args)
@@ -237,6 +241,8 @@ def chat_main(argv: list[str] | None = None) -> None:
 
 def chat_loop(session) -> None:
     import threading
+
+    from dist_glm.chat import GenerationFailed
 
     print(f"[dist_glm] chatting with {session.source}; {CHAT_HELP}", flush=True)
     if session.args.system:
@@ -261,6 +267,9 @@ def chat_loop(session) -> None:
         try:
             for piece in pieces:
                 print(piece, end="", flush=True)
+        except GenerationFailed as err:
+            print(flush=True)
+            report_and_exit(UserError(str(err)), prog="chat.py")
         except KeyboardInterrupt:  # stop this reply but keep the session; the round is left out of the history
             stop.set()
             for _ in pieces:  # let generation notice the stop and finish before the next prompt

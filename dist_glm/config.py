@@ -128,6 +128,10 @@ class TrainConfig:
     )
     ddp_timeout: int = _f(1800, "Seconds one collective may wait for the other ranks before the job fails.")
 
+    def global_batch_size(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks: the unit every equivalence guarantee is stated in."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
 
@@ -243,8 +247,9 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def build_config(values: dict[str, tuple[object, str]]) -> Config:
-    """Build a Config from {key: (value, source)}; collect every problem before raising."""
+def build_config(values: dict[str, tuple[object, str]]) -> tuple[Config, list[str]]:
+    """A Config from {key: (value, source)} and every problem found (a value that does not convert keeps
+    its default and is reported)."""
     cfg, problems = Config(), []
     for key, (value, source) in values.items():
         if key not in FIELDS:
@@ -255,15 +260,14 @@ def build_config(values: dict[str, tuple[object, str]]) -> Config:
             setattr(getattr(cfg, section), key, _convert(key, value, source))
         except ValueError as e:
             problems.append(str(e))
-    problems += check_values(cfg)
-    if problems:
-        raise UserError(problems)
-    return cfg
+    return cfg, problems + check_values(cfg)
 
 
-def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Config:
-    """Defaults < YAML < CLI. With no arguments at all the embedded demo recipe runs; flags without a
-    YAML start from the defaults (never from the demo, whose settings would leak into a real run)."""
+def collect_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> tuple[Config, list[str]]:
+    """Defaults < YAML < CLI, and the problems found, without raising: a caller that checks files next
+    (training) reports everything together. With no arguments at all the embedded demo recipe runs;
+    flags without a YAML start from the defaults (never from the demo, whose settings would leak into a
+    real run)."""
     yaml_path, overrides, problems = parse_cli(argv)
     if problems:
         raise UserError(problems)
@@ -274,6 +278,14 @@ def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Con
         values.update({k: (v, yaml_path) for k, v in load_yaml(yaml_path).items()})
     values.update({k: (v, "command line") for k, v in overrides.items()})
     return build_config(values)
+
+
+def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Config:
+    """`collect_config` that raises one UserError with every problem."""
+    cfg, problems = collect_config(argv, default_yaml)
+    if problems:
+        raise UserError(problems)
+    return cfg
 
 
 def check_values(cfg: Config) -> list[str]:

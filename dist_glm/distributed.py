@@ -9,6 +9,7 @@ only, before any collective could hang.
 import json
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -181,6 +182,15 @@ def is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def log(msg: str) -> None:
+    """One line from rank 0 (every rank computes the same things; one copy is enough)."""
+    if is_main_process():
+        from tqdm import tqdm
+
+        # tqdm.write keeps a progress bar intact below the message.
+        tqdm.write(f"[dist_glm] {msg}", file=sys.stdout)
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -261,7 +271,7 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
     ours = {
         "train_micro_batch_size_per_gpu": mbs,
         "gradient_accumulation_steps": gas,
-        "train_batch_size": mbs * gas * world_size,
+        "train_batch_size": train_cfg.global_batch_size(world_size),
         "gradient_clipping": train_cfg.max_grad_norm,
     }
     problems = []

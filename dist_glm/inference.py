@@ -265,6 +265,10 @@ def load_artifact(art: Artifact, dtype=torch.float32, device=None, dequantize: b
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, art.adapter)
+    if art.method == "qlora" and not dequantize:
+        from dist_glm.methods.qlora import disable_cpu_repack
+
+        disable_cpu_repack(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if (art.base / "generation_config.json").is_file():  # a model built from its config alone lacks it
         from transformers import GenerationConfig
@@ -334,7 +338,7 @@ def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
         model = model.to(device=device, dtype=dtype)
     if art.method in ("lora", "qlora", "ptuning"):
         # A dequantized QLoRA base is an ordinary model: it takes plain LoRA wrapping.
-        model = (lora if art.method == "qlora" and dequantize else method).prepare(model, cfg)
+        model = (lora if art.method == "qlora" and dequantize else method).make_trainable(model, cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -381,7 +385,7 @@ def evaluate(args: EvaluateArgs, data_cfg) -> dict:
     set, with the very functions the trainer evaluates with, so the numbers are comparable. Under a
     launcher each rank holds the whole model and takes a shard of the set; alone it is a world of one."""
     from dist_glm.data.formats import check_data_paths
-    from dist_glm.data.preprocess import prepare
+    from dist_glm.data.preprocess import tokenize_dataset
     from dist_glm.data.template import choose_template
     from dist_glm.evaluate import eval_loss, predict
     from dist_glm.models import load_tokenizer
@@ -407,7 +411,7 @@ def evaluate(args: EvaluateArgs, data_cfg) -> dict:
     # The cache sits beside the eval file and is shared with training's (same key for the same settings).
     data_cfg = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset)
     template = choose_template(data_cfg.template, tokenizer, model.config.model_type)
-    examples, stats = prepare(
+    examples, stats = tokenize_dataset(
         data_cfg.eval_dataset, tokenizer, str(art.tokenizer_dir), template, data_cfg, args.max_eval_samples, log
     )
     if not examples:

@@ -86,6 +86,38 @@ class MetricsLogger:
             self.writer.close()
 
 
+class ThroughputWindow:
+    """Train metrics averaged over the steps since the last log line."""
+
+    def __init__(self, flops_per_token: float, world: int):
+        self.flops_per_token, self.world, self.peak = flops_per_token, world, peak_flops_per_device()
+        self.loss, self.steps, self.tokens, self.seconds, self.grad_norm = 0.0, 0, 0.0, 0.0, 0.0
+
+    def add(self, loss: float, grad_norm: float, tokens: float, seconds: float) -> None:
+        self.loss, self.steps, self.grad_norm = self.loss + loss, self.steps + 1, grad_norm
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def flush(self, learning_rate: float, epoch: float) -> dict[str, float]:
+        tokens_per_second = self.tokens / self.seconds
+        record = {
+            "train/loss": self.loss / self.steps,
+            "train/learning_rate": learning_rate,
+            "train/grad_norm": self.grad_norm,  # of the window's last step, before clipping
+            "train/tokens_per_second": tokens_per_second,
+            "train/memory_gb": memory_gb(),
+            "train/epoch": epoch,
+        }
+        if self.peak:
+            record["train/mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.world)
+        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
+        return record
+
+
+def json_safe(values: dict) -> dict:
+    """Non-finite floats as null: Infinity and NaN are not JSON, and most parsers refuse them."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
 # ---------------------------------------------------------------- generation metrics
 
 

@@ -14,12 +14,7 @@ import time
 from pathlib import Path
 
 from dist_glm.distributed import use_cpu_accelerator_if_no_gpu
-
-
-def extensions_dir() -> Path:
-    from torch.utils.cpp_extension import get_default_build_root
-
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+from dist_glm.doctor import extensions_dir
 
 
 def clear_stale_locks(root: Path, older_than_s: float = 600) -> list[Path]:
@@ -53,6 +48,7 @@ def build_ops() -> list[str]:
 def main() -> int:
     use_cpu_accelerator_if_no_gpu()
     root = extensions_dir()
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(root)
     for lock in clear_stale_locks(root):
         print(f"removed a stale build lock: {lock}")
     start = time.time()

@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +17,23 @@ import torch
 from tqdm import tqdm
 
 from dist_glm import checkpoint, distributed
-from dist_glm.config import LOWER_IS_BETTER, Config, save_config
+from dist_glm.config import Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
 from dist_glm.data.formats import check_data_paths
+from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
-from dist_glm.data.preprocess import prepare
-from dist_glm.data.template import build_template, chat_template_mismatch, choose_template
+from dist_glm.distributed import log
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
 from dist_glm.methods import check_combination, count_parameters, get_method
-from dist_glm.metrics import MetricsLogger, memory_gb, peak_flops_per_device, train_flops_per_token
+from dist_glm.metrics import (
+    MetricsLogger,
+    ThroughputWindow,
+    json_safe,
+    memory_gb,
+    train_flops_per_token,
+)
 from dist_glm.models import (
     check_model_path,
     enable_gradient_checkpointing,
@@ -35,37 +42,53 @@ from dist_glm.models import (
     load_tokenizer,
 )
 from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
+from dist_glm.trainer_state import TrainerState
 
 
-def log(msg: str) -> None:
-    if distributed.is_main_process():
-        # tqdm.write keeps the progress bar intact below the message.
-        tqdm.write(f"[dist_glm] {msg}", file=sys.stdout)
+class FinalEvalFailed(Exception):
+    """The run trained and its final model is saved, but the evaluation after it failed."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        super().__init__(f"the final evaluation failed; the trained model is saved in {output_dir}")
 
 
-def validate_inputs(cfg: Config, world_size: int) -> None:
-    """Everything that can be checked before a process group forms; identical on every rank."""
-    problems = check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
+@dataclass
+class Inputs:
+    """What validation resolved, so that setup does not compute it again."""
+
+    ds_config: dict
+    resume_path: Path | None
+
+
+def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> Inputs:
+    """Everything that can be checked before a process group forms; identical on every rank. Raises one
+    UserError with these problems and the config's own (`problems`), so a user sees them all at once."""
+    problems = list(problems)
+    if cfg.model.model_name_or_path:
+        problems += check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
+    ds_config = resume_path = None
     try:
-        distributed.build_ds_config(cfg.train, world_size)
+        ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
     problems += check_combination(cfg)
     t = cfg.train
-    existing = checkpoint.list_checkpoints(t.output_dir)
+    existing = checkpoint.list_checkpoints(t.output_dir) if t.output_dir else []
     if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
         problems.append(
             f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
             "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over"
         )
     try:
-        checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+        resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
     except UserError as e:
         problems += e.problems
     if problems:
         raise UserError(problems)
+    return Inputs(ds_config, resume_path)
 
 
 def build_optimizer(model, t, offload: bool):
@@ -153,12 +176,11 @@ class Run:
     resume_tag: str
 
 
-def setup(cfg: Config) -> Run:
-    """Validate, form the process group, tokenize, load and prepare the model, build the engine."""
+def setup(cfg: Config, inputs: Inputs) -> Run:
+    """Form the process group, tokenize, load and prepare the model, build the engine."""
     import deepspeed
 
     t = cfg.train
-    validate_inputs(cfg, distributed.world_size_from_env())
     rank, world = distributed.init_distributed(t.output_dir, t.preflight_timeout, t.ddp_timeout)
     device = distributed.local_device()
     log(
@@ -167,7 +189,7 @@ def setup(cfg: Config) -> Run:
     )
 
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-    train_examples, eval_examples = load_data(cfg, tokenizer)
+    train_examples, eval_examples = load_datasets(cfg, tokenizer)
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
     unpacked_pad = pad_share(train_examples, GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed))
     if cfg.data.packing:
@@ -185,14 +207,13 @@ def setup(cfg: Config) -> Run:
         )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * sampler.steps_per_epoch)
 
-    ds_config = distributed.build_ds_config(t, world)
-    resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
-    resume_tag = checkpoint.prepare_resume(resume_path, cfg, world, ds_config) if resume_path else checkpoint.TAG
+    ds_config, resume_path = inputs.ds_config, inputs.resume_path
+    resume_tag = checkpoint.choose_resume_tag(resume_path, cfg, world, ds_config) if resume_path else checkpoint.TAG
     method = get_method(cfg.method.finetuning_type)
     model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
-    model = method.prepare(model, cfg)
-    if t.gradient_checkpointing:  # after prepare: PEFT refuses to add a prefix to a checkpointed model
+    model = method.make_trainable(model, cfg)
+    if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
         enable_gradient_checkpointing(model)
     trainable, total = count_parameters(model)
     log(
@@ -204,55 +225,27 @@ def setup(cfg: Config) -> Run:
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
     scheduler = build_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    eos_ids = generation_eos_ids(cfg.model.model_name_or_path, tokenizer)
     return Run(
-        cfg,
-        rank,
-        world,
-        device,
-        tokenizer,
-        train_examples,
-        eval_examples,
-        sampler,
-        total_steps,
-        ds_config,
-        method,
-        engine,
-        eos_ids,
-        total,
-        resume_path,
-        resume_tag,
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        tokenizer=tokenizer,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        sampler=sampler,
+        total_steps=total_steps,
+        ds_config=ds_config,
+        method=method,
+        engine=engine,
+        eos_ids=generation_eos_ids(cfg.model.model_name_or_path, tokenizer),
+        num_params=total,
+        resume_path=resume_path,
+        resume_tag=resume_tag,
     )
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
-    """Tokenized train and eval examples (through the shared cache); writes the skipped-rows report."""
-    from transformers import AutoConfig
-
-    path = cfg.model.model_name_or_path
-    model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
-    template = choose_template(cfg.data.template, tokenizer, model_type)
-    mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
-    log(
-        f"chat template: {template}"
-        + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
-    )
-    train_examples, stats = prepare(cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log)
-    eval_examples, eval_stats = [], None
-    if cfg.data.eval_dataset:
-        eval_examples, eval_stats = prepare(cfg.data.eval_dataset, tokenizer, path, template, cfg.data, 0, log)
-    skipped = stats.skipped + (eval_stats.skipped if eval_stats else [])
-    if skipped and distributed.is_main_process():
-        report = Path(cfg.train.output_dir) / "skipped_rows.jsonl"
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped), encoding="utf-8")
-        log(f"{len(skipped)} invalid rows skipped (on_invalid=skip); every one is listed in {report}")
-    if not train_examples:
-        raise UserError(f"dataset: no usable samples in {cfg.data.dataset} ({stats.summary('dataset')})")
-    return train_examples, eval_examples
-
-
-def prepare_output_dir(cfg: Config, resume_path: Path | None) -> None:
+def init_output_dir(cfg: Config, resume_path: Path | None) -> None:
     """Rank 0 creates output_dir (clearing old checkpoints only when told to) and records the config."""
     t, out = cfg.train, Path(cfg.train.output_dir)
     if distributed.is_main_process():
@@ -264,20 +257,22 @@ def prepare_output_dir(cfg: Config, resume_path: Path | None) -> None:
     distributed.barrier()  # every rank may write into output_dir from here on
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     t = cfg.train
-    run = setup(cfg)
+    run = setup(cfg, inputs or validate_inputs(cfg, distributed.world_size_from_env()))
     engine, rank = run.engine, run.rank
-    resume_path = run.resume_path
-    prepare_output_dir(cfg, resume_path)
-    state = {"best_eval_loss": float("inf"), "evals_without_improvement": 0, "global_step": 0}
-    if resume_path:
-        state = checkpoint.load_checkpoint(engine, resume_path, run.method.trainable_only, run.resume_tag)
+    init_output_dir(cfg, run.resume_path)
+    state = TrainerState()
+    if run.resume_path:
+        state, saved_world = checkpoint.load_checkpoint(
+            engine, run.resume_path, run.method.trainable_only, run.resume_tag
+        )
         how = ""
         if run.resume_tag == checkpoint.UNIVERSAL_TAG:
-            how = f" (written by {state['world_size']} ranks, loaded through its universal conversion)"
-        log(f"resumed from {resume_path} at step {state['global_step']}{how}")
-    start_step = step = state["global_step"]
+            how = f" (written by {saved_world} ranks, loaded through its universal conversion)"
+        log(f"resumed from {run.resume_path} at step {state.global_step}{how}")
+    start_step = state.global_step
+    # Collective: every rank reports its own memory; rank 0 prints them in one line.
     per_rank = ", ".join(f"{m:.2f}" for m in distributed.all_gather_objects(round(memory_gb(), 2)))
     kind = "peak allocated" if run.device.type == "cuda" else "peak RSS"
     log(f"memory after setup, per rank: {per_rank} GiB ({kind})")
@@ -292,7 +287,7 @@ def train(cfg: Config) -> dict:
         dynamic_ncols=True,
         file=sys.stdout,
     )
-    results = {}
+    results, evaluated_at = {}, None
     watch = PreemptionWatch()
     if run.eval_examples and t.eval_on_start and start_step == 0:
         run_eval(run, logger, results, step=0)
@@ -303,30 +298,24 @@ def train(cfg: Config) -> dict:
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
         loss, grad_norm, nonpad_tokens = train_step(engine, micro, run.world, run.device)
+        state.global_step = step
         window.add(loss, grad_norm, nonpad_tokens, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
 
         if step % t.logging_steps == 0 or step == run.total_steps:
-            record = window.flush(engine, epoch=step / run.sampler.steps_per_epoch)
+            record = window.flush(engine.get_lr()[0], epoch=step / run.sampler.steps_per_epoch)
             logger.log(step, record)
             results.update(record)
 
+        # The last step's eval comes after the final export (below), so no eval failure can lose the run.
         should_stop = False
-        if run.eval_examples and ((t.eval_steps and step % t.eval_steps == 0) or step == run.total_steps):
-            record = run_eval(run, logger, results, step)
-            # Every rank computed the same all-reduced (or gathered) metrics, so they all agree on stopping.
-            state["best_eval_loss"] = min(state["best_eval_loss"], record["eval/loss"])
-            if is_improvement(record[f"eval/{t.metric_for_best_model}"], state.get("best_metric"), t):
-                state.update(best_metric=record[f"eval/{t.metric_for_best_model}"], best_step=step)
-                state["evals_without_improvement"] = 0
-            else:
-                state["evals_without_improvement"] += 1
-            patience = t.early_stopping_patience
-            should_stop = bool(patience) and state["evals_without_improvement"] >= patience
-        preempted = watch.requested()
+        if run.eval_examples and t.eval_steps and step % t.eval_steps == 0 and step < run.total_steps:
+            record, evaluated_at = run_eval(run, logger, results, step), step
+            should_stop = state.record_eval(record, step, t.metric_for_best_model, t.early_stopping_patience)
+        preempted = watch.requested()  # a collective: every rank agrees
         if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
-            saved = checkpoint.save_checkpoint(engine, cfg, step, state, run.method.trainable_only)
+            saved = checkpoint.save_checkpoint(engine, cfg, state, run.method.trainable_only)
         if preempted:
             if rank == 0:
                 mark_for_requeue(saved)
@@ -340,56 +329,33 @@ def train(cfg: Config) -> dict:
         if should_stop:
             log(
                 f"early stopping at step {step}: eval {t.metric_for_best_model} has not improved for "
-                f"{t.early_stopping_patience} evals (best {state['best_metric']:.4f} at step {state['best_step']})"
+                f"{t.early_stopping_patience} evals (best {state.best_metric:.4f} at step {state.best_step})"
             )
             break
     bar.close()
-    logger.close()
 
     out = Path(t.output_dir)
     export_final(engine, run.method, run.tokenizer, out, cfg.model.model_name_or_path)
-    results.update(global_step=step, best_eval_loss=state["best_eval_loss"])
-    if state.get("best_metric") is not None:
-        results.update(best_metric=state["best_metric"], best_step=state["best_step"])
+    log(f"final model saved in {out}")
+    if run.eval_examples and evaluated_at != state.global_step:
+        try:
+            record = run_eval(run, logger, results, state.global_step)
+        except Exception:
+            traceback.print_exc()
+            raise FinalEvalFailed(out) from None
+        state.record_eval(record, state.global_step, t.metric_for_best_model, t.early_stopping_patience)
+    logger.close()
+    results.update(global_step=state.global_step)
+    if state.best_eval_loss is not None:
+        results["best_eval_loss"] = state.best_eval_loss
+    if state.best_metric is not None:
+        results.update(best_metric=state.best_metric, best_step=state.best_step)
         results["metric_for_best_model"] = t.metric_for_best_model
     if rank == 0:
-        (out / "all_results.json").write_text(json.dumps(results, indent=2))
-    log(f"done: final model in {out}")
+        (out / "all_results.json").write_text(json.dumps(json_safe(results), indent=2))
+    log(f"done: final model and results in {out}")
     distributed.barrier()
     return results
-
-
-def is_improvement(value: float, best: float | None, t) -> bool:
-    if best is None:
-        return True
-    return value < best if t.metric_for_best_model in LOWER_IS_BETTER else value > best
-
-
-class ThroughputWindow:
-    """Train metrics averaged over the steps since the last log line."""
-
-    def __init__(self, flops_per_token: float, world: int):
-        self.flops_per_token, self.world, self.peak = flops_per_token, world, peak_flops_per_device()
-        self.loss, self.steps, self.tokens, self.seconds, self.grad_norm = 0.0, 0, 0.0, 0.0, 0.0
-
-    def add(self, loss: float, grad_norm: float, tokens: float, seconds: float) -> None:
-        self.loss, self.steps, self.grad_norm = self.loss + loss, self.steps + 1, grad_norm
-        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
-
-    def flush(self, engine, epoch: float) -> dict[str, float]:
-        tokens_per_second = self.tokens / self.seconds
-        record = {
-            "train/loss": self.loss / self.steps,
-            "train/learning_rate": engine.get_lr()[0],
-            "train/grad_norm": self.grad_norm,  # of the window's last step, before clipping
-            "train/tokens_per_second": tokens_per_second,
-            "train/memory_gb": memory_gb(),
-            "train/epoch": epoch,
-        }
-        if self.peak:
-            record["train/mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.world)
-        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
-        return record
 
 
 def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:

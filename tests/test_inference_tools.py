@@ -142,7 +142,7 @@ def test_dora_and_modules_to_save_merge_to_the_adapter_logits(pretrained_tiny, t
 
     flags = ["--use_rslora", "--use_dora", "--lora_modules_to_save=lm_head", "--lora_rank=4"]
     cfg = load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o", *flags])
-    model = lora.prepare(AutoModelForCausalLM.from_pretrained(pretrained_tiny), cfg)
+    model = lora.make_trainable(AutoModelForCausalLM.from_pretrained(pretrained_tiny), cfg)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -343,7 +343,7 @@ def ptuning_prefix(tmp_path_factory, pretrained_tiny):
 
     cfg = load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--finetuning_type=ptuning"])
     cfg.method.pre_seq_len = 4
-    model = ptuning.prepare(AutoModelForCausalLM.from_pretrained(pretrained_tiny), cfg)
+    model = ptuning.make_trainable(AutoModelForCausalLM.from_pretrained(pretrained_tiny), cfg)
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     out = tmp_path_factory.mktemp("ptuning") / "prefix"
     ptuning.save_artifact(model, state, load_tokenizer(str(pretrained_tiny)), out)

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO, base_args, read_metrics, run_train
 from dist_glm.config import load_config
 from dist_glm.data.batching import collate, model_inputs
-from dist_glm.data.preprocess import prepare
+from dist_glm.data.preprocess import tokenize_dataset
 from dist_glm.inference import load_for_inference
 from dist_glm.loss import token_loss_sum
 from dist_glm.models import load_tokenizer
@@ -49,7 +49,7 @@ def eval_loss_of(model, model_dir, eval_path) -> float:
         [f"--model_name_or_path={model_dir}", f"--dataset={eval_path}", "--output_dir=x", "--cutoff_len=96"]
     )
     tokenizer = load_tokenizer(str(model_dir))
-    examples, _ = prepare(str(eval_path), tokenizer, str(model_dir), "glm4", cfg.data, 0, lambda *_: None)
+    examples, _ = tokenize_dataset(str(eval_path), tokenizer, str(model_dir), "glm4", cfg.data, 0, lambda *_: None)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         s, n = token_loss_sum(model(**model_inputs(batch)).logits.float(), batch["labels"])

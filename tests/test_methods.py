@@ -35,14 +35,14 @@ def test_freeze_trains_only_the_chosen_layers_and_modules():
             "--freeze_extra_modules=lm_head",
         ]
     )
-    model = get_method("freeze").prepare(tiny_model(), cfg)
+    model = get_method("freeze").make_trainable(tiny_model(), cfg)
     assert trainable_names(model) == {
         "model.layers.3.mlp.gate_up_proj.weight",
         "model.layers.3.mlp.down_proj.weight",
         "lm_head.weight",
     }
     cfg = load_config(REQUIRED + ["--finetuning_type=freeze", "--freeze_trainable_layers=-2"])
-    names = trainable_names(get_method("freeze").prepare(tiny_model(), cfg))
+    names = trainable_names(get_method("freeze").make_trainable(tiny_model(), cfg))
     assert names and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in names)
 
 
@@ -56,7 +56,7 @@ def test_freeze_trains_only_the_chosen_layers_and_modules():
 def test_freeze_errors_name_the_fix(flags, match):
     cfg = load_config(REQUIRED + ["--finetuning_type=freeze", *flags])
     with pytest.raises(UserError, match=match):
-        get_method("freeze").prepare(tiny_model(), cfg)
+        get_method("freeze").make_trainable(tiny_model(), cfg)
 
 
 def test_lora_variants_and_bad_targets():
@@ -70,7 +70,7 @@ def test_lora_variants_and_bad_targets():
             "--lora_modules_to_save=lm_head",
         ]
     )
-    model = get_method("lora").prepare(tiny_model(), cfg)
+    model = get_method("lora").make_trainable(tiny_model(), cfg)
     names = trainable_names(model)
     assert any("lora_magnitude_vector" in n for n in names)  # DoRA
     assert any("lm_head.modules_to_save" in n for n in names)
@@ -79,7 +79,7 @@ def test_lora_variants_and_bad_targets():
     assert 0 < trainable < total
     cfg = load_config(REQUIRED + ["--finetuning_type=lora", "--lora_target=qq_proj"])
     with pytest.raises(UserError, match="lora_target"):
-        get_method("lora").prepare(tiny_model(), cfg)
+        get_method("lora").make_trainable(tiny_model(), cfg)
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def load_cache(path: Path) -> tuple[list[Example], DataStats]:
     return [Example(*e) for e in data["examples"]], data["stats"]
 
 
-def prepare(
+def tokenize_dataset(
     spec: str, tokenizer, tokenizer_dir: str, template: str, data_cfg, max_samples: int = 0, log=print
 ) -> tuple[list[Example], DataStats]:
     """Collective when a process group exists: rank 0 tokenizes (or finds the cache), the others wait,

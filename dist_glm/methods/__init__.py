@@ -1,6 +1,6 @@
 """Tuning methods. Each module exposes the same three functions (the `Method` protocol):
 
-- `prepare(model, cfg)`: mark what trains (and wrap the model, e.g. with PEFT); returns the model.
+- `make_trainable(model, cfg)`: mark what trains (and wrap the model, e.g. with PEFT); returns the model.
 - `save_artifact(model, state_dict, tokenizer, out_dir)`: write the final, reloadable artifact.
 - `quantization_config(cfg)`: how the base weights load (bitsandbytes for QLoRA, else None).
 - `trainable_only`: whether checkpoints hold only the trained parameters (frozen ones are reloaded
@@ -20,7 +20,7 @@ class Method(Protocol):
     trainable_only: bool
     export_trainable_only: bool
 
-    def prepare(self, model, cfg): ...
+    def make_trainable(self, model, cfg): ...
 
     def save_artifact(self, model, state_dict: dict, tokenizer, out_dir) -> None: ...
 

@@ -20,7 +20,7 @@ def _split(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-def prepare(model, cfg):
+def make_trainable(model, cfg):
     m = cfg.method
     num_layers = model.config.num_hidden_layers
     n = m.freeze_trainable_layers

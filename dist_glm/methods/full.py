@@ -4,7 +4,7 @@ trainable_only = False  # in checkpoints
 export_trainable_only = False
 
 
-def prepare(model, cfg):
+def make_trainable(model, cfg):
     model.requires_grad_(True)
     return model
 

@@ -6,7 +6,7 @@ trainable_only = True  # in checkpoints
 export_trainable_only = True  # the adapter (and modules_to_save) only
 
 
-def prepare(model, cfg):
+def make_trainable(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     m = cfg.method

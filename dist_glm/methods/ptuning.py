@@ -28,7 +28,9 @@ def _prefix_cache_class():
         gradient checkpointing (a recomputed layer would append twice); a read-only one gives the same
         attention with or without checkpointing, so checkpointing is allowed to keep it."""
 
-        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            # Extra arguments (cache_kwargs before transformers 5.2x, kwargs= after) do not matter to a
+            # read-only view.
             layer = self.layers[layer_idx]
             return (
                 torch.cat([layer.keys.to(key_states.dtype), key_states], dim=-2),
@@ -43,7 +45,7 @@ def read_only(cache):
     return cache
 
 
-def prepare(model, cfg):
+def make_trainable(model, cfg):
     from peft import PrefixTuningConfig, get_peft_model
 
     m = cfg.method

@@ -32,7 +32,7 @@ def quantization_config(cfg):
     )
 
 
-def prepare(model, cfg):
+def make_trainable(model, cfg):
     import warnings
 
     from peft import prepare_model_for_kbit_training
@@ -41,9 +41,23 @@ def prepare(model, cfg):
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     # Casts the few unquantized weights (norms, embeddings, LM head) to fp32 for stable updates of
-    # what flows through them; gradient checkpointing is enabled by the caller, after prepare.
+    # what flows through them; gradient checkpointing is enabled by the caller, after make_trainable.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return lora.prepare(model, cfg)
+    disable_cpu_repack(model)
+    return lora.make_trainable(model, cfg)
+
+
+def disable_cpu_repack(model) -> None:
+    """bitsandbytes (0.48 and later) on a CPU with AVX512-BF16 repacks a 4-bit weight in place, into a
+    bf16 inference layout, the first time the layer runs in eval mode without gradients. We keep the
+    layout that trained: the repack rewrites `weight.data` behind ZeRO's back (the train step after a
+    mid-run eval would see the new layout), asserts shapes small models break (output rows in blocks of
+    32, input columns in whole quantization blocks), and computes in bf16, so evaluation, export and the
+    tools would no longer agree with the trained model to fp32 precision (measured: 1e-2 on the logits).
+    The cost is CPU inference speed only; GPUs never take this path."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
