@@ -51,7 +51,7 @@ setup(
             "dist-glm-evaluate=dist_glm.cli:evaluate_main",
             "dist-glm-chat=dist_glm.cli:chat_main",
             "dist-glm-export=dist_glm.cli:export_main",
-            "dist-glm-serve=dist_glm.serve:main",
+            "dist-glm-serve=dist_glm.cli:serve_main",
         ]
     },
 )

@@ -6,25 +6,27 @@ from dataclasses import dataclass
 import torch
 
 from dist_glm import distributed
-from dist_glm.inference import (
-    ModelArgs,
-    generation_eos_ids_of,
-    help_field,
-    load_artifact,
-    resolve_artifact,
-    resolve_dtype,
-)
+from dist_glm.artifacts import generation_eos_ids_of, load_artifact, resolve_artifact, resolve_dtype
+from dist_glm.config import Command, ModelArgs, option
+
+CHAT_HELP = "commands: 'clear' starts a new conversation, 'exit' (or Ctrl-D) quits; Ctrl-C stops a reply"
 
 
 @dataclass
-class ChatArgs(ModelArgs):
-    system: str = help_field("", "System prompt, the first turn of every conversation.")
-    max_new_tokens: int = help_field(512, "Token budget per reply.")
-    do_sample: bool | None = help_field(
-        None, "Sample instead of greedy decoding (default: the model's generation_config)."
-    )
-    temperature: float | None = help_field(None, "Sampling temperature (default: the model's generation_config).")
-    top_p: float | None = help_field(None, "Nucleus sampling top_p (default: the model's generation_config).")
+class ChatArgs:
+    system: str = option("", "System prompt, the first turn of every conversation.")
+    max_new_tokens: int = option(512, "Token budget per reply.")
+    do_sample: bool | None = option(None, "Sample instead of greedy decoding (default: the model's generation_config).")
+    temperature: float | None = option(None, "Sampling temperature (default: the model's generation_config).")
+    top_p: float | None = option(None, "Nucleus sampling top_p (default: the model's generation_config).")
+
+
+CHAT = Command(
+    prog="chat.py",
+    usage="chat.py --model_name_or_path=DIR [--adapter_name_or_path=DIR] [--system=TEXT] [--key=value ...]",
+    sections={"model": (ModelArgs, None), "chat": (ChatArgs, None)},
+    description=CHAT_HELP,
+)
 
 
 class GenerationFailed(Exception):
@@ -50,13 +52,13 @@ def check_sampling(args) -> list[str]:
 class ChatSession:
     """A conversation with one model: history, system prompt, streamed replies."""
 
-    def __init__(self, args: ChatArgs):
+    def __init__(self, model_args: ModelArgs, args: ChatArgs):
         from dist_glm.models import load_tokenizer
 
-        art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
+        art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
         self.args, self.device = args, distributed.local_device()
-        self.tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
-        self.model = load_artifact(art, resolve_dtype(args.dtype, art, self.device), self.device)
+        self.tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
+        self.model = load_artifact(art, resolve_dtype(model_args.dtype, art, self.device), self.device)
         self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
         self.source = art.source
         self.history: list[dict] = []
@@ -132,3 +134,41 @@ class ChatSession:
             raise GenerationFailed(f"generation failed: {type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}")
         if not stop.is_set():
             self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": text}]
+
+
+def chat_loop(session) -> None:
+    """The read-reply loop on stdin/stdout. A generation error ends the chat with its one-line reason."""
+    import threading
+
+    print(f"[dist_glm] chatting with {session.source}; {CHAT_HELP}", flush=True)
+    if session.args.system:
+        print(f"[dist_glm] system prompt: {session.args.system}", flush=True)
+    while True:
+        try:
+            query = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / end of piped input, or Ctrl-C at the prompt
+            print()
+            return
+        if query in ("exit", "quit"):
+            return
+        if query == "clear":
+            session.clear()
+            print("[dist_glm] history cleared", flush=True)
+            continue
+        if not query:
+            continue
+        print("Assistant: ", end="", flush=True)
+        stop = threading.Event()
+        pieces = session.reply(query, stop)
+        try:
+            for piece in pieces:
+                print(piece, end="", flush=True)
+        except GenerationFailed:
+            print(flush=True)
+            raise
+        except KeyboardInterrupt:  # stop this reply but keep the session; the round is left out of the history
+            stop.set()
+            for _ in pieces:  # let generation notice the stop and finish before the next prompt
+                pass
+            print(" [interrupted]", end="")
+        print(flush=True)

@@ -1,9 +1,11 @@
-"""Training configuration: typed sections, loaded from YAML and overridden by `--key=value` flags.
+"""Configuration for every command: typed sections, loaded from YAML and overridden by `--key=value`.
 
 Users see flat names that follow Hugging Face TrainingArguments (`--learning_rate=2e-4`); inside, the
-fields are grouped into typed sections so each module receives only what it needs. Precedence is
-defaults < YAML file < command line. Unknown keys and bad values are collected and reported together
-(with a did-you-mean) before any process group starts; `validate()` checks the files they point to.
+fields are grouped into typed dataclass sections so each module receives only what it needs. Training's
+sections are here; each tool declares its own next to its code (EvaluateArgs, ChatArgs, ExportArgs,
+ServeArgs) and all of them go through the one loader at the bottom of this file: defaults < YAML file <
+command line, the same conversions, `Literal[...]` choices checked generically, a did-you-mean for
+unknown keys, every problem collected into one error, and one `--help` format.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -21,20 +24,22 @@ from dist_glm.errors import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 
-FINETUNING_TYPES = ("full", "freeze", "lora", "qlora", "ptuning")
-LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
-TEMPLATES = ("auto", "glm4", "chatglm3", "chatglm2", "chatglm")
-ON_INVALID = ("error", "skip")
-EVAL_METRICS = ("loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match")
+FinetuningType = Literal["full", "freeze", "lora", "qlora", "ptuning"]
+EvalMetric = Literal["loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+FINETUNING_TYPES = typing.get_args(FinetuningType)
+EVAL_METRICS = typing.get_args(EvalMetric)
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
-def _f(default, help: str, **kw):
+def option(default, help: str):
     """A dataclass field whose help text becomes `--help` output."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+_f = option
 
 
 @dataclass
@@ -48,15 +53,21 @@ class ModelConfig:
 class DataConfig:
     dataset: str = _f("", "Training data: comma-separated local json/jsonl/csv/parquet files.")
     eval_dataset: str = _f("", "Held-out data for eval loss and generation metrics (comma-separated).")
-    dataset_format: str = _f("auto", f"Row format: one of {', '.join(DATASET_FORMATS)}.")
+    dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3"] = _f(
+        "auto", "Row format (auto: detected per row)."
+    )
     prompt_column: str = _f("content", "AdvertiseGen prompt column.")
     response_column: str = _f("summary", "AdvertiseGen response column.")
-    template: str = _f("auto", f"Chat template: one of {', '.join(TEMPLATES)} (auto: from the model type).")
+    template: Literal["auto", "glm4", "chatglm3", "chatglm2", "chatglm"] = _f(
+        "auto", "Chat template (auto: from the model type)."
+    )
     cutoff_len: int = _f(1024, "Maximum tokens per sample; the response keeps at least half.")
     packing: bool = _f(False, "Pack several samples into each row of cutoff_len tokens (attention stays per sample).")
     mask_history: bool = _f(False, "Train on the last assistant turn only (default: every assistant turn).")
     train_on_prompt: bool = _f(False, "Also train on prompt tokens (system, user, observation).")
-    on_invalid: str = _f("error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them.")
+    on_invalid: Literal["error", "skip"] = _f(
+        "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."
+    )
     max_samples: int = _f(0, "Use only the first N training rows (0 = all).")
     data_cache_dir: str = _f(
         "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
@@ -65,7 +76,7 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    finetuning_type: str = _f("lora", f"Tuning method: one of {', '.join(FINETUNING_TYPES)}.")
+    finetuning_type: FinetuningType = _f("lora", "Tuning method.")
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
@@ -78,8 +89,8 @@ class MethodConfig:
         "all", "freeze: inside those layers train only these modules (comma-separated, e.g. 'mlp,self_attn'), or 'all'."
     )
     freeze_extra_modules: str = _f("", "freeze: also train these modules, e.g. 'embed_tokens,lm_head'.")
-    quantization_bit: int = _f(4, "qlora: bits of the frozen base weights, 4 or 8 (bitsandbytes).")
-    quantization_type: str = _f("nf4", "qlora 4-bit: data type, 'nf4' or 'fp4'.")
+    quantization_bit: Literal[4, 8] = _f(4, "qlora: bits of the frozen base weights (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = _f("nf4", "qlora 4-bit: data type.")
     double_quantization: bool = _f(True, "qlora 4-bit: also quantize the quantization constants.")
     pre_seq_len: int = _f(128, "ptuning: number of prefix (virtual) tokens per layer.")
     prefix_projection: bool = _f(False, "ptuning: produce the prefix through a two-layer MLP (P-tuning v2 option).")
@@ -95,7 +106,9 @@ class TrainConfig:
     per_device_eval_batch_size: int = _f(8, "Eval micro-batch size per rank.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(5e-5, "Peak learning rate.")
-    lr_scheduler_type: str = _f("linear", f"One of {', '.join(LR_SCHEDULERS)}.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
+        "linear", "Learning-rate schedule after warmup."
+    )
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio).")
     num_train_epochs: float = _f(3.0, "Epochs to train (ignored when max_steps > 0).")
@@ -115,10 +128,10 @@ class TrainConfig:
     predict_with_generate: bool = _f(False, "Also generate on the eval set and report ROUGE/BLEU.")
     generation_max_new_tokens: int = _f(128, "Token budget per generated answer during eval.")
     early_stopping_patience: int = _f(0, "Stop after N evals without a better metric_for_best_model (0 = off).")
-    metric_for_best_model: str = _f(
+    metric_for_best_model: EvalMetric = _f(
         "loss",
-        f"Eval metric early stopping and best_metric follow: one of {', '.join(EVAL_METRICS)} (lower is better "
-        "for loss and perplexity, higher for the rest, which need predict_with_generate).",
+        "Eval metric early stopping and best_metric follow (lower is better for loss and perplexity, higher "
+        "for the rest, which need predict_with_generate).",
     )
     seed: int = _f(42, "Seed for init, data order and dropout.")
     resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest.")
@@ -131,6 +144,24 @@ class TrainConfig:
     def global_batch_size(self, world_size: int) -> int:
         """Samples per optimizer step over all ranks: the unit every equivalence guarantee is stated in."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
+
+
+# ---------------------------------------------------------------- what every tool loads
+
+ARTIFACT_KINDS = "a model directory, an adapter directory or a training checkpoint (output_dir/checkpoint-STEP)"
+
+
+@dataclass
+class ModelArgs:
+    """What to load; the first section of evaluate.py, chat.py, export.py and serve.py."""
+
+    model_name_or_path: str = option("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
+    adapter_name_or_path: str = option("", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path.")
+    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    dtype: Dtype = option(
+        "auto",
+        "auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype; serve: bfloat16 on a GPU).",
+    )
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
@@ -147,32 +178,126 @@ class Config:
         return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
 
 
-# Flat user-facing name -> (section, field). Names are unique across sections by construction.
-FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
-    f.name: (section, f) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-}
-assert len(FIELDS) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()), "duplicate field name"
+def check_values(cfg: Config) -> list[str]:
+    """Checks on values alone (no file system); every problem names the key and the fix."""
+    m, d, t, me = cfg.model, cfg.data, cfg.train, cfg.method
+    out = []
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            out.append(msg)
+
+    need(bool(m.model_name_or_path), "model_name_or_path is required; set it to a local GLM checkpoint directory")
+    need(bool(d.dataset), "dataset is required; set it to one or more comma-separated jsonl/json files")
+    need(bool(t.output_dir), "output_dir is required; set it to a directory for checkpoints and the final model")
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "generation_max_new_tokens",
+        "preflight_timeout",
+        "ddp_timeout",
+    ):
+        need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
+    for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):
+        need(getattr(t, key) >= 0, f"{key}={getattr(t, key)} must be 0 or more")
+    need(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be positive")
+    need(0 <= t.warmup_ratio < 1, f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    need(t.max_steps == -1 or t.max_steps >= 1, f"max_steps={t.max_steps} must be -1 (use epochs) or at least 1")
+    need(t.max_steps >= 1 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1")
+    need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
+    need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
+    need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
+    need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
+    need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
+    need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
+    need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
+    need(
+        not (t.early_stopping_patience and not d.eval_dataset),
+        "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",
+    )
+    need(not (t.eval_steps and not d.eval_dataset), "eval_steps needs eval_dataset; set eval_dataset")
+    need(
+        t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
+        f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
+    )
+    need(
+        not (t.predict_with_generate and not d.eval_dataset),
+        "predict_with_generate needs eval_dataset; set eval_dataset",
+    )
+    return out
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the loader every command uses
 
 # Flags a launcher appends that are not configuration (the deepspeed launcher adds --local_rank=N).
 LAUNCHER_FLAGS = {"local_rank"}
 
 
-def _base_type(tp):
+@dataclass(frozen=True)
+class Command:
+    """What one command reads: named sections, each a dataclass and the keys taken from it (None: all)."""
+
+    prog: str
+    usage: str
+    sections: dict[str, tuple[type, tuple[str, ...] | None]]
+    description: str = ""
+    # Tools accept a training recipe as their YAML: its keys for other commands are ignored there (a
+    # recipe sets many), while on the command line they are errors.
+    recipe_for_training: bool = False
+    flag_only: tuple[str, ...] = ()  # keys that mean something else in a recipe (its output_dir is training's)
+    default_yaml: Path | None = None  # what runs with no arguments at all
+
+    def fields(self) -> dict[str, tuple[str, dataclasses.Field]]:
+        """Flat user-facing name -> (section, field); names are unique across a command's sections."""
+        out = {}
+        for section, (cls, keys) in self.sections.items():
+            for f in dataclasses.fields(cls):
+                if keys is None or f.name in keys:
+                    assert f.name not in out, f"duplicate option {f.name}"
+                    out[f.name] = (section, f)
+        return out
+
+
+TRAIN = Command(
+    prog="train.py",
+    usage="train.py [CONFIG.yaml] [--key=value ...]",
+    sections={name: (cls, None) for name, cls in SECTIONS.items()},
+    description=f"With no arguments at all the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.",
+    default_yaml=DEMO_CONFIG,
+)
+TRAIN_KEYS = set(TRAIN.fields())
+
+
+def _optional(tp) -> tuple[object, bool]:
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return next(a for a in typing.get_args(tp) if a is not type(None))
-    return tp
+        return next(a for a in typing.get_args(tp) if a is not type(None)), True
+    return tp, False
 
 
-def _convert(name: str, value, source: str):
-    """Coerce a YAML or CLI value to the field's type; raise a one-line message on failure."""
-    tp = _base_type(FIELDS[name][1].type)
+def convert(name: str, tp, value, source: str):
+    """A YAML or command-line value as the field's type: bool, int, float, str, a Literal's choices, or one
+    of those | None. Raises ValueError with a one-line message naming the key and what is allowed."""
+    tp, optional = _optional(tp)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if typing.get_origin(tp) is Literal:
+        choices = typing.get_args(tp)
+        value = convert(name, type(choices[0]), value, source)
+        if value not in choices:
+            listed = ", ".join(str(c) for c in choices)
+            raise ValueError(f"{source}: {name}={value!r} is not supported; use one of {listed}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise ValueError(f"{source}: {name}={value!r} is not a boolean; use true or false")
     if tp is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -194,14 +319,20 @@ def _convert(name: str, value, source: str):
     return str(value)
 
 
-def _unknown_key_message(key: str, source: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+def _is_bool(f: dataclasses.Field) -> bool:
+    return _optional(f.type)[0] is bool
+
+
+def _unknown_key_message(key: str, source: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the valid keys"
     return f"{source}: unknown key '{key}'{hint}"
 
 
-def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
-    """Split argv into (yaml_path, {key: raw_value}, problems). Accepts --k=v and --k v."""
+def parse_cli(argv: list[str], command: Command = TRAIN) -> tuple[str | None, dict[str, str], list[str]]:
+    """Split argv into (yaml_path, {key: raw_value}, problems). Accepts --k=v, --k v, and a bare --flag
+    for a boolean (it means true)."""
+    fields = command.fields()
     yaml_path, overrides, problems = None, {}, []
     i = 0
     while i < len(argv):
@@ -216,11 +347,11 @@ def parse_cli(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            if i < len(argv) and not argv[i].startswith("--"):
+            if key in fields and _is_bool(fields[key][1]):
+                value = "true"  # a bare boolean flag switches it on
+            elif i < len(argv) and not argv[i].startswith("--"):
                 value = argv[i]
                 i += 1
-            elif key in FIELDS and _base_type(FIELDS[key][1].type) is bool:
-                value = "true"  # a bare boolean flag switches it on
             elif key not in LAUNCHER_FLAGS:
                 problems.append(f"command line: --{key} needs a value; write --{key}=VALUE")
                 continue
@@ -247,37 +378,47 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def build_config(values: dict[str, tuple[object, str]]) -> tuple[Config, list[str]]:
-    """A Config from {key: (value, source)} and every problem found (a value that does not convert keeps
-    its default and is reported)."""
-    cfg, problems = Config(), []
-    for key, (value, source) in values.items():
-        if key not in FIELDS:
-            problems.append(_unknown_key_message(key, source))
-            continue
-        try:
-            section, f = FIELDS[key]
-            setattr(getattr(cfg, section), key, _convert(key, value, source))
-        except ValueError as e:
-            problems.append(str(e))
-    return cfg, problems + check_values(cfg)
+def parse_command(argv: list[str], command: Command) -> tuple[dict[str, object], list[str]]:
+    """{section: dataclass instance} and every problem found, without raising (a value that does not
+    convert keeps its default and is reported). Defaults < YAML < command line."""
+    fields = command.fields()
+    yaml_path, overrides, problems = parse_cli(argv, command)
+    if problems:
+        raise UserError(problems)
+    if yaml_path is None and not overrides and command.default_yaml is not None:
+        yaml_path = str(command.default_yaml)
+    layers = [(load_yaml(yaml_path), yaml_path, False)] if yaml_path else []
+    values: dict[str, dict] = {name: {} for name in command.sections}
+    for mapping, source, from_cli in layers + [(overrides, "command line", True)]:
+        for key, raw in mapping.items():
+            if key in fields and (from_cli or key not in command.flag_only):
+                section, f = fields[key]
+                try:
+                    values[section][key] = convert(key, f.type, raw, source)
+                except ValueError as e:
+                    problems.append(str(e))
+            elif from_cli or not command.recipe_for_training or key not in TRAIN_KEYS:
+                if not (key in command.flag_only and not from_cli):
+                    problems.append(_unknown_key_message(key, source, fields))
+    sections = {name: cls(**values[name]) for name, (cls, _) in command.sections.items()}
+    return sections, problems
+
+
+def load_command(argv: list[str], command: Command) -> dict[str, object]:
+    """`parse_command` that raises one UserError with every problem."""
+    sections, problems = parse_command(argv, command)
+    if problems:
+        raise UserError(problems)
+    return sections
 
 
 def collect_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> tuple[Config, list[str]]:
-    """Defaults < YAML < CLI, and the problems found, without raising: a caller that checks files next
-    (training) reports everything together. With no arguments at all the embedded demo recipe runs;
-    flags without a YAML start from the defaults (never from the demo, whose settings would leak into a
-    real run)."""
-    yaml_path, overrides, problems = parse_cli(argv)
-    if problems:
-        raise UserError(problems)
-    if yaml_path is None and not overrides and default_yaml is not None:
-        yaml_path = str(default_yaml)
-    values: dict[str, tuple[object, str]] = {}
-    if yaml_path is not None:
-        values.update({k: (v, yaml_path) for k, v in load_yaml(yaml_path).items()})
-    values.update({k: (v, "command line") for k, v in overrides.items()})
-    return build_config(values)
+    """The training Config and every problem (value checks included), without raising: training checks
+    the files it names next and reports everything together."""
+    command = dataclasses.replace(TRAIN, default_yaml=default_yaml)
+    sections, problems = parse_command(argv, command)
+    cfg = Config(**sections)
+    return cfg, problems + check_values(cfg)
 
 
 def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Config:
@@ -288,90 +429,19 @@ def load_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> Con
     return cfg
 
 
-def check_values(cfg: Config) -> list[str]:
-    """Checks on values alone (no file system); every problem names the key and the fix."""
-    m, d, t, me = cfg.model, cfg.data, cfg.train, cfg.method
-    out = []
-
-    def need(ok: bool, msg: str):
-        if not ok:
-            out.append(msg)
-
-    need(bool(m.model_name_or_path), "model_name_or_path is required; set it to a local GLM checkpoint directory")
-    need(bool(d.dataset), "dataset is required; set it to one or more comma-separated jsonl/json files")
-    need(bool(t.output_dir), "output_dir is required; set it to a directory for checkpoints and the final model")
-    need(
-        me.finetuning_type in FINETUNING_TYPES,
-        f"finetuning_type={me.finetuning_type!r} is not supported; use one of {', '.join(FINETUNING_TYPES)}",
-    )
-    need(
-        d.dataset_format in DATASET_FORMATS,
-        f"dataset_format={d.dataset_format!r} is not supported; use one of {', '.join(DATASET_FORMATS)}",
-    )
-    need(
-        t.lr_scheduler_type in LR_SCHEDULERS,
-        f"lr_scheduler_type={t.lr_scheduler_type!r} is not supported; use one of {', '.join(LR_SCHEDULERS)}",
-    )
-    for key in (
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "generation_max_new_tokens",
-        "preflight_timeout",
-        "ddp_timeout",
-    ):
-        need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
-    for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):
-        need(getattr(t, key) >= 0, f"{key}={getattr(t, key)} must be 0 or more")
-    need(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be positive")
-    need(0 <= t.warmup_ratio < 1, f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
-    need(t.max_steps == -1 or t.max_steps >= 1, f"max_steps={t.max_steps} must be -1 (use epochs) or at least 1")
-    need(t.max_steps >= 1 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1")
-    need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
-    need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
-    need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
-    need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
-    need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
-    need(me.quantization_bit in (4, 8), f"quantization_bit={me.quantization_bit} is not supported; use 4 or 8")
-    need(me.quantization_type in ("nf4", "fp4"), f"quantization_type={me.quantization_type!r}: use 'nf4' or 'fp4'")
-    need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
-    need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
-    need(
-        not (t.early_stopping_patience and not d.eval_dataset),
-        "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",
-    )
-    need(not (t.eval_steps and not d.eval_dataset), "eval_steps needs eval_dataset; set eval_dataset")
-    need(
-        t.metric_for_best_model in EVAL_METRICS,
-        f"metric_for_best_model={t.metric_for_best_model!r} is not an eval metric; use one of "
-        + ", ".join(EVAL_METRICS),
-    )
-    need(
-        t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
-        f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
-    )
-    need(
-        not (t.predict_with_generate and not d.eval_dataset),
-        "predict_with_generate needs eval_dataset; set eval_dataset",
-    )
-    return out
-
-
-def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
-
-
-def help_text() -> str:
-    lines = [
-        "usage: train.py [CONFIG.yaml] [--key=value ...]",
-        "",
-        f"With no arguments at all the demo recipe {DEMO_CONFIG.relative_to(REPO_ROOT)} is used.",
-        "",
-    ]
-    for section, cls in SECTIONS.items():
+def help_text(command: Command = TRAIN) -> str:
+    """`--help` for any command: usage, then every option with its default, meaning and choices."""
+    lines = [f"usage: {command.usage}", ""]
+    if command.description:
+        lines += [command.description, ""]
+    for section, (cls, keys) in command.sections.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
+            if keys is not None and f.name not in keys:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{f.name}={json.dumps(default)}\n      {f.metadata['help']}")
+            tp = _optional(f.type)[0]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+            listed = f" One of: {', '.join(str(c) for c in choices)}." if choices else ""
+            lines.append(f"  --{f.name}={json.dumps(default)}\n      {f.metadata['help']}{listed}")
     return "\n".join(lines)

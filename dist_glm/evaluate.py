@@ -1,18 +1,67 @@
-"""Evaluation during training: loss/perplexity on the eval set and, optionally, generation metrics.
+"""Evaluation, during training and as a command (launch/evaluate.py): loss/perplexity on an eval set
+and, optionally, generation metrics, with the same functions in both, so the numbers are comparable.
 
-Both are collectives. Every rank runs the same number of forward passes (ZeRO-3 gathers weights
-inside each forward, so a rank that stopped early would hang the others): the eval set is split
+`eval_loss` and `predict` take any nn.Module (a DeepSpeed engine is one) and leave it in the mode they
+found it in. Both are collectives. Every rank runs the same number of forward passes (ZeRO-3 gathers
+weights inside each forward, so a rank that stopped early would hang the others): the eval set is split
 into equal shards, and padding slots in the last shard carry no labels and no weight.
 """
 
+import dataclasses
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dist_glm import distributed
+from dist_glm.config import Command, DataConfig, ModelArgs, option
 from dist_glm.data.batching import Example, collate, model_inputs
+from dist_glm.errors import UserError
 from dist_glm.loss import token_loss_sum
 from dist_glm.metrics import generation_metrics
+
+
+@dataclass
+class EvaluateArgs:
+    output_dir: str = option(
+        "", "Where eval_results.json and generated_predictions.jsonl go (default: <model>/eval; never a recipe's)."
+    )
+    per_device_eval_batch_size: int = option(8, "Samples per forward pass and per generate call.")
+    predict_with_generate: bool = option(True, "Also generate a reply per sample and report ROUGE/BLEU/exact match.")
+    generation_max_new_tokens: int = option(128, "Token budget per generated reply.")
+    max_eval_samples: int = option(0, "Evaluate only the first N samples (0 = all).")
+
+
+# Evaluation reads its data with the training pipeline; these DataConfig keys apply to it.
+EVAL_DATA_KEYS = (
+    "eval_dataset",
+    "dataset_format",
+    "prompt_column",
+    "response_column",
+    "template",
+    "cutoff_len",
+    "mask_history",
+    "train_on_prompt",
+    "on_invalid",
+    "data_cache_dir",
+)
+EVALUATE = Command(
+    prog="evaluate.py",
+    usage="evaluate.py [RECIPE.yaml] --model_name_or_path=DIR --eval_dataset=FILE [--key=value ...]",
+    sections={"model": (ModelArgs, None), "evaluate": (EvaluateArgs, None), "data": (DataConfig, EVAL_DATA_KEYS)},
+    description="A training recipe (YAML) may come first; flags override it.",
+    recipe_for_training=True,
+    flag_only=("output_dir",),
+)
+
+
+def _generator(model):
+    """The module that has `generate`: a DeepSpeed engine wraps the HF model it trains."""
+    from deepspeed import DeepSpeedEngine
+
+    return model.module if isinstance(model, DeepSpeedEngine) else model
 
 
 def _shard(n: int, rank: int, world: int) -> list[int | None]:
@@ -27,9 +76,10 @@ def _batches(slots: list, size: int):
 
 
 @torch.no_grad()
-def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, device) -> dict[str, float]:
+def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> dict[str, float]:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    engine.eval()
+    was_training = model.training
+    model.eval()
     loss_sum, tokens = 0.0, 0
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
         # A padding slot repeats example 0 with every label masked, so it costs compute but no loss.
@@ -40,10 +90,10 @@ def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, dev
             for i in slot_batch
         ]
         batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        logits = engine(**model_inputs(batch)).logits
+        logits = model(**model_inputs(batch)).logits
         s, n = token_loss_sum(logits, batch["labels"])
         loss_sum, tokens = loss_sum + float(s), tokens + n
-    engine.train()
+    model.train(was_training)
     total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens]).tolist()
     mean = total_loss / max(total_tokens, 1)
     return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
@@ -51,7 +101,7 @@ def eval_loss(engine, examples: list[Example], batch_size: int, pad_id: int, dev
 
 @torch.no_grad()
 def predict(
-    engine,
+    model,
     examples: list[Example],
     tokenizer,
     batch_size: int,
@@ -62,8 +112,9 @@ def predict(
 ) -> tuple[list[str], dict[str, float]]:
     """Greedy generation for the whole eval set; returns (predictions in input order, metrics)."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    model = engine.module
+    was_training = model.training
     model.eval()
+    generator = _generator(model)
     pad_id = tokenizer.pad_token_id
     local = []
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
@@ -72,7 +123,7 @@ def predict(
         # Left padding so that every prompt ends where generation starts.
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(
+        out = generator.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
@@ -87,9 +138,96 @@ def predict(
                 cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
                 # GLM replies start with the newline that follows <|assistant|>; it is not part of the answer.
                 local.append((i, tokenizer.decode(row[:cut], skip_special_tokens=True).removeprefix("\n")))
-    model.train()
+    model.train(was_training)
     # Gathering Python objects is fine here: predictions are short strings, gathered once per eval.
     merged = sorted(p for part in distributed.all_gather_objects(local) for p in part)
     predictions = [text for _, text in merged]
     metrics = generation_metrics(predictions, [e.reference for e in examples])
     return predictions, {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataConfig) -> dict:
+    """Loss, perplexity and (predict_with_generate) ROUGE-1/2/L, BLEU-4 and exact match on the whole eval
+    set, with the very functions the trainer evaluates with, so the numbers are comparable. Under a
+    launcher each rank holds the whole model and takes a shard of the set; alone it is a world of one."""
+    from dist_glm.artifacts import generation_eos_ids_of, load_artifact, resolve_artifact, resolve_dtype
+    from dist_glm.data.formats import check_data_paths
+    from dist_glm.data.preprocess import tokenize_dataset
+    from dist_glm.data.template import choose_template
+    from dist_glm.models import load_tokenizer
+
+    art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
+    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset") if data_cfg.eval_dataset else []
+    if not data_cfg.eval_dataset:
+        problems.append("eval_dataset is required; set it to one or more comma-separated jsonl/json files")
+    for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):
+        if getattr(args, key) < 1:
+            problems.append(f"{key}={getattr(args, key)} must be at least 1")
+    if problems:
+        raise UserError(problems)
+    out = Path(args.output_dir) if args.output_dir else art.source / "eval"
+
+    rank, world = distributed.init_distributed()
+    device = distributed.local_device()
+    dtype = resolve_dtype(model_args.dtype, art, device)
+    tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
+    model = load_artifact(art, dtype, device)
+    distributed.log(
+        f"loaded {art.source} ({art.method}, {str(dtype).removeprefix('torch.')}) on {device}, {world} rank(s)"
+    )
+    # The cache sits beside the eval file, shared with training's (same key for the same settings).
+    data_cfg = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset)
+    template = choose_template(data_cfg.template, tokenizer, model.config.model_type)
+    examples, stats = tokenize_dataset(
+        data_cfg.eval_dataset,
+        tokenizer,
+        str(art.tokenizer_dir),
+        template,
+        data_cfg,
+        args.max_eval_samples,
+        distributed.log,
+    )
+    if not examples:
+        raise UserError(f"eval_dataset: no usable samples ({stats.summary('eval_dataset')})")
+
+    pad_id = tokenizer.pad_token_id
+    record = eval_loss(model, examples, args.per_device_eval_batch_size, pad_id, device)
+    predictions = []
+    if args.predict_with_generate:
+        eos_ids = generation_eos_ids_of(model, tokenizer)
+        predictions, gen = predict(
+            model,
+            examples,
+            tokenizer,
+            args.per_device_eval_batch_size,
+            args.generation_max_new_tokens,
+            eos_ids,
+            False,
+            device,
+        )
+        record.update(gen)
+    results = {
+        **record,
+        "eval/samples": len(examples),
+        "model_name_or_path": model_args.model_name_or_path,
+        "adapter_name_or_path": model_args.adapter_name_or_path,
+        "eval_dataset": data_cfg.eval_dataset,
+        "generation_max_new_tokens": args.generation_max_new_tokens,
+    }
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        if predictions:
+            with open(out / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
+                for e, p in zip(examples, predictions, strict=True):
+                    prompt = tokenizer.decode(e.prompt_ids)
+                    f.write(
+                        json.dumps({"prompt": prompt, "prediction": p, "reference": e.reference}, ensure_ascii=False)
+                    )
+                    f.write("\n")
+        distributed.log(
+            ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items())
+            + f" on {len(examples)} samples; written to {out}"
+        )
+    distributed.barrier()
+    return results

@@ -11,7 +11,7 @@ or bitsandbytes.
   every rank's partition (fp32 master weights), merged when it holds an adapter.
 - P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
   of any weight, so no plain HF model can carry it. Use the prefix as it is (chat.py, evaluate.py,
-  `load_for_inference`).
+  `dist_glm.artifacts.load_for_inference`).
 """
 
 import shutil
@@ -20,21 +20,24 @@ from pathlib import Path
 
 import torch
 
+from dist_glm.artifacts import load_artifact, resolve_artifact, resolve_dtype
+from dist_glm.config import Command, ModelArgs, option
 from dist_glm.errors import UserError
-from dist_glm.inference import ModelArgs, check_model_args, help_field, load_artifact, resolve_artifact, resolve_dtype
-
-PTUNING_REFUSED = (
-    "a P-tuning v2 prefix cannot be merged into model weights (it adds key/value vectors to every attention "
-    "layer, not a weight change); use it as it is: chat.py, evaluate.py and "
-    "dist_glm.inference.load_for_inference take the same --model_name_or_path/--adapter_name_or_path as here"
-)
+from dist_glm.methods import get_method
 
 
 @dataclass
-class ExportArgs(ModelArgs):
-    export_dir: str = help_field("", "Directory for the exported HF model.")
-    overwrite_export_dir: bool = help_field(False, "Replace export_dir if it is not empty.")
-    max_shard_size: str = help_field("5GB", "Largest safetensors file; bigger models are split into shards.")
+class ExportArgs:
+    export_dir: str = option("", "Directory for the exported HF model.")
+    overwrite_export_dir: bool = option(False, "Replace export_dir if it is not empty.")
+    max_shard_size: str = option("5GB", "Largest safetensors file; bigger models are split into shards.")
+
+
+EXPORT = Command(
+    prog="export.py",
+    usage="export.py --model_name_or_path=DIR [--adapter_name_or_path=DIR] --export_dir=DIR [--key=value ...]",
+    sections={"model": (ModelArgs, None), "export": (ExportArgs, None)},
+)
 
 
 def _within(a: Path, b: Path) -> bool:
@@ -57,20 +60,19 @@ def check_export_dir(args: ExportArgs, sources: list[Path]) -> list[str]:
     return []
 
 
-def export(args: ExportArgs) -> Path:
+def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     """Write the merged / consolidated model to `args.export_dir`; returns that path."""
     from dist_glm.models import load_tokenizer
 
-    art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
-    problems = check_model_args(args)
-    if art.method == "ptuning":
-        problems.append(PTUNING_REFUSED)
+    art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
+    method = get_method(art.method)
+    problems = [method.export_refusal] if method.export_refusal else []
     problems += check_export_dir(args, [p for p in (art.base, art.adapter, art.checkpoint) if p is not None])
     if problems:
         raise UserError(problems)
 
     cpu = torch.device("cpu")
-    dtype = resolve_dtype(args.dtype, art, cpu, for_export=True)
+    dtype = resolve_dtype(model_args.dtype, art, cpu, for_export=True)
     model = load_artifact(art, dtype, cpu, dequantize=True)
     if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the adapter into the base weights
         model = model.merge_and_unload()
@@ -78,7 +80,7 @@ def export(args: ExportArgs) -> Path:
     model.config.use_cache = True
     if hasattr(model.config, "quantization_config"):  # de-quantized: the weights are ordinary now
         del model.config.quantization_config
-    tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
+    tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
 
     # Written beside the target and renamed when complete, so an interrupted export never looks finished.
     out = Path(args.export_dir)
@@ -91,6 +93,6 @@ def export(args: ExportArgs) -> Path:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    what = {"full": "model", "freeze": "model"}.get(art.method, f"{art.method} adapter merged into its base")
+    what = f"{art.method} adapter merged into its base" if method.is_adapter else "model"
     print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}) to {out}", flush=True)
     return out

@@ -7,15 +7,17 @@ and prove it generates, then hand the socket to uvicorn. The server itself lives
 `engine.py` (one model, one batching worker thread) and `api.py` (the HTTP routes, auth and errors).
 """
 
-import argparse
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from dist_glm.errors import UserError, report_and_exit
+from dist_glm.config import Command, ModelArgs, option
+from dist_glm.errors import UserError
 from dist_glm.serving.api import build_app
 from dist_glm.serving.engine import Engine
 
@@ -23,56 +25,33 @@ log = logging.getLogger("dist_glm.serve")
 API_KEY_ENV = "DIST_GLM_API_KEY"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="serve.py", description="OpenAI-compatible chat server for a trained GLM.")
-    p.add_argument(
-        "--model_name_or_path",
-        required=True,
-        help="a full model (a training output such as out/demo), or an adapter directory (LoRA, QLoRA, "
-        "P-tuning) whose adapter_config.json names its base",
+@dataclass
+class ServeArgs:
+    served_model_name: str = option("", "The name clients pass as `model` (default: the model path's last directory).")
+    host: str = option("127.0.0.1", "Interface to listen on; 0.0.0.0 for every interface.")
+    port: int = option(8000, "TCP port; 0 picks a free one (printed at start).")
+    api_key: str | None = option(
+        None, f"Require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; empty: no key)."
     )
-    p.add_argument("--adapter_name_or_path", default="", help="an adapter to apply to model_name_or_path")
-    p.add_argument(
-        "--served_model_name",
-        default="",
-        help="the name clients pass as `model` (default: the last directory name of the model path)",
-    )
-    p.add_argument(
-        "--host", default="127.0.0.1", help="interface to listen on (default %(default)s); 0.0.0.0 for every interface"
-    )
-    p.add_argument("--port", type=int, default=8000, help="default %(default)s; 0 picks a free port (printed at start)")
-    p.add_argument(
-        "--api_key",
-        default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; empty: no key)",
-    )
-    p.add_argument(
-        "--max_model_len",
-        type=int,
-        default=0,
-        help="context limit in tokens, prompt + reply (default: the model's max_position_embeddings)",
-    )
-    p.add_argument(
-        "--max_batch_size", type=int, default=16, help="requests generated together in one batch (default %(default)s)"
-    )
-    p.add_argument(
-        "--max_queue_size", type=int, default=256, help="waiting requests beyond this get 503 (default %(default)s)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: bfloat16 on a GPU that supports it, else float32",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
-    return p.parse_args(argv)
+    max_model_len: int = option(0, "Context limit in tokens, prompt + reply (0: the model's max_position_embeddings).")
+    max_batch_size: int = option(16, "Requests generated together in one batch.")
+    max_queue_size: int = option(256, "Waiting requests beyond this get 503.")
+    device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    log_level: Literal["debug", "info", "warning", "error"] = option("info", "Server log level.")
 
 
-def check_args(args: argparse.Namespace) -> list[str]:
-    problems = []
+SERVE = Command(
+    prog="serve.py",
+    usage="serve.py --model_name_or_path=DIR [--adapter_name_or_path=DIR] [--port=8000] [--key=value ...]",
+    sections={"model": (ModelArgs, None), "serve": (ServeArgs, None)},
+    description="An OpenAI-compatible chat server (/v1/chat/completions, /v1/models, /health) for a trained GLM.",
+)
+
+
+def check_args(model: ModelArgs, args: ServeArgs) -> list[str]:
+    problems = [] if model.model_name_or_path else ["model_name_or_path is required; point it at a training output"]
     for key in ("model_name_or_path", "adapter_name_or_path"):
-        path = getattr(args, key)
+        path = getattr(model, key)
         if path and not Path(path).is_dir():
             problems.append(f"{key}='{path}': no such directory; point it at a training output (e.g. out/demo)")
     if not 0 <= args.port <= 65535:
@@ -104,29 +83,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_engine(args: argparse.Namespace) -> tuple[Engine, int]:
+def load_engine(model_args: ModelArgs, args: ServeArgs) -> tuple[Engine, int]:
     """(engine, max_model_len) for the checkpoint in args; UserError for anything the user can fix."""
-    from dist_glm.inference import load_for_inference
+    from dist_glm.artifacts import load_for_inference
     from dist_glm.models import generation_eos_ids, load_tokenizer
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype != "auto":
-        dtype = getattr(torch, args.dtype)
+    if model_args.dtype != "auto":
+        dtype = getattr(torch, model_args.dtype)
     else:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_for_inference(args.model_name_or_path, args.adapter_name_or_path, dtype=dtype)
+    model = load_for_inference(model_args.model_name_or_path, model_args.adapter_name_or_path, dtype=dtype)
     if not any(getattr(model, a, False) for a in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit")):
         model.to(device)  # bitsandbytes places quantized weights itself; .to() is refused for them
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tokenizer_dirs = [args.adapter_name_or_path, args.model_name_or_path, base.config.name_or_path]
+    tokenizer_dirs = [model_args.adapter_name_or_path, model_args.model_name_or_path, base.config.name_or_path]
     tokenizer_dir = next((d for d in tokenizer_dirs if d and (Path(d) / "tokenizer_config.json").is_file()), None)
     if tokenizer_dir is None:
         raise UserError(
-            f"model_name_or_path='{args.model_name_or_path}': no tokenizer_config.json there or in its base"
+            f"model_name_or_path='{model_args.model_name_or_path}': no tokenizer_config.json there or in its base"
         )
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, model_args.trust_remote_code)
     if not tokenizer.chat_template:
-        raise UserError(f"model_name_or_path='{args.model_name_or_path}': the tokenizer has no chat template")
+        raise UserError(f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer has no chat template")
     limit = int(getattr(base.config, "max_position_embeddings", 0) or 0)
     if args.max_model_len and limit and args.max_model_len > limit:
         raise UserError(f"max_model_len={args.max_model_len}: the model was built for at most {limit} positions")
@@ -139,23 +118,18 @@ def load_engine(args: argparse.Namespace) -> tuple[Engine, int]:
     return engine, max_model_len
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
+def serve(model_args: ModelArgs, args: ServeArgs) -> None:
     import uvicorn
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     api_key = os.environ.get(API_KEY_ENV, "") if args.api_key is None else args.api_key
-    name = args.served_model_name or Path(args.adapter_name_or_path or args.model_name_or_path).resolve().name
-    try:
-        problems = check_args(args)
-        if problems:
-            raise UserError(problems)
-        sock = bind(args.host, args.port)
-        engine, max_model_len = load_engine(args)
-    except UserError as err:
-        report_and_exit(err, prog="serve.py")
+    source = model_args.adapter_name_or_path or model_args.model_name_or_path
+    name = args.served_model_name or Path(source).resolve().name
+    problems = check_args(model_args, args)
+    if problems:
+        raise UserError(problems)
+    sock = bind(args.host, args.port)
+    engine, max_model_len = load_engine(model_args, args)
     app = build_app(engine, name, max_model_len, api_key)
     host, port = sock.getsockname()[:2]
     print(

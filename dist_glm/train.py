@@ -26,7 +26,7 @@ from dist_glm.distributed import log
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
-from dist_glm.methods import check_combination, count_parameters, get_method
+from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import (
     MetricsLogger,
     ThroughputWindow,
@@ -74,7 +74,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
-    problems += check_combination(cfg)
+    problems += get_method(cfg.method.finetuning_type).check_config(cfg)
     t = cfg.train
     existing = checkpoint.list_checkpoints(t.output_dir) if t.output_dir else []
     if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:

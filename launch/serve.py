@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_glm.serve import main  # noqa: E402
+from dist_glm.cli import serve_main as main  # noqa: E402
 
 if __name__ == "__main__":
     main(sys.argv[1:])

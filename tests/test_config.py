@@ -38,7 +38,7 @@ def test_no_arguments_runs_the_demo_but_flags_alone_do_not():
         (REQUIRED + ["--finetuning_type=ptuningv3"], r"finetuning_type='ptuningv3' is not supported; use one of"),
         (REQUIRED + ["--per_device_train_batch_size=0"], r"per_device_train_batch_size=0 must be at least 1"),
         (REQUIRED + ["--early_stopping_patience=2"], r"early_stopping_patience needs eval_dataset"),
-        (REQUIRED + ["--metric_for_best_model=acc"], r"metric_for_best_model='acc' is not an eval metric; use one"),
+        (REQUIRED + ["--metric_for_best_model=acc"], r"metric_for_best_model='acc' is not supported; use one of loss, perplexity"),
         (REQUIRED + ["--metric_for_best_model=bleu-4"], r"is a generation metric; set predict_with_generate=true"),
         (REQUIRED + ["--preflight_timeout=0"], r"preflight_timeout=0 must be at least 1"),
         (["--dataset=d.jsonl"], r"model_name_or_path is required"),

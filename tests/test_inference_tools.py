@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, base_args, child_env, run_script, run_train
+from dist_glm.artifacts import load_for_inference
 from dist_glm.chat import ChatArgs, ChatSession
-from dist_glm.inference import load_for_inference
+from dist_glm.config import ModelArgs
 from dist_glm.metrics import generation_metrics
 from dist_glm.models import generation_eos_ids, load_tokenizer
 
@@ -108,7 +109,9 @@ def test_lora_export_computes_the_adapter_logits(lora_run, pretrained_tiny, tmp_
     # The run's last checkpoint (ZeRO-0, adapter weights only) exports the same model.
     from dist_glm.export import ExportArgs, export
 
-    from_ckpt = export(ExportArgs(model_name_or_path=str(lora_run / "checkpoint-6"), export_dir=str(tmp_path / "c")))
+    from_ckpt = export(
+        ModelArgs(model_name_or_path=str(lora_run / "checkpoint-6")), ExportArgs(export_dir=str(tmp_path / "c"))
+    )
     a, b = load_file(from_ckpt / "model.safetensors"), load_file(merged / "model.safetensors")
     assert a.keys() == b.keys()
     assert max(max_diff(a[k], b[k]) for k in a) < 1e-6
@@ -119,7 +122,7 @@ def test_qlora_export_merges_into_the_dequantized_base(qlora_run, pretrained_tin
 
     from dist_glm.export import ExportArgs, export
 
-    out = export(ExportArgs(model_name_or_path=str(qlora_run), export_dir=str(tmp_path / "merged")))
+    out = export(ModelArgs(model_name_or_path=str(qlora_run)), ExportArgs(export_dir=str(tmp_path / "merged")))
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     weights = load_file(out / "model.safetensors")
@@ -150,7 +153,9 @@ def test_dora_and_modules_to_save_merge_to_the_adapter_logits(pretrained_tiny, t
                 p.add_(0.05 * torch.randn_like(p))
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     lora.save_artifact(model, state, load_tokenizer(str(pretrained_tiny)), tmp_path / "adapter")
-    out = export(ExportArgs(model_name_or_path=str(tmp_path / "adapter"), export_dir=str(tmp_path / "merged")))
+    out = export(
+        ModelArgs(model_name_or_path=str(tmp_path / "adapter")), ExportArgs(export_dir=str(tmp_path / "merged"))
+    )
     adapter_logits = logits_of(load_for_inference(str(tmp_path / "adapter")))
     assert max_diff(logits_of(AutoModelForCausalLM.from_pretrained(out).eval()), adapter_logits) < LORA_MERGE_ATOL
     base_logits = logits_of(AutoModelForCausalLM.from_pretrained(pretrained_tiny).eval())
@@ -270,7 +275,7 @@ def test_chat_through_stdin_streams_keeps_history_and_clears(lora_run, pretraine
 
     # The reply arrives in pieces as tokens are generated (the untrained base writes one word per token,
     # which the streamer passes on at once), and a stopped reply ends early and stays out of the history.
-    session = ChatSession(ChatArgs(model_name_or_path=str(pretrained_tiny), max_new_tokens=16))
+    session = ChatSession(ModelArgs(model_name_or_path=str(pretrained_tiny)), ChatArgs(max_new_tokens=16))
     pieces = list(session.reply(questions[0], threading.Event()))
     base = AutoModelForCausalLM.from_pretrained(pretrained_tiny).eval()
     user = [{"role": "user", "content": questions[0]}]
@@ -321,7 +326,7 @@ class FakeSession:
 
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_chat_loop_commands(monkeypatch, capsys, interrupt):
-    from dist_glm.cli import chat_loop
+    from dist_glm.chat import chat_loop
 
     lines = iter(["hi", "", "clear", "exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": print(prompt, end="") or next(lines))

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, read_metrics, run_train
+from dist_glm.artifacts import load_for_inference
 from dist_glm.config import load_config
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.preprocess import tokenize_dataset
-from dist_glm.inference import load_for_inference
 from dist_glm.loss import token_loss_sum
 from dist_glm.models import load_tokenizer
 

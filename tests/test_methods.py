@@ -172,7 +172,7 @@ def test_ptuning_two_ranks_zero3_checkpointing_matches_single_process(tmp_path, 
 
 
 def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data, pretrained_tiny):
-    from dist_glm.inference import load_for_inference
+    from dist_glm.artifacts import load_for_inference
 
     out = tmp_path / "q8"
     run_train(
@@ -206,7 +206,7 @@ def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data,
             r"qlora quantizes pretrained weights.*use finetuning_type=lora",
         ),
         (["--finetuning_type=ptuning", "--packing"], r"packing=true with finetuning_type=ptuning.*set packing=false"),
-        (["--finetuning_type=qlora", "--quantization_bit=3"], r"quantization_bit=3 is not supported; use 4 or 8"),
+        (["--finetuning_type=qlora", "--quantization_bit=3"], r"quantization_bit=3 is not supported; use one of 4, 8"),
     ],
 )
 def test_unsupported_method_combinations_are_refused_up_front(tmp_path, varlen_data, flags, match):

@@ -151,7 +151,7 @@ REFERENCE_TOKENS = 40  # every reply the tests ask for is at most this long
 @pytest.fixture(scope="module")
 def reference(demo_model):
     """Greedy decoding of the same checkpoint in this process: what every reply must equal."""
-    from dist_glm.inference import load_for_inference
+    from dist_glm.artifacts import load_for_inference
     from dist_glm.models import generation_eos_ids, load_tokenizer
 
     model, tok = load_for_inference(str(demo_model)), load_tokenizer(str(demo_model))

@@ -1,15 +1,12 @@
-"""Tuning methods. Each module exposes the same three functions (the `Method` protocol):
-
-- `make_trainable(model, cfg)`: mark what trains (and wrap the model, e.g. with PEFT); returns the model.
-- `save_artifact(model, state_dict, tokenizer, out_dir)`: write the final, reloadable artifact.
-- `quantization_config(cfg)`: how the base weights load (bitsandbytes for QLoRA, else None).
-- `trainable_only`: whether checkpoints hold only the trained parameters (frozen ones are reloaded
-  from the base model on resume); `export_trainable_only`: whether the final artifact does.
+"""Tuning methods. Each module is one method and exposes the same members (the `Method` protocol), so
+neither the training loop nor the tools ever branch on a method's name: adding a method is one new
+module here plus its name in config.FinetuningType.
 
 The training loop is identical for every method; only these differ.
 """
 
 import math
+from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
@@ -17,21 +14,46 @@ from dist_glm.methods import freeze, full, lora, ptuning, qlora
 
 
 class Method(Protocol):
-    trainable_only: bool
-    export_trainable_only: bool
+    # Training
+    trainable_only: bool  # checkpoints hold only the trained parameters (frozen ones reload from the base)
+    export_trainable_only: bool  # so does the final artifact
 
-    def make_trainable(self, model, cfg): ...
+    def check_config(self, cfg) -> list[str]:
+        """Settings this method refuses, each with one that works; checked before anything loads."""
 
-    def save_artifact(self, model, state_dict: dict, tokenizer, out_dir) -> None: ...
+    def quantization_config(self, cfg):
+        """How the base weights load for training (bitsandbytes for QLoRA), or None."""
 
-    def quantization_config(self, cfg): ...
+    def make_trainable(self, model, cfg):
+        """Mark what trains (and wrap the model, e.g. with PEFT); returns the model."""
+
+    def save_artifact(self, model, state_dict: dict, tokenizer, out_dir) -> None:
+        """Write the final, reloadable artifact (rank 0, from the gathered `state_dict`)."""
+
+    # Loading and export
+    is_adapter: bool  # the artifact is applied to a base model rather than standing alone
+    export_refusal: str | None  # why export.py cannot make a plain HF model of it, or None
+
+    def owns_adapter(self, adapter_dir: Path, adapter_config: dict) -> bool:
+        """Whether this method wrote the adapter directory (its adapter_config.json)."""
+
+    def inference_quantization(self, adapter_dir: Path):
+        """How the base must load under this adapter (what it trained against), or None."""
+
+    def after_load(self, model) -> None:
+        """Adjust a model loaded for inference."""
 
 
 METHODS: dict[str, ModuleType] = {"full": full, "freeze": freeze, "lora": lora, "qlora": qlora, "ptuning": ptuning}
 
 
 def get_method(name: str) -> Method:
-    return METHODS[name]  # the name was validated in config.check_values
+    return METHODS[name]  # the name was validated against config.FinetuningType
+
+
+def adapter_method(adapter_dir: Path, adapter_config: dict) -> str | None:
+    """The method that wrote an adapter directory, or None when no method recognises it."""
+    return next((name for name, m in METHODS.items() if m.owns_adapter(adapter_dir, adapter_config)), None)
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -47,25 +69,3 @@ def count_parameters(model) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def check_combination(cfg) -> list[str]:
-    """Combinations refused before training starts, each with one that works. Everything not refused
-    here trains under every ZeRO stage, with or without offload (tests/test_method_matrix.py)."""
-    method, out = cfg.method.finetuning_type, []
-    if method == "qlora":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            out.append("finetuning_type=qlora needs bitsandbytes; `pip install bitsandbytes`, or use lora")
-        if cfg.model.train_from_scratch:
-            out.append(
-                "finetuning_type=qlora quantizes pretrained weights and train_from_scratch=true has none; "
-                "use finetuning_type=lora (or full) for a model trained from scratch"
-            )
-    if method == "ptuning" and cfg.data.packing:
-        out.append(
-            "packing=true with finetuning_type=ptuning: packed samples would share one prefix attention "
-            "window; set packing=false (or use lora, which packs)"
-        )
-    return out

@@ -12,6 +12,8 @@ from dist_glm.methods import full
 
 trainable_only = True  # in checkpoints
 export_trainable_only = False  # the export is the whole model
+is_adapter = False
+export_refusal = None
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -51,5 +53,9 @@ def make_trainable(model, cfg):
     return model
 
 
+check_config = full.check_config
 save_artifact = full.save_artifact
 quantization_config = full.quantization_config
+owns_adapter = full.owns_adapter
+inference_quantization = full.inference_quantization
+after_load = full.after_load

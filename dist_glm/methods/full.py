@@ -1,7 +1,13 @@
 """Full-parameter fine-tuning: every weight trains; the artifact is a complete HF model."""
 
-trainable_only = False  # in checkpoints
+trainable_only = False  # checkpoints hold every weight
 export_trainable_only = False
+is_adapter = False  # the artifact is a standalone model, not something applied to a base
+export_refusal = None  # export.py consolidates it into a plain HF model
+
+
+def check_config(cfg) -> list[str]:
+    return []
 
 
 def make_trainable(model, cfg):
@@ -17,3 +23,15 @@ def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
 
 def quantization_config(cfg):
     return None  # the base model loads in the training dtype
+
+
+def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
+    return False
+
+
+def inference_quantization(adapter_dir):
+    return None
+
+
+def after_load(model) -> None:
+    """Nothing to adjust on a loaded model."""

@@ -1,16 +1,71 @@
 """LoRA: frozen base weights plus trained low-rank adapters; the artifact is a PEFT adapter."""
 
 from dist_glm.errors import UserError
+from dist_glm.methods import full
 
 trainable_only = True  # in checkpoints
 export_trainable_only = True  # the adapter (and modules_to_save) only
+is_adapter = True
+export_refusal = None  # export.py merges it into its base
+# PEFT's own shorthand, and LLaMA-Factory's spelling of it.
+ALL_LINEAR = ("all-linear", "all")
+
+
+def target_modules(m) -> str | list[str]:
+    if m.lora_target.strip() in ALL_LINEAR:
+        return "all-linear"
+    return [t.strip() for t in m.lora_target.split(",") if t.strip()]
+
+
+def check_config(cfg) -> list[str]:
+    """lora_target and lora_modules_to_save against the model's module names, from its config.json alone
+    (the model is built on the meta device: no weights load), so a typo fails in a second, not after the
+    weights have loaded on every rank."""
+    m = cfg.method
+    targets = target_modules(m)
+    extra = [s.strip() for s in m.lora_modules_to_save.split(",") if s.strip()]
+    if targets == "all-linear" and not extra:
+        return []
+    names = module_names(cfg.model)
+    if names is None:
+        return []  # no config.json to read; check_model_path reports that
+    out = []
+    for key, wanted in (("lora_target", [] if targets == "all-linear" else targets), ("lora_modules_to_save", extra)):
+        unknown = [w for w in wanted if w not in names]
+        if unknown:
+            linear = ", ".join(sorted(names))
+            out.append(
+                f"{key}: {', '.join(unknown)} is not a module name in {cfg.model.model_name_or_path}; use "
+                f"comma-separated names from: {linear} (or lora_target=all-linear)"
+            )
+    return out
+
+
+def module_names(model_cfg) -> set[str] | None:
+    """The last component of every submodule name (q_proj, mlp, lm_head, ...), built on the meta device."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_cfg.model_name_or_path
+    if not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # a config it cannot build (remote code not trusted, say): reported when it loads
+    last = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+    return {n for n in last if not n.isdigit()}  # layer indices are not module names
 
 
 def make_trainable(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     m = cfg.method
-    target = m.lora_target if m.lora_target == "all-linear" else [t.strip() for t in m.lora_target.split(",")]
+    target = target_modules(m)
     extra = [s.strip() for s in m.lora_modules_to_save.split(",") if s.strip()] or None
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -35,5 +90,13 @@ def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def quantization_config(cfg):
-    return None  # the base model loads in the training dtype
+quantization_config = full.quantization_config
+inference_quantization = full.inference_quantization
+after_load = full.after_load
+
+
+def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
+    from dist_glm.methods import qlora  # qlora builds on this module
+
+    # A QLoRA adapter is a LoRA adapter plus the record of its quantized base: that one is qlora's.
+    return adapter_config.get("peft_type") == "LORA" and not qlora.owns_adapter(adapter_dir, adapter_config)

@@ -10,12 +10,32 @@ import functools
 
 import torch
 
+from dist_glm.methods import full
+
 trainable_only = True
 export_trainable_only = True
+is_adapter = True
+export_refusal = (
+    "a P-tuning v2 prefix cannot be merged into model weights (it adds key/value vectors to every attention "
+    "layer, not a weight change); use it as it is: chat.py, evaluate.py and "
+    "dist_glm.artifacts.load_for_inference take the same --model_name_or_path/--adapter_name_or_path as here"
+)
+quantization_config = full.quantization_config
+inference_quantization = full.inference_quantization
+after_load = full.after_load
 
 
-def quantization_config(cfg):
-    return None  # the base model loads in the training dtype
+def check_config(cfg) -> list[str]:
+    if cfg.data.packing:
+        return [
+            "packing=true with finetuning_type=ptuning: packed samples would share one prefix attention "
+            "window; set packing=false (or use lora, which packs)"
+        ]
+    return []
+
+
+def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
+    return adapter_config.get("peft_type") == "PREFIX_TUNING"
 
 
 @functools.cache

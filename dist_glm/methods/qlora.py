@@ -11,7 +11,44 @@ from dist_glm.methods import lora
 
 trainable_only = True
 export_trainable_only = True
+is_adapter = True
+export_refusal = None  # export.py merges it into the de-quantized base
 QUANTIZATION_FILE = "quantization_config.json"
+
+
+def check_config(cfg) -> list[str]:
+    out = []
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        out.append("finetuning_type=qlora needs bitsandbytes; `pip install bitsandbytes`, or use lora")
+    if cfg.model.train_from_scratch:
+        out.append(
+            "finetuning_type=qlora quantizes pretrained weights and train_from_scratch=true has none; "
+            "use finetuning_type=lora (or full) for a model trained from scratch"
+        )
+    return out + lora.check_config(cfg)
+
+
+def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
+    """A LoRA adapter that trained against a quantized base (it records how)."""
+    return adapter_config.get("peft_type") == "LORA" and (Path(adapter_dir) / QUANTIZATION_FILE).is_file()
+
+
+def inference_quantization(adapter_dir):
+    """The adapter trained against the quantized base: rebuild exactly that base."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig.from_dict(json.loads((Path(adapter_dir) / QUANTIZATION_FILE).read_text()))
+
+
+def after_load(model) -> None:
+    import logging
+
+    # LLM.int8 logs "inputs will be cast to float16" on every forward of every layer; that cast is how
+    # its 8-bit matmul works, not a problem to report.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    disable_cpu_repack(model)
 
 
 def quantization_config(cfg):
@@ -33,6 +70,9 @@ def quantization_config(cfg):
 
 
 def make_trainable(model, cfg):
+    """LoRA on the quantized base; a base that was de-quantized (export's merge) is plain LoRA."""
+    if not getattr(model, "is_quantized", False):
+        return lora.make_trainable(model, cfg)
     import warnings
 
     from peft import prepare_model_for_kbit_training

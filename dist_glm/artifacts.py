@@ -1,6 +1,5 @@
-"""Using a trained result outside training: load it from whatever artifact training produced and
-evaluate it on a data set. (Chatting is dist_glm/chat.py, export to a standalone HF model
-dist_glm/export.py.)
+"""What a path names and how to load it: a trained result outside training, from whatever artifact
+training produced (used by evaluate, chat, export and serve).
 
 What a path may name; `resolve_artifact` tells them apart, and reports every mistake, before anything
 loads:
@@ -12,75 +11,23 @@ loads:
   are consolidated from DeepSpeed's files (under ZeRO 1-3, the fp32 master weights of every rank's
   partition) and applied to the base named in its config.yaml, since adapter and freeze checkpoints
   hold only the trained weights.
+
+What differs between methods is asked of the method (dist_glm.methods), never branched on by name.
 """
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from dist_glm import checkpoint, distributed
+from dist_glm.config import ARTIFACT_KINDS
 from dist_glm.errors import UserError
-from dist_glm.methods.qlora import QUANTIZATION_FILE
+from dist_glm.methods import adapter_method, get_method
 
 ADAPTER_FILE = "adapter_config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ARTIFACT_KINDS = "a model directory, an adapter directory or a training checkpoint (output_dir/checkpoint-STEP)"
-
-
-def help_field(default, help: str):
-    """A field whose help text becomes `--help` output (as in dist_glm.config)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class ModelArgs:
-    """What to load; shared by evaluate.py, chat.py and export.py."""
-
-    model_name_or_path: str = help_field("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
-    adapter_name_or_path: str = help_field(
-        "", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path."
-    )
-    trust_remote_code: bool = help_field(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
-    dtype: str = help_field(
-        "auto",
-        "float32, bfloat16 or float16; auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype).",
-    )
-
-
-@dataclass
-class EvaluateArgs(ModelArgs):
-    output_dir: str = help_field(
-        "", "Where eval_results.json and generated_predictions.jsonl go (default: <model>/eval; never a recipe's)."
-    )
-    per_device_eval_batch_size: int = help_field(8, "Samples per forward pass and per generate call.")
-    predict_with_generate: bool = help_field(
-        True, "Also generate a reply per sample and report ROUGE/BLEU/exact match."
-    )
-    generation_max_new_tokens: int = help_field(128, "Token budget per generated reply.")
-    max_eval_samples: int = help_field(0, "Evaluate only the first N samples (0 = all).")
-
-
-# Evaluation reads its data with the training pipeline; these DataConfig keys apply to it.
-EVAL_DATA_KEYS = (
-    "eval_dataset",
-    "dataset_format",
-    "prompt_column",
-    "response_column",
-    "template",
-    "cutoff_len",
-    "mask_history",
-    "train_on_prompt",
-    "on_invalid",
-    "data_cache_dir",
-)
-
-
-def log(msg: str) -> None:
-    if distributed.is_main_process():
-        print(f"[dist_glm] {msg}", flush=True)
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}
 
 
 # ---------------------------------------------------------------- what a path names
@@ -116,10 +63,14 @@ def _recorded_base(adapter: Path) -> str:
 
 
 def _adapter_method(adapter: Path) -> str:
-    peft_type = json.loads((adapter / ADAPTER_FILE).read_text()).get("peft_type", "")
-    if peft_type == "PREFIX_TUNING":
-        return "ptuning"
-    return "qlora" if (adapter / QUANTIZATION_FILE).is_file() else "lora"
+    config = json.loads((adapter / ADAPTER_FILE).read_text())
+    method = adapter_method(adapter, config)
+    if method is None:
+        raise UserError(
+            f"adapter_name_or_path='{adapter}': a {config.get('peft_type', 'unknown')} adapter, which no dist_glm "
+            "method trains (lora, qlora and ptuning do)"
+        )
+    return method
 
 
 def _not_a_model(name: str, path: Path) -> str | None:
@@ -193,8 +144,8 @@ def _checkpoint_artifact(ckpt: Path, base: Path | None) -> Artifact:
     cfg = load_config([str(cfg_file)], default_yaml=None)
     recorded = cfg.model.model_name_or_path
     base = base or Path(recorded)
-    # A full checkpoint holds every weight: the base only contributes its config and tokenizer.
-    from_scratch = cfg.model.train_from_scratch or cfg.method.finetuning_type == "full"
+    # A checkpoint of every weight: the base only contributes its config and tokenizer.
+    from_scratch = cfg.model.train_from_scratch or not get_method(cfg.method.finetuning_type).trainable_only
     problems = check_model_path(str(base), from_scratch)
     if problems:
         raise UserError(
@@ -208,17 +159,11 @@ def _checkpoint_artifact(ckpt: Path, base: Path | None) -> Artifact:
 # ---------------------------------------------------------------- loading
 
 
-def check_model_args(args: ModelArgs) -> list[str]:
-    if args.dtype != "auto" and args.dtype not in DTYPES:
-        return [f"dtype='{args.dtype}' is not supported; use auto, {', '.join(DTYPES)}"]
-    return []
-
-
 def resolve_dtype(name: str, art: Artifact, device: torch.device, for_export: bool = False) -> torch.dtype:
     """'auto': the base model's own dtype (its config.json) when exporting or on a GPU; float32 on CPU,
     where half-precision matmuls are slow, and for a config that names none."""
     if name != "auto":
-        return DTYPES[name]  # checked by check_model_args
+        return DTYPES[name]  # one of config.Dtype's choices
     if not for_export and device.type == "cpu":
         return torch.float32
     from transformers import AutoConfig
@@ -244,31 +189,17 @@ def load_for_inference(
 
 def load_artifact(art: Artifact, dtype=torch.float32, device=None, dequantize: bool = False):
     device = torch.device(device) if device is not None else distributed.local_device()
-    if art.method == "qlora":
-        import logging
-
-        # LLM.int8 logs "inputs will be cast to float16" on every forward of every layer; that cast is
-        # how its 8-bit matmul works, not a problem to report.
-        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    method = get_method(art.method)
     if art.checkpoint is not None:
         model = _load_checkpoint(art, dtype, device, dequantize)
     else:
-        quantization = None
-        if art.method == "qlora":
-            from transformers import BitsAndBytesConfig
-
-            # A QLoRA adapter was trained against the quantized base: rebuild exactly that base.
-            settings = json.loads((art.adapter / QUANTIZATION_FILE).read_text())
-            quantization = BitsAndBytesConfig.from_dict(settings)
+        quantization = method.inference_quantization(art.adapter) if art.adapter is not None else None
         model = _load_base(art.base, dtype, device, quantization, dequantize)
         if art.adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, art.adapter)
-    if art.method == "qlora" and not dequantize:
-        from dist_glm.methods.qlora import disable_cpu_repack
-
-        disable_cpu_repack(model)
+    method.after_load(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if (art.base / "generation_config.json").is_file():  # a model built from its config alone lacks it
         from transformers import GenerationConfig
@@ -320,7 +251,6 @@ def read_checkpoint_weights(ckpt: Path, trainable_only: bool) -> dict[str, torch
 def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
     """Rebuild the trained module exactly as training built it (base, quantization, PEFT wrapping), then
     load the checkpoint's weights into it."""
-    from dist_glm.methods import get_method, lora
     from dist_glm.models import check_model_path, load_model
 
     cfg = art.train_cfg
@@ -328,17 +258,17 @@ def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
     state = read_checkpoint_weights(art.checkpoint, method.trainable_only)
     quantization = method.quantization_config(cfg)
     model_cfg = cfg.model
-    if art.method == "full" and check_model_path(model_cfg.model_name_or_path, from_scratch=False):
+    if not method.trainable_only and check_model_path(model_cfg.model_name_or_path, from_scratch=False):
         # Every weight is in the checkpoint: a base directory with only config and tokenizer will do.
-        model_cfg = dataclasses.replace(model_cfg, train_from_scratch=True)
+        model_cfg = replace(model_cfg, train_from_scratch=True)
     model = load_model(model_cfg, {}, dtype == torch.bfloat16, cfg.train.seed, quantization)
     if quantization is not None and dequantize:
         model = model.dequantize(dtype=dtype)
     if quantization is None or dequantize:
         model = model.to(device=device, dtype=dtype)
-    if art.method in ("lora", "qlora", "ptuning"):
-        # A dequantized QLoRA base is an ordinary model: it takes plain LoRA wrapping.
-        model = (lora if art.method == "qlora" and dequantize else method).make_trainable(model, cfg)
+    # Built exactly as training built it (PEFT wrapping included; a de-quantized QLoRA base takes plain
+    # LoRA) so the checkpoint's names fit.
+    model = method.make_trainable(model, cfg)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -358,103 +288,3 @@ def generation_eos_ids_of(model, tokenizer) -> list[int]:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return generation_eos_ids(base, tokenizer)
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-class _Engine:
-    """The two things dist_glm.evaluate uses of a DeepSpeed engine, for a plain model: a forward call and
-    `.module`. Inference never switches training mode (dropout) back on."""
-
-    def __init__(self, model):
-        self.module = model
-
-    def __call__(self, **inputs):
-        return self.module(**inputs)
-
-    def eval(self):
-        self.module.eval()
-
-    def train(self):
-        self.module.eval()
-
-
-def evaluate(args: EvaluateArgs, data_cfg) -> dict:
-    """Loss, perplexity and (predict_with_generate) ROUGE-1/2/L, BLEU-4 and exact match on the whole eval
-    set, with the very functions the trainer evaluates with, so the numbers are comparable. Under a
-    launcher each rank holds the whole model and takes a shard of the set; alone it is a world of one."""
-    from dist_glm.data.formats import check_data_paths
-    from dist_glm.data.preprocess import tokenize_dataset
-    from dist_glm.data.template import choose_template
-    from dist_glm.evaluate import eval_loss, predict
-    from dist_glm.models import load_tokenizer
-
-    art = resolve_artifact(args.model_name_or_path, args.adapter_name_or_path)
-    problems = check_model_args(args)
-    problems += check_data_paths(data_cfg.eval_dataset, "eval_dataset") if data_cfg.eval_dataset else []
-    if not data_cfg.eval_dataset:
-        problems.append("eval_dataset is required; set it to one or more comma-separated jsonl/json files")
-    for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):
-        if getattr(args, key) < 1:
-            problems.append(f"{key}={getattr(args, key)} must be at least 1")
-    if problems:
-        raise UserError(problems)
-    out = Path(args.output_dir) if args.output_dir else art.source / "eval"
-
-    rank, world = distributed.init_distributed()
-    device = distributed.local_device()
-    dtype = resolve_dtype(args.dtype, art, device)
-    tokenizer = load_tokenizer(str(art.tokenizer_dir), args.trust_remote_code)
-    model = load_artifact(art, dtype, device)
-    log(f"loaded {art.source} ({art.method}, {str(dtype).removeprefix('torch.')}) on {device}, {world} rank(s)")
-    # The cache sits beside the eval file and is shared with training's (same key for the same settings).
-    data_cfg = dataclasses.replace(data_cfg, dataset=data_cfg.eval_dataset)
-    template = choose_template(data_cfg.template, tokenizer, model.config.model_type)
-    examples, stats = tokenize_dataset(
-        data_cfg.eval_dataset, tokenizer, str(art.tokenizer_dir), template, data_cfg, args.max_eval_samples, log
-    )
-    if not examples:
-        raise UserError(f"eval_dataset: no usable samples ({stats.summary('eval_dataset')})")
-
-    engine, pad_id = _Engine(model), tokenizer.pad_token_id
-    record = eval_loss(engine, examples, args.per_device_eval_batch_size, pad_id, device)
-    predictions = []
-    if args.predict_with_generate:
-        eos_ids = generation_eos_ids_of(model, tokenizer)
-        predictions, gen = predict(
-            engine,
-            examples,
-            tokenizer,
-            args.per_device_eval_batch_size,
-            args.generation_max_new_tokens,
-            eos_ids,
-            False,
-            device,
-        )
-        record.update(gen)
-    results = {
-        **record,
-        "eval/samples": len(examples),
-        "model_name_or_path": args.model_name_or_path,
-        "adapter_name_or_path": args.adapter_name_or_path,
-        "eval_dataset": data_cfg.eval_dataset,
-        "generation_max_new_tokens": args.generation_max_new_tokens,
-    }
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        if predictions:
-            with open(out / "generated_predictions.jsonl", "w", encoding="utf-8") as f:
-                for e, p in zip(examples, predictions, strict=True):
-                    prompt = tokenizer.decode(e.prompt_ids)
-                    f.write(
-                        json.dumps({"prompt": prompt, "prediction": p, "reference": e.reference}, ensure_ascii=False)
-                    )
-                    f.write("\n")
-        log(
-            ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items())
-            + f" on {len(examples)} samples; written to {out}"
-        )
-    distributed.barrier()
-    return results
