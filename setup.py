@@ -52,6 +52,8 @@ setup(
             "dist-glm-chat=dist_glm.cli:chat_main",
             "dist-glm-export=dist_glm.cli:export_main",
             "dist-glm-serve=dist_glm.cli:serve_main",
+            "dist-glm-prepare=dist_glm.cli:prepare_main",
+            "dist-glm-doctor=dist_glm.doctor:main",
         ]
     },
 )

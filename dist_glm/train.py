@@ -23,6 +23,7 @@ from dist_glm.data.formats import check_data_paths
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
 from dist_glm.distributed import log
+from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
@@ -183,10 +184,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     t = cfg.train
     rank, world = distributed.init_distributed(t.output_dir, t.preflight_timeout, t.ddp_timeout)
     device = distributed.local_device()
-    log(
-        f"world_size={world} torch={torch.__version__} deepspeed={deepspeed.__version__} config: "
-        + json.dumps(cfg.to_flat_dict(), ensure_ascii=False)
-    )
+    log(summary_line())
+    log(f"world_size={world} config: " + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
 
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     train_examples, eval_examples = load_datasets(cfg, tokenizer)

@@ -15,10 +15,41 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "assets" / "tiny-glm4"
 
 
-def pytest_sessionstart(session):
-    """Build DeepSpeed's JIT ops here, alone, so no multi-rank test compiles inside its time limit
-    (seconds when already built; see dist_glm/ops.py)."""
-    subprocess.run([sys.executable, "-m", "dist_glm.ops"], cwd=REPO, env=child_env(), check=True, timeout=1800)
+# ---------------------------------------------------------------- honest tiers
+# A test that starts one of the project's processes (training ranks, a tool, the server, a launcher) is
+# marked slow; `make test-fast` (-m "not slow") starts none. Enforced: outside a slow test, starting a
+# Python interpreter or a launcher fails the test with the fix. pytest_runtest_setup runs before the
+# test's fixtures, so a module fixture that trains is caught too.
+_LAUNCHERS = ("python", "deepspeed", "torchrun", "mpirun", "srun", "sbatch")
+_in_slow_test = True  # outside any test (collection, session start) processes are allowed
+_real_popen_init = subprocess.Popen.__init__
+
+
+def pytest_runtest_setup(item):
+    global _in_slow_test
+    _in_slow_test = item.get_closest_marker("slow") is not None
+
+
+def _popen_init(self, args, *rest, **kwargs):
+    program = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
+    if not _in_slow_test and program.startswith(_LAUNCHERS):
+        raise AssertionError(f"this test starts a process ({program}); mark it @pytest.mark.slow")
+    _real_popen_init(self, args, *rest, **kwargs)
+
+
+subprocess.Popen.__init__ = _popen_init
+_ops_built = False
+
+
+def build_ops_once() -> None:
+    """DeepSpeed's JIT ops, built once per session, alone, before the first test process needs them, so
+    no multi-rank test compiles inside its time limit (seconds when already built; dist_glm/ops.py).
+    Only sessions that start processes pay for it."""
+    global _ops_built
+    if not _ops_built:
+        _ops_built = True
+        env = dict(os.environ, DS_ACCELERATOR="cpu")
+        subprocess.run([sys.executable, "-m", "dist_glm.ops"], cwd=REPO, env=env, check=True, timeout=1800)
 
 
 def _free_port() -> int:
@@ -28,6 +59,8 @@ def _free_port() -> int:
 
 
 def child_env() -> dict:
+    """The environment of every process a test starts (and the moment to make sure the ops exist)."""
+    build_ops_once()
     env = dict(
         os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1"
     )

@@ -10,6 +10,8 @@ from conftest import REPO, TINY_MODEL, run_script, run_train
 
 GOOD = ["--model_name_or_path=" + str(TINY_MODEL), "--train_from_scratch", "--dataset=data/advertisegen_demo/dev.jsonl"]
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def run(args, tmp_path):
     return run_script("train.py", args)

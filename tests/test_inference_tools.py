@@ -88,6 +88,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 def test_lora_export_computes_the_adapter_logits(lora_run, pretrained_tiny, tmp_path):
     from dist_glm.cli import export_main
 
@@ -117,6 +118,7 @@ def test_lora_export_computes_the_adapter_logits(lora_run, pretrained_tiny, tmp_
     assert max(max_diff(a[k], b[k]) for k in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_qlora_export_merges_into_the_dequantized_base(qlora_run, pretrained_tiny, tmp_path):
     from peft import PeftModel
 
@@ -196,6 +198,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_eval(lora_run, pretrained_tiny, eval_data, tmp_path):
     trainer = json.loads((lora_run / "all_results.json").read_text())
     trainer_predictions = [r["prediction"] for r in read_jsonl(lora_run / "generated_predictions.jsonl")]
@@ -241,6 +244,7 @@ def greedy_reply(model, tokenizer, messages, max_new_tokens) -> str:
     return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).removeprefix("\n")
 
 
+@pytest.mark.slow
 def test_chat_through_stdin_streams_keeps_history_and_clears(lora_run, pretrained_tiny):
     system, questions = "你是广告文案助手", ["类型#裙*颜色#红色", "类型#上衣*颜色#白色", "类型#裤*风格#简约"]
     flags = [
@@ -289,6 +293,7 @@ def test_chat_through_stdin_streams_keeps_history_and_clears(lora_run, pretraine
     assert 1 + len(list(stream)) < len(pieces) and session.history == []
 
 
+@pytest.mark.slow
 def test_chat_ctrl_c_at_the_prompt_exits_cleanly(pretrained_tiny):
     proc = subprocess.Popen(
         [sys.executable, "launch/chat.py", f"--model_name_or_path={pretrained_tiny}", "--max_new_tokens=4"],

@@ -1,6 +1,8 @@
 """Every tuning method under every ZeRO stage, with and without offload, on 2 real ranks: the loss is
-finite and falls, and the saved artifact reloads (dist_glm.inference) to the same eval loss the
-trainer reported at its last step. The offload cells also run bf16 with gradient checkpointing.
+finite and falls, the trainer's eval (loss and generation) runs, and the saved artifact reloads
+(dist_glm.artifacts) to the same eval loss the trainer reported at its last step and, in fp32, generates
+the trainer's own predictions token for token. The offload cells also run bf16 with gradient
+checkpointing.
 
 The README's compatibility table is rendered from these results (last test below); to refresh it
 after a change: `DIST_GLM_WRITE_COMPAT=1 .venv/bin/python -m pytest tests/test_method_matrix.py`.
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, read_metrics, run_train
-from dist_glm.artifacts import load_for_inference
+from dist_glm.artifacts import generation_eos_ids_of, load_for_inference
 from dist_glm.config import load_config
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.preprocess import tokenize_dataset
@@ -43,17 +45,46 @@ RESULTS: dict[tuple[str, str], str] = {}
 START, END = "<!-- compat-table:start -->", "<!-- compat-table:end -->"
 
 
-def eval_loss_of(model, model_dir, eval_path) -> float:
-    """Mean loss per trainable token on the eval set: the same quantity the trainer logs as eval/loss."""
+GENERATED_TOKENS = 4
+
+
+def eval_examples(model_dir, eval_path):
     cfg = load_config(
         [f"--model_name_or_path={model_dir}", f"--dataset={eval_path}", "--output_dir=x", "--cutoff_len=96"]
     )
     tokenizer = load_tokenizer(str(model_dir))
     examples, _ = tokenize_dataset(str(eval_path), tokenizer, str(model_dir), "glm4", cfg.data, 0, lambda *_: None)
+    return tokenizer, examples
+
+
+def eval_loss_of(model, model_dir, eval_path) -> float:
+    """Mean loss per trainable token on the eval set: the same quantity the trainer logs as eval/loss."""
+    tokenizer, examples = eval_examples(model_dir, eval_path)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
         s, n = token_loss_sum(model(**model_inputs(batch)).logits.float(), batch["labels"])
     return float(s) / n
+
+
+def greedy_replies(model, model_dir, eval_path) -> list[str]:
+    """Each eval prompt alone (no padding), greedy, as the trainer's predict decodes it."""
+    tokenizer, examples = eval_examples(model_dir, eval_path)
+    eos = generation_eos_ids_of(model, tokenizer)
+    out = []
+    for e in examples:
+        ids = torch.tensor([e.prompt_ids])
+        with torch.no_grad():
+            row = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=GENERATED_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, ids.shape[1] :].tolist()
+        cut = next((j for j, t in enumerate(row) if t in eos), len(row))
+        out.append(tokenizer.decode(row[:cut], skip_special_tokens=True).removeprefix("\n"))
+    return out
 
 
 @pytest.mark.slow
@@ -71,6 +102,9 @@ def test_method_trains_and_reloads(tmp_path, varlen_data, pretrained_tiny, eval_
         max_steps=STEPS,
         per_device_train_batch_size=2,
         deepspeed=f"ds_configs/{ds_config}.json",
+        predict_with_generate=True,
+        generation_max_new_tokens=GENERATED_TOKENS,
+        per_device_eval_batch_size=1,  # no padding: batched greedy equals one-by-one greedy exactly
         **{**METHODS[method], **extra},
     )
     run_train(args, nprocs=2)
@@ -83,7 +117,12 @@ def test_method_trains_and_reloads(tmp_path, varlen_data, pretrained_tiny, eval_
     # bf16 weights and 4-bit re-quantization agree with the trainer's own forward to bf16 round-off.
     tol = 2e-2 if extra.get("bf16") else 1e-4
     assert abs(eval_loss_of(model, out, eval_data) - reported) < tol * max(1.0, reported)
-    RESULTS[(method, column)] = "trains, reloads"
+    trained = [json.loads(line)["prediction"] for line in open(out / "generated_predictions.jsonl")]
+    replies = greedy_replies(model, out, eval_data)
+    assert len(trained) == len(replies)
+    if not extra.get("bf16"):  # bf16 round-off may flip a near-tie between two tokens
+        assert replies == trained
+    RESULTS[(method, column)] = "trains, evaluates, reloads"
 
 
 def render_table() -> str:

@@ -82,6 +82,30 @@ def test_lora_variants_and_bad_targets():
         get_method("lora").make_trainable(tiny_model(), cfg)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_targets_are_checked_against_the_model_before_it_loads(method):
+    """From config.json alone (a meta-device model), so a typo costs a second, not a 9B load per rank."""
+    flags = [f"--model_name_or_path={TINY_MODEL}", "--dataset=d", "--output_dir=o", f"--finetuning_type={method}"]
+    check = get_method(method).check_config
+    bad = load_config(flags + ["--lora_target=q_proj,qq_proj", "--lora_modules_to_save=lm_haed"])
+    problems = [p for p in check(bad) if "train_from_scratch" not in p]
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("lora_target: qq_proj is not a module name") and "q_proj" in problems[0]
+    assert problems[1].startswith("lora_modules_to_save: lm_haed is not a module name") and "lm_head" in problems[1]
+    for spelling in ("all", "all-linear", "q_proj,v_proj"):
+        good = load_config(flags + [f"--lora_target={spelling}", "--lora_modules_to_save=lm_head"])
+        assert [p for p in check(good) if "train_from_scratch" not in p] == []
+
+
+def test_lora_target_all_is_all_linear():
+    """LLaMA-Factory's spelling: every linear layer but the head, as PEFT's all-linear."""
+    cfg = load_config(REQUIRED + ["--finetuning_type=lora", "--lora_target=all"])
+    names = trainable_names(get_method("lora").make_trainable(tiny_model(), cfg))
+    for module in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"):
+        assert any(f"{module}.lora_A" in n for n in names), module
+    assert not any("lm_head" in n for n in names)
+
+
 @pytest.mark.slow
 def test_freeze_zero3_two_ranks_matches_single_process_and_keeps_frozen_weights(tmp_path, varlen_data):
     common = dict(
@@ -171,6 +195,7 @@ def test_ptuning_two_ranks_zero3_checkpointing_matches_single_process(tmp_path, 
     assert not (two / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data, pretrained_tiny):
     from dist_glm.artifacts import load_for_inference
 
@@ -209,6 +234,7 @@ def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data,
         (["--finetuning_type=qlora", "--quantization_bit=3"], r"quantization_bit=3 is not supported; use one of 4, 8"),
     ],
 )
+@pytest.mark.slow
 def test_unsupported_method_combinations_are_refused_up_front(tmp_path, varlen_data, flags, match):
     args = base_args(tmp_path / "o", varlen_data) + flags
     proc = run_train(args, nprocs=None, check=False)

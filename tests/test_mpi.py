@@ -13,10 +13,13 @@ from conftest import REPO, base_args, child_env, read_metrics, run_train
 
 MPIRUN = shutil.which("mpirun")
 # On a user's machine without MPI these skip; CI installs OpenMPI and mpi4py and must not skip them.
-pytestmark = pytest.mark.skipif(
-    not (MPIRUN and importlib.util.find_spec("mpi4py")) and not os.environ.get("DIST_GLM_REQUIRE_CLUSTER_TESTS"),
-    reason="needs OpenMPI (mpirun) and mpi4py",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (MPIRUN and importlib.util.find_spec("mpi4py")) and not os.environ.get("DIST_GLM_REQUIRE_CLUSTER_TESTS"),
+        reason="needs OpenMPI (mpirun) and mpi4py",
+    ),
+]
 # Root in a container needs these two; oversubscribe because 2 ranks may exceed the cores mpirun counts.
 MPI_FLAGS = ["--allow-run-as-root", "--oversubscribe"]
 SETTINGS = dict(max_steps=6, deepspeed="ds_configs/zero2.json")

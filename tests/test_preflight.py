@@ -7,9 +7,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, _free_port, base_args, child_env
 
 TIMEOUT = 8
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def start_rank(rank: int, world: int, addr: str, port: int, args: list[str], cwd=REPO) -> subprocess.Popen:
