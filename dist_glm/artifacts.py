@@ -22,9 +22,25 @@ from pathlib import Path
 import torch
 
 from dist_glm import checkpoint, distributed
-from dist_glm.config import ARTIFACT_KINDS
+from dist_glm.config import Dtype, option
 from dist_glm.errors import UserError
 from dist_glm.methods import adapter_method, get_method
+
+ARTIFACT_KINDS = "a model directory, an adapter directory or a training checkpoint (output_dir/checkpoint-STEP)"
+
+
+@dataclass
+class ModelArgs:
+    """What to load; the first section of evaluate.py, chat.py, export.py and serve.py."""
+
+    model_name_or_path: str = option("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
+    adapter_name_or_path: str = option("", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path.")
+    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    dtype: Dtype = option(
+        "auto",
+        "auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype; serve: bfloat16 on a GPU).",
+    )
+
 
 ADAPTER_FILE = "adapter_config.json"
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16")}

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from dist_glm import distributed
-from dist_glm.artifacts import generation_eos_ids_of, load_artifact, resolve_artifact, resolve_dtype
-from dist_glm.config import Command, ModelArgs, option
+from dist_glm.artifacts import ModelArgs, generation_eos_ids_of, load_artifact, resolve_artifact, resolve_dtype
+from dist_glm.config import Command, option
 
 CHAT_HELP = "commands: 'clear' starts a new conversation, 'exit' (or Ctrl-D) quits; Ctrl-C stops a reply"
 

@@ -39,129 +39,110 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-_f = option
-
-
 @dataclass
 class ModelConfig:
-    model_name_or_path: str = _f("", "Local directory of a GLM checkpoint (config.json + weights + tokenizer).")
-    train_from_scratch: bool = _f(False, "Initialise weights randomly from the checkpoint's config (seeded).")
-    trust_remote_code: bool = _f(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    model_name_or_path: str = option("", "Local directory of a GLM checkpoint (config.json + weights + tokenizer).")
+    train_from_scratch: bool = option(False, "Initialise weights randomly from the checkpoint's config (seeded).")
+    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("", "Training data: comma-separated local json/jsonl/csv/parquet files.")
-    eval_dataset: str = _f("", "Held-out data for eval loss and generation metrics (comma-separated).")
-    dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3"] = _f(
+    dataset: str = option("", "Training data: comma-separated local json/jsonl/csv/parquet files.")
+    eval_dataset: str = option("", "Held-out data for eval loss and generation metrics (comma-separated).")
+    dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3"] = option(
         "auto", "Row format (auto: detected per row)."
     )
-    prompt_column: str = _f("content", "AdvertiseGen prompt column.")
-    response_column: str = _f("summary", "AdvertiseGen response column.")
-    template: Literal["auto", "glm4", "chatglm3", "chatglm2", "chatglm"] = _f(
+    prompt_column: str = option("content", "AdvertiseGen prompt column.")
+    response_column: str = option("summary", "AdvertiseGen response column.")
+    template: Literal["auto", "glm4", "chatglm3", "chatglm2", "chatglm"] = option(
         "auto", "Chat template (auto: from the model type)."
     )
-    cutoff_len: int = _f(1024, "Maximum tokens per sample; the response keeps at least half.")
-    packing: bool = _f(False, "Pack several samples into each row of cutoff_len tokens (attention stays per sample).")
-    mask_history: bool = _f(False, "Train on the last assistant turn only (default: every assistant turn).")
-    train_on_prompt: bool = _f(False, "Also train on prompt tokens (system, user, observation).")
-    on_invalid: Literal["error", "skip"] = _f(
+    cutoff_len: int = option(1024, "Maximum tokens per sample; the response keeps at least half.")
+    packing: bool = option(
+        False, "Pack several samples into each row of cutoff_len tokens (attention stays per sample)."
+    )
+    mask_history: bool = option(False, "Train on the last assistant turn only (default: every assistant turn).")
+    train_on_prompt: bool = option(False, "Also train on prompt tokens (system, user, observation).")
+    on_invalid: Literal["error", "skip"] = option(
         "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."
     )
-    max_samples: int = _f(0, "Use only the first N training rows (0 = all).")
-    data_cache_dir: str = _f(
+    max_samples: int = option(0, "Use only the first N training rows (0 = all).")
+    data_cache_dir: str = option(
         "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
     )
 
 
 @dataclass
 class MethodConfig:
-    finetuning_type: FinetuningType = _f("lora", "Tuning method.")
-    lora_rank: int = _f(8, "LoRA rank r.")
-    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    lora_target: str = _f("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
-    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r).")
-    use_dora: bool = _f(False, "DoRA: weight-decomposed low-rank adaptation.")
-    lora_modules_to_save: str = _f("", "Modules trained in full next to LoRA, e.g. 'embed_tokens,lm_head'.")
-    freeze_trainable_layers: int = _f(2, "freeze: train the last N decoder layers (negative: the first N).")
-    freeze_trainable_modules: str = _f(
+    finetuning_type: FinetuningType = option("lora", "Tuning method.")
+    lora_rank: int = option(8, "LoRA rank r.")
+    lora_alpha: float = option(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA input.")
+    lora_target: str = option("all-linear", "Comma-separated module names to adapt, or 'all-linear'.")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA: scale by alpha / sqrt(r).")
+    use_dora: bool = option(False, "DoRA: weight-decomposed low-rank adaptation.")
+    lora_modules_to_save: str = option("", "Modules trained in full next to LoRA, e.g. 'embed_tokens,lm_head'.")
+    freeze_trainable_layers: int = option(2, "freeze: train the last N decoder layers (negative: the first N).")
+    freeze_trainable_modules: str = option(
         "all", "freeze: inside those layers train only these modules (comma-separated, e.g. 'mlp,self_attn'), or 'all'."
     )
-    freeze_extra_modules: str = _f("", "freeze: also train these modules, e.g. 'embed_tokens,lm_head'.")
-    quantization_bit: Literal[4, 8] = _f(4, "qlora: bits of the frozen base weights (bitsandbytes).")
-    quantization_type: Literal["nf4", "fp4"] = _f("nf4", "qlora 4-bit: data type.")
-    double_quantization: bool = _f(True, "qlora 4-bit: also quantize the quantization constants.")
-    pre_seq_len: int = _f(128, "ptuning: number of prefix (virtual) tokens per layer.")
-    prefix_projection: bool = _f(False, "ptuning: produce the prefix through a two-layer MLP (P-tuning v2 option).")
-    prefix_hidden_size: int = _f(512, "ptuning: hidden size of that MLP.")
+    freeze_extra_modules: str = option("", "freeze: also train these modules, e.g. 'embed_tokens,lm_head'.")
+    quantization_bit: Literal[4, 8] = option(4, "qlora: bits of the frozen base weights (bitsandbytes).")
+    quantization_type: Literal["nf4", "fp4"] = option("nf4", "qlora 4-bit: data type.")
+    double_quantization: bool = option(True, "qlora 4-bit: also quantize the quantization constants.")
+    pre_seq_len: int = option(128, "ptuning: number of prefix (virtual) tokens per layer.")
+    prefix_projection: bool = option(False, "ptuning: produce the prefix through a two-layer MLP (P-tuning v2 option).")
+    prefix_hidden_size: int = option(512, "ptuning: hidden size of that MLP.")
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("", "Where checkpoints, logs, metrics and the final model go.")
-    overwrite_output_dir: bool = _f(False, "Allow starting fresh in an output_dir that holds checkpoints.")
-    deepspeed: str = _f("", "DeepSpeed JSON config (e.g. ds_configs/zero3.json); empty = ZeRO-0.")
-    per_device_train_batch_size: int = _f(1, "Micro-batch size per rank.")
-    per_device_eval_batch_size: int = _f(8, "Eval micro-batch size per rank.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(5e-5, "Peak learning rate.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _f(
+    output_dir: str = option("", "Where checkpoints, logs, metrics and the final model go.")
+    overwrite_output_dir: bool = option(False, "Allow starting fresh in an output_dir that holds checkpoints.")
+    deepspeed: str = option("", "DeepSpeed JSON config (e.g. ds_configs/zero3.json); empty = ZeRO-0.")
+    per_device_train_batch_size: int = option(1, "Micro-batch size per rank.")
+    per_device_eval_batch_size: int = option(8, "Eval micro-batch size per rank.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    learning_rate: float = option(5e-5, "Peak learning rate.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
         "linear", "Learning-rate schedule after warmup."
     )
-    warmup_ratio: float = _f(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
-    warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio).")
-    num_train_epochs: float = _f(3.0, "Epochs to train (ignored when max_steps > 0).")
-    max_steps: int = _f(-1, "Total optimizer steps; -1 = derive from num_train_epochs.")
-    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    bf16: bool = _f(False, "Train in bfloat16 with fp32 master weights.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    logging_steps: int = _f(10, "Log train metrics every N steps.")
-    save_steps: int = _f(500, "Save a checkpoint every N steps (0 = only at the end).")
-    save_total_limit: int = _f(0, "Keep at most N checkpoints, deleting the oldest (0 = keep all).")
-    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end when eval_dataset is set).")
-    eval_on_start: bool = _f(False, "Evaluate once before the first step, as a baseline.")
-    predict_with_generate: bool = _f(False, "Also generate on the eval set and report ROUGE/BLEU.")
-    generation_max_new_tokens: int = _f(128, "Token budget per generated answer during eval.")
-    early_stopping_patience: int = _f(0, "Stop after N evals without a better metric_for_best_model (0 = off).")
-    metric_for_best_model: EvalMetric = _f(
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
+    warmup_steps: int = option(0, "Warmup steps (overrides warmup_ratio).")
+    num_train_epochs: float = option(3.0, "Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = option(-1, "Total optimizer steps; -1 = derive from num_train_epochs.")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = off).")
+    bf16: bool = option(False, "Train in bfloat16 with fp32 master weights.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    logging_steps: int = option(10, "Log train metrics every N steps.")
+    save_steps: int = option(500, "Save a checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int = option(0, "Keep at most N checkpoints, deleting the oldest (0 = keep all).")
+    eval_steps: int = option(0, "Evaluate every N steps (0 = only at the end when eval_dataset is set).")
+    eval_on_start: bool = option(False, "Evaluate once before the first step, as a baseline.")
+    predict_with_generate: bool = option(False, "Also generate on the eval set and report ROUGE/BLEU.")
+    generation_max_new_tokens: int = option(128, "Token budget per generated answer during eval.")
+    early_stopping_patience: int = option(0, "Stop after N evals without a better metric_for_best_model (0 = off).")
+    metric_for_best_model: EvalMetric = option(
         "loss",
         "Eval metric early stopping and best_metric follow (lower is better for loss and perplexity, higher "
         "for the rest, which need predict_with_generate).",
     )
-    seed: int = _f(42, "Seed for init, data order and dropout.")
-    resume_from_checkpoint: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest.")
-    disable_tqdm: bool = _f(False, "Turn off the rank-0 progress bar.")
-    preflight_timeout: int = _f(
+    seed: int = option(42, "Seed for init, data order and dropout.")
+    resume_from_checkpoint: str = option("", "Checkpoint directory to resume from, or 'auto' for the latest.")
+    disable_tqdm: bool = option(False, "Turn off the rank-0 progress bar.")
+    preflight_timeout: int = option(
         300, "Seconds for every rank to join at start-up; a rank that cannot is reported with its host, not hung on."
     )
-    ddp_timeout: int = _f(1800, "Seconds one collective may wait for the other ranks before the job fails.")
+    ddp_timeout: int = option(1800, "Seconds one collective may wait for the other ranks before the job fails.")
 
     def global_batch_size(self, world_size: int) -> int:
         """Samples per optimizer step over all ranks: the unit every equivalence guarantee is stated in."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
-
-
-# ---------------------------------------------------------------- what every tool loads
-
-ARTIFACT_KINDS = "a model directory, an adapter directory or a training checkpoint (output_dir/checkpoint-STEP)"
-
-
-@dataclass
-class ModelArgs:
-    """What to load; the first section of evaluate.py, chat.py, export.py and serve.py."""
-
-    model_name_or_path: str = option("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
-    adapter_name_or_path: str = option("", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path.")
-    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
-    dtype: Dtype = option(
-        "auto",
-        "auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype; serve: bfloat16 on a GPU).",
-    )
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}

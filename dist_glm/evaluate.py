@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from dist_glm import distributed
-from dist_glm.config import Command, DataConfig, ModelArgs, option
+from dist_glm.artifacts import ModelArgs
+from dist_glm.config import Command, DataConfig, option
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.errors import UserError
 from dist_glm.loss import token_loss_sum

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dist_glm.artifacts import load_artifact, resolve_artifact, resolve_dtype
-from dist_glm.config import Command, ModelArgs, option
+from dist_glm.artifacts import ModelArgs, load_artifact, resolve_artifact, resolve_dtype
+from dist_glm.config import Command, option
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
 

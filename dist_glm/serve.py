@@ -16,7 +16,8 @@ from typing import Literal
 
 import torch
 
-from dist_glm.config import Command, ModelArgs, option
+from dist_glm.artifacts import ModelArgs
+from dist_glm.config import Command, option
 from dist_glm.errors import UserError
 from dist_glm.serving.api import build_app
 from dist_glm.serving.engine import Engine

@@ -42,6 +42,7 @@ from dist_glm.models import (
     load_model,
     load_tokenizer,
 )
+from dist_glm.optim import build_optimizer, build_scheduler
 from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
 from dist_glm.trainer_state import TrainerState
 
@@ -90,31 +91,6 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     if problems:
         raise UserError(problems)
     return Inputs(ds_config, resume_path)
-
-
-def build_optimizer(model, t, offload: bool):
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in HF and GLM's recipes."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            # Under ZeRO-3 a parameter's local shape is a placeholder; ds_shape is the real one.
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    betas = (t.adam_beta1, t.adam_beta2)
-    if offload:
-        # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorised CPU Adam is the one it supports.
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
-
-
-def build_scheduler(optimizer, t, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
-    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tuple[float, float, float]:
@@ -261,20 +237,9 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     run = setup(cfg, inputs or validate_inputs(cfg, distributed.world_size_from_env()))
     engine, rank = run.engine, run.rank
     init_output_dir(cfg, run.resume_path)
-    state = TrainerState()
-    if run.resume_path:
-        state, saved_world = checkpoint.load_checkpoint(
-            engine, run.resume_path, run.method.trainable_only, run.resume_tag
-        )
-        how = ""
-        if run.resume_tag == checkpoint.UNIVERSAL_TAG:
-            how = f" (written by {saved_world} ranks, loaded through its universal conversion)"
-        log(f"resumed from {run.resume_path} at step {state.global_step}{how}")
+    state = resume_state(run)
     start_step = state.global_step
-    # Collective: every rank reports its own memory; rank 0 prints them in one line.
-    per_rank = ", ".join(f"{m:.2f}" for m in distributed.all_gather_objects(round(memory_gb(), 2)))
-    kind = "peak allocated" if run.device.type == "cuda" else "peak RSS"
-    log(f"memory after setup, per rank: {per_rank} GiB ({kind})")
+    log_memory_per_rank(run)
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
@@ -307,24 +272,19 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             logger.log(step, record)
             results.update(record)
 
-        # The last step's eval comes after the final export (below), so no eval failure can lose the run.
+        # The last step's eval comes after the final export (in finish), so no eval failure can lose the run.
         should_stop = False
         if run.eval_examples and t.eval_steps and step % t.eval_steps == 0 and step < run.total_steps:
             record, evaluated_at = run_eval(run, logger, results, step), step
+            # Every rank holds the same all-reduced metrics, so every rank decides the same.
             should_stop = state.record_eval(record, step, t.metric_for_best_model, t.early_stopping_patience)
-        preempted = watch.requested()  # a collective: every rank agrees
+        preempted = watch.requested()  # collective: every rank agrees, so all save and exit together
         if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
             saved = checkpoint.save_checkpoint(engine, cfg, state, run.method.trainable_only)
         if preempted:
-            if rank == 0:
-                mark_for_requeue(saved)
             bar.close()
             logger.close()
-            log(
-                f"preempted at step {step}: {saved} is complete; exiting with code {PREEMPTED_EXIT} so the "
-                "scheduler can requeue the job; rerun with --resume_from_checkpoint=auto to continue"
-            )
-            raise Preempted()
+            exit_preempted(saved, step, rank)
         if should_stop:
             log(
                 f"early stopping at step {step}: eval {t.metric_for_best_model} has not improved for "
@@ -332,9 +292,46 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             )
             break
     bar.close()
+    return finish(run, state, logger, results, evaluated_at)
 
+
+def resume_state(run: Run) -> TrainerState:
+    """Collective: the trainer state to start from, with the engine restored when resuming."""
+    if not run.resume_path:
+        return TrainerState()
+    state, saved_world = checkpoint.load_checkpoint(
+        run.engine, run.resume_path, run.method.trainable_only, run.resume_tag
+    )
+    how = ""
+    if run.resume_tag == checkpoint.UNIVERSAL_TAG:
+        how = f" (written by {saved_world} ranks, loaded through its universal conversion)"
+    log(f"resumed from {run.resume_path} at step {state.global_step}{how}")
+    return state
+
+
+def log_memory_per_rank(run: Run) -> None:
+    # Collective: every rank reports its own memory; rank 0 prints them in one line.
+    per_rank = ", ".join(f"{m:.2f}" for m in distributed.all_gather_objects(round(memory_gb(), 2)))
+    kind = "peak allocated" if run.device.type == "cuda" else "peak RSS"
+    log(f"memory after setup, per rank: {per_rank} GiB ({kind})")
+
+
+def exit_preempted(saved: Path, step: int, rank: int) -> None:
+    if rank == 0:  # one marker for the whole job: the Slurm template requeues on it
+        mark_for_requeue(saved)
+    log(
+        f"preempted at step {step}: {saved} is complete; exiting with code {PREEMPTED_EXIT} so the "
+        "scheduler can requeue the job; rerun with --resume_from_checkpoint=auto to continue"
+    )
+    raise Preempted()
+
+
+def finish(run: Run, state: TrainerState, logger: MetricsLogger, results: dict, evaluated_at: int | None) -> dict:
+    """Collective: the final export first, then the last eval (unless the loop just ran it), then the
+    results. A failure in that eval is reported as such; the trained model is already safe on disk."""
+    t = run.cfg.train
     out = Path(t.output_dir)
-    export_final(engine, run.method, run.tokenizer, out, cfg.model.model_name_or_path)
+    export_final(run.engine, run.method, run.tokenizer, out, run.cfg.model.model_name_or_path)
     log(f"final model saved in {out}")
     if run.eval_examples and evaluated_at != state.global_step:
         try:
@@ -350,7 +347,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     if state.best_metric is not None:
         results.update(best_metric=state.best_metric, best_step=state.best_step)
         results["metric_for_best_model"] = t.metric_for_best_model
-    if rank == 0:
+    if run.rank == 0:  # one writer for the shared output_dir
         (out / "all_results.json").write_text(json.dumps(json_safe(results), indent=2))
     log(f"done: final model and results in {out}")
     distributed.barrier()

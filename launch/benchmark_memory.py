@@ -61,7 +61,7 @@ def worker(model_dir: str, ds_name: str, result_path: str) -> None:
     import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dist_glm.train import build_optimizer
+    from dist_glm.optim import build_optimizer
 
     rank, world = distributed.init_distributed()
     t = TrainConfig(deepspeed=str(REPO / "ds_configs" / f"{ds_name}.json"), bf16=True, per_device_train_batch_size=1)

@@ -25,9 +25,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, base_args, child_env, run_script, run_train
-from dist_glm.artifacts import load_for_inference
+from dist_glm.artifacts import ModelArgs, load_for_inference
 from dist_glm.chat import ChatArgs, ChatSession
-from dist_glm.config import ModelArgs
 from dist_glm.metrics import generation_metrics
 from dist_glm.models import generation_eos_ids, load_tokenizer
 

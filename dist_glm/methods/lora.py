@@ -9,6 +9,8 @@ is_adapter = True
 export_refusal = None  # export.py merges it into its base
 # PEFT's own shorthand, and LLaMA-Factory's spelling of it.
 ALL_LINEAR = ("all-linear", "all")
+# Written beside a LoRA adapter that trained against a quantized base (dist_glm.methods.qlora).
+QUANTIZED_BASE_FILE = "quantization_config.json"
 
 
 def target_modules(m) -> str | list[str]:
@@ -96,7 +98,8 @@ after_load = full.after_load
 
 
 def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
-    from dist_glm.methods import qlora  # qlora builds on this module
+    from pathlib import Path
 
     # A QLoRA adapter is a LoRA adapter plus the record of its quantized base: that one is qlora's.
-    return adapter_config.get("peft_type") == "LORA" and not qlora.owns_adapter(adapter_dir, adapter_config)
+    quantized = (Path(adapter_dir) / QUANTIZED_BASE_FILE).is_file()
+    return adapter_config.get("peft_type") == "LORA" and not quantized

@@ -13,7 +13,7 @@ trainable_only = True
 export_trainable_only = True
 is_adapter = True
 export_refusal = None  # export.py merges it into the de-quantized base
-QUANTIZATION_FILE = "quantization_config.json"
+QUANTIZATION_FILE = lora.QUANTIZED_BASE_FILE
 
 
 def check_config(cfg) -> list[str]:
