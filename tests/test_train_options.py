@@ -81,3 +81,31 @@ def test_early_stopping_on_a_generation_metric(tmp_path, varlen_data):
     assert results["global_step"] == 2 and results["metric_for_best_model"] == "exact_match"
     assert results["best_step"] == 1 and results["best_metric"] == 0.0
     assert "early stopping at step 2: eval exact_match has not improved for 1 evals" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_final_eval_keeps_the_trained_model(tmp_path, varlen_data, eval_data):
+    """The final eval runs after the export; when it fails (here: made to, in a real training process)
+    the run exits 1 with the artifact's path, and the artifact is complete."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, child_env
+
+    args = base_args(tmp_path, varlen_data, max_steps=2, eval_dataset=eval_data)
+    script = (
+        "import sys; import dist_glm.train as t\n"
+        "def broken(*a, **k): raise RuntimeError('eval broke')\n"
+        "t.run_eval = broken\n"
+        "from dist_glm.cli import train_main; train_main(sys.argv[1:])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"train.py: error: the final evaluation failed; the trained model is saved in {tmp_path}", last
+    assert "RuntimeError: eval broke" in proc.stderr  # the cause, for a bug report
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path)  # complete and loadable
