@@ -1,6 +1,8 @@
 """The README's demo command runs to completion and writes everything the README promises."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,41 @@ import torch
 from conftest import REPO, child_env, read_metrics
 
 OUT = REPO / "out" / "demo"
+START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+TABLE_STEPS = (0, 200, 600)
+
+
+def results_table(metrics: dict[str, dict[int, float]]) -> str:
+    rows = [
+        "| step | eval loss | ROUGE-L | BLEU-4 | exact match |",
+        "|-----:|----------:|--------:|-------:|------------:|",
+    ]
+    for step in TABLE_STEPS:
+        m = {k: v[step] for k, v in metrics.items()}
+        rows.append(
+            f"| {step:4d} | {m['eval/loss']:9.2f} | {m['eval/rouge-l']:7.1f} | {m['eval/bleu-4']:6.1f} | "
+            f"{m['eval/exact_match']:9.0f} % |"
+        )
+    return "\n".join(rows)
+
+
+def check_readme_results(metrics: dict[str, dict[int, float]]) -> None:
+    """The README's expected results are this run's, within the variation the README states."""
+    readme = REPO / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = re.search(re.escape(START) + "\n(.*?)\n" + re.escape(END), text, re.S)
+    assert block, f"README.md lacks the {START} ... {END} markers"
+    if os.environ.get("DIST_GLM_WRITE_DEMO") == "1":
+        readme.write_text(text.replace(block.group(1), results_table(metrics)), encoding="utf-8")
+        return
+    ours = dict(zip(TABLE_STEPS, results_table(metrics).splitlines()[2:], strict=True))
+    for line in block.group(1).splitlines()[2:]:
+        step, loss, rouge, bleu, exact = (float(x.strip(" %")) for x in line.strip("|").split("|"))
+        step = int(step)
+        hint = f"step {step}: README says {line}; this run {ours[step]}"
+        assert abs(metrics["eval/loss"][step] - loss) <= 0.3 * loss + 0.02, hint
+        for key, want in (("eval/rouge-l", rouge), ("eval/bleu-4", bleu), ("eval/exact_match", exact)):
+            assert abs(metrics[key][step] - want) <= 10, hint + " (DIST_GLM_WRITE_DEMO=1 rewrites the table)"
 
 
 @pytest.mark.slow
@@ -39,6 +76,8 @@ def test_readme_demo_command_learns_and_writes_its_outputs():
     assert sorted(eval_loss) == [0, 200, 400, 600]
     assert eval_loss[600] < eval_loss[0] / 10, eval_loss
     assert rouge_l[600] > rouge_l[0] + 50, rouge_l
+    keys = ("eval/loss", "eval/rouge-l", "eval/bleu-4", "eval/exact_match")
+    check_readme_results({k: read_metrics(OUT, k) for k in keys})
     train_keys = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second", "train/memory_gb"}
     records = [json.loads(ln) for ln in (OUT / "metrics.jsonl").read_text().splitlines()]
     assert train_keys <= set().union(*records)
