@@ -76,7 +76,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool) -> Path:
+def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, total_steps: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     out = Path(cfg.train.output_dir)
     step = state.global_step
@@ -91,7 +91,7 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool) -> P
     if rank == 0:
         t, world = cfg.train, torch.distributed.get_world_size()
         # The layout is what a resume on a different world size must know (choose_resume_tag).
-        layout = {"world_size": world, "global_batch": t.global_batch_size(world)}
+        layout = {"world_size": world, "global_batch": t.global_batch_size(world), "total_steps": total_steps}
         (tmp / STATE_FILE).write_text(json.dumps({**state.to_dict(), **layout}, indent=2))
         save_config(cfg, tmp / "config.yaml")
     # Rename only after every rank's files are on disk; trainer_state.json last marks completeness.
@@ -162,6 +162,11 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
         print(f"[dist_glm] universal conversion of {src} failed: {tail[0]}", file=sys.stderr)
         return
     tmp.rename(dst)
+
+
+def saved_total_steps(path: Path) -> int | None:
+    """The schedule length the checkpoint's run had (None: written before it was recorded)."""
+    return json.loads((path / STATE_FILE).read_text()).get("total_steps")
 
 
 def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) -> tuple[TrainerState, int]:

@@ -71,7 +71,8 @@ def train_main(argv: list[str] | None = None) -> None:
 
     def body(argv):
         from dist_glm.distributed import world_size_from_env
-        from dist_glm.train import train, validate_inputs
+        from dist_glm.inputs import validate_inputs
+        from dist_glm.train import train
 
         cfg, problems = config.collect_config(argv)
         # The config's own problems and those of the files it names, reported together.

@@ -19,13 +19,13 @@ from tqdm import tqdm
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
-from dist_glm.data.formats import check_data_paths
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
 from dist_glm.distributed import log
 from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
+from dist_glm.inputs import Inputs, validate_inputs
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
 from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import (
@@ -36,7 +36,6 @@ from dist_glm.metrics import (
     train_flops_per_token,
 )
 from dist_glm.models import (
-    check_model_path,
     enable_gradient_checkpointing,
     generation_eos_ids,
     load_model,
@@ -53,44 +52,6 @@ class FinalEvalFailed(Exception):
     def __init__(self, output_dir: Path):
         self.output_dir = output_dir
         super().__init__(f"the final evaluation failed; the trained model is saved in {output_dir}")
-
-
-@dataclass
-class Inputs:
-    """What validation resolved, so that setup does not compute it again."""
-
-    ds_config: dict
-    resume_path: Path | None
-
-
-def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> Inputs:
-    """Everything that can be checked before a process group forms; identical on every rank. Raises one
-    UserError with these problems and the config's own (`problems`), so a user sees them all at once."""
-    problems = list(problems)
-    if cfg.model.model_name_or_path:
-        problems += check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
-    problems += check_data_paths(cfg.data.dataset, "dataset")
-    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
-    ds_config = resume_path = None
-    try:
-        ds_config = distributed.build_ds_config(cfg.train, world_size)
-    except UserError as e:
-        problems += e.problems
-    problems += get_method(cfg.method.finetuning_type).check_config(cfg)
-    t = cfg.train
-    existing = checkpoint.list_checkpoints(t.output_dir) if t.output_dir else []
-    if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
-        problems.append(
-            f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
-            "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over"
-        )
-    try:
-        resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
-    except UserError as e:
-        problems += e.problems
-    if problems:
-        raise UserError(problems)
-    return Inputs(ds_config, resume_path)
 
 
 def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tuple[float, float, float]:
@@ -280,7 +241,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             should_stop = state.record_eval(record, step, t.metric_for_best_model, t.early_stopping_patience)
         preempted = watch.requested()  # collective: every rank agrees, so all save and exit together
         if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
-            saved = checkpoint.save_checkpoint(engine, cfg, state, run.method.trainable_only)
+            saved = checkpoint.save_checkpoint(engine, cfg, state, run.method.trainable_only, run.total_steps)
         if preempted:
             bar.close()
             logger.close()
@@ -306,6 +267,15 @@ def resume_state(run: Run) -> TrainerState:
     if run.resume_tag == checkpoint.UNIVERSAL_TAG:
         how = f" (written by {saved_world} ranks, loaded through its universal conversion)"
     log(f"resumed from {run.resume_path} at step {state.global_step}{how}")
+    saved_total = checkpoint.saved_total_steps(run.resume_path)
+    if saved_total is not None and saved_total != run.total_steps:
+        # The schedule is a function of the total: a new total bends the curve from here on.
+        log(
+            f"WARNING: this run has {run.total_steps} steps where the checkpoint's had {saved_total}: the "
+            f"learning-rate schedule is recomputed for {run.total_steps} steps, so from step {state.global_step} "
+            f"the rate is {run.engine.get_lr()[0]:.3g} instead of continuing the old curve; keep max_steps (and "
+            "num_train_epochs) as they were to continue the same run exactly"
+        )
     return state
 
 

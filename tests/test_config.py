@@ -71,7 +71,7 @@ def test_unreadable_yaml_names_file_and_line(tmp_path):
 def test_every_shipped_recipe_validates_fully(path, tmp_path):
     """Every value, the DeepSpeed config it names (on 8 ranks) and its method's own checks; only the
     paths it points at (a user's checkpoint and data) are swapped for shipped ones of the same shape."""
-    from dist_glm.train import validate_inputs
+    from dist_glm.inputs import validate_inputs
 
     cfg = load_config([str(path)])
     assert cfg.model.model_name_or_path and cfg.data.dataset and cfg.train.output_dir
@@ -128,7 +128,7 @@ def test_help_lists_every_field_with_its_doc():
 def test_value_and_file_problems_are_reported_together(tmp_path):
     """A bad value and a missing --deepspeed file (and a missing model and dataset) in one error."""
     from dist_glm.config import collect_config
-    from dist_glm.train import validate_inputs
+    from dist_glm.inputs import validate_inputs
 
     argv = [
         "--model_name_or_path=/no/such/model",
@@ -194,3 +194,30 @@ def test_help_has_one_format_for_every_command():
         assert "\n  --model_name_or_path=" in text
     assert "One of: full, freeze, lora, qlora, ptuning." in help_text(TRAIN)
     assert "One of: auto, float32, bfloat16, float16." in help_text(SERVE)
+
+
+def test_output_dir_that_is_or_sits_under_a_file(tmp_path):
+    from dist_glm.inputs import check_output_dir
+
+    (tmp_path / "f").write_text("")
+    assert check_output_dir(str(tmp_path / "f")) == [
+        f"output_dir='{tmp_path / 'f'}' is a file; choose a directory for checkpoints and the final model"
+    ]
+    assert check_output_dir(str(tmp_path / "f" / "run")) == [
+        f"output_dir='{tmp_path / 'f' / 'run'}': '{tmp_path / 'f'}' is a file, so the directory cannot be created there"
+    ]
+    assert check_output_dir(str(tmp_path / "new" / "run")) == []
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--metric_for_best_model=accuracy", "metric_for_best_model='accuracy' is not supported; use one of loss"),
+        ("--on_invalid=ignore", "on_invalid='ignore' is not supported; use one of error, skip"),
+        ("--template=glm5", "template='glm5' is not supported; use one of auto, glm4"),
+    ],
+)
+def test_a_bad_choice_gives_exactly_one_message(flag, message):
+    with pytest.raises(UserError) as err:
+        load_config(REQUIRED + [flag])
+    assert len(err.value.problems) == 1 and message in err.value.problems[0], err.value.problems

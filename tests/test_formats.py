@@ -162,10 +162,12 @@ BAD_ROWS = [
     (json.dumps({"content": "a"}).encode(), "missing field 'summary'"),
     (json.dumps({"content": "a", "summary": 3}).encode(), "field 'summary' must be a string, got int"),
     (b'{"content": "\xff\xfe", "summary": "b"}', "not UTF-8 (byte 0xff)"),
+    (b'{"content": "a\\ud800b", "summary": "c"}', "turn 0 holds a lone surrogate (\\ud800), which is not text"),
+    (b'{"content": "a", "summary": null}', "field 'summary' is null; give a string"),
 ]
 
 
-@pytest.mark.parametrize("line,message", BAD_ROWS, ids=["json", "missing", "type", "utf8"])
+@pytest.mark.parametrize("line,message", BAD_ROWS, ids=["json", "missing", "type", "utf8", "surrogate", "null"])
 def test_bad_rows_stop_with_file_and_line_or_are_skipped_and_reported(tmp_path, tok, line, message):
     path = tmp_path / "d.jsonl"
     path.write_bytes((json.dumps(GOOD, ensure_ascii=False) + "\n").encode() + line + b"\n")
@@ -192,6 +194,30 @@ def test_conversation_errors(tmp_path, tok, row, message):
     examples, stats = build_examples(str(path), tok, data_cfg(on_invalid="skip"), "glm4")
     assert len(examples) == 1 and [r["where"] for r in stats.skipped] == [f"{path}:1"]
     assert re.search(message, stats.skipped[0]["error"])
+
+
+def test_csv_rows_are_reported_by_their_line_in_the_file(tmp_path, tok):
+    (tmp_path / "a.csv").write_text("content,summary\n类型#裙,红色\n类型#裤,\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"a.csv:3: "):  # the header is line 1
+        build_examples(str(tmp_path / "a.csv"), tok, data_cfg(), "glm4")
+
+
+def test_a_directory_is_not_a_missing_file(tmp_path):
+    from dist_glm.data.formats import check_data_paths
+
+    write_jsonl(tmp_path / "part1.jsonl", [GOOD])
+    (problem,) = check_data_paths(str(tmp_path), "dataset")
+    expected = f"dataset: '{tmp_path}' is a directory; give the data files in it, comma-separated"
+    assert problem == f"{expected} (e.g. {tmp_path / 'part1.jsonl'})"
+
+
+def test_rows_with_empty_turns_are_counted_in_the_summary(tmp_path, tok):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [GOOD, {"content": "类型#裙", "summary": ""}, {"content": " ", "summary": "x"}]
+    )
+    examples, stats = build_examples(str(path), tok, data_cfg(), "glm4")
+    assert len(examples) == 3 and stats.with_empty_turns == 2
+    assert "WARNING: 2 rows have an empty user or assistant turn" in stats.summary("dataset")
 
 
 def test_file_level_errors(tmp_path, tok):

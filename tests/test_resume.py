@@ -41,7 +41,7 @@ def test_train_10_then_continue_to_20_equals_20_straight(tmp_path_factory, varle
     run_train(args(straight_dir, varlen_data, lr_scheduler_type="constant_with_warmup"), nprocs=2)
     straight = read_metrics(straight_dir, "train/loss")
     run_train(args(split_dir, varlen_data, lr_scheduler_type="constant_with_warmup", max_steps=10), nprocs=2)
-    run_train(
+    proc = run_train(
         args(
             split_dir,
             varlen_data,
@@ -51,6 +51,8 @@ def test_train_10_then_continue_to_20_equals_20_straight(tmp_path_factory, varle
         nprocs=2,
     )
     resumed = read_metrics(split_dir, "train/loss")
+    # A changed total is said out loud (here harmless: this schedule does not depend on it).
+    assert "WARNING: this run has 20 steps where the checkpoint's had 10" in proc.stdout
     # LoRA checkpoints leave out the frozen base weights: under ZeRO-0 this file holds the ~70k adapter
     # params and their Adam moments (~0.9 MB), where the frozen 0.9M-parameter model alone is 3.6 MB.
     module_file = split_dir / "checkpoint-10" / "deepspeed" / "mp_rank_00_model_states.pt"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_glm.data.formats import load_conversations
+from dist_glm.data.formats import count_empty_turns, load_conversations
 from dist_glm.data.template import IGNORE_INDEX, build_template
 
 
@@ -30,12 +30,18 @@ class DataStats:
     truncated: int = 0
     dropped_no_labels: int = 0  # nothing left to train on (e.g. an empty reply)
     skipped: list = field(default_factory=list)  # bad rows skipped under on_invalid: skip
+    with_empty_turns: int = 0  # rows with an empty user or assistant turn (trained as given)
 
     def summary(self, name: str) -> str:
+        empty = (
+            f"; WARNING: {self.with_empty_turns} rows have an empty user or assistant turn (trained as given)"
+            if self.with_empty_turns
+            else ""
+        )
         return (
             f"{name}: {self.rows} rows -> {self.samples} samples; "
             f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
-            f"token, {len(self.skipped)} invalid rows skipped"
+            f"token, {len(self.skipped)} invalid rows skipped{empty}"
         )
 
 
@@ -47,6 +53,7 @@ def build_examples(
     conversations = load_conversations(spec, data_cfg, stats.skipped)
     stats.rows = len(conversations) + len(stats.skipped)
     for conv in conversations:
+        stats.with_empty_turns += count_empty_turns(conv) > 0
         enc = template.encode(conv, data_cfg.cutoff_len)
         stats.truncated += enc.truncated
         if all(label == IGNORE_INDEX for label in enc.labels[1:]):

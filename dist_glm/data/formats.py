@@ -12,7 +12,8 @@ Formats (detected per file from its first row, or forced with `dataset_format`):
 - chatglm3: `conversations` of `{"role", "content"}` (system/user/assistant/observation, `tools`).
 
 json/jsonl are read here so that errors carry the line number; csv and parquet go through Hugging
-Face `datasets` (row numbers count data rows from 1). Every bad row is reported as `file:line: what`.
+Face `datasets` (a csv row is reported by its line in the file, the header being line 1; a parquet row
+by its number from 1). Every bad row is reported as `file:line: what`.
 """
 
 import json
@@ -36,7 +37,11 @@ def split_paths(spec: str) -> list[str]:
 def check_data_paths(spec: str, key: str) -> list[str]:
     problems = []
     for path in split_paths(spec):
-        if not Path(path).is_file():
+        if Path(path).is_dir():
+            inside = sorted(str(f) for f in Path(path).iterdir() if f.suffix in SUFFIXES)[:2]
+            example = f" (e.g. {','.join(inside)})" if inside else ""
+            problems.append(f"{key}: '{path}' is a directory; give the data files in it, comma-separated{example}")
+        elif not Path(path).is_file():
             problems.append(f"{key}: file '{path}' not found; give comma-separated paths to local data files")
         elif Path(path).suffix not in SUFFIXES:
             problems.append(f"{key}: '{path}' has an unsupported extension; use one of {', '.join(SUFFIXES)}")
@@ -91,7 +96,8 @@ def _read_with_datasets(path: str, suffix: str) -> list[tuple[int, object]]:
         raise UserError(f"{path}: cannot read as {suffix[1:]} ({str(e).splitlines()[0][:200]})") from None
     if len(ds) == 0:
         raise UserError(f"{path}: the file has no rows")
-    return [(i + 1, row) for i, row in enumerate(ds)]
+    first = 2 if suffix == ".csv" else 1  # a csv's line 1 is its header
+    return [(i + first, row) for i, row in enumerate(ds)]
 
 
 # ---------------------------------------------------------------- detection
@@ -119,7 +125,7 @@ def detect_format(row: dict, prompt_column: str) -> str | None:
 def _str(row: dict, key: str, required: bool = True) -> str:
     if key not in row or row[key] is None:
         if required:
-            raise BadRow(f"missing field '{key}'")
+            raise BadRow(f"field '{key}' is null; give a string" if key in row else f"missing field '{key}'")
         return ""
     if not isinstance(row[key], str):
         raise BadRow(f"field '{key}' must be a string, got {type(row[key]).__name__}")
@@ -283,6 +289,37 @@ def check_alternation(messages: list[dict]) -> None:
         raise BadRow("the conversation must end with an assistant turn")
 
 
+def _texts(conv: dict):
+    yield "system", conv["system"]
+    if conv["tools"]:
+        yield "tools", json.dumps(conv["tools"], ensure_ascii=False)
+    for i, m in enumerate(conv["messages"]):
+        yield f"turn {i}", m["content"]
+        if m.get("tool_call"):
+            yield f"turn {i}'s tool call", m["tool_call"]["name"] + m["tool_call"]["arguments"]
+
+
+def check_text(conv: dict) -> None:
+    """Every string must be text: JSON may escape a lone UTF-16 surrogate (\\ud800), which no tokenizer
+    can encode."""
+    for where, text in _texts(conv):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = text[e.start : e.end].encode("unicode_escape").decode()
+            raise BadRow(f"{where} holds a lone surrogate ({bad}), which is not text; fix the escape") from None
+
+
+def count_empty_turns(conv: dict) -> int:
+    """User or assistant turns with no text (a tool call is not empty): they train as given, but usually
+    mean a broken export, so the data summary counts the rows that have them."""
+    return sum(
+        1
+        for m in conv["messages"]
+        if m["role"] in ("user", "assistant") and not m.get("tool_call") and not m["content"].strip()
+    )
+
+
 def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
     """All conversations from the comma-separated files in `spec`, in file order. Bad rows raise
     UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}."""
@@ -307,6 +344,7 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
                     raise BadRow(f"expected a JSON object, got {type(row).__name__}")
                 conv = CONVERTERS[fmt](row, data_cfg)
                 check_alternation(conv["messages"])
+                check_text(conv)
             except BadRow as e:
                 if data_cfg.on_invalid != "skip":
                     raise UserError(f"{where}: {e} (fix the row, or set on_invalid: skip to skip bad rows)") from None

@@ -1,0 +1,66 @@
+"""What a training run's inputs must satisfy before any process group forms or model loads: the
+files the config names (model, data, DeepSpeed JSON), the method's own refusals, the output and resume
+directories. Every rank runs the same checks on the same inputs, so every rank fails the same way, and
+every problem is reported at once, with the config's own (`problems`)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_glm import checkpoint, distributed
+from dist_glm.config import Config
+from dist_glm.data.formats import check_data_paths
+from dist_glm.errors import UserError
+from dist_glm.methods import get_method
+from dist_glm.models import check_model_path
+
+
+@dataclass
+class Inputs:
+    """What validation resolved, so that setup does not compute it again."""
+
+    ds_config: dict
+    resume_path: Path | None
+
+
+def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> Inputs:
+    """Everything that can be checked before a process group forms; identical on every rank. Raises one
+    UserError with these problems and the config's own (`problems`), so a user sees them all at once."""
+    problems = list(problems)
+    if cfg.model.model_name_or_path:
+        problems += check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
+    problems += check_data_paths(cfg.data.dataset, "dataset")
+    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
+    ds_config = resume_path = None
+    try:
+        ds_config = distributed.build_ds_config(cfg.train, world_size)
+    except UserError as e:
+        problems += e.problems
+    problems += get_method(cfg.method.finetuning_type).check_config(cfg)
+    t = cfg.train
+    problems += check_output_dir(t.output_dir)
+    existing = checkpoint.list_checkpoints(t.output_dir) if t.output_dir and Path(t.output_dir).is_dir() else []
+    if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
+        problems.append(
+            f"output_dir='{t.output_dir}' already holds {existing[-1][1].name}; pass "
+            "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over"
+        )
+    try:
+        resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+    except UserError as e:
+        problems += e.problems
+    if problems:
+        raise UserError(problems)
+    return Inputs(ds_config, resume_path)
+
+
+def check_output_dir(output_dir: str) -> list[str]:
+    """A directory we can create or use: not a file, and not under one."""
+    if not output_dir:
+        return []
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        return [f"output_dir='{output_dir}' is a file; choose a directory for checkpoints and the final model"]
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return [f"output_dir='{output_dir}': '{blocker}' is a file, so the directory cannot be created there"]
+    return []
