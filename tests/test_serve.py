@@ -212,6 +212,17 @@ def test_models_health_and_api_key(server):
 
 
 @pytest.mark.slow
+def test_openapi_spec_lists_the_errors_the_server_really_returns(server):
+    spec = httpx.get(server.url.removesuffix("/v1") + "/openapi.json").json()
+    assert "422" not in json.dumps(spec)  # validation errors are answered with 400
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "503"} <= set(chat)
+    assert chat["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    r = server.post({"model": NAME, "messages": []})
+    assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+@pytest.mark.slow
 def test_plain_and_streamed_completion_equal_greedy_generate(server, reference):
     expected = reference(user(DEV[0]), 40)
     assert expected["finish_reason"] == "stop" and len(expected["text"]) > 10, expected  # a real, finished reply

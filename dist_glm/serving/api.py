@@ -188,7 +188,65 @@ def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    _document_our_errors(app, api_key)
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type"],
+        }
+    },
+}
+# What each route answers besides 200 (see the handlers above and _Gate).
+ROUTE_ERRORS = {
+    "/v1/models/{name}": {404: "No model of that name is served."},
+    "/v1/chat/completions": {
+        400: "Invalid request body or fields (OpenAI-style message naming the param).",
+        404: "The requested model is not served here.",
+        411: "No Content-Length header.",
+        413: "Body over the size limit.",
+        499: "The client closed the request.",
+        503: "The request queue is full; retry later.",
+    },
+}
+
+
+def _document_our_errors(app, api_key: str) -> None:
+    """FastAPI documents its own 422 validation response on every route with a body or parameter, but
+    this server answers validation errors with 400 and OpenAI's error shape: make /openapi.json say what
+    the server really returns."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path, operations in spec["paths"].items():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+                    errors = dict(ROUTE_ERRORS.get(path, {}))
+                    if api_key and path.startswith("/v1/"):
+                        errors[401] = "Missing or incorrect API key."
+                    for status, text in errors.items():
+                        content = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+                        operation["responses"][str(status)] = {"description": text, "content": content}
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(unused, None)
+            schemas["Error"] = ERROR_SCHEMA
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _validation_message(e) -> tuple[str, str | None]:
