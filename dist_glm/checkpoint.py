@@ -2,6 +2,9 @@
 
 A checkpoint is written into `checkpoint-STEP.tmp/` and renamed once every rank has finished, so a
 crash mid-save can never leave a directory that looks complete: `checkpoint-STEP` exists only whole.
+Before the rename every file is fsynced and `manifest.json` (each file's size) is written last, so a
+checkpoint damaged later (a truncated copy, a disk error) is recognised: auto-resume skips it with a
+warning and takes the previous complete one; naming it explicitly is an error that names the file.
 Contents: DeepSpeed's engine state under `deepspeed/` (module, optimizer partitions, lr scheduler),
 `rng_state_RANK.pt` per rank, `trainer_state.json` (step, best eval loss, patience, world size, global
 batch) and the resolved `config.yaml`. The data position needs no saving: the sampler derives it from
@@ -14,6 +17,7 @@ gradient_accumulation_steps when ranks go away) so that the data order and sched
 """
 
 import json
+import os
 import random
 import re
 import shutil
@@ -32,6 +36,7 @@ from dist_glm.trainer_state import TrainerState
 TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -44,13 +49,37 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume_path(spec: str, output_dir: str) -> Path | None:
-    """'' -> None; 'auto' -> latest complete checkpoint in output_dir (or None); a path -> that path."""
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint against its manifest, or None when every file is there at its
+    recorded size (checkpoints written before manifests existed are taken as they are)."""
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        sizes = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{manifest} is unreadable"
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes where {size} were written"
+    return None
+
+
+def resolve_resume_path(spec: str, output_dir: str, warn=print) -> Path | None:
+    """'' -> None; 'auto' -> the latest complete, undamaged checkpoint in output_dir (or None), with a
+    warning for each damaged newer one it passes over; a path -> that path, if whole."""
     if not spec:
         return None
     if spec == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        for _, path in reversed(list_checkpoints(output_dir)):
+            problem = damage(path)
+            if problem is None:
+                return path
+            warn(f"WARNING: skipping damaged checkpoint {path.name} ({problem}); trying the one before it")
+        return None
     p = Path(spec)
     if not (p / STATE_FILE).is_file():
         found = [str(c) for _, c in list_checkpoints(output_dir)]
@@ -58,7 +87,35 @@ def resolve_resume_path(spec: str, output_dir: str) -> Path | None:
         raise UserError(
             f"resume_from_checkpoint='{spec}': not a complete checkpoint directory (no {STATE_FILE}); use {choices}"
         )
+    problem = damage(p)
+    if problem is not None:
+        raise UserError(
+            f"resume_from_checkpoint='{spec}' is damaged: {problem}; pass another checkpoint, or 'auto' for the "
+            "newest undamaged one"
+        )
     return p
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(tmp: Path) -> None:
+    """Rank 0, once every rank's files are written: fsync each file and the directory (a power loss after
+    the rename must not leave a checkpoint of empty files), then record each file's size in the
+    manifest, written and fsynced last."""
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    for f in files:
+        _fsync(f)
+    sizes = {str(f.relative_to(tmp)): f.stat().st_size for f in files}
+    (tmp / MANIFEST_FILE).write_text(json.dumps({"files": sizes}, indent=1))
+    _fsync(tmp / MANIFEST_FILE)
+    for d in sorted({f.parent for f in files} | {tmp}):
+        _fsync(d)
 
 
 def _rng_state() -> dict:
@@ -97,9 +154,11 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, tota
     # Rename only after every rank's files are on disk; trainer_state.json last marks completeness.
     distributed.barrier()
     if rank == 0:
+        seal(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(out)  # the rename itself survives a power loss
         prune_checkpoints(out, cfg.train.save_total_limit)
     distributed.barrier()
     return final

@@ -45,7 +45,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
             "--resume_from_checkpoint=auto to continue it or --overwrite_output_dir to start over"
         )
     try:
-        resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir)
+        resume_path = checkpoint.resolve_resume_path(t.resume_from_checkpoint, t.output_dir, warn=_rank0_print)
     except UserError as e:
         problems += e.problems
     if problems:
@@ -64,3 +64,9 @@ def check_output_dir(output_dir: str) -> list[str]:
     if blocker is not None:
         return [f"output_dir='{output_dir}': '{blocker}' is a file, so the directory cannot be created there"]
     return []
+
+
+def _rank0_print(message: str) -> None:
+    # Before the process group forms every rank runs this; rank 0 (from the launcher's environment) speaks.
+    if distributed.rank_from_env() == 0:
+        print(f"[dist_glm] {message}", flush=True)

@@ -83,3 +83,26 @@ def test_resume_after_sigkill_from_last_complete_checkpoint(tmp_path, varlen_dat
     for step in range(1, 21):
         assert abs(resumed[step] - straight[step]) < TOL, (step, resumed[step], straight[step])
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_name(tmp_path, varlen_data):
+    """The newest checkpoint's model states cut to half (a truncated copy): auto-resume says so and takes
+    the one before it; naming the damaged one is a one-line error naming the file."""
+    flags = {"finetuning_type": "full", "save_steps": 2, "lr_scheduler_type": "constant"}
+    run_train(base_args(tmp_path, varlen_data, max_steps=4, **flags), nprocs=None)
+    states = tmp_path / "checkpoint-4" / "deepspeed" / "mp_rank_00_model_states.pt"
+    assert (tmp_path / "checkpoint-4" / "manifest.json").is_file()
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+
+    proc = run_train(base_args(tmp_path, varlen_data, max_steps=6, resume_from_checkpoint="auto", **flags), nprocs=None)
+    assert "WARNING: skipping damaged checkpoint checkpoint-4" in proc.stdout and str(states) in proc.stdout
+    assert f"resumed from {tmp_path / 'checkpoint-2'} at step 2" in proc.stdout
+    assert sorted(read_metrics(tmp_path, "train/loss")) == list(range(1, 7))
+
+    states = tmp_path / "checkpoint-6" / "deepspeed" / "mp_rank_00_model_states.pt"
+    states.write_bytes(b"")
+    named = base_args(tmp_path, varlen_data, max_steps=8, resume_from_checkpoint=tmp_path / "checkpoint-6", **flags)
+    proc = run_train(named, nprocs=None, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"resume_from_checkpoint='{tmp_path / 'checkpoint-6'}' is damaged: {states} is 0 bytes" in proc.stderr
