@@ -58,7 +58,8 @@ def run_command(command, argv: list[str] | None, body: Callable, parse: bool = T
     except UserError as err:
         report_and_exit(err, prog=command.prog)
     except tuple((exit_codes or {}).keys()) as err:
-        print(f"{command.prog}: error: {err}", file=sys.stderr)
+        if str(err):  # a preemption has said what it did already
+            print(f"{command.prog}: error: {err}", file=sys.stderr)
         sys.exit(exit_codes[type(err)])
     finally:
         from dist_glm.distributed import destroy
