@@ -50,6 +50,11 @@ class ModelConfig:
 class DataConfig:
     dataset: str = option("", "Training data: comma-separated local json/jsonl/csv/parquet files.")
     eval_dataset: str = option("", "Held-out data for eval loss and generation metrics (comma-separated).")
+    val_size: float = option(
+        0.0,
+        "Hold out part of `dataset` for evaluation instead of an eval_dataset: a fraction (< 1) or a count of "
+        "samples; chosen from `seed`, the same on every rank, identical samples kept on one side.",
+    )
     dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3"] = option(
         "auto", "Row format (auto: detected per row)."
     )
@@ -162,6 +167,7 @@ class Config:
 def check_values(cfg: Config) -> list[str]:
     """Checks on values alone (no file system); every problem names the key and the fix."""
     m, d, t, me = cfg.model, cfg.data, cfg.train, cfg.method
+    has_eval = bool(d.eval_dataset or d.val_size)
     out = []
 
     def need(ok: bool, msg: str):
@@ -190,22 +196,30 @@ def check_values(cfg: Config) -> list[str]:
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
+    need(
+        d.val_size == 0 or (0 < d.val_size < 1) or (d.val_size >= 1 and d.val_size.is_integer()),
+        f"val_size={d.val_size} must be a fraction in (0, 1) or a whole number of samples",
+    )
+    need(
+        not (d.val_size and d.eval_dataset),
+        "val_size and eval_dataset are both set; hold out part of dataset (val_size) or use eval_dataset, not both",
+    )
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
     need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
     need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
     need(
-        not (t.early_stopping_patience and not d.eval_dataset),
-        "early_stopping_patience needs eval_dataset; set eval_dataset or remove early_stopping_patience",
+        not (t.early_stopping_patience and not has_eval),
+        "early_stopping_patience needs eval_dataset (or val_size); set one or remove early_stopping_patience",
     )
-    need(not (t.eval_steps and not d.eval_dataset), "eval_steps needs eval_dataset; set eval_dataset")
+    need(not (t.eval_steps and not has_eval), "eval_steps needs eval_dataset (or val_size); set one")
     need(
         t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
         f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
     )
     need(
-        not (t.predict_with_generate and not d.eval_dataset),
-        "predict_with_generate needs eval_dataset; set eval_dataset",
+        not (t.predict_with_generate and not has_eval),
+        "predict_with_generate needs eval_dataset (or val_size); set one",
     )
     return out
 

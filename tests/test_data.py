@@ -99,3 +99,31 @@ def test_collate_right_pads_and_masks():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_val_size_holds_out_a_seeded_split_that_never_leaks():
+    from dist_glm.data.batching import Example
+    from dist_glm.data.loading import split_held_out
+
+    # 20 distinct samples, and sample 0 repeated 5 times: the copies must stay together.
+    examples = [Example([i, i + 1], [i, i + 1], [i], "") for i in range(20)] + [Example([0, 1], [0, 1], [0], "")] * 5
+    train, held = split_held_out(examples, 0.2, seed=3)
+    assert len(train) + len(held) == 25 and 5 <= len(held) <= 10
+    assert not {tuple(e.input_ids) for e in train} & {tuple(e.input_ids) for e in held}
+    again_train, again_held = split_held_out(examples, 0.2, seed=3)
+    assert [e.input_ids for e in again_held] == [e.input_ids for e in held]  # every rank, every run
+    _, other = split_held_out(examples, 0.2, seed=4)
+    assert [e.input_ids for e in other] != [e.input_ids for e in held]
+    assert len(split_held_out(examples, 3, seed=0)[1]) >= 3
+
+
+def test_val_size_settings_are_checked():
+    from dist_glm.config import load_config
+    from dist_glm.errors import UserError
+
+    base = ["--model_name_or_path=m", "--dataset=d.jsonl", "--output_dir=o"]
+    assert load_config(base + ["--val_size=0.1", "--eval_steps=5", "--predict_with_generate"]).data.val_size == 0.1
+    with pytest.raises(UserError, match="val_size=2.5 must be a fraction"):
+        load_config(base + ["--val_size=2.5"])
+    with pytest.raises(UserError, match="val_size and eval_dataset are both set"):
+        load_config(base + ["--val_size=0.1", "--eval_dataset=e.jsonl"])

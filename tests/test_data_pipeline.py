@@ -49,3 +49,14 @@ def test_prepare_ahead_then_training_does_no_tokenization(tmp_path):
     assert prep.returncode == 0 and "tokenized into" in prep.stdout, prep.stderr[-2000:]
     proc = run_train(args, nprocs=2)
     assert "reused cache" in proc.stdout and "tokenized into" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_val_size_evaluates_on_held_out_training_rows(tmp_path):
+    data = REPO / "data" / "advertisegen_demo" / "train.jsonl"
+    proc = run_train(base_args(tmp_path, data, max_steps=2, max_samples=200, val_size=16), nprocs=2)
+    assert "val_size=16: 16 of 200 samples held out for evaluation (seed 7" in proc.stdout
+    assert "184 train / 16 eval samples" in proc.stdout
+    from conftest import read_metrics
+
+    assert sorted(read_metrics(tmp_path, "eval/loss")) == [2]

@@ -35,4 +35,36 @@ def load_datasets(cfg, tokenizer) -> tuple[list, list]:
         log(f"{len(skipped)} invalid rows skipped (on_invalid=skip); every one is listed in {report}")
     if not train:
         raise UserError(f"dataset: no usable samples in {cfg.data.dataset} ({stats.summary('dataset')})")
+    if cfg.data.val_size:
+        train, evaluation = split_held_out(train, cfg.data.val_size, cfg.train.seed)
+        log(
+            f"val_size={cfg.data.val_size:g}: {len(evaluation)} of {len(train) + len(evaluation)} samples held out "
+            f"for evaluation (seed {cfg.train.seed}; identical samples kept on one side)"
+        )
     return train, evaluation
+
+
+def split_held_out(examples: list, val_size: float, seed: int) -> tuple[list, list]:
+    """(train, held out), the same on every rank and every run with the same seed. Samples with identical
+    token ids form one group that goes wholly to one side, so no conversation is trained on and evaluated
+    on at once. A fraction rounds to the nearest count, at least 1; the training side keeps at least 1."""
+    import random
+
+    want = int(val_size) if val_size >= 1 else max(1, round(val_size * len(examples)))
+    groups: dict[tuple, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(tuple(e.input_ids), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)  # insertion order is file order: deterministic before the shuffle
+    held: set[int] = set()
+    for members in order:
+        if len(held) >= want:
+            break
+        if len(held) + len(members) < len(examples):
+            held.update(members)
+    if len(held) < want:
+        raise UserError(
+            f"val_size={val_size:g} asks for {want} held-out samples but dataset has {len(examples)} (in "
+            f"{len(groups)} distinct ones); lower val_size"
+        )
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
