@@ -38,9 +38,29 @@ def check_model_path(path: str, from_scratch: bool) -> list[str]:
     return []
 
 
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """ChatGLM2/3 (and glm-4-9b-chat without -hf) checkpoints ship their own Python (`auto_map` in
+    config.json / tokenizer_config.json). Running it is off by default; say so before transformers
+    fails with a less direct message."""
+    import json
+
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        f = Path(path) / name
+        if f.is_file() and json.loads(f.read_text(encoding="utf-8")).get("auto_map"):
+            raise UserError(
+                f"model_name_or_path='{path}': this checkpoint needs its own code ({name} has an auto_map, as "
+                "the remote-code ChatGLM2/ChatGLM3 layouts do), and trust_remote_code is off by default; set "
+                "trust_remote_code=true if you trust the code in that directory, or use a native checkpoint "
+                "(e.g. glm-4-9b-chat-hf)"
+            )
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_remote_code(path, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # GLM tokenizers pad with <|endoftext|>; fall back to EOS for any that lack a pad token.
@@ -82,6 +102,7 @@ def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_c
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     path = model_cfg.model_name_or_path
+    check_remote_code(path, model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
     if model_cfg.train_from_scratch:

@@ -2,11 +2,17 @@
 
 The outputs are committed, so nobody needs to run this; it exists so the assets are reproducible
 and reviewable. Usage: python launch/build_demo_assets.py
+
+`--real-vocab DIR` writes a GLM-4-shaped checkpoint directory at GLM-4's real vocabulary instead
+(assets/glm4-real-vocab: GlmForCausalLM, vocab 151,552, the special tokens at their real ids
+151329-151342). Only its config is committed; its 3 MB tokenizer.json is generated (the tests do it
+in a temporary directory).
 """
 
 import itertools
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +103,61 @@ def build_model_configs(vocab_size: int, tok_dir: Path) -> None:
         tok.save_pretrained(out)
 
 
+GLM4_REAL_VOCAB_SIZE = 151552  # the embedding / LM-head rows of glm-4-9b-chat and GLM-4-9B-0414
+GLM4_FIRST_SPECIAL_ID = 151329  # <|endoftext|> in GLM-4's tokenizer; the others follow in GLM4_SPECIAL_TOKENS order
+
+
+def build_real_vocab_tokenizer(out_dir: Path, tiny_dir: Path = ROOT / "assets" / "tiny-glm4") -> None:
+    """The tiny BPE vocabulary, padded with never-produced filler pieces up to id 151328, then GLM-4's
+    special tokens at their real ids, so every special id is >= 151329 as in the real tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads((tiny_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    # Fillers have no merges leading to them, so encoding never produces them.
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), GLM4_FIRST_SPECIAL_ID)})
+    template = spec["added_tokens"][0]
+    spec["added_tokens"] = [
+        {**template, "id": GLM4_FIRST_SPECIAL_ID + k, "content": t} for k, t in enumerate(GLM4_SPECIAL_TOKENS)
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(out_dir / "tokenizer.json"),
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=GLM4_SPECIAL_TOKENS[1:],
+        chat_template=GLM4_CHAT_TEMPLATE,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(out_dir)
+
+
+def build_real_vocab_config(out_dir: Path) -> None:
+    """GlmForCausalLM at the real vocabulary with a small body: the LM head and cross-entropy over
+    151,552 logits dominate memory there, as in the real model."""
+    from transformers import GenerationConfig, GlmConfig
+
+    eos = [
+        GLM4_FIRST_SPECIAL_ID + GLM4_SPECIAL_TOKENS.index(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+    ]
+    shape = dict(
+        vocab_size=GLM4_REAL_VOCAB_SIZE, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+        pad_token_id=eos[0], eos_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    GlmConfig(**shape).save_pretrained(out_dir)
+    GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], do_sample=False).save_pretrained(out_dir)
+
+
 def main() -> None:
+    if "--real-vocab" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--real-vocab") + 1])
+        build_real_vocab_config(out)
+        build_real_vocab_tokenizer(out)
+        print(f"wrote a GLM-4-shaped model directory (vocab {GLM4_REAL_VOCAB_SIZE}) to {out}")
+        return
     data_dir = ROOT / "data" / "advertisegen_demo"
     build_data(data_dir)
     corpus = []

@@ -92,7 +92,7 @@ def test_tool_call_golden_text_and_mask_identical_across_formats(tmp_path, tok):
     ids, labels = encs["sharegpt"].input_ids, encs["sharegpt"].labels
     assert all(e.input_ids == ids and e.labels == labels for e in encs.values())
     text = tok.decode(ids)
-    assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 GLM-4 的人工智能助手。")
+    assert text.startswith("[gMASK]<sop><|system|>\n你是一个名为 ChatGLM 的人工智能助手。")  # glm-4-9b-chat's template
     assert '\n\n# 可用工具\n\n## get_weather\n\n{\n    "name": "get_weather",\n' in text
     assert text.endswith(
         '<|user|>\n天气<|assistant|>get_weather\n{"city": "北京"}<|observation|>\n晴<|assistant|>\n北京晴<|user|>'
@@ -132,13 +132,17 @@ def test_advertisegen_custom_columns_and_chatglm_templates(tmp_path, tok):
 def test_chat_template_check_against_the_tokenizers_own(tok):
     from dist_glm.data.template import chat_template_mismatch, choose_template
 
-    assert choose_template("auto", tok, "glm") == "glm4" and choose_template("auto", tok, "glm4") == "glm4"
+    assert choose_template("auto", tok, "glm") == "glm4" and choose_template("auto", tok, "glm4") == "glm4_0414"
     assert chat_template_mismatch(build_template("glm4", tok), tok) is None
     tok2 = AutoTokenizer.from_pretrained(TINY_MODEL)
     tok2.add_special_tokens({"additional_special_tokens": ["sop"]}, replace_extra_special_tokens=False)
     assert choose_template("auto", tok2, "chatglm") == "chatglm3"  # it also has <|user|>
     message = chat_template_mismatch(build_template("chatglm2", tok2), tok2)
     assert "renders a probe prompt as" in message and "check the `template` setting" in message
+    assert (
+        "first differ at token 1: the tokenizer's '[gMASK]' | '<sop><|system|>\\n你是', ours '[gMASK]' | 'sop[Round"
+        in message
+    )
 
 
 def test_csv_and_parquet_through_datasets(tmp_path, tok):

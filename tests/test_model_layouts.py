@@ -1,0 +1,120 @@
+"""Loader paths on local directories shaped like the real checkpoints, and the real-vocabulary model:
+GLM-4's 151,552-row vocabulary with the special tokens at their real ids, never a constant in the code."""
+
+import importlib.util
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from conftest import REPO, TINY_MODEL
+from dist_glm.data.template import IGNORE_INDEX, build_template, chat_template_mismatch, choose_template
+from dist_glm.errors import UserError
+from dist_glm.models import generation_eos_ids, load_model, load_tokenizer
+
+REAL_VOCAB = REPO / "assets" / "glm4-real-vocab"
+
+
+def _assets_builder():
+    spec = importlib.util.spec_from_file_location("build_demo_assets", REPO / "launch" / "build_demo_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def real_vocab_dir(tmp_path_factory):
+    """assets/glm4-real-vocab (committed config) plus its generated tokenizer."""
+    out = tmp_path_factory.mktemp("glm4-real-vocab")
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(REAL_VOCAB / name, out / name)
+    _assets_builder().build_real_vocab_tokenizer(out)
+    return out
+
+
+def _checkpoint_dir(tmp_path, name, architecture, model_type):
+    """A local directory shaped like a native checkpoint: config.json + tokenizer.json (no weights needed
+    for the tokenizer and template paths)."""
+    out = tmp_path / name
+    shutil.copytree(TINY_MODEL, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "architectures": [architecture], "model_type": model_type}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,architecture,model_type,template",
+    [("glm-4-9b-chat-hf", "GlmForCausalLM", "glm", "glm4"), ("GLM-4-9B-0414", "Glm4ForCausalLM", "glm4", "glm4_0414")],
+)
+def test_native_layouts_load_and_pick_their_template(tmp_path, name, architecture, model_type, template):
+    path = _checkpoint_dir(tmp_path, name, architecture, model_type)
+    tok = load_tokenizer(str(path))
+    assert AutoConfig.from_pretrained(path).model_type == model_type
+    assert choose_template("auto", tok, model_type) == template
+    assert chat_template_mismatch(build_template(template, tok), tok) is None
+
+
+def test_remote_code_layout_needs_trust_remote_code(tmp_path):
+    """The ChatGLM2/3 layout: config.json and tokenizer_config.json point at the checkpoint's own code."""
+    out = tmp_path / "chatglm3-6b"
+    out.mkdir()
+    auto_map = {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    }
+    (out / "config.json").write_text(
+        json.dumps({"model_type": "chatglm", "architectures": ["ChatGLMModel"], "auto_map": auto_map})
+    )
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}})
+    )
+    with pytest.raises(
+        UserError,
+        match=r"chatglm3-6b'.*needs its own code.*trust_remote_code is off by default.*set trust_remote_code=true",
+    ):
+        load_tokenizer(str(out))
+    cfg = SimpleNamespace(model_name_or_path=str(out), trust_remote_code=False, train_from_scratch=True)
+    with pytest.raises(UserError, match="trust_remote_code=true"):
+        load_model(cfg, {}, bf16=False, seed=0)
+
+
+def test_real_vocab_model_renders_real_special_ids_and_trains(real_vocab_dir):
+    tok = load_tokenizer(str(real_vocab_dir))
+    specials = tok.convert_tokens_to_ids(
+        ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+    )
+    assert specials == [151329, 151331, 151333, 151335, 151336, 151337, 151338]
+    conv = {
+        "system": "你是助手",
+        "tools": [{"name": "get_weather", "description": "查天气", "parameters": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "北京天气"},
+            {"role": "assistant", "content": "", "tool_call": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+            {"role": "observation", "content": "晴"},
+            {"role": "assistant", "content": "北京晴"},
+        ],
+    }
+    enc = build_template("glm4", tok).encode(conv, cutoff_len=1024)
+    assert [i for i in enc.input_ids if i >= 151329] == [
+        151331,
+        151333,
+        151335,
+        151335,
+        151336,
+        151337,
+        151338,
+        151337,
+        151336,
+    ]
+    assert max(i for i in enc.input_ids if i < 151329) < 1000  # text ids stay in the BPE part, never fillers
+    assert sorted(generation_eos_ids(str(real_vocab_dir), tok)) == [151329, 151336, 151338]
+    cfg = SimpleNamespace(model_name_or_path=str(real_vocab_dir), trust_remote_code=False, train_from_scratch=True)
+    model = load_model(cfg, {}, bf16=True, seed=0)
+    assert model.config.vocab_size == 151552 and model.lm_head.weight.shape[0] == 151552
+    ids = torch.tensor([enc.input_ids])
+    labels = torch.tensor([enc.labels])
+    loss = model(input_ids=ids, labels=labels).loss
+    assert torch.isfinite(loss) and (labels != IGNORE_INDEX).sum() > 0
