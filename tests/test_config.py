@@ -221,3 +221,26 @@ def test_a_bad_choice_gives_exactly_one_message(flag, message):
     with pytest.raises(UserError) as err:
         load_config(REQUIRED + [flag])
     assert len(err.value.problems) == 1 and message in err.value.problems[0], err.value.problems
+
+
+def test_template_choices_are_the_templates_that_exist():
+    import typing
+
+    from dist_glm.config import DataConfig
+    from dist_glm.data.template import TEMPLATES
+
+    assert typing.get_args(DataConfig.__dataclass_fields__["template"].type) == TEMPLATES
+
+
+def test_a_template_for_another_tokenizer_is_a_user_error():
+    from dist_glm.data.template import build_template
+    from dist_glm.models import load_tokenizer
+
+    tok = load_tokenizer(str(TINY_MODEL))
+    conversation = {
+        "system": "",
+        "tools": None,
+        "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    }
+    with pytest.raises(UserError, match=r"template: this tokenizer lacks the special tokens \['sop'\].*template=auto"):
+        build_template("chatglm3", tok).encode(conversation, 64)

@@ -30,6 +30,8 @@ import ast
 import json
 from dataclasses import dataclass
 
+from dist_glm.errors import UserError
+
 IGNORE_INDEX = -100
 TEMPLATES = ("auto", "glm4", "glm4_0414", "chatglm3", "chatglm2", "chatglm")
 # The identity sentence of glm-4-9b-chat's own chat_template (tokenizer_config.json) before the tool list.
@@ -70,7 +72,10 @@ def _ids(tokenizer, names: list[str]) -> list[int]:
     ids = tokenizer.convert_tokens_to_ids(names)
     missing = [n for n, i in zip(names, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
     if missing:
-        raise ValueError(f"the tokenizer lacks the special tokens {missing} that this chat template needs")
+        raise UserError(
+            f"template: this tokenizer lacks the special tokens {missing} that the chosen chat template needs (is it "
+            "the template of another model?); set template=auto to use the model's own"
+        )
     return ids
 
 
