@@ -11,7 +11,7 @@ from dist_glm.config import Config
 from dist_glm.data.formats import check_data_paths
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
-from dist_glm.models import check_model_path
+from dist_glm.models import check_model_path, check_remote_code
 
 
 @dataclass
@@ -28,6 +28,10 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     problems = list(problems)
     if cfg.model.model_name_or_path:
         problems += check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
+        try:  # before any rank loads: a checkpoint that needs its own code is one line, with the fix
+            check_remote_code(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+        except UserError as e:
+            problems += e.problems
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
     ds_config = resume_path = None
