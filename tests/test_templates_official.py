@@ -224,3 +224,30 @@ def test_chatglm_6b_equals_its_ptuning_recipe(tok3, name):
     enc = build_template("chatglm", tok3).encode(c, cutoff_len=4096)
     assert (enc.input_ids, enc.labels) == (ids, labels)
     assert enc.prompt_ids == ids[: len(ids) - len([x for x in labels if x != X])]
+
+
+# ---- ChatGLM2-6B: tokenizer.build_prompt + ptuning/main.py preprocess_function_train
+
+
+def chatglm2_reference(tok, c):
+    """THUDM/ChatGLM2-6B: `build_prompt` (tokenization_chatglm.py) renders each earlier round as
+    `[Round {i+1}]\\n\\n问：{q}\\n\\n答：{r}\\n\\n` and the last as `[Round {n+1}]\\n\\n问：{query}\\n\\n答：`;
+    ptuning/main.py encodes that prompt with the special prefix ([gMASK] sop), the answer without, appends
+    EOS, and trains the answer + EOS."""
+    pairs = [(m["content"], n["content"]) for m, n in zip(c["messages"][::2], c["messages"][1::2], strict=True)]
+    if c["system"]:
+        pairs[0] = (c["system"] + "\n" + pairs[0][0], pairs[0][1])
+    *history, (query, answer) = pairs
+    prompt = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history))
+    prompt += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+    a_ids = tok.convert_tokens_to_ids(["[gMASK]", "sop"]) + tok.encode(prompt, add_special_tokens=False)
+    b_ids = tok.encode(answer, add_special_tokens=False)
+    return a_ids + b_ids + [tok.eos_token_id], [X] * len(a_ids) + b_ids + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize("name", ["plain", "multi_turn", "system", "whitespace", "chinese"])
+def test_chatglm2_equals_its_build_prompt_and_ptuning_recipe(tok3, name):
+    c = CONVERSATIONS[name]
+    ids, labels = chatglm2_reference(tok3, c)
+    enc = build_template("chatglm2", tok3).encode(c, cutoff_len=4096)
+    assert (enc.input_ids, enc.labels) == (ids, labels)
