@@ -71,11 +71,15 @@ def train_main(argv: list[str] | None = None) -> None:
     from dist_glm import config
 
     def body(argv):
-        from dist_glm.distributed import world_size_from_env
+        from dist_glm.distributed import rank_from_env, world_size_from_env
         from dist_glm.inputs import validate_inputs
         from dist_glm.train import train
 
-        cfg, problems = config.collect_config(argv)
+        notes = []
+        cfg, problems = config.collect_config(argv, notes=notes)
+        if rank_from_env() == 0:  # every rank parsed the same recipe
+            for note in notes:
+                print(f"[dist_glm] note: {note}", flush=True)
         # The config's own problems and those of the files it names, reported together.
         train(cfg, validate_inputs(cfg, world_size_from_env(), problems))
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 import yaml
 
+from dist_glm import llamafactory
 from dist_glm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -373,9 +374,10 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def parse_command(argv: list[str], command: Command) -> tuple[dict[str, object], list[str]]:
+def parse_command(argv: list[str], command: Command, notes: list | None = None) -> tuple[dict[str, object], list[str]]:
     """{section: dataclass instance} and every problem found, without raising (a value that does not
-    convert keeps its default and is reported). Defaults < YAML < command line."""
+    convert keeps its default and is reported). Defaults < YAML < command line. LLaMA-Factory's own keys
+    are understood (dist_glm.llamafactory): harmless ones add a line to `notes`."""
     fields = command.fields()
     yaml_path, overrides, problems = parse_cli(argv, command)
     if problems:
@@ -392,6 +394,11 @@ def parse_command(argv: list[str], command: Command) -> tuple[dict[str, object],
                     values[section][key] = convert(key, f.type, raw, source)
                 except ValueError as e:
                     problems.append(str(e))
+            elif (known := llamafactory.check(key, raw)) is not None:
+                note, problem = known
+                problems += [f"{source}: {problem}"] if problem else []
+                if note and notes is not None:
+                    notes.append(f"{source}: {note}")
             elif from_cli or not command.recipe_for_training or key not in TRAIN_KEYS:
                 if not (key in command.flag_only and not from_cli):
                     problems.append(_unknown_key_message(key, source, fields))
@@ -407,11 +414,13 @@ def load_command(argv: list[str], command: Command) -> dict[str, object]:
     return sections
 
 
-def collect_config(argv: list[str], default_yaml: Path | None = DEMO_CONFIG) -> tuple[Config, list[str]]:
+def collect_config(
+    argv: list[str], default_yaml: Path | None = DEMO_CONFIG, notes: list | None = None
+) -> tuple[Config, list[str]]:
     """The training Config and every problem (value checks included), without raising: training checks
     the files it names next and reports everything together."""
     command = dataclasses.replace(TRAIN, default_yaml=default_yaml)
-    sections, problems = parse_command(argv, command)
+    sections, problems = parse_command(argv, command, notes)
     cfg = Config(**sections)
     return cfg, problems + check_values(cfg)
 

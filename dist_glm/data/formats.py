@@ -41,6 +41,11 @@ def check_data_paths(spec: str, key: str) -> list[str]:
             inside = sorted(str(f) for f in Path(path).iterdir() if f.suffix in SUFFIXES)[:2]
             example = f" (e.g. {','.join(inside)})" if inside else ""
             problems.append(f"{key}: '{path}' is a directory; give the data files in it, comma-separated{example}")
+        elif not Path(path).is_file() and not Path(path).suffix:
+            problems.append(
+                f"{key}: '{path}' is not a file; dataset names (LLaMA-Factory's dataset_info.json registry) are not "
+                "supported yet: give comma-separated paths to local data files"
+            )
         elif not Path(path).is_file():
             problems.append(f"{key}: file '{path}' not found; give comma-separated paths to local data files")
         elif Path(path).suffix not in SUFFIXES:

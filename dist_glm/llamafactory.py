@@ -1,0 +1,74 @@
+"""Keys a recipe pasted from LLaMA-Factory (its examples/train_*/*.yaml) carries that are not ours.
+
+Harmless ones are accepted with at most a one-line note saying what dist_glm does instead; keys for
+things dist_glm does not do are errors that say so. Keys both projects share (model_name_or_path,
+finetuning_type, lora_target incl. `all`, template, cutoff_len, val_size, the TrainingArguments names)
+need nothing here. Imports nothing from the package: the config loader consults it.
+"""
+
+# key -> {value (lower-cased string) or "*": (note or None, problem or None)}
+_ANY = "*"
+KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
+    "stage": {
+        "sft": (None, None),
+        _ANY: (None, "stage={value}: dist_glm does supervised fine-tuning (stage: sft) only; remove the key"),
+    },
+    "do_train": {
+        "true": (None, None),
+        _ANY: (None, "do_train={value}: launch/train.py always trains; to evaluate a result use launch/evaluate.py"),
+    },
+    "do_eval": {_ANY: ("do_eval is implied: evaluation runs whenever eval_dataset or val_size is set", None)},
+    "eval_strategy": {
+        "no": (None, None),
+        "steps": (None, None),
+        _ANY: (None, "eval_strategy={value}: dist_glm evaluates every eval_steps steps; set eval_steps instead"),
+    },
+    "report_to": {
+        "tensorboard": (None, None),
+        "none": ("report_to=none: TensorBoard events are still written to output_dir/runs (local files only)", None),
+        _ANY: (
+            None,
+            "report_to={value} is not supported; dist_glm logs to TensorBoard (output_dir/runs) and metrics.jsonl",
+        ),
+    },
+    "overwrite_cache": {
+        _ANY: (
+            "overwrite_cache is not needed: the tokenized cache is keyed by the files' content and every data setting",
+            None,
+        )
+    },
+    "plot_loss": {
+        _ANY: ("plot_loss: the curves are in TensorBoard (`tensorboard --logdir OUTPUT_DIR`) and metrics.jsonl", None)
+    },
+    "preprocessing_num_workers": {
+        _ANY: ("preprocessing_num_workers is ignored: rank 0 tokenizes once into the shared cache", None)
+    },
+    "dataloader_num_workers": {
+        _ANY: ("dataloader_num_workers is ignored: batches are built from the in-memory token cache", None)
+    },
+    "save_only_model": {
+        "false": (None, None),
+        _ANY: ("save_only_model is ignored: checkpoints keep optimizer state so that a resume continues exactly", None),
+    },
+    "quantization_method": {
+        "bitsandbytes": (None, None),
+        _ANY: (None, "quantization_method={value} is not supported; finetuning_type=qlora quantizes with bitsandbytes"),
+    },
+    "dataset_dir": {
+        _ANY: (
+            None,
+            "dataset_dir (LLaMA-Factory's dataset_info.json registry) is not supported yet; "
+            "list the data files in dataset",
+        )
+    },
+}
+
+
+def check(key: str, value) -> tuple[str | None, str | None] | None:
+    """(note, problem) for a LLaMA-Factory key, or None when `key` is not one of them."""
+    if key not in KEYS:
+        return None
+    text = str(value).lower() if not isinstance(value, bool) else ("true" if value else "false")
+    note, problem = KEYS[key].get(text, KEYS[key].get(_ANY, (None, None)))
+    fill = lambda s: s.format(value=value) if s else s  # noqa: E731
+    return fill(note), fill(problem)
