@@ -1,11 +1,10 @@
 """Configuration for every command: typed sections, loaded from YAML and overridden by `--key=value`.
 
-Users see flat names that follow Hugging Face TrainingArguments (`--learning_rate=2e-4`); inside, the
-fields are grouped into typed dataclass sections so each module receives only what it needs. Training's
-sections are here; each tool declares its own next to its code (EvaluateArgs, ChatArgs, ExportArgs,
-ServeArgs) and all of them go through the one loader at the bottom of this file: defaults < YAML file <
-command line, the same conversions, `Literal[...]` choices checked generically, a did-you-mean for
-unknown keys, every problem collected into one error, and one `--help` format.
+Flat names follow Hugging Face TrainingArguments (`--learning_rate=2e-4`), grouped inside into typed
+sections so each module receives only what it needs. Training's sections are here; each tool declares
+its own next to its code, and all go through the one loader at the bottom: defaults < YAML < command
+line, one converter, `Literal[...]` choices checked generically, did-you-mean, every problem in one
+error, one `--help` format.
 """
 
 import dataclasses
@@ -315,10 +314,6 @@ def convert(name: str, tp, value, source: str):
     return str(value)
 
 
-def _is_bool(f: dataclasses.Field) -> bool:
-    return _optional(f.type)[0] is bool
-
-
 def _unknown_key_message(key: str, source: str, known) -> str:
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list the valid keys"
@@ -343,7 +338,7 @@ def parse_cli(argv: list[str], command: Command = TRAIN) -> tuple[str | None, di
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            if key in fields and _is_bool(fields[key][1]):
+            if key in fields and _optional(fields[key][1].type)[0] is bool:
                 value = "true"  # a bare boolean flag switches it on
             elif i < len(argv) and not argv[i].startswith("--"):
                 value = argv[i]
