@@ -92,26 +92,37 @@ def train_main(argv: list[str] | None = None) -> None:
 
 
 def prepare_main(argv: list[str] | None = None) -> None:
-    """Tokenize `dataset` and `eval_dataset` of a recipe into the shared cache, without training."""
+    """Tokenize `dataset` and `eval_dataset` of a recipe into the shared cache, without training;
+    `--show_samples=N` prints the first N samples with their trained spans marked."""
     import dataclasses
 
     from dist_glm import config
+    from dist_glm.data.loading import PrepareArgs
 
-    def body(argv):
+    command = dataclasses.replace(
+        config.TRAIN,
+        prog="prepare.py",
+        usage="prepare.py CONFIG.yaml [--show_samples=N] [--key=value ...]",
+        sections={**config.TRAIN.sections, "prepare": (PrepareArgs, None)},
+    )
+
+    def body(sections):
         from dist_glm.data.formats import check_data_paths
-        from dist_glm.data.loading import load_datasets
+        from dist_glm.data.loading import load_datasets, render_trained_spans
         from dist_glm.models import load_tokenizer
 
-        cfg, problems = config.collect_config(argv)
-        problems += check_data_paths(cfg.data.dataset, "dataset") + check_data_paths(
-            cfg.data.eval_dataset, "eval_dataset"
-        )
+        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
+        problems = config.check_values(cfg)
+        problems += check_data_paths(cfg.data.dataset, "dataset")
+        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
         if problems:
             raise UserError(problems)
-        load_datasets(cfg, load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code))
+        tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+        train, _ = load_datasets(cfg, tokenizer)
+        for i, example in enumerate(train[: sections["prepare"].show_samples]):
+            print(f"\n--- sample {i + 1} " + render_trained_spans(example, tokenizer), flush=True)
 
-    prepare = dataclasses.replace(config.TRAIN, prog="prepare.py", usage="prepare.py CONFIG.yaml [--key=value ...]")
-    run_command(prepare, argv, body, parse=False)
+    run_command(command, argv, body)
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:

@@ -127,3 +127,25 @@ def test_val_size_settings_are_checked():
         load_config(base + ["--val_size=2.5"])
     with pytest.raises(UserError, match="val_size and eval_dataset are both set"):
         load_config(base + ["--val_size=0.1", "--eval_dataset=e.jsonl"])
+
+
+def test_prepare_shows_samples_with_the_trained_spans_marked(tmp_path, capsys):
+    import json
+
+    from dist_glm import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"content": "类型#裙", "summary": "红色"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    cli.prepare_main(
+        [
+            f"--model_name_or_path={TINY_MODEL}",
+            f"--dataset={data}",
+            f"--output_dir={tmp_path / 'o'}",
+            "--show_samples=1",
+        ]
+    )
+    out = capsys.readouterr().out
+    sample = out[out.index("--- sample 1") :]
+    # The reply, the newline the model writes first, and the stop token train; the prompt does not.
+    assert sample.splitlines()[0] == "--- sample 1 (11 tokens, 3 trained)"  # "\n", "红色", "<|user|>"
+    assert "<|user|>\n类型#裙<|assistant|>⟦\n红色<|user|>⟧" in sample

@@ -2,12 +2,24 @@
 the tokenizer's own, then each set is tokenized through the shared cache (dist_glm.data.preprocess)."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from dist_glm import distributed
+from dist_glm.config import option
 from dist_glm.data.preprocess import tokenize_dataset
 from dist_glm.data.template import build_template, chat_template_mismatch, choose_template
 from dist_glm.errors import UserError
+
+TRAINED_OPEN, TRAINED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧: rare in any data, so a marked span is unambiguous
+
+
+@dataclass
+class PrepareArgs:
+    show_samples: int = option(
+        0,
+        f"Print the first N tokenized training samples with the trained spans marked {TRAINED_OPEN}...{TRAINED_CLOSE}.",
+    )
 
 
 def load_datasets(cfg, tokenizer) -> tuple[list, list]:
@@ -68,3 +80,24 @@ def split_held_out(examples: list, val_size: float, seed: int) -> tuple[list, li
             f"{len(groups)} distinct ones); lower val_size"
         )
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def render_trained_spans(example, tokenizer) -> str:
+    """The sample's text with every run of trained tokens (label != ignore) inside ⟦...⟧, special tokens
+    shown, and the counts: what the loss sees, without reading the cache."""
+    pieces, run, trained_run = [], [], None
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        trained = label != -100
+        if trained != trained_run and run:
+            pieces.append((trained_run, run))
+            run = []
+        run.append(token)
+        trained_run = trained
+    if run:
+        pieces.append((trained_run, run))
+    text = "".join(
+        f"{TRAINED_OPEN}{tokenizer.decode(ids)}{TRAINED_CLOSE}" if trained else tokenizer.decode(ids)
+        for trained, ids in pieces
+    )
+    n_trained = sum(label != -100 for label in example.labels)
+    return f"({len(example.input_ids)} tokens, {n_trained} trained)\n{text}"
