@@ -25,6 +25,7 @@ REQUIREMENTS = [
     "tokenizers>=0.21,<0.24",
     "safetensors>=0.4,<0.9",
     "tensorboard>=2.15",
+    "matplotlib>=3.7",  # plot_loss and launch/plot.py (Agg backend, no display needed)
     "pyyaml>=6.0",
     "tqdm>=4.66",
     "jieba>=0.42",
@@ -54,6 +55,7 @@ setup(
             "dist-glm-serve=dist_glm.cli:serve_main",
             "dist-glm-prepare=dist_glm.cli:prepare_main",
             "dist-glm-doctor=dist_glm.doctor:main",
+            "dist-glm-plot=dist_glm.cli:plot_main",
         ]
     },
 )

@@ -182,3 +182,44 @@ def chat_main(argv: list[str] | None = None) -> None:
             raise UserError(str(err)) from None
 
     run_command(CHAT, argv, body)
+
+
+def plot_main(argv: list[str] | None = None) -> None:
+    """Overlay several runs' curves (launch/plot.py OUTPUT_DIR... [--out_dir=DIR])."""
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from dist_glm import config
+
+    @dataclass
+    class PlotArgs:
+        out_dir: str = config.option("plots", "Where training_loss.png and eval_*.png go.")
+        smoothing: float = config.option(0.6, "TensorBoard-style smoothing weight of the training loss, in [0, 1).")
+
+    command = config.Command(
+        prog="plot.py",
+        usage="plot.py OUTPUT_DIR [OUTPUT_DIR ...] [--out_dir=plots] [--smoothing=0.6]",
+        sections={"plot": (PlotArgs, None)},
+        description="Each OUTPUT_DIR is a training run's output_dir (its metrics.jsonl).",
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    runs = [a for a in argv if not a.startswith("--")]
+
+    def body(sections):
+        from dist_glm.plots import plot_runs
+
+        args = sections["plot"]
+        problems = [] if runs else ["give one or more training output directories: plot.py OUTPUT_DIR ..."]
+        problems += [
+            f"'{r}': no metrics.jsonl there; pass a training run's output_dir"
+            for r in runs
+            if not (Path(r) / "metrics.jsonl").is_file()
+        ]
+        if not 0 <= args.smoothing < 1:
+            problems.append(f"smoothing={args.smoothing} must be in [0, 1)")
+        if problems:
+            raise UserError(problems)
+        for path in plot_runs([Path(r) for r in runs], Path(args.out_dir), args.smoothing):
+            print(path)
+
+    run_command(command, [a for a in argv if a.startswith("--")], body)

@@ -125,6 +125,7 @@ class TrainConfig:
     bf16: bool = option(False, "Train in bfloat16 with fp32 master weights.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     logging_steps: int = option(10, "Log train metrics every N steps.")
+    plot_loss: bool = option(False, "At the end, write training_loss.png and eval_*.png into output_dir.")
     save_steps: int = option(500, "Save a checkpoint every N steps (0 = only at the end).")
     save_total_limit: int = option(0, "Keep at most N checkpoints, deleting the oldest (0 = keep all).")
     eval_steps: int = option(0, "Evaluate every N steps (0 = only at the end when eval_dataset is set).")

@@ -2,7 +2,8 @@
 
 Harmless ones are accepted with at most a one-line note saying what dist_glm does instead; keys for
 things dist_glm does not do are errors that say so. Keys both projects share (model_name_or_path,
-finetuning_type, lora_target incl. `all`, template, cutoff_len, val_size, the TrainingArguments names)
+finetuning_type, lora_target incl. `all`, template, cutoff_len, val_size, plot_loss, the TrainingArguments
+names)
 need nothing here. Imports nothing from the package: the config loader consults it.
 """
 
@@ -36,9 +37,6 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
             "overwrite_cache is not needed: the tokenized cache is keyed by the files' content and every data setting",
             None,
         )
-    },
-    "plot_loss": {
-        _ANY: ("plot_loss: the curves are in TensorBoard (`tensorboard --logdir OUTPUT_DIR`) and metrics.jsonl", None)
     },
     "preprocessing_num_workers": {
         _ANY: ("preprocessing_num_workers is ignored: rank 0 tokenizes once into the shared cache", None)

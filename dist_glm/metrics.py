@@ -5,6 +5,7 @@ generation metrics the ChatGLM scripts report (ROUGE-1/2/L on jieba words, BLEU-
 import json
 import math
 import resource
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -61,9 +62,12 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path, runs = Path(output_dir) / "metrics.jsonl", Path(output_dir) / "runs"
+        self.started, self.elapsed_before = time.time(), 0.0
         if resume_step and self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln).get("step", 0) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
+            # A resumed run's clock continues from the interrupted one's last record.
+            self.elapsed_before = json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0
         elif not resume_step:
             # A fresh run (the trainer already refused to start over existing checkpoints unless told
             # to) starts a fresh history rather than mixing its curves with an earlier run's.
@@ -77,9 +81,16 @@ class MetricsLogger:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
+        now = time.time()
+        clock = {"time": round(now, 3), "elapsed_s": round(self.elapsed_before + now - self.started, 3)}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **values, **clock}) + "\n")
         self.writer.flush()
+
+    def log_config(self, config_yaml: str) -> None:
+        """The resolved config as text in TensorBoard (its Text tab), so a run's curves carry their settings."""
+        if self.enabled:
+            self.writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
 
     def close(self) -> None:
         if self.enabled:

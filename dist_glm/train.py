@@ -203,6 +203,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     log_memory_per_rank(run)
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
+    logger.log_config((Path(t.output_dir) / "config.yaml").read_text(encoding="utf-8"))
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
     bar = tqdm(
         total=run.total_steps,
@@ -319,6 +320,10 @@ def finish(run: Run, state: TrainerState, logger: MetricsLogger, results: dict, 
         results["metric_for_best_model"] = t.metric_for_best_model
     if run.rank == 0:  # one writer for the shared output_dir
         (out / "all_results.json").write_text(json.dumps(json_safe(results), indent=2))
+        if t.plot_loss:
+            from dist_glm.plots import plot_runs
+
+            log("plots: " + ", ".join(p.name for p in plot_runs([out], out)))
     log(f"done: final model and results in {out}")
     distributed.barrier()
     return results

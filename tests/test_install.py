@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, TINY_MODEL, child_env, read_metrics
 
 BIN = Path(sys.executable).parent
-COMMANDS = ("train", "prepare", "evaluate", "chat", "export", "serve", "doctor")
+COMMANDS = ("train", "prepare", "evaluate", "chat", "export", "serve", "doctor", "plot")
 
 
 def outside(tmp_path, *cmd, timeout=300):
@@ -54,6 +54,7 @@ def test_dist_glm_train_trains_from_another_directory(tmp_path, varlen_data):
         "logging_steps": 1,
         "save_steps": 0,
         "disable_tqdm": True,
+        "plot_loss": True,
     }
     proc = outside(tmp_path, str(BIN / "dist-glm-train"), *[f"--{k}={v}" for k, v in flags.items()])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -62,6 +63,13 @@ def test_dist_glm_train_trains_from_another_directory(tmp_path, varlen_data):
     assert "[dist_glm] environment: torch " in proc.stdout
     # No eval set: all_results.json is strict JSON (no Infinity for a best eval loss that never was).
     json.loads((out / "all_results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    # metrics.jsonl records carry the wall clock; plot_loss drew the curve; TensorBoard has the config.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time"] > 1.6e9 and r["elapsed_s"] >= 0 for r in records)
+    assert (out / "training_loss.png").stat().st_size > 10_000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert "config/text_summary" in EventAccumulator(str(out / "runs")).Reload().Tags()["tensors"]
     # Noise a user cannot act on is gone (bitsandbytes' Hub-kernel fetch, PEFT's deprecated attribute).
     assert "kernels-community" not in proc.stderr and "is_gradient_checkpointing" not in proc.stderr
 

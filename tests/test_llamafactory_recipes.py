@@ -101,15 +101,20 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
         cfg.model.train_from_scratch = False
     else:
         cfg.model.train_from_scratch = True
-    assert cfg.method.lora_target == "all" and cfg.data.val_size == 0.1 and cfg.train.resume_from_checkpoint == ""
+    assert (
+        cfg.train.plot_loss
+        and cfg.method.lora_target == "all"
+        and cfg.data.val_size == 0.1
+        and cfg.train.resume_from_checkpoint == ""
+    )
     if method != "qlora":
         validate_inputs(cfg, world_size=8, problems=problems)
     else:
         assert problems == []
     keys = sorted(n.split(": ", 2)[1].split(" ")[0].split("=")[0] for n in notes)
-    assert keys == sorted(
-        ["overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers", "plot_loss", "report_to"]
-    ), notes
+    assert keys == sorted(["overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers", "report_to"]), (
+        notes
+    )
     assert all(len(n.splitlines()) == 1 for n in notes)
 
 
