@@ -62,7 +62,6 @@ def build_data(out_dir: Path) -> None:
 
 def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,8 +71,16 @@ def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens(GLM4_SPECIAL_TOKENS)
+    return len(save_glm4_tokenizer(out_dir, tokenizer_object=tok))
+
+
+def save_glm4_tokenizer(out_dir: Path, **source):
+    """A fast tokenizer (from `tokenizer_object=` or `tokenizer_file=`) with GLM-4's special tokens and chat
+    template, saved to out_dir."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        **source,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=GLM4_SPECIAL_TOKENS[1:],
@@ -82,7 +89,7 @@ def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(out_dir)
-    return len(fast)
+    return fast
 
 
 def build_model_configs(vocab_size: int, tok_dir: Path) -> None:
@@ -110,7 +117,6 @@ GLM4_FIRST_SPECIAL_ID = 151329  # <|endoftext|> in GLM-4's tokenizer; the others
 def build_real_vocab_tokenizer(out_dir: Path, tiny_dir: Path = ROOT / "assets" / "tiny-glm4") -> None:
     """The tiny BPE vocabulary, padded with never-produced filler pieces up to id 151328, then GLM-4's
     special tokens at their real ids, so every special id is >= 151329 as in the real tokenizer."""
-    from transformers import PreTrainedTokenizerFast
 
     spec = json.loads((tiny_dir / "tokenizer.json").read_text(encoding="utf-8"))
     vocab = spec["model"]["vocab"]
@@ -122,16 +128,7 @@ def build_real_vocab_tokenizer(out_dir: Path, tiny_dir: Path = ROOT / "assets" /
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_file=str(out_dir / "tokenizer.json"),
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=GLM4_SPECIAL_TOKENS[1:],
-        chat_template=GLM4_CHAT_TEMPLATE,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-    )
-    fast.save_pretrained(out_dir)
+    save_glm4_tokenizer(out_dir, tokenizer_file=str(out_dir / "tokenizer.json"))
 
 
 def build_real_vocab_config(out_dir: Path) -> None:
