@@ -27,8 +27,6 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 FinetuningType = Literal["full", "freeze", "lora", "qlora", "ptuning"]
 EvalMetric = Literal["loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-FINETUNING_TYPES = typing.get_args(FinetuningType)
-EVAL_METRICS = typing.get_args(EvalMetric)
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 

@@ -158,7 +158,7 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
     from dist_glm.models import load_tokenizer
 
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
-    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset") if data_cfg.eval_dataset else []
+    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset")
     if not data_cfg.eval_dataset:
         problems.append("eval_dataset is required; set it to one or more comma-separated jsonl/json files")
     for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):

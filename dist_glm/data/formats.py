@@ -23,7 +23,6 @@ from pathlib import Path
 from dist_glm.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-FORMATS = ("auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3")
 
 
 class BadRow(ValueError):
@@ -338,7 +337,7 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
             if fmt is None:
                 raise UserError(
                     f"{path}: cannot tell the data format from the first row's fields; set "
-                    f"dataset_format to one of {', '.join(FORMATS[1:])}"
+                    f"dataset_format to one of {', '.join(CONVERTERS)}"
                 )
         for lineno, row in rows:
             where = f"{path}:{lineno}"

@@ -85,19 +85,11 @@ def split_held_out(examples: list, val_size: float, seed: int) -> tuple[list, li
 def render_trained_spans(example, tokenizer) -> str:
     """The sample's text with every run of trained tokens (label != ignore) inside ⟦...⟧, special tokens
     shown, and the counts: what the loss sees, without reading the cache."""
-    pieces, run, trained_run = [], [], None
-    for token, label in zip(example.input_ids, example.labels, strict=True):
-        trained = label != -100
-        if trained != trained_run and run:
-            pieces.append((trained_run, run))
-            run = []
-        run.append(token)
-        trained_run = trained
-    if run:
-        pieces.append((trained_run, run))
-    text = "".join(
-        f"{TRAINED_OPEN}{tokenizer.decode(ids)}{TRAINED_CLOSE}" if trained else tokenizer.decode(ids)
-        for trained, ids in pieces
-    )
+    from itertools import groupby
+
+    text = ""
+    for trained, run in groupby(zip(example.input_ids, example.labels, strict=True), key=lambda t: t[1] != -100):
+        piece = tokenizer.decode([token for token, _ in run])
+        text += f"{TRAINED_OPEN}{piece}{TRAINED_CLOSE}" if trained else piece
     n_trained = sum(label != -100 for label in example.labels)
     return f"({len(example.input_ids)} tokens, {n_trained} trained)\n{text}"

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 
 from dist_glm.serving.engine import Engine, Job, QueueFull
 from dist_glm.serving.protocol import (
@@ -24,7 +25,6 @@ from dist_glm.serving.protocol import (
     head,
     model_card,
     model_not_found,
-    now,
     to_messages,
     usage,
 )
@@ -130,7 +130,7 @@ def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="dist_glm", docs_url=None, redoc_url=None)
-    created = now()
+    created = int(time.time())
     completions = Completions(engine, served_name, max_model_len)
 
     def reply_error(status: int, message: str, param=None, code=None) -> JSONResponse:

@@ -3,7 +3,6 @@ checks a request must pass, OpenAI-shaped error bodies, and the response pieces 
 No FastAPI here: dist_glm.serving.api puts these behind the routes."""
 
 import asyncio
-import time
 import uuid
 from typing import Literal
 
@@ -168,7 +167,3 @@ def model_card(served_name: str, created: int, max_model_len: int) -> dict:
         "owned_by": "dist_glm",
         "max_model_len": max_model_len,
     }
-
-
-def now() -> int:
-    return int(time.time())
