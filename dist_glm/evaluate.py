@@ -17,7 +17,7 @@ import torch
 
 from dist_glm import distributed
 from dist_glm.artifacts import ModelArgs
-from dist_glm.config import Command, DataConfig, option
+from dist_glm.config import TRAIN_KEYS, Command, DataConfig, option
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.errors import UserError
 from dist_glm.loss import token_loss_sum
@@ -53,7 +53,7 @@ EVALUATE = Command(
     usage="evaluate.py [RECIPE.yaml] --model_name_or_path=DIR --eval_dataset=FILE [--key=value ...]",
     sections={"model": (ModelArgs, None), "evaluate": (EvaluateArgs, None), "data": (DataConfig, EVAL_DATA_KEYS)},
     description="A training recipe (YAML) may come first; flags override it.",
-    recipe_for_training=True,
+    recipe_keys=TRAIN_KEYS,
     flag_only=("output_dir",),
 )
 

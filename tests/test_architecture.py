@@ -60,7 +60,8 @@ def test_no_import_circle():
 def test_the_ground_floor_imports_nothing_upward():
     graph = import_graph()
     assert graph["dist_glm.errors"] == set()
-    assert graph["dist_glm.config"] == {"dist_glm.errors", "dist_glm.llamafactory"}
+    assert graph["dist_glm.options"] == {"dist_glm.errors", "dist_glm.llamafactory"}
+    assert graph["dist_glm.config"] == {"dist_glm.errors", "dist_glm.options"}
     assert graph["dist_glm.llamafactory"] == set()
     assert graph["dist_glm.doctor"] == set()
 
