@@ -91,8 +91,7 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
             for i in slot_batch
         ]
         batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        logits = model(**model_inputs(batch)).logits
-        s, n = token_loss_sum(logits, batch["labels"])
+        s, n = token_loss_sum(model, model_inputs(batch), batch["labels"])
         loss_sum, tokens = loss_sum + float(s), tokens + n
     model.train(was_training)
     total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens]).tolist()

@@ -1,29 +1,110 @@
-"""Token-level cross-entropy as a (sum, count) pair.
+"""Token-level cross-entropy as a (sum, count) pair, computed only where labels are.
 
 Returning the sum rather than a mean lets the caller normalise by the *global* number of trainable
 tokens in the optimizer step, which makes the loss and gradients independent of how the global
 batch is split across ranks and accumulation steps (a per-micro-batch mean over variable-length
 samples would weight tokens differently depending on the split).
+
+Where the memory goes at GLM's 151,552-entry vocabulary: the plain computation materialises the
+B x T x V logits, then a shifted fp32 copy of them, then the same again for their gradient; in SFT
+most of those positions are prompt tokens whose loss is never used. Here the LM head runs only on the
+hidden states at labelled positions (labels are shifted, not logits), in chunks of tokens whose
+logits are recomputed in backward, so the head's peak is O(chunk x V) and its cost grows with the
+trainable tokens, not with the padded sequence. The sum equals the plain one up to summation order.
 """
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dist_glm.data.template import IGNORE_INDEX
 
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token losses over labelled positions (in fp32), and how many there were."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    loss_sum = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
+# Logit elements per chunk (2**25 fp32 = 128 MiB): ~220 tokens at GLM-4's vocabulary, the whole batch
+# at once for a small vocabulary (one chunk costs nothing extra there).
+CHUNK_ELEMENTS = 2**25
 
 
 def count_trainable_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _causal_lm(model):
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model
+
+
+def has_native_head(model) -> bool:
+    """Transformers' own GLM classes compute `lm_head(hidden)` on batch-first hidden states; remote-code
+    ChatGLM2/3 models are sequence-first and transpose the logits afterwards, so they take the plain path."""
+    return type(_causal_lm(model)).__module__.startswith("transformers.")
+
+
+def _chunk_loss_sum(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head_forward(hidden).float(), targets, reduction="sum")
+
+
+def labelled_loss_sum(head_forward, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the labelled positions of `hidden` (B x T x H, batch-first)."""
+    keep = labels[:, 1:] != IGNORE_INDEX
+    h = hidden[:, :-1][keep]  # N x H: a gather, the only copy, and of hidden size rather than vocab size
+    targets = labels[:, 1:][keep]
+    if h.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph (every rank runs the same backward collectives)
+    chunk = max(1, CHUNK_ELEMENTS // vocab_size)
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    total = None
+    for i in range(0, h.shape[0], chunk):
+        args = (head_forward, h[i : i + chunk], targets[i : i + chunk])
+        # Recomputing a chunk's logits in backward is what keeps only one chunk of them alive at a time.
+        part = checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if recompute else _chunk_loss_sum(*args)
+        total = part if total is None else total + part
+    return total
+
+
+@contextmanager
+def _head_returns_loss(head: torch.nn.Module, labels: torch.Tensor, vocab_size: int):
+    """While active, the model's `lm_head(hidden)` call returns the labelled loss sum (as a 1 x 1 x 1
+    "logits" tensor) instead of logits. Doing it inside the head's own call matters under ZeRO-3: the
+    head's forward hooks gather its weight once for all chunks, and the tensor the call returns carries
+    ZeRO-3's backward hook, which gathers the weight again for the recomputation (so the caller must use
+    the returned tensor, not one captured inside)."""
+    previous = head.__dict__.get("forward")
+    original = head.forward
+
+    def forward(hidden, *args, **kwargs):
+        return labelled_loss_sum(original, hidden, labels, vocab_size).view(1, 1, 1)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def token_loss_sum(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Forward `model` (an engine, a PEFT or a plain causal LM) on `inputs` and return the sum of
+    next-token losses over labelled positions (in fp32) and how many there were."""
+    count = count_trainable_tokens(labels)
+    if not has_native_head(model):
+        return plain_token_loss_sum(model(**inputs).logits, labels), count
+    lm = _causal_lm(model)
+    with _head_returns_loss(lm.get_output_embeddings(), labels, lm.config.vocab_size):
+        stand_in = model(**inputs).logits
+    assert stand_in.numel() == 1, f"expected the loss from the LM head, got logits of shape {tuple(stand_in.shape)}"
+    return stand_in.reshape(()), count
+
+
+def plain_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The straightforward computation over full logits: the reference the tests compare against, and
+    the path for models whose head cannot be run on gathered positions."""
+    return F.cross_entropy(
+        logits[:, :-1, :].float().reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )

@@ -54,42 +54,50 @@ class FinalEvalFailed(Exception):
         super().__init__(f"the final evaluation failed; the trained model is saved in {output_dir}")
 
 
-def train_step(engine, micro_batches: list[dict], world_size: int, device) -> tuple[float, float, float]:
+def train_step(
+    engine, micro_batches: list[dict], world_size: int, device, clip: float | None
+) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches. Returns the global (loss, gradient norm before
-    clipping, non-pad tokens) of the step."""
+    clipping, non-pad tokens) of the step. `clip` is set when this loop clips instead of the engine
+    (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm."""
     # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
-    # rank needs it before its first backward.
+    # rank needs it before its first backward. Counted on the host, before the batches move.
     local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
+    local_nonpad = sum(int(b["token_mask"].sum()) for b in micro_batches)
     global_tokens = float(distributed.all_reduce_sum([local_tokens])[0])
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
     # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
     scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
-    local_loss_sum, local_nonpad, own_norm = 0.0, 0, None
+    local_loss_sum, own_norm = torch.zeros((), device=device), None
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = engine(**model_inputs(batch)).logits
-        loss_sum, _ = token_loss_sum(logits, batch["labels"])
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss_sum, _ = token_loss_sum(engine, model_inputs(batch), batch["labels"])
         engine.backward(loss_sum * scale)
-        if i == len(micro_batches) - 1 and not _engine_records_grad_norm(engine):
-            own_norm = _grad_norm(engine.module)  # gradients are final (all-reduced) and not yet clipped
+        if i == len(micro_batches) - 1 and clip is not None:
+            # Gradients are final (all-reduced) here; clipping returns the norm it measured, so the norm
+            # is computed once per step, not once by the engine and again for the log.
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            own_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
         engine.step()  # only steps the optimizer at the accumulation boundary
-        local_loss_sum += float(loss_sum.detach())
-        local_nonpad += int(batch["token_mask"].sum())
+        local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
     # Collective (for logging): the step's loss over the whole global batch.
-    loss_total, nonpad_total = distributed.all_reduce_sum([local_loss_sum, local_nonpad]).tolist()
+    loss_total, nonpad_total = distributed.all_reduce_sum([float(local_loss_sum), local_nonpad]).tolist()
     grad_norm = own_norm if own_norm is not None else float(engine.get_global_grad_norm() or 0.0)
-    return loss_total / max(global_tokens, 1.0), grad_norm, nonpad_total
+    return loss_total / max(global_tokens, 1.0), grad_norm, int(nonpad_total)
 
 
-def _engine_records_grad_norm(engine) -> bool:
-    # DeepSpeed's ZeRO and bf16/fp16 optimizers record the global norm; plain fp32 ZeRO-0 clips without
-    # keeping it, so there we compute it ourselves.
-    return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
-
-
-def _grad_norm(model) -> float:
-    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+def takes_over_clipping(engine, world_size: int, max_grad_norm: float) -> float | None:
+    """DeepSpeed's ZeRO and bf16/fp16 optimizers clip and record the global norm. Its plain fp32 ZeRO-0
+    path clips without keeping the norm, so there the loop clips (the same arithmetic) and keeps it,
+    rather than measuring the norm a second time. Returns the `clip` argument of `train_step`."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    engine.clip_fp32_gradients = lambda: None  # the loop clips (train_step); the engine would do it again
+    if world_size == 1:
+        # One process has nothing to reduce, yet the engine would flatten every gradient into a buffer,
+        # "all-reduce" it and copy it back each step; dividing by a world size of 1 is exact, so skip it.
+        engine.enable_backward_allreduce = False
+    return max_grad_norm
 
 
 @dataclass
@@ -204,6 +212,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     logger.log_config((Path(t.output_dir) / "config.yaml").read_text(encoding="utf-8"))
+    clip = takes_over_clipping(engine, run.world, t.max_grad_norm)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
     bar = tqdm(
         total=run.total_steps,
@@ -223,7 +232,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
-        loss, grad_norm, nonpad_tokens = train_step(engine, micro, run.world, run.device)
+        loss, grad_norm, nonpad_tokens = train_step(engine, micro, run.world, run.device, clip)
         state.global_step = step
         window.add(loss, grad_norm, nonpad_tokens, time.perf_counter() - t0)
         bar.update(1)
