@@ -83,12 +83,15 @@ def train_main(argv: list[str] | None = None) -> None:
         # The config's own problems and those of the files it names, reported together.
         train(cfg, validate_inputs(cfg, world_size_from_env(), problems))
 
+    from dist_glm.guard import Diverged
     from dist_glm.preemption import PREEMPTED_EXIT, Preempted
     from dist_glm.train import FinalEvalFailed
 
     # Preempted: the checkpoint is complete on every rank and the scheduler should requeue the job.
     # FinalEvalFailed: the traceback above says why; the trained model is safe.
-    run_command(config.TRAIN, argv, body, parse=False, exit_codes={Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1})
+    # Diverged: too many non-finite steps in a row; the message names the last good checkpoint.
+    exit_codes = {Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1, Diverged: 1}
+    run_command(config.TRAIN, argv, body, parse=False, exit_codes=exit_codes)
 
 
 def prepare_main(argv: list[str] | None = None) -> None:

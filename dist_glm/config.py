@@ -114,6 +114,14 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.")
     adam_epsilon: float = option(1e-8, "AdamW epsilon.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = off).")
+    max_nonfinite_steps: int = option(
+        3,
+        "A step whose loss or gradient is NaN/inf is skipped on every rank (weights untouched); after this "
+        "many in a row training stops, naming the last good checkpoint (0 = skip without limit).",
+    )
+    loss_spike_factor: float = option(
+        0.0, "Also skip a step whose loss exceeds this many times the running median of recent losses (0 = off)."
+    )
     bf16: bool = option(False, "Train in bfloat16 with fp32 master weights.")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     logging_steps: int = option(10, "Log train metrics every N steps.")
@@ -186,6 +194,11 @@ def check_values(cfg: Config) -> list[str]:
     need(0 <= t.warmup_ratio < 1, f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     need(t.max_steps == -1 or t.max_steps >= 1, f"max_steps={t.max_steps} must be -1 (use epochs) or at least 1")
     need(t.max_steps >= 1 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1")
+    need(t.max_nonfinite_steps >= 0, f"max_nonfinite_steps={t.max_nonfinite_steps} must be 0 (no limit) or more")
+    need(
+        t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
+        f"loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1, e.g. 3",
+    )
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")

@@ -25,6 +25,7 @@ from dist_glm.distributed import log
 from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
+from dist_glm.guard import StepGuard
 from dist_glm.inputs import Inputs, validate_inputs
 from dist_glm.loss import count_trainable_tokens, token_loss_sum
 from dist_glm.methods import count_parameters, get_method
@@ -54,36 +55,57 @@ class FinalEvalFailed(Exception):
         super().__init__(f"the final evaluation failed; the trained model is saved in {output_dir}")
 
 
-def train_step(
-    engine, micro_batches: list[dict], world_size: int, device, clip: float | None
-) -> tuple[float, float, int]:
-    """One optimizer step over this rank's micro-batches. Returns the global (loss, gradient norm before
-    clipping, non-pad tokens) of the step. `clip` is set when this loop clips instead of the engine
-    (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm."""
+@dataclass
+class StepResult:
+    loss: float  # over the global batch
+    grad_norm: float  # global, before clipping
+    nonpad_tokens: int  # over the global batch
+    skipped: str | None  # why the update was not applied (dist_glm.guard), or None
+
+
+def train_step(engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard) -> StepResult:
+    """One optimizer step over this rank's micro-batches. `clip` is set when this loop clips instead of
+    the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm."""
     # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
     # rank needs it before its first backward. Counted on the host, before the batches move.
     local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
     local_nonpad = sum(int(b["token_mask"].sum()) for b in micro_batches)
-    global_tokens = float(distributed.all_reduce_sum([local_tokens])[0])
+    global_tokens = max(float(distributed.all_reduce_sum([local_tokens])[0]), 1.0)
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
     # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
-    scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
-    local_loss_sum, own_norm = torch.zeros((), device=device), None
+    scale = world_size * len(micro_batches) / global_tokens
+    local_loss_sum, own_norm, skipped = torch.zeros((), device=device), None, None
     for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss_sum, _ = token_loss_sum(engine, model_inputs(batch), batch["labels"])
-        engine.backward(loss_sum * scale)
-        if i == len(micro_batches) - 1 and clip is not None:
+        local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
+        if last:
+            # Collective: the step's global loss, before the last backward, so that a step the guard
+            # refuses is refused on every rank. Its gradient is made NaN, which every optimizer path
+            # already discards whole (DeepSpeed's overflow check; the plain path below).
+            loss_total, nonpad_total = distributed.all_reduce_sum([float(local_loss_sum), local_nonpad]).tolist()
+            skipped = guard.loss_verdict(loss_total / global_tokens)
+        engine.backward(loss_sum * (scale if skipped is None else float("nan")))
+        if last and clip is not None:
             # Gradients are final (all-reduced) here; clipping returns the norm it measured, so the norm
             # is computed once per step, not once by the engine and again for the log.
             params = [p for p in engine.module.parameters() if p.grad is not None]
             own_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+            if not math.isfinite(own_norm):
+                for p in params:
+                    p.grad = None  # AdamW leaves a parameter without a gradient (and its moments) untouched
         engine.step()  # only steps the optimizer at the accumulation boundary
-        local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
-    # Collective (for logging): the step's loss over the whole global batch.
-    loss_total, nonpad_total = distributed.all_reduce_sum([float(local_loss_sum), local_nonpad]).tolist()
     grad_norm = own_norm if own_norm is not None else float(engine.get_global_grad_norm() or 0.0)
-    return loss_total / max(global_tokens, 1.0), grad_norm, int(nonpad_total)
+    if skipped is None and not math.isfinite(grad_norm):
+        skipped = f"gradient norm is {grad_norm}"
+    if skipped is not None and clip is None:
+        if engine.was_step_applied():
+            raise RuntimeError(f"DeepSpeed applied a step with a NaN gradient ({skipped}); please report this")
+        # DeepSpeed's overflow path skipped the update and with it the schedule; the plain path (and a
+        # non-skipped step) moves the schedule on, so a skip uses up its step's rate on every path.
+        engine.lr_scheduler.step()
+    return StepResult(loss_total / global_tokens, grad_norm, int(nonpad_total), skipped)
 
 
 def takes_over_clipping(engine, world_size: int, max_grad_norm: float) -> float | None:
@@ -213,6 +235,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     logger.log_config((Path(t.output_dir) / "config.yaml").read_text(encoding="utf-8"))
     clip = takes_over_clipping(engine, run.world, t.max_grad_norm)
+    guard = StepGuard(state, t.max_nonfinite_steps, t.loss_spike_factor)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
     bar = tqdm(
         total=run.total_steps,
@@ -232,13 +255,18 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
-        loss, grad_norm, nonpad_tokens = train_step(engine, micro, run.world, run.device, clip)
+        result = train_step(engine, micro, run.world, run.device, clip, guard)
         state.global_step = step
-        window.add(loss, grad_norm, nonpad_tokens, time.perf_counter() - t0)
+        if result.skipped is None:
+            window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+        last_saved = (checkpoint.list_checkpoints(t.output_dir) or [(0, None)])[-1][1] if result.skipped else None
+        if note := guard.record(step, result.loss, result.grad_norm, result.skipped, last_saved):
+            log(note)
+            logger.log(step, {"train/skipped_steps": state.skipped_steps})
 
-        if step % t.logging_steps == 0 or step == run.total_steps:
+        if (step % t.logging_steps == 0 or step == run.total_steps) and window.steps:
             record = window.flush(engine.get_lr()[0], epoch=step / run.sampler.steps_per_epoch)
             logger.log(step, record)
             results.update(record)

@@ -3,7 +3,7 @@ and `best_metric` follow. Saved as-is in every checkpoint's trainer_state.json a
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dist_glm.config import LOWER_IS_BETTER
 
@@ -15,6 +15,10 @@ class TrainerState:
     best_metric: float | None = None  # of metric_for_best_model
     best_step: int | None = None
     evals_without_improvement: int = 0
+    # The step guard's (dist_glm.guard): skipped steps, and the losses its spike median is taken over.
+    skipped_steps: int = 0
+    skipped_in_a_row: int = 0
+    recent_losses: list[float] = field(default_factory=list)
 
     def record_eval(self, record: dict[str, float], step: int, metric: str, patience: int) -> bool:
         """Fold one eval into the state; returns whether early stopping should stop now. Every rank

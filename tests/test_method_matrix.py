@@ -21,7 +21,7 @@ from dist_glm.artifacts import generation_eos_ids_of, load_for_inference
 from dist_glm.config import load_config
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.preprocess import tokenize_dataset
-from dist_glm.loss import token_loss_sum
+from dist_glm.loss import count_trainable_tokens, plain_token_loss_sum
 from dist_glm.models import load_tokenizer
 
 METHODS = {
@@ -62,8 +62,9 @@ def eval_loss_of(model, model_dir, eval_path) -> float:
     tokenizer, examples = eval_examples(model_dir, eval_path)
     batch = collate(examples, tokenizer.pad_token_id)
     with torch.no_grad():
-        s, n = token_loss_sum(model(**model_inputs(batch)).logits.float(), batch["labels"])
-    return float(s) / n
+        # The plain full-logits computation: independent of the trainer's chunked head path.
+        s = plain_token_loss_sum(model(**model_inputs(batch)).logits.float(), batch["labels"])
+    return float(s) / count_trainable_tokens(batch["labels"])
 
 
 def greedy_replies(model, model_dir, eval_path) -> list[str]:

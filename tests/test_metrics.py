@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dist_glm.loss import token_loss_sum
+from dist_glm.loss import count_trainable_tokens, plain_token_loss_sum
 from dist_glm.metrics import bleu4, generation_metrics, rouge_scores
 
 
@@ -37,7 +37,7 @@ def test_generation_metrics_are_percentages():
 def test_token_loss_sum_counts_only_labelled_positions():
     logits = torch.zeros(1, 4, 5)  # uniform: every token costs ln 5
     labels = torch.tensor([[-100, -100, 2, 3]])
-    loss_sum, n = token_loss_sum(logits, labels)
+    loss_sum, n = plain_token_loss_sum(logits, labels), count_trainable_tokens(labels)
     assert n == 2 and float(loss_sum) == pytest.approx(2 * math.log(5))
 
 
