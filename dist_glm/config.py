@@ -151,7 +151,33 @@ class TrainConfig:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
+DistillLoss = Literal["forward_kl", "reverse_kl", "jsd"]
+
+
+@dataclass
+class DistillConfig:
+    teacher_model_name_or_path: str = option(
+        "", "Distil from this frozen teacher: a model directory, an adapter or a checkpoint (empty = no distillation)."
+    )
+    teacher_adapter_name_or_path: str = option("", "A LoRA/QLoRA/P-tuning adapter applied to the teacher's base.")
+    teacher_dtype: Dtype = option("auto", "Teacher weights' dtype (auto: the student's; bfloat16 saves half).")
+    distill_loss: DistillLoss = option("forward_kl", "KD divergence: forward_kl, reverse_kl or jsd.")
+    distill_alpha: float = option(0.5, "Weight of the KD term; 1 - alpha weighs cross-entropy on the labels.")
+    distill_temperature: float = option(1.0, "Softmax temperature T of both models in KD (the term is scaled by T^2).")
+    distill_jsd_beta: float = option(0.5, "jsd: weight of the teacher in the mixture, in (0, 1).")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher_model_name_or_path)
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "train": TrainConfig,
+    "distill": DistillConfig,
+}
 
 
 @dataclass
@@ -160,6 +186,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_flat_dict(self) -> dict:
         return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
@@ -227,6 +254,24 @@ def check_values(cfg: Config) -> list[str]:
         not (t.predict_with_generate and not has_eval),
         "predict_with_generate needs eval_dataset (or val_size); set one",
     )
+    return out + check_distill(cfg.distill)
+
+
+def check_distill(d: DistillConfig) -> list[str]:
+    out = []
+    if not d.enabled:
+        if d.teacher_adapter_name_or_path:
+            out.append("teacher_adapter_name_or_path needs teacher_model_name_or_path (the teacher's base); set it")
+        return out
+    if not 0 <= d.distill_alpha <= 1:
+        out.append(f"distill_alpha={d.distill_alpha} must be in [0, 1] (1 = KD only, 0 = cross-entropy only)")
+    if not d.distill_temperature > 0:
+        out.append(f"distill_temperature={d.distill_temperature} must be positive, e.g. 1 or 2")
+    if d.distill_loss == "jsd" and not 0 < d.distill_jsd_beta < 1:
+        out.append(
+            f"distill_jsd_beta={d.distill_jsd_beta} must be in (0, 1); beta 0 and 1 are "
+            "distill_loss=forward_kl and reverse_kl"
+        )
     return out
 
 

@@ -20,7 +20,7 @@ from dist_glm.artifacts import ModelArgs
 from dist_glm.config import TRAIN_KEYS, Command, DataConfig, option
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.errors import UserError
-from dist_glm.loss import token_loss_sum
+from dist_glm.loss import CrossEntropy, count_trainable_tokens
 from dist_glm.metrics import generation_metrics
 
 
@@ -77,11 +77,14 @@ def _batches(slots: list, size: int):
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device) -> dict[str, float]:
+def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, device, objective=None) -> dict[str, float]:
+    """Mean per trainable token of what the objective evaluates: `eval/loss` (cross-entropy) and, when
+    distilling, `eval/kl_to_teacher`. Collective."""
+    objective = objective or CrossEntropy()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0
+    sums, tokens = {}, 0
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
         # A padding slot repeats example 0 with every label masked, so it costs compute but no loss.
         batch_examples = [
@@ -91,12 +94,17 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
             for i in slot_batch
         ]
         batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        s, n = token_loss_sum(model, model_inputs(batch), batch["labels"])
-        loss_sum, tokens = loss_sum + float(s), tokens + n
+        for name, s in objective.eval_sums(model, model_inputs(batch), batch["labels"]).items():
+            sums[name] = sums.get(name, 0.0) + float(s)
+        tokens += count_trainable_tokens(batch["labels"])
     model.train(was_training)
-    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens]).tolist()
-    mean = total_loss / max(total_tokens, 1)
-    return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
+    names = sorted(sums)
+    *totals, total_tokens = distributed.all_reduce_sum([sums[n] for n in names] + [tokens]).tolist()
+    means = {name: total / max(total_tokens, 1) for name, total in zip(names, totals, strict=True)}
+    loss = means.pop("loss")
+    record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    record.update({f"eval/{name}": value for name, value in means.items()})
+    return record
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from pathlib import Path
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config
 from dist_glm.data.formats import check_data_paths
+from dist_glm.distill import check_teacher
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
 from dist_glm.models import check_model_path, check_remote_code
@@ -26,12 +27,17 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     """Everything that can be checked before a process group forms; identical on every rank. Raises one
     UserError with these problems and the config's own (`problems`), so a user sees them all at once."""
     problems = list(problems)
+    student_ok = False
     if cfg.model.model_name_or_path:
-        problems += check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
+        student_problems = check_model_path(cfg.model.model_name_or_path, cfg.model.train_from_scratch)
         try:  # before any rank loads: a checkpoint that needs its own code is one line, with the fix
             check_remote_code(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
         except UserError as e:
-            problems += e.problems
+            student_problems += e.problems
+        problems += student_problems
+        student_ok = not student_problems
+    if student_ok:  # the teacher's tokenizer is compared with the student's, so the student's must load
+        problems += check_teacher(cfg)
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
     ds_config = resume_path = None

@@ -64,17 +64,19 @@ def labelled_loss_sum(head_forward, hidden: torch.Tensor, labels: torch.Tensor, 
 
 
 @contextmanager
-def _head_returns_loss(head: torch.nn.Module, labels: torch.Tensor, vocab_size: int):
-    """While active, the model's `lm_head(hidden)` call returns the labelled loss sum (as a 1 x 1 x 1
-    "logits" tensor) instead of logits. Doing it inside the head's own call matters under ZeRO-3: the
-    head's forward hooks gather its weight once for all chunks, and the tensor the call returns carries
-    ZeRO-3's backward hook, which gathers the weight again for the recomputation (so the caller must use
-    the returned tensor, not one captured inside)."""
+def head_returns(model, compute):
+    """While active, the model's `lm_head(hidden)` call returns `compute(head_forward, hidden)` (a small
+    stand-in for logits, e.g. the 1 x 1 x 1 labelled loss sum) instead of logits. Doing it inside the
+    head's own call matters under ZeRO-3: the head's forward hooks gather its weight once for all chunks,
+    and the tensor the call returns carries ZeRO-3's backward hook, which gathers the weight again for
+    the recomputation (so the caller must use the returned tensor, not one captured inside)."""
+    lm = _causal_lm(model)
+    head = lm.get_output_embeddings()
     previous = head.__dict__.get("forward")
     original = head.forward
 
     def forward(hidden, *args, **kwargs):
-        return labelled_loss_sum(original, hidden, labels, vocab_size).view(1, 1, 1)
+        return compute(original, hidden)
 
     head.forward = forward
     try:
@@ -86,17 +88,35 @@ def _head_returns_loss(head: torch.nn.Module, labels: torch.Tensor, vocab_size: 
             head.forward = previous
 
 
+def vocab_size_of(model) -> int:
+    return _causal_lm(model).config.vocab_size
+
+
 def token_loss_sum(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Forward `model` (an engine, a PEFT or a plain causal LM) on `inputs` and return the sum of
     next-token losses over labelled positions (in fp32) and how many there were."""
     count = count_trainable_tokens(labels)
     if not has_native_head(model):
         return plain_token_loss_sum(model(**inputs).logits, labels), count
-    lm = _causal_lm(model)
-    with _head_returns_loss(lm.get_output_embeddings(), labels, lm.config.vocab_size):
+    vocab = vocab_size_of(model)
+    with head_returns(model, lambda head, hidden: labelled_loss_sum(head, hidden, labels, vocab).view(1, 1, 1)):
         stand_in = model(**inputs).logits
     assert stand_in.numel() == 1, f"expected the loss from the LM head, got logits of shape {tuple(stand_in.shape)}"
     return stand_in.reshape(()), count
+
+
+class CrossEntropy:
+    """The training objective of every method: next-token cross-entropy on the labelled tokens. An
+    objective returns sums over labelled tokens (the loop normalises by the global count): the one it
+    trains on, and named parts to log (none here); `eval_sums` are what evaluation averages."""
+
+    parts: tuple[str, ...] = ()
+
+    def loss_sums(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return token_loss_sum(model, inputs, labels)[0], {}
+
+    def eval_sums(self, model, inputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": token_loss_sum(model, inputs, labels)[0]}
 
 
 def plain_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -103,10 +103,13 @@ class ThroughputWindow:
     def __init__(self, flops_per_token: float, world: int):
         self.flops_per_token, self.world, self.peak = flops_per_token, world, peak_flops_per_device()
         self.loss, self.steps, self.tokens, self.seconds, self.grad_norm = 0.0, 0, 0.0, 0.0, 0.0
+        self.parts: dict[str, float] = {}  # an objective's named parts of the loss (train/kd_loss, ...)
 
-    def add(self, loss: float, grad_norm: float, tokens: float, seconds: float) -> None:
+    def add(self, loss: float, grad_norm: float, tokens: float, seconds: float, parts: dict | None = None) -> None:
         self.loss, self.steps, self.grad_norm = self.loss + loss, self.steps + 1, grad_norm
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        for name, value in (parts or {}).items():
+            self.parts[name] = self.parts.get(name, 0.0) + value
 
     def flush(self, learning_rate: float, epoch: float) -> dict[str, float]:
         tokens_per_second = self.tokens / self.seconds
@@ -118,9 +121,10 @@ class ThroughputWindow:
             "train/memory_gb": memory_gb(),
             "train/epoch": epoch,
         }
+        record.update({f"train/{name}": total / self.steps for name, total in self.parts.items()})
         if self.peak:
             record["train/mfu"] = tokens_per_second * self.flops_per_token / (self.peak * self.world)
-        self.loss, self.steps, self.tokens, self.seconds = 0.0, 0, 0.0, 0.0
+        self.loss, self.steps, self.tokens, self.seconds, self.parts = 0.0, 0, 0.0, 0.0, {}
         return record
 
 

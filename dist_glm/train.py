@@ -21,13 +21,14 @@ from dist_glm.config import Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
+from dist_glm.distill import build_objective
 from dist_glm.distributed import log
 from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.guard import StepGuard
 from dist_glm.inputs import Inputs, validate_inputs
-from dist_glm.loss import count_trainable_tokens, token_loss_sum
+from dist_glm.loss import count_trainable_tokens
 from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import (
     MetricsLogger,
@@ -61,11 +62,15 @@ class StepResult:
     grad_norm: float  # global, before clipping
     nonpad_tokens: int  # over the global batch
     skipped: str | None  # why the update was not applied (dist_glm.guard), or None
+    parts: dict[str, float]  # the objective's named parts (distillation's ce_loss, kd_loss), per token
 
 
-def train_step(engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard) -> StepResult:
+def train_step(
+    engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard, objective
+) -> StepResult:
     """One optimizer step over this rank's micro-batches. `clip` is set when this loop clips instead of
-    the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm."""
+    the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm. `objective`
+    gives the loss as a sum over labelled tokens (dist_glm.loss.CrossEntropy, dist_glm.distill)."""
     # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
     # rank needs it before its first backward. Counted on the host, before the batches move.
     local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
@@ -75,16 +80,21 @@ def train_step(engine, micro_batches: list[dict], world_size: int, device, clip:
     # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
     scale = world_size * len(micro_batches) / global_tokens
     local_loss_sum, own_norm, skipped = torch.zeros((), device=device), None, None
+    local_parts = torch.zeros(len(objective.parts), device=device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, _ = token_loss_sum(engine, model_inputs(batch), batch["labels"])
+        loss_sum, parts = objective.loss_sums(engine, model_inputs(batch), batch["labels"])
         local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
+        if parts:
+            local_parts += torch.stack([parts[name].detach() for name in objective.parts])
         if last:
             # Collective: the step's global loss, before the last backward, so that a step the guard
             # refuses is refused on every rank. Its gradient is made NaN, which every optimizer path
             # already discards whole (DeepSpeed's overflow check; the plain path below).
-            loss_total, nonpad_total = distributed.all_reduce_sum([float(local_loss_sum), local_nonpad]).tolist()
+            local_loss, *local_part_values = torch.cat([local_loss_sum.view(1), local_parts]).tolist()  # one transfer
+            summed = distributed.all_reduce_sum([local_loss, local_nonpad, *local_part_values]).tolist()
+            loss_total, nonpad_total, *part_totals = summed
             skipped = guard.loss_verdict(loss_total / global_tokens)
         engine.backward(loss_sum * (scale if skipped is None else float("nan")))
         if last and clip is not None:
@@ -105,7 +115,8 @@ def train_step(engine, micro_batches: list[dict], world_size: int, device, clip:
         # DeepSpeed's overflow path skipped the update and with it the schedule; the plain path (and a
         # non-skipped step) moves the schedule on, so a skip uses up its step's rate on every path.
         engine.lr_scheduler.step()
-    return StepResult(loss_total / global_tokens, grad_norm, int(nonpad_total), skipped)
+    parts = {name: v / global_tokens for name, v in zip(objective.parts, part_totals, strict=True)}
+    return StepResult(loss_total / global_tokens, grad_norm, int(nonpad_total), skipped, parts)
 
 
 def takes_over_clipping(engine, world_size: int, max_grad_norm: float) -> float | None:
@@ -140,6 +151,7 @@ class Run:
     engine: object
     eos_ids: list[int]
     num_params: int
+    objective: object  # what the loss is (dist_glm.loss.CrossEntropy or dist_glm.distill.Distillation)
     resume_path: Path | None
     resume_tag: str
 
@@ -191,6 +203,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
     scheduler = build_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    objective = build_objective(cfg, ds_config, device, tokenizer, engine.module)
     return Run(
         cfg=cfg,
         rank=rank,
@@ -206,6 +219,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         engine=engine,
         eos_ids=generation_eos_ids(cfg.model.model_name_or_path, tokenizer),
         num_params=total,
+        objective=objective,
         resume_path=resume_path,
         resume_tag=resume_tag,
     )
@@ -255,10 +269,10 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
-        result = train_step(engine, micro, run.world, run.device, clip, guard)
+        result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)
         state.global_step = step
         if result.skipped is None:
-            window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0)
+            window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0, result.parts)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
         last_saved = (checkpoint.list_checkpoints(t.output_dir) or [(0, None)])[-1][1] if result.skipped else None
@@ -370,7 +384,12 @@ def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:
     """Collective: eval loss (and generation metrics); logged, printed and merged into `results`."""
     t = run.cfg.train
     record = eval_loss(
-        run.engine, run.eval_examples, t.per_device_eval_batch_size, run.tokenizer.pad_token_id, run.device
+        run.engine,
+        run.eval_examples,
+        t.per_device_eval_batch_size,
+        run.tokenizer.pad_token_id,
+        run.device,
+        run.objective,
     )
     if t.predict_with_generate:
         zero3 = distributed.zero_stage(run.ds_config) == 3  # ZeRO-3 ranks must keep stepping together

@@ -108,6 +108,13 @@ def build_model_configs(vocab_size: int, tok_dir: Path) -> None:
         cls(**shape).save_pretrained(out)
         GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"], do_sample=False).save_pretrained(out)
         tok.save_pretrained(out)
+    # The distillation demo's student: the same tokenizer, a quarter of the width, half the depth.
+    student = dict(shape, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1)  # fmt: skip
+    out = ROOT / "assets" / "tiny-glm4-student"
+    GlmConfig(**student).save_pretrained(out)
+    GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"], do_sample=False).save_pretrained(out)
+    tok.save_pretrained(out)
 
 
 GLM4_REAL_VOCAB_SIZE = 151552  # the embedding / LM-head rows of glm-4-9b-chat and GLM-4-9B-0414
