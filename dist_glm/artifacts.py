@@ -299,6 +299,36 @@ def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
     return model
 
 
+def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: bool, max_shard_size: str = "5GB"):
+    """A plain HF model of `art` in `out` (an adapter merged into its de-quantized base, a checkpoint
+    consolidated), on the CPU; returns the dtype written. Written beside `out` and renamed when complete,
+    so an interrupted write never looks finished."""
+    import shutil
+
+    from dist_glm.models import load_tokenizer
+
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(dtype_name, art, cpu, for_export=True)
+    model = load_artifact(art, dtype, cpu, dequantize=True)
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the adapter into the base weights
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+    model.config.use_cache = True
+    if hasattr(model.config, "quantization_config"):  # de-quantized: the weights are ordinary now
+        del model.config.quantization_config
+    tokenizer = load_tokenizer(str(art.tokenizer_dir), trust_remote_code)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return dtype
+
+
 def generation_eos_ids_of(model, tokenizer) -> list[int]:
     from dist_glm.models import generation_eos_ids
 

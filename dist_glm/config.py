@@ -36,6 +36,16 @@ class ModelConfig:
     model_name_or_path: str = option("", "Local directory of a GLM checkpoint (config.json + weights + tokenizer).")
     train_from_scratch: bool = option(False, "Initialise weights randomly from the checkpoint's config (seeded).")
     trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    adapter_name_or_path: str = option(
+        "",
+        "Continue training this LoRA/QLoRA adapter or P-tuning prefix (an earlier output_dir) on "
+        "model_name_or_path, its base; rank, targets and prefix length come from the adapter.",
+    )
+    merge_adapter: bool = option(
+        False,
+        "Instead merge adapter_name_or_path into its base (written to output_dir/merged_base) and train "
+        "finetuning_type anew on the merge.",
+    )
 
 
 @dataclass
@@ -140,6 +150,14 @@ class TrainConfig:
     )
     seed: int = option(42, "Seed for init, data order and dropout.")
     resume_from_checkpoint: str = option("", "Checkpoint directory to resume from, or 'auto' for the latest.")
+    init_from_checkpoint: str = option(
+        "",
+        "Start a new run from a checkpoint's weights (new schedule, data order and hyperparameters; "
+        "resume_from_checkpoint continues the same run instead).",
+    )
+    init_optimizer_state: bool = option(
+        False, "With init_from_checkpoint: also take its optimizer moments (same world size and ZeRO stage)."
+    )
     disable_tqdm: bool = option(False, "Turn off the rank-0 progress bar.")
     preflight_timeout: int = option(
         300, "Seconds for every rank to join at start-up; a rank that cannot is reported with its host, not hung on."
@@ -236,6 +254,18 @@ def check_values(cfg: Config) -> list[str]:
     need(
         not (d.val_size and d.eval_dataset),
         "val_size and eval_dataset are both set; hold out part of dataset (val_size) or use eval_dataset, not both",
+    )
+    need(
+        not (m.merge_adapter and not m.adapter_name_or_path),
+        "merge_adapter=true needs adapter_name_or_path (the adapter to merge); set it",
+    )
+    need(
+        not (t.init_optimizer_state and not t.init_from_checkpoint),
+        "init_optimizer_state=true needs init_from_checkpoint (the checkpoint whose moments to take); set it",
+    )
+    need(
+        not (t.init_from_checkpoint and m.adapter_name_or_path),
+        "init_from_checkpoint and adapter_name_or_path both give the starting weights; set one",
     )
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")

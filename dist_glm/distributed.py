@@ -224,6 +224,35 @@ def broadcast_object(obj):
     return box[0]
 
 
+def load_from_rank0(model: torch.nn.Module, state: dict | None) -> None:
+    """Collective, before deepspeed.initialize: set the parameters named in rank 0's `state` (None on the
+    other ranks) on every rank. Only rank 0 reads the weights; under ZeRO-3 each partitioned parameter is
+    gathered, written by rank 0 and re-partitioned, otherwise it is broadcast."""
+    import deepspeed
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    names = broadcast_object(sorted(state) if rank == 0 else None)
+    params = dict(model.named_parameters())
+    unknown = broadcast_object([n for n in names if n not in params] if rank == 0 else None)
+    if unknown:
+        raise UserError(f"{len(unknown)} weights are not in this model (e.g. {unknown[0]}); was it trained from it?")
+    many = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for name in names:
+        p = params[name]
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitioned
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(state[name])
+            continue
+        if rank == 0:
+            p.data.copy_(state[name])
+        if many:
+            buf = p.data.to(dev)  # gloo broadcasts CPU tensors; nccl needs them on the GPU
+            torch.distributed.broadcast(buf, src=0)
+            p.data.copy_(buf)
+
+
 def destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -14,13 +14,10 @@ or bitsandbytes.
   `dist_glm.artifacts.load_for_inference`).
 """
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from dist_glm.artifacts import ModelArgs, load_artifact, resolve_artifact, resolve_dtype
+from dist_glm.artifacts import ModelArgs, resolve_artifact, write_merged
 from dist_glm.config import Command, option
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
@@ -62,8 +59,6 @@ def check_export_dir(args: ExportArgs, sources: list[Path]) -> list[str]:
 
 def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     """Write the merged / consolidated model to `args.export_dir`; returns that path."""
-    from dist_glm.models import load_tokenizer
-
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
     method = get_method(art.method)
     problems = [method.export_refusal] if method.export_refusal else []
@@ -71,28 +66,8 @@ def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     if problems:
         raise UserError(problems)
 
-    cpu = torch.device("cpu")
-    dtype = resolve_dtype(model_args.dtype, art, cpu, for_export=True)
-    model = load_artifact(art, dtype, cpu, dequantize=True)
-    if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the adapter into the base weights
-        model = model.merge_and_unload()
-    model = model.to(dtype)
-    model.config.use_cache = True
-    if hasattr(model.config, "quantization_config"):  # de-quantized: the weights are ordinary now
-        del model.config.quantization_config
-    tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
-
-    # Written beside the target and renamed when complete, so an interrupted export never looks finished.
     out = Path(args.export_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size)
     what = f"{art.method} adapter merged into its base" if method.is_adapter else "model"
     print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}) to {out}", flush=True)
     return out

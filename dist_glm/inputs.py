@@ -8,6 +8,7 @@ from pathlib import Path
 
 from dist_glm import checkpoint, distributed
 from dist_glm.config import Config
+from dist_glm.continued import adopt_adapter, check_init
 from dist_glm.data.formats import check_data_paths
 from dist_glm.distill import check_teacher
 from dist_glm.errors import UserError
@@ -45,6 +46,8 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
+    problems += adopt_adapter(cfg)  # first: the adapter's rank and targets are what the method checks
+    problems += check_init(cfg, world_size)
     problems += get_method(cfg.method.finetuning_type).check_config(cfg)
     t = cfg.train
     problems += check_output_dir(t.output_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dist_glm import checkpoint, distributed
+from dist_glm import checkpoint, continued, distributed
 from dist_glm.config import Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
 from dist_glm.data.loading import load_datasets
@@ -166,6 +166,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     log(summary_line())
     log(f"world_size={world} config: " + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
 
+    continued.prepare_merged_base(cfg)  # merge_adapter: from here on the merge is the model
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
     train_examples, eval_examples = load_datasets(cfg, tokenizer)
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
@@ -190,9 +191,10 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     method = get_method(cfg.method.finetuning_type)
     model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
-    model = method.make_trainable(model, cfg)
+    model = continued.prepare_trainable(model, method, cfg)
     if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
         enable_gradient_checkpointing(model)
+    continued.load_init_weights(model, cfg, resumed=resume_path is not None)
     trainable, total = count_parameters(model)
     log(
         f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
@@ -203,6 +205,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
     scheduler = build_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    continued.load_init_optimizer(engine, cfg, resumed=resume_path is not None)
     objective = build_objective(cfg, ds_config, device, tokenizer, engine.module)
     return Run(
         cfg=cfg,

@@ -30,6 +30,13 @@ class Method(Protocol):
     def save_artifact(self, model, state_dict: dict, tokenizer, out_dir) -> None:
         """Write the final, reloadable artifact (rank 0, from the gathered `state_dict`)."""
 
+    # Continued training (dist_glm.continued)
+    def adapter_settings(self, adapter_dir: Path) -> dict:
+        """The MethodConfig values an adapter directory this method wrote fixes (its rank, targets, ...)."""
+
+    def continue_adapter(self, model, adapter_dir: Path, cfg):
+        """Like make_trainable, but training goes on with the saved adapter's weights; returns the model."""
+
     # Loading and export
     is_adapter: bool  # the artifact is applied to a base model rather than standing alone
     export_refusal: str | None  # why export.py cannot make a plain HF model of it, or None

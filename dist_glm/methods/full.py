@@ -35,3 +35,11 @@ def inference_quantization(adapter_dir):
 
 def after_load(model) -> None:
     """Nothing to adjust on a loaded model."""
+
+
+def adapter_settings(adapter_dir) -> dict:
+    return {}  # a whole model is continued as model_name_or_path, never as an adapter
+
+
+def continue_adapter(model, adapter_dir, cfg):
+    raise AssertionError("dist_glm.continued refuses adapter_name_or_path for methods without an adapter")

@@ -103,3 +103,27 @@ def owns_adapter(adapter_dir, adapter_config: dict) -> bool:
     # A QLoRA adapter is a LoRA adapter plus the record of its quantized base: that one is qlora's.
     quantized = (Path(adapter_dir) / QUANTIZED_BASE_FILE).is_file()
     return adapter_config.get("peft_type") == "LORA" and not quantized
+
+
+def adapter_settings(adapter_dir) -> dict:
+    """PEFT's adapter_config.json in MethodConfig's terms (targets as PEFT resolved them)."""
+    import json
+    from pathlib import Path
+
+    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = c.get("target_modules") or []
+    return {
+        "lora_rank": int(c["r"]),
+        "lora_alpha": float(c["lora_alpha"]),
+        "lora_dropout": float(c.get("lora_dropout") or 0.0),
+        "lora_target": ",".join(sorted(targets)) if isinstance(targets, list) else str(targets),
+        "use_rslora": bool(c.get("use_rslora")),
+        "use_dora": bool(c.get("use_dora")),
+        "lora_modules_to_save": ",".join(c.get("modules_to_save") or []),
+    }
+
+
+def continue_adapter(model, adapter_dir, cfg):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)

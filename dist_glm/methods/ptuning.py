@@ -95,6 +95,30 @@ def make_trainable(model, cfg):
     return peft_model
 
 
+def adapter_settings(adapter_dir) -> dict:
+    """A saved prefix is the encoder's output (save_artifact): it continues as a direct prefix of the
+    same length, whatever projection produced it (the MLP reparametrises training; its output is the
+    prefix the model saw)."""
+    import json
+    from pathlib import Path
+
+    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    return {"pre_seq_len": int(c["num_virtual_tokens"]), "prefix_projection": False}
+
+
+def continue_adapter(model, adapter_dir, cfg):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    peft_model = make_trainable(model, cfg)  # cfg already holds adapter_settings (dist_glm.continued)
+    saved = load_file(Path(adapter_dir) / "adapter_model.safetensors")["prompt_embeddings"]
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        embedding.copy_(saved.to(embedding.dtype))
+    return peft_model
+
+
 def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
     """Rank 0 only. The prefix is computed from the gathered encoder weights in `state_dict` on a
     fresh encoder, never from the live (possibly ZeRO-3 partitioned) module."""

@@ -69,10 +69,11 @@ def quantization_config(cfg):
     )
 
 
-def make_trainable(model, cfg):
-    """LoRA on the quantized base; a base that was de-quantized (export's merge) is plain LoRA."""
+def make_trainable(model, cfg, attach=lora.make_trainable):
+    """LoRA on the quantized base; a base that was de-quantized (export's merge) is plain LoRA. `attach`
+    puts the adapter on (a new one, or a saved one to continue)."""
     if not getattr(model, "is_quantized", False):
-        return lora.make_trainable(model, cfg)
+        return attach(model, cfg)
     import warnings
 
     from peft import prepare_model_for_kbit_training
@@ -84,7 +85,15 @@ def make_trainable(model, cfg):
     # what flows through them; gradient checkpointing is enabled by the caller, after make_trainable.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     disable_cpu_repack(model)
-    return lora.make_trainable(model, cfg)
+    return attach(model, cfg)
+
+
+adapter_settings = lora.adapter_settings
+
+
+def continue_adapter(model, adapter_dir, cfg):
+    """The saved adapter on the base re-quantized exactly as it trained (its quantization_config.json)."""
+    return make_trainable(model, cfg, attach=lambda m, _: lora.continue_adapter(m, adapter_dir, cfg))
 
 
 def disable_cpu_repack(model) -> None:
