@@ -117,7 +117,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
         cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
         problems = config.check_values(cfg)
         problems += check_data_paths(cfg.data.dataset, "dataset")
-        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
+        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
         if problems:
             raise UserError(problems)
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)

@@ -57,8 +57,8 @@ class DataConfig:
         "Hold out part of `dataset` for evaluation instead of an eval_dataset: a fraction (< 1) or a count of "
         "samples; chosen from `seed`, the same on every rank, identical samples kept on one side.",
     )
-    dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3"] = option(
-        "auto", "Row format (auto: detected per row)."
+    dataset_format: Literal["auto", "alpaca", "sharegpt", "openai", "advertisegen", "chatglm3", "text"] = option(
+        "auto", "Row format (auto: detected per file; text = raw documents for continued pre-training)."
     )
     prompt_column: str = option("content", "AdvertiseGen prompt column.")
     response_column: str = option("summary", "AdvertiseGen response column.")
@@ -66,15 +66,22 @@ class DataConfig:
         "auto", "Chat template (auto: from the model type)."
     )
     cutoff_len: int = option(1024, "Maximum tokens per sample; the response keeps at least half.")
-    packing: bool = option(
-        False, "Pack several samples into each row of cutoff_len tokens (attention stays per sample)."
+    packing: bool | None = option(
+        None,
+        "Pack several samples into each row of cutoff_len tokens (attention stays per sample); default: on for "
+        "text data, off for conversations.",
     )
     mask_history: bool = option(False, "Train on the last assistant turn only (default: every assistant turn).")
     train_on_prompt: bool = option(False, "Also train on prompt tokens (system, user, observation).")
     on_invalid: Literal["error", "skip"] = option(
         "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."
     )
-    max_samples: int = option(0, "Use only the first N training rows (0 = all).")
+    max_samples: int = option(0, "Use only the first N training rows (0 = all; with mix_probs, of each file).")
+    mix_probs: str = option(
+        "",
+        "Sample the dataset files with these probabilities (e.g. 0.8,0.2 for new.jsonl,old.jsonl): an epoch is as "
+        "long as all files together, each file's share exact, the order fixed by seed.",
+    )
     data_cache_dir: str = option(
         "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
     )
@@ -267,6 +274,7 @@ def check_values(cfg: Config) -> list[str]:
         not (t.init_from_checkpoint and m.adapter_name_or_path),
         "init_from_checkpoint and adapter_name_or_path both give the starting weights; set one",
     )
+    out += check_mix_probs(d)
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
     need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
@@ -285,6 +293,25 @@ def check_values(cfg: Config) -> list[str]:
         "predict_with_generate needs eval_dataset (or val_size); set one",
     )
     return out + check_distill(cfg.distill)
+
+
+def mix_probabilities(spec: str) -> list[float]:
+    return [float(p) for p in spec.split(",") if p.strip()]
+
+
+def check_mix_probs(d: DataConfig) -> list[str]:
+    if not d.mix_probs:
+        return []
+    try:
+        probs = mix_probabilities(d.mix_probs)
+    except ValueError:
+        return [f"mix_probs='{d.mix_probs}' must be comma-separated numbers, one per dataset file, e.g. 0.8,0.2"]
+    files = [f for f in d.dataset.split(",") if f.strip()]
+    if len(probs) != len(files):
+        return [f"mix_probs has {len(probs)} values for {len(files)} dataset files; give one per file, in order"]
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+        return [f"mix_probs={d.mix_probs} must be non-negative and sum to 1 (it sums to {sum(probs):g})"]
+    return []
 
 
 def check_distill(d: DistillConfig) -> list[str]:

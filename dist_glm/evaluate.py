@@ -159,13 +159,18 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
     set, with the very functions the trainer evaluates with, so the numbers are comparable. Under a
     launcher each rank holds the whole model and takes a shard of the set; alone it is a world of one."""
     from dist_glm.artifacts import generation_eos_ids_of, load_artifact, resolve_artifact, resolve_dtype
-    from dist_glm.data.formats import check_data_paths
+    from dist_glm.data.formats import check_data_paths, named_sets
     from dist_glm.data.preprocess import tokenize_dataset
     from dist_glm.data.template import choose_template
     from dist_glm.models import load_tokenizer
 
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
-    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset")
+    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
+    sets = {} if problems else named_sets(data_cfg.eval_dataset)
+    if len(sets) > 1:
+        problems.append("eval_dataset: evaluate.py takes one eval set; run it once per set (--eval_dataset=FILE)")
+    elif sets:  # one set, perhaps named: its files
+        data_cfg = dataclasses.replace(data_cfg, eval_dataset=next(iter(sets.values())))
     if not data_cfg.eval_dataset:
         problems.append("eval_dataset is required; set it to one or more comma-separated jsonl/json files")
     for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):

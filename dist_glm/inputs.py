@@ -40,7 +40,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     if student_ok:  # the teacher's tokenizer is compared with the student's, so the student's must load
         problems += check_teacher(cfg)
     problems += check_data_paths(cfg.data.dataset, "dataset")
-    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset")
+    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
     ds_config = resume_path = None
     try:
         ds_config = distributed.build_ds_config(cfg.train, world_size)

@@ -52,6 +52,16 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "bitsandbytes": (None, None),
         _ANY: (None, "quantization_method={value} is not supported; finetuning_type=qlora quantizes with bitsandbytes"),
     },
+    "interleave_probs": {
+        _ANY: (
+            None,
+            "interleave_probs={value}: rename it mix_probs (each file gets its exact share per epoch)",
+        )
+    },
+    "mix_strategy": {
+        "concat": (None, None),
+        _ANY: (None, "mix_strategy={value}: remove it and set mix_probs (exact shares per epoch, seeded order)"),
+    },
     "dataset_dir": {
         _ANY: (
             None,

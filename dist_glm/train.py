@@ -143,7 +143,7 @@ class Run:
     device: torch.device
     tokenizer: object
     train_examples: list
-    eval_examples: list
+    eval_sets: dict[str, list]  # name -> examples; one set named "" unless eval_dataset names them
     sampler: GlobalBatchSampler
     total_steps: int
     ds_config: dict
@@ -168,7 +168,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
 
     continued.prepare_merged_base(cfg)  # merge_adapter: from here on the merge is the model
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-    train_examples, eval_examples = load_datasets(cfg, tokenizer)
+    train_examples, eval_sets = load_datasets(cfg, tokenizer)
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps
     unpacked_pad = pad_share(train_examples, GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed))
     if cfg.data.packing:
@@ -199,7 +199,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     log(
         f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
         f"({100 * trainable / total:.2f}%); zero stage {distributed.zero_stage(ds_config)}; "
-        f"{len(train_examples)} train / {len(eval_examples)} eval samples; "
+        f"{len(train_examples)} train / {sum(map(len, eval_sets.values()))} eval samples; "
         f"{total_steps} steps of {sampler.global_batch} samples"
     )
     optimizer = build_optimizer(model, t, distributed.is_offload(ds_config))
@@ -214,7 +214,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         device=device,
         tokenizer=tokenizer,
         train_examples=train_examples,
-        eval_examples=eval_examples,
+        eval_sets=eval_sets,
         sampler=sampler,
         total_steps=total_steps,
         ds_config=ds_config,
@@ -264,7 +264,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     )
     results, evaluated_at = {}, None
     watch = PreemptionWatch()
-    if run.eval_examples and t.eval_on_start and start_step == 0:
+    if run.eval_sets and t.eval_on_start and start_step == 0:
         run_eval(run, logger, results, step=0)
     for step in range(start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
@@ -290,7 +290,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
 
         # The last step's eval comes after the final export (in finish), so no eval failure can lose the run.
         should_stop = False
-        if run.eval_examples and t.eval_steps and step % t.eval_steps == 0 and step < run.total_steps:
+        if run.eval_sets and t.eval_steps and step % t.eval_steps == 0 and step < run.total_steps:
             record, evaluated_at = run_eval(run, logger, results, step), step
             # Every rank holds the same all-reduced metrics, so every rank decides the same.
             should_stop = state.record_eval(record, step, t.metric_for_best_model, t.early_stopping_patience)
@@ -358,7 +358,7 @@ def finish(run: Run, state: TrainerState, logger: MetricsLogger, results: dict, 
     out = Path(t.output_dir)
     export_final(run.engine, run.method, run.tokenizer, out, run.cfg.model.model_name_or_path)
     log(f"final model saved in {out}")
-    if run.eval_examples and evaluated_at != state.global_step:
+    if run.eval_sets and evaluated_at != state.global_step:
         try:
             record = run_eval(run, logger, results, state.global_step)
         except Exception:
@@ -384,35 +384,37 @@ def finish(run: Run, state: TrainerState, logger: MetricsLogger, results: dict, 
 
 
 def run_eval(run: Run, logger: MetricsLogger, results: dict, step: int) -> dict:
-    """Collective: eval loss (and generation metrics); logged, printed and merged into `results`."""
+    """Collective: eval loss (and generation metrics) on every eval set; logged (`eval/loss` for one
+    unnamed set, `eval/NAME/loss` for named ones), printed and merged into `results`. Returns the first
+    set's metrics under plain `eval/...` names: early stopping and the best metric follow that set."""
     t = run.cfg.train
-    record = eval_loss(
-        run.engine,
-        run.eval_examples,
-        t.per_device_eval_batch_size,
-        run.tokenizer.pad_token_id,
-        run.device,
-        run.objective,
-    )
-    if t.predict_with_generate:
-        zero3 = distributed.zero_stage(run.ds_config) == 3  # ZeRO-3 ranks must keep stepping together
-        preds, gen = predict(
-            run.engine,
-            run.eval_examples,
-            run.tokenizer,
-            t.per_device_eval_batch_size,
-            t.generation_max_new_tokens,
-            run.eos_ids,
-            zero3,
-            run.device,
+    record, first = {}, None
+    for name, examples in run.eval_sets.items():
+        part = eval_loss(
+            run.engine, examples, t.per_device_eval_batch_size, run.tokenizer.pad_token_id, run.device, run.objective
         )
-        record.update(gen)
-        if run.rank == 0:
-            write_predictions(Path(t.output_dir) / "generated_predictions.jsonl", run.eval_examples, preds)
+        if t.predict_with_generate:
+            zero3 = distributed.zero_stage(run.ds_config) == 3  # ZeRO-3 ranks must keep stepping together
+            preds, gen = predict(
+                run.engine,
+                examples,
+                run.tokenizer,
+                t.per_device_eval_batch_size,
+                t.generation_max_new_tokens,
+                run.eos_ids,
+                zero3,
+                run.device,
+            )
+            part.update(gen)
+            if run.rank == 0:
+                file = f"generated_predictions{'_' + name if name else ''}.jsonl"
+                write_predictions(Path(t.output_dir) / file, examples, preds)
+        first = first or part
+        record.update({k.replace("eval/", f"eval/{name}/", 1) if name else k: v for k, v in part.items()})
     logger.log(step, record)
     results.update(record)
-    log(f"eval at step {step}: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in record.items()))
-    return record
+    log(f"eval at step {step}: " + ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in record.items()))
+    return first
 
 
 def export_final(engine, method, tokenizer, out: Path, model_path: str) -> None:

@@ -162,3 +162,95 @@ def test_continuation_flags_that_need_each_other():
         with pytest.raises(UserError) as err:
             cfg_for(*flags)
         assert any(p.startswith(key) for p in err.value.problems), err.value.problems
+
+
+def test_a_mixture_has_each_share_exactly_and_a_fixed_order():
+    from dist_glm.data.loading import mix
+
+    new, old = [("new", i) for i in range(300)], [("old", i) for i in range(60)]
+    epoch = mix([new, old], [0.8, 0.2], seed=3)
+    assert len(epoch) == 360 and sum(s == "old" for s, _ in epoch) == 72  # 20 %: the small file cycles
+    assert epoch == mix([new, old], [0.8, 0.2], seed=3) != mix([new, old], [0.8, 0.2], seed=4)
+    # Within any stretch of the epoch the share stays near its probability (the order is shuffled).
+    first_half = epoch[:180]
+    assert abs(sum(s == "old" for s, _ in first_half) / 180 - 0.2) < 0.07
+    assert all(s == "new" for s, _ in mix([new, old], [1.0, 0.0], seed=3))  # a zero share is never drawn
+
+
+def test_mix_probs_and_named_eval_sets_are_checked():
+    from dist_glm.data.formats import named_sets
+    from dist_glm.errors import UserError
+
+    assert named_sets("a.jsonl,b.jsonl") == {"": "a.jsonl,b.jsonl"}
+    assert named_sets("new=a.jsonl,old=b.jsonl,new=c.jsonl") == {"new": "a.jsonl,c.jsonl", "old": "b.jsonl"}
+    with pytest.raises(UserError, match="has no name while others do"):
+        named_sets("new=a.jsonl,b.jsonl")
+    for flags, start in (
+        (["--mix_probs=0.5"], "mix_probs has 1 values for 2 dataset files"),
+        (["--mix_probs=0.5,0.6"], "mix_probs=0.5,0.6 must be non-negative and sum to 1"),
+        (["--mix_probs=a,b"], "mix_probs='a,b' must be comma-separated numbers"),
+    ):
+        with pytest.raises(UserError) as err:
+            load_config(["--model_name_or_path=m", "--dataset=a.jsonl,b.jsonl", "--output_dir=o", *flags], None)
+        assert any(p.startswith(start) for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.slow
+def test_mixed_data_and_named_eval_sets_on_one_and_two_ranks(tmp_path, varlen_data, eval_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import REPO, train_one_and_two_ranks
+
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join((REPO / "data/advertisegen_demo/train.jsonl").read_text().splitlines(True)[200:240]))
+    settings = dict(
+        dataset=f"{varlen_data},{old}", mix_probs="0.75,0.25", eval_dataset=f"new={eval_data},old={old}",
+        max_steps=4, eval_steps=2,
+    )  # fmt: skip
+    one, two, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero2", **settings)
+    assert a == pytest.approx(b, abs=2e-5)
+    assert "mix_probs: 136 samples per epoch" in stdout
+    for run in (one, two):
+        new, old_loss = read_metrics(run, "eval/new/loss"), read_metrics(run, "eval/old/loss")
+        assert sorted(new) == sorted(old_loss) == [2, 4] and new[4] != old_loss[4]
+    assert read_metrics(one, "eval/new/loss") == pytest.approx(read_metrics(two, "eval/new/loss"), abs=2e-5)
+    tags = EventAccumulator(str(one / "runs")).Reload().Tags()["scalars"]
+    assert {"eval/new/loss", "eval/old/loss", "eval/new/perplexity"} <= set(tags)
+
+
+def test_raw_text_is_one_document_per_line_every_token_trained(tmp_path):
+    from dist_glm.data.batching import build_examples
+    from dist_glm.models import load_tokenizer
+    from tests.conftest import TINY_MODEL
+
+    tok = load_tokenizer(str(TINY_MODEL))
+    txt, jsonl = tmp_path / "domain.txt", tmp_path / "domain.jsonl"
+    docs = ["这款连衣裙很好看", "宽松的版型" * 12]
+    txt.write_text("\n".join(docs[:1] + [""] + docs[1:]) + "\n", encoding="utf-8")  # blank lines are not documents
+    jsonl.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    cfg = cfg_for("--cutoff_len=16").data
+    from_txt, stats = build_examples(str(txt), tok, cfg, "glm4")
+    from_jsonl, _ = build_examples(str(jsonl), tok, cfg, "glm4")
+    assert [e.input_ids for e in from_txt] == [e.input_ids for e in from_jsonl]
+    prefix = tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])
+    first = prefix + tok.encode(docs[0], add_special_tokens=False) + [tok.eos_token_id]
+    assert from_txt[0].input_ids == from_txt[0].labels == first  # no template, every token trained
+    # The long document is split into consecutive pieces of cutoff_len, nothing dropped.
+    second = prefix + tok.encode(docs[1], add_special_tokens=False) + [tok.eos_token_id]
+    assert sum((e.input_ids for e in from_txt[1:]), []) == second and all(len(e.input_ids) <= 16 for e in from_txt)
+    assert stats.text_samples == len(from_txt) and stats.truncated == 0
+
+
+@pytest.mark.slow
+def test_continued_pretraining_on_raw_text_packs_by_default(tmp_path, pretrained_tiny):
+    from tests.conftest import REPO
+
+    rows = [json.loads(line) for line in (REPO / "data/advertisegen_demo/train.jsonl").open(encoding="utf-8")][:200]
+    txt = tmp_path / "domain.txt"
+    txt.write_text("".join(r["summary"] + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "cpt"
+    args = base_args(out, txt, model_name_or_path=pretrained_tiny, train_from_scratch=False, max_steps=6, cutoff_len=64)
+    proc = run_train(args, nprocs=None)
+    assert "packing: on, the default for raw text" in proc.stdout
+    losses = read_metrics(out, "train/loss")
+    assert losses[6] < losses[1], losses

@@ -31,6 +31,18 @@ class DataStats:
     dropped_no_labels: int = 0  # nothing left to train on (e.g. an empty reply)
     skipped: list = field(default_factory=list)  # bad rows skipped under on_invalid: skip
     with_empty_turns: int = 0  # rows with an empty user or assistant turn (trained as given)
+    text_samples: int = 0  # samples from raw documents (dataset_format text)
+
+    def merged(self, other: "DataStats") -> "DataStats":
+        return DataStats(
+            self.rows + other.rows,
+            self.samples + other.samples,
+            self.truncated + other.truncated,
+            self.dropped_no_labels + other.dropped_no_labels,
+            self.skipped + other.skipped,
+            self.with_empty_turns + other.with_empty_turns,
+            self.text_samples + other.text_samples,
+        )
 
     def summary(self, name: str) -> str:
         empty = (
@@ -53,6 +65,14 @@ def build_examples(
     conversations = load_conversations(spec, data_cfg, stats.skipped)
     stats.rows = len(conversations) + len(stats.skipped)
     for conv in conversations:
+        if "text" in conv:
+            pieces = document_pieces(template, tokenizer, conv["text"], data_cfg.cutoff_len)
+            stats.text_samples += len(pieces)
+            out += pieces
+            if max_samples and len(out) >= max_samples:
+                out = out[:max_samples]
+                break
+            continue
         stats.with_empty_turns += count_empty_turns(conv) > 0
         enc = template.encode(conv, data_cfg.cutoff_len)
         stats.truncated += enc.truncated
@@ -64,6 +84,14 @@ def build_examples(
             break
     stats.samples = len(out)
     return out, stats
+
+
+def document_pieces(template, tokenizer, text: str, cutoff_len: int) -> list[Example]:
+    """A raw document for continued pre-training, as GLM's own tokenizer builds plain text ([gMASK]<sop> +
+    text) plus EOS to end it, every token trained; a document longer than cutoff_len is split into
+    consecutive pieces (nothing is dropped; packing then fills rows with them)."""
+    ids = list(template.document_prefix) + tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return [Example(ids[i : i + cutoff_len], ids[i : i + cutoff_len], [], "") for i in range(0, len(ids), cutoff_len)]
 
 
 def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:

@@ -9,7 +9,9 @@ Formats (detected per file from its first row, or forced with `dataset_format`):
 - sharegpt: `conversations` of `{"from", "value"}` (human/gpt/system/function_call/observation), `tools`;
 - openai: `messages` of `{"role", "content"}` (system/user/assistant/tool, `tool_calls`), `tools`;
 - advertisegen: ChatGLM's `content` -> `summary` (column names from `prompt_column`/`response_column`);
-- chatglm3: `conversations` of `{"role", "content"}` (system/user/assistant/observation, `tools`).
+- chatglm3: `conversations` of `{"role", "content"}` (system/user/assistant/observation, `tools`);
+- text: raw text for continued pre-training, `{"text": ...}` rows or `.txt` files (one document per
+  non-empty line); no chat template, every token trained (dist_glm.data.batching).
 
 json/jsonl are read here so that errors carry the line number; csv and parquet go through Hugging
 Face `datasets` (a csv row is reported by its line in the file, the header being line 1; a parquet row
@@ -17,12 +19,13 @@ by its number from 1). Every bad row is reported as `file:line: what`.
 """
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from dist_glm.errors import UserError
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
 class BadRow(ValueError):
@@ -33,7 +36,33 @@ def split_paths(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
-def check_data_paths(spec: str, key: str) -> list[str]:
+_SET_NAME = re.compile(r"^([A-Za-z0-9_-]+)=(.+)$")
+
+
+def named_sets(spec: str, key: str = "eval_dataset") -> dict[str, str]:
+    """`a.jsonl,b.jsonl` -> {"": "a.jsonl,b.jsonl"} (one set); `new=a.jsonl,old=b.jsonl` -> one set per
+    name, logged as eval/new/..., eval/old/... (a name given twice joins its files). Mixing named and
+    unnamed entries raises UserError."""
+    entries = split_paths(spec)
+    named = [_SET_NAME.match(e) for e in entries]
+    if not any(named):
+        return {"": ",".join(entries)} if entries else {}
+    if not all(named):
+        bare = next(e for e, m in zip(entries, named, strict=True) if not m)
+        raise UserError(f"{key}: '{bare}' has no name while others do; write every set as NAME=FILE (e.g. old={bare})")
+    sets: dict[str, list[str]] = {}
+    for m in named:
+        sets.setdefault(m.group(1), []).append(m.group(2).strip())
+    return {name: ",".join(paths) for name, paths in sets.items()}
+
+
+def check_data_paths(spec: str, key: str, named: bool = False) -> list[str]:
+    """Every file `spec` names exists and has a data suffix; `named`: entries may be NAME=FILE."""
+    if named:
+        try:
+            spec = ",".join(named_sets(spec, key).values())
+        except UserError as e:
+            return e.problems
     problems = []
     for path in split_paths(spec):
         if Path(path).is_dir():
@@ -81,7 +110,8 @@ def read_rows(path: str) -> list[tuple[int, object]]:
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line.decode("utf-8"))))
+                text = line.decode("utf-8")
+                rows.append((lineno, {"text": text.rstrip("\r")} if suffix == ".txt" else json.loads(text)))
             except UnicodeDecodeError as e:
                 rows.append((lineno, BadRow(f"not UTF-8 (byte 0x{line[e.start]:02x}); re-save the file as UTF-8")))
             except json.JSONDecodeError as e:
@@ -120,6 +150,8 @@ def detect_format(row: dict, prompt_column: str) -> str | None:
         return "alpaca"
     if prompt_column in row:
         return "advertisegen"
+    if isinstance(row.get("text"), str):
+        return "text"
     return None
 
 
@@ -264,12 +296,20 @@ def from_advertisegen(row: dict, cfg) -> dict:
     }
 
 
+def from_text(row: dict, cfg) -> dict:
+    text = _str(row, "text")
+    if not text.strip():
+        raise BadRow("field 'text' is empty")
+    return {"system": "", "tools": None, "messages": [], "text": text}
+
+
 CONVERTERS: dict[str, Callable[[dict, object], dict]] = {
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
     "openai": from_openai,
     "advertisegen": from_advertisegen,
     "chatglm3": from_chatglm3,
+    "text": from_text,
 }
 
 
@@ -347,8 +387,9 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
                 if not isinstance(row, dict):
                     raise BadRow(f"expected a JSON object, got {type(row).__name__}")
                 conv = CONVERTERS[fmt](row, data_cfg)
-                check_alternation(conv["messages"])
-                check_text(conv)
+                if "text" not in conv:  # a conversation, not a raw document
+                    check_alternation(conv["messages"])
+                    check_text(conv)
             except BadRow as e:
                 if data_cfg.on_invalid != "skip":
                     raise UserError(f"{where}: {e} (fix the row, or set on_invalid: skip to skip bad rows)") from None

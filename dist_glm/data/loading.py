@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_glm import distributed
-from dist_glm.config import option
+from dist_glm.config import mix_probabilities, option
+from dist_glm.data.formats import named_sets, split_paths
 from dist_glm.data.preprocess import tokenize_dataset
 from dist_glm.data.template import build_template, chat_template_mismatch, choose_template
 from dist_glm.errors import UserError
@@ -22,8 +23,9 @@ class PrepareArgs:
     )
 
 
-def load_datasets(cfg, tokenizer) -> tuple[list, list]:
-    """Collective. Tokenized train and eval examples; writes the skipped-rows report (rank 0)."""
+def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
+    """Collective. Tokenized train examples and eval sets (name -> examples; one set named "" unless
+    eval_dataset names them); writes the skipped-rows report (rank 0)."""
     from transformers import AutoConfig
 
     log = distributed.log
@@ -35,11 +37,29 @@ def load_datasets(cfg, tokenizer) -> tuple[list, list]:
         f"chat template: {template}"
         + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
     )
-    train, stats = tokenize_dataset(cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log)
-    evaluation, eval_stats = [], None
-    if cfg.data.eval_dataset:
-        evaluation, eval_stats = tokenize_dataset(cfg.data.eval_dataset, tokenizer, path, template, cfg.data, 0, log)
-    skipped = stats.skipped + (eval_stats.skipped if eval_stats else [])
+    if cfg.data.mix_probs:
+        files, probs = split_paths(cfg.data.dataset), mix_probabilities(cfg.data.mix_probs)
+        parts = [tokenize_dataset(f, tokenizer, path, template, cfg.data, cfg.data.max_samples, log) for f in files]
+        stats = parts[0][1]
+        for _, more in parts[1:]:
+            stats = stats.merged(more)
+        train = mix([examples for examples, _ in parts], probs, cfg.train.seed)
+        shares = ", ".join(f"{f} {p:g}" for f, p in zip(files, probs, strict=True))
+        log(f"mix_probs: {len(train)} samples per epoch drawn from {shares}")
+    else:
+        train, stats = tokenize_dataset(
+            cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log
+        )
+    if cfg.data.packing is None:  # raw documents pack by default, conversations do not
+        cfg.data.packing = bool(train) and stats.text_samples == len(train)
+        if cfg.data.packing:
+            log("packing: on, the default for raw text (set packing=false to turn it off)")
+    evaluation, skipped = {}, list(stats.skipped)
+    for name, files in named_sets(cfg.data.eval_dataset).items():
+        evaluation[name], eval_stats = tokenize_dataset(files, tokenizer, path, template, cfg.data, 0, log)
+        skipped += eval_stats.skipped
+        if not evaluation[name]:
+            raise UserError(f"eval_dataset: no usable samples in {files} ({eval_stats.summary('eval_dataset')})")
     if skipped and distributed.is_main_process():  # one report, written once
         report = Path(cfg.train.output_dir) / "skipped_rows.jsonl"
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -48,12 +68,43 @@ def load_datasets(cfg, tokenizer) -> tuple[list, list]:
     if not train:
         raise UserError(f"dataset: no usable samples in {cfg.data.dataset} ({stats.summary('dataset')})")
     if cfg.data.val_size:
-        train, evaluation = split_held_out(train, cfg.data.val_size, cfg.train.seed)
+        train, held = split_held_out(train, cfg.data.val_size, cfg.train.seed)
+        evaluation = {"": held}
         log(
-            f"val_size={cfg.data.val_size:g}: {len(evaluation)} of {len(train) + len(evaluation)} samples held out "
+            f"val_size={cfg.data.val_size:g}: {len(held)} of {len(train) + len(held)} samples held out "
             f"for evaluation (seed {cfg.train.seed}; identical samples kept on one side)"
         )
     return train, evaluation
+
+
+def mix(sources: list[list], probs: list[float], seed: int) -> list:
+    """One epoch of a mixture, as a list (so batching, ranks and resume treat it as any dataset): as many
+    samples as all sources hold together, each source's share exactly its probability (largest
+    remainder), the order of sources shuffled by `seed`, and each source's samples taken in a seeded
+    permutation, cycled when a small source is drawn more often than it has samples."""
+    import random
+
+    total = sum(len(s) for s in sources)
+    exact = [p * total for p in probs]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(probs)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    rng = random.Random(seed)
+    labels = [i for i, n in enumerate(counts) for _ in range(n)]
+    rng.shuffle(labels)
+    orders = []
+    for s in sources:
+        order = list(range(len(s)))
+        rng.shuffle(order)
+        orders.append(order)
+    taken = [0] * len(sources)
+    out = []
+    for i in labels:
+        if not sources[i]:
+            continue  # an empty file with a non-zero share: tokenize_dataset has reported why
+        out.append(sources[i][orders[i][taken[i] % len(sources[i])]])
+        taken[i] += 1
+    return out
 
 
 def split_held_out(examples: list, val_size: float, seed: int) -> tuple[list, list]:

@@ -50,7 +50,7 @@ def cache_key(spec: str, tokenizer_dir: str, template: str, data_cfg, max_sample
     settings = {
         k: v
         for k, v in dataclasses.asdict(data_cfg).items()
-        if k not in ("dataset", "eval_dataset", "data_cache_dir", "packing", "val_size")
+        if k not in ("dataset", "eval_dataset", "data_cache_dir", "packing", "val_size", "mix_probs")
     }
     h.update(json.dumps({**settings, "template": template, "max_samples": max_samples}, sort_keys=True).encode())
     return h.hexdigest()[:20]

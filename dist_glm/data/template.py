@@ -106,6 +106,7 @@ class RoleTokenTemplate:
         self.mask_history, self.train_on_prompt = mask_history, train_on_prompt
         prefix_names = ["[gMASK]", "sop"] if name == "chatglm3" else ["[gMASK]", "<sop>"]
         self.prefix = _ids(tokenizer, prefix_names)
+        self.document_prefix = self.prefix  # what the tokenizer's own builder puts before plain text
         roles = ("system", "user", "assistant", "observation")
         self.role_ids = dict(zip(roles, _ids(tokenizer, [f"<|{r}|>" for r in roles]), strict=True))
         # GLM-4 ends a conversation with <|user|> (as THUDM's fine-tuning scripts do); ChatGLM3 with EOS.
@@ -232,6 +233,7 @@ class RoundTextTemplate:
         self.sep, self.first_round = ("\n\n", 1) if version == 2 else ("\n", 0)
         marks = _ids(tokenizer, ["[gMASK]", "sop" if version == 2 else "<sop>"])
         self.head, self.tail = (marks, []) if version == 2 else ([], marks)
+        self.document_prefix = marks
 
     def _text(self, s: str) -> list[int]:
         return _encode_text(self.tok, s)
