@@ -128,6 +128,36 @@ def prepare_main(argv: list[str] | None = None) -> None:
     run_command(command, argv, body)
 
 
+def distill_cache_main(argv: list[str] | None = None) -> None:
+    """Run a recipe's teacher once over its training rows and eval sets and cache its top-k logits per
+    trainable token (launch/distill_cache.py); training with distill_cache=DIR then loads no teacher."""
+    import dataclasses
+
+    from dist_glm import config
+
+    command = dataclasses.replace(
+        config.TRAIN,
+        prog="distill_cache.py",
+        usage="distill_cache.py RECIPE.yaml --teacher_model_name_or_path=DIR --distill_cache=DIR [--distill_top_k=64]",
+        description="Writes the teacher cache that training with --distill_cache=DIR reads (docs/distillation.md).",
+        default_yaml=None,
+    )
+
+    def body(sections):
+        from dist_glm.data.formats import check_data_paths
+        from dist_glm.teacher_cache import build_from_recipe
+
+        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
+        problems = config.check_values(cfg)
+        problems += check_data_paths(cfg.data.dataset, "dataset")
+        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
+        if problems:
+            raise UserError(problems)
+        build_from_recipe(cfg)
+
+    run_command(command, argv, body)
+
+
 def evaluate_main(argv: list[str] | None = None) -> None:
     """Loss/perplexity and generation metrics of a trained result on an eval set (launch/evaluate.py)."""
     from dist_glm.evaluate import EVALUATE

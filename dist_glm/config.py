@@ -190,10 +190,16 @@ class DistillConfig:
     distill_alpha: float = option(0.5, "Weight of the KD term; 1 - alpha weighs cross-entropy on the labels.")
     distill_temperature: float = option(1.0, "Softmax temperature T of both models in KD (the term is scaled by T^2).")
     distill_jsd_beta: float = option(0.5, "jsd: weight of the teacher in the mixture, in (0, 1).")
+    distill_cache: str = option(
+        "",
+        "Offline distillation: a teacher cache written by launch/distill_cache.py; training then loads no "
+        "teacher (the cache tool writes here).",
+    )
+    distill_top_k: int = option(64, "launch/distill_cache.py: teacher logits kept per trainable token.")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.teacher_model_name_or_path)
+        return bool(self.teacher_model_name_or_path or self.distill_cache)
 
 
 SECTIONS = {
@@ -320,6 +326,8 @@ def check_distill(d: DistillConfig) -> list[str]:
         if d.teacher_adapter_name_or_path:
             out.append("teacher_adapter_name_or_path needs teacher_model_name_or_path (the teacher's base); set it")
         return out
+    if d.distill_top_k < 1:
+        out.append(f"distill_top_k={d.distill_top_k} must be at least 1 (e.g. 64)")
     if not 0 <= d.distill_alpha <= 1:
         out.append(f"distill_alpha={d.distill_alpha} must be in [0, 1] (1 = KD only, 0 = cross-entropy only)")
     if not d.distill_temperature > 0:

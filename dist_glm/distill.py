@@ -36,9 +36,10 @@ from torch.utils.checkpoint import checkpoint
 
 from dist_glm import distributed
 from dist_glm.config import DistillConfig
+from dist_glm.data.batching import model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.loss import CHUNK_ELEMENTS, _causal_lm, has_native_head, head_returns, vocab_size_of
+from dist_glm.loss import CHUNK_ELEMENTS, CrossEntropy, _causal_lm, has_native_head, head_returns
 
 # ---------------------------------------------------------------- the divergences
 
@@ -131,7 +132,7 @@ class Teacher:
         return self.module(**inputs).logits
 
 
-class Distillation:
+class Distillation(CrossEntropy):
     """The distillation objective (see the module docstring); parts logged as train/ce_loss, train/kd_loss."""
 
     parts = ("ce_loss", "kd_loss")
@@ -156,12 +157,12 @@ class Distillation:
         assert stand_in.numel() == 2, f"expected [ce, kd] from the LM head, got shape {tuple(stand_in.shape)}"
         return stand_in.reshape(2)
 
-    def loss_sums(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, kd = self.sums(model, inputs, labels, self.spec)
+    def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ce, kd = self.sums(model, model_inputs(batch), batch["labels"], self.spec)
         return self.alpha * kd + (1 - self.alpha) * ce, {"ce_loss": ce, "kd_loss": kd}
 
-    def eval_sums(self, model, inputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce, kl = self.sums(model, inputs, labels, self.eval_spec)
+    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        ce, kl = self.sums(model, model_inputs(batch), batch["labels"], self.eval_spec)
         return {"loss": ce, "kl_to_teacher": kl}
 
 
@@ -172,14 +173,15 @@ def _fingerprint(tokenizer) -> tuple[int, str]:
     return len(tokenizer), getattr(tokenizer, "chat_template", None) or ""
 
 
-def check_teacher(cfg, student_tokenizer=None) -> list[str]:
+def check_teacher(cfg, student_tokenizer=None, need_teacher: bool = False) -> list[str]:
     """Before any weight loads: the teacher's paths resolve, and it shares the student's tokenizer and chat
-    template (KD compares the two distributions token by token)."""
+    template (KD compares the two distributions token by token). Training from a cache needs no teacher
+    (`need_teacher`: the cache tool does)."""
     from dist_glm.artifacts import resolve_artifact
     from dist_glm.models import load_tokenizer
 
     d = cfg.distill
-    if not d.enabled:
+    if not d.teacher_model_name_or_path or (d.distill_cache and not need_teacher):
         return []
     try:
         art = resolve_artifact(d.teacher_model_name_or_path, d.teacher_adapter_name_or_path)
@@ -206,7 +208,7 @@ def check_teacher(cfg, student_tokenizer=None) -> list[str]:
     return []
 
 
-def _per_rank_gib(module) -> float:
+def per_rank_gib(module) -> float:
     # Under ZeRO-3 a parameter's local share is its ds_tensor; otherwise the whole tensor is here.
     total = 0
     for p in module.parameters():
@@ -288,7 +290,7 @@ def load_teacher(cfg, ds_config: dict, device) -> Teacher:
         module = engine
     else:
         weight = _plain_head_weight(module).detach()
-    share = distributed.all_gather_objects(_per_rank_gib(module))
+    share = distributed.all_gather_objects(per_rank_gib(module))
     head_gib = weight.numel() * weight.element_size() / 2**30
     distributed.log(
         f"teacher {Path(d.teacher_model_name_or_path)} ({str(dtype).removeprefix('torch.')}, frozen, no optimizer "
@@ -296,24 +298,3 @@ def load_teacher(cfg, ds_config: dict, device) -> Teacher:
         f"({head_gib:.3g} GiB)"
     )
     return Teacher(module, weight)
-
-
-def build_objective(cfg, ds_config: dict, device, tokenizer, student):
-    """The run's objective: cross-entropy, or distillation from the configured teacher."""
-    from dist_glm.loss import CrossEntropy
-
-    if not cfg.distill.enabled:
-        return CrossEntropy()
-    teacher = load_teacher(cfg, ds_config, device)
-    vocab = len(tokenizer)
-    heads = {"student": vocab_size_of(student), "teacher": teacher.head_weight.shape[0]}
-    small = [f"{k}'s head has {v}" for k, v in heads.items() if v < vocab]
-    if small:
-        raise UserError(f"teacher_model_name_or_path: the tokenizer has {vocab} tokens but {', '.join(small)} outputs")
-    student_share = distributed.all_gather_objects(_per_rank_gib(student))
-    distributed.log(f"student weights per rank: {', '.join(f'{g:.3g}' for g in student_share)} GiB")
-    distributed.log(
-        f"distillation: {cfg.distill.distill_loss} at T={cfg.distill.distill_temperature:g}, "
-        f"alpha={cfg.distill.distill_alpha:g}, over the {vocab:,} real tokens of the vocabulary"
-    )
-    return Distillation(teacher, cfg.distill, vocab)

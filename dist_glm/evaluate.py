@@ -18,7 +18,7 @@ import torch
 from dist_glm import distributed
 from dist_glm.artifacts import ModelArgs
 from dist_glm.config import TRAIN_KEYS, Command, DataConfig, option
-from dist_glm.data.batching import Example, collate, model_inputs
+from dist_glm.data.batching import Example
 from dist_glm.errors import UserError
 from dist_glm.loss import CrossEntropy, count_trainable_tokens
 from dist_glm.metrics import generation_metrics
@@ -93,8 +93,8 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
             else Example(examples[0].input_ids, [-100] * len(examples[0].input_ids), [], "")
             for i in slot_batch
         ]
-        batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
-        for name, s in objective.eval_sums(model, model_inputs(batch), batch["labels"]).items():
+        batch = {k: v.to(device) for k, v in objective.collate(batch_examples, pad_id).items()}
+        for name, s in objective.eval_sums(model, batch).items():
             sums[name] = sums.get(name, 0.0) + float(s)
         tokens += count_trainable_tokens(batch["labels"])
     model.train(was_training)

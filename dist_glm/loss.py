@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dist_glm.data.batching import model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 
 # Logit elements per chunk (2**25 fp32 = 128 MiB): ~220 tokens at GLM-4's vocabulary, the whole batch
@@ -107,16 +108,25 @@ def token_loss_sum(model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Ten
 
 class CrossEntropy:
     """The training objective of every method: next-token cross-entropy on the labelled tokens. An
-    objective returns sums over labelled tokens (the loop normalises by the global count): the one it
-    trains on, and named parts to log (none here); `eval_sums` are what evaluation averages."""
+    objective makes the batches it needs (`collate`) and returns sums over labelled tokens (the loop
+    normalises by the global count): the one it trains on, and named parts to log (none here);
+    `eval_sums` are what evaluation averages."""
 
     parts: tuple[str, ...] = ()
 
-    def loss_sums(self, model, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return token_loss_sum(model, inputs, labels)[0], {}
+    def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
+        from dist_glm.data.batching import collate
 
-    def eval_sums(self, model, inputs: dict, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": token_loss_sum(model, inputs, labels)[0]}
+        return collate(examples, pad_id)
+
+    def check_rows(self, rows: list) -> None:
+        """Refuse, before the first step, rows this objective cannot train on (none here)."""
+
+    def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return token_loss_sum(model, model_inputs(batch), batch["labels"])[0], {}
+
+    def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": token_loss_sum(model, model_inputs(batch), batch["labels"])[0]}
 
 
 def plain_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,9 @@ from tqdm import tqdm
 
 from dist_glm import checkpoint, continued, distributed
 from dist_glm.config import Config, save_config
-from dist_glm.data.batching import GlobalBatchSampler, collate, model_inputs, pad_share
+from dist_glm.data.batching import GlobalBatchSampler, pad_share
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
-from dist_glm.distill import build_objective
 from dist_glm.distributed import log
 from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
@@ -43,6 +42,7 @@ from dist_glm.models import (
     load_model,
     load_tokenizer,
 )
+from dist_glm.objectives import build_objective
 from dist_glm.optim import build_optimizer, build_scheduler
 from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
 from dist_glm.trainer_state import TrainerState
@@ -84,7 +84,7 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, parts = objective.loss_sums(engine, model_inputs(batch), batch["labels"])
+        loss_sum, parts = objective.loss_sums(engine, batch)
         local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
         if parts:
             local_parts += torch.stack([parts[name].detach() for name in objective.parts])
@@ -207,6 +207,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     continued.load_init_optimizer(engine, cfg, resumed=resume_path is not None)
     objective = build_objective(cfg, ds_config, device, tokenizer, engine.module)
+    objective.check_rows(train_examples + [e for examples in eval_sets.values() for e in examples])
     return Run(
         cfg=cfg,
         rank=rank,
@@ -269,7 +270,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     for step in range(start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
         micro = [
-            collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
+            run.objective.collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
             for idx in run.sampler.micro_batches(step - 1, rank)
         ]
         result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)

@@ -97,7 +97,7 @@ def test_chunked_distillation_equals_full_logits_values_and_gradients(monkeypatc
     cfg = DistillConfig(teacher_model_name_or_path="x", distill_loss=kind, distill_alpha=0.7, distill_temperature=2.0)
     objective = Distillation(Teacher(teacher, teacher.lm_head.weight.detach()), cfg, vocab=710)
 
-    total, parts = objective.loss_sums(student, inputs, batch["labels"])
+    total, parts = objective.loss_sums(student, batch)
     total.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
@@ -124,8 +124,8 @@ def test_eval_reports_the_kl_to_the_teacher_and_zero_for_the_teacher_itself():
     batch = padded_batch()
     objective = Distillation(Teacher(teacher, teacher.lm_head.weight.detach()), DistillConfig("x"), vocab=714)
     with torch.no_grad():
-        sums = objective.eval_sums(student, model_inputs(batch), batch["labels"])
-        own = objective.eval_sums(teacher, model_inputs(batch), batch["labels"])
+        sums = objective.eval_sums(student, batch)
+        own = objective.eval_sums(teacher, batch)
         ce, _ = loss.token_loss_sum(student, model_inputs(batch), batch["labels"])
     assert float(sums["loss"]) == pytest.approx(float(ce), rel=1e-6)  # eval/loss stays plain cross-entropy
     assert float(sums["kl_to_teacher"]) > 0 and abs(float(own["kl_to_teacher"])) < 1e-4
@@ -298,3 +298,48 @@ def test_distillation_demo_beats_the_same_student_trained_on_labels_alone():
         hint = f"README says {theirs}; this run {ours} (DIST_GLM_WRITE_DEMO=1 rewrites the table)"
         assert all(abs(g - w) <= 0.15 * w + 0.02 for g, w in zip(got[:2], want[:2], strict=True)), hint
         assert all(abs(g - w) <= 10 for g, w in zip(got[2:], want[2:], strict=True)), hint
+
+
+@pytest.mark.slow
+def test_offline_cache_at_full_vocabulary_equals_online_distillation(tmp_path, varlen_data, eval_data, trained_teacher):
+    from tests.conftest import run_script
+
+    cache = tmp_path / "cache"
+    settings = dict(eval_dataset=eval_data, packing=True, cutoff_len=128, per_device_train_batch_size=2)
+    build = distill_args(tmp_path / "unused", varlen_data, trained_teacher, distill_cache=cache, distill_top_k=714)
+    proc = run_script("distill_cache.py", build + [f"--{k}={v}" for k, v in settings.items()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "k=714" in proc.stdout and "(this rank wrote 1)" in proc.stdout
+    again = run_script("distill_cache.py", build + [f"--{k}={v}" for k, v in settings.items()])
+    assert "(this rank wrote 0)" in again.stdout  # complete shards are kept: an interrupted build resumes
+
+    online, offline = tmp_path / "online", tmp_path / "offline"
+    run_train(distill_args(online, varlen_data, trained_teacher, **settings), nprocs=None)
+    # No teacher path at all: the cache is all training needs.
+    proc = run_train(distill_args(offline, varlen_data, "", distill_cache=cache, **settings), nprocs=None)
+    assert f"distillation from cache {cache}" in proc.stdout
+    for key in ("train/kd_loss", "train/ce_loss", "eval/kl_to_teacher"):
+        a, b = read_metrics(online, key), read_metrics(offline, key)
+        assert a and sorted(a) == sorted(b), key
+        assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (key, a, b)
+
+    # Rows the cache was not built for (another cutoff_len) are refused before training, exit 2.
+    other = distill_args(tmp_path / "other", varlen_data, "", distill_cache=cache, **{**settings, "cutoff_len": 64})
+    proc = run_train(other, nprocs=None, check=False)
+    assert proc.returncode == 2 and "rows are not in it" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_top_k_distillation_at_full_k_is_the_full_divergence():
+    from dist_glm.teacher_cache import _chunk_sums
+
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(6, 20, generator=g), torch.randn(6, 20, generator=g)
+    targets = torch.randint(0, 20, (6,), generator=g)
+    spec_full = KDSpec("jsd", 2.0, 0.3, vocab=20)
+    order = teacher.argsort(dim=-1, descending=True)  # the cache stores the top-k sorted, as topk returns them
+    cached = _chunk_sums(lambda h: h, student, targets, order, teacher.gather(1, order), KDSpec("jsd", 2.0, 0.3, 20))
+    # The same six positions through the full-logits reference (which predicts label t + 1 from position t).
+    pad = torch.zeros(1, 20)
+    labels = torch.cat([torch.tensor([-100]), targets]).unsqueeze(0)
+    full = plain_distill_sums(torch.cat([student, pad])[None], torch.cat([teacher, pad])[None], labels, spec_full)
+    assert torch.allclose(cached, full, atol=1e-5)
