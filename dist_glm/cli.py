@@ -158,6 +158,37 @@ def distill_cache_main(argv: list[str] | None = None) -> None:
     run_command(command, argv, body)
 
 
+def distill_generate_main(argv: list[str] | None = None) -> None:
+    """Sequence-level distillation: the teacher answers a recipe's prompts into a new dataset
+    (launch/distill_generate.py)."""
+    import dataclasses
+
+    from dist_glm import config
+    from dist_glm.teacher_generate import GenerateArgs
+
+    command = dataclasses.replace(
+        config.TRAIN,
+        prog="distill_generate.py",
+        usage="distill_generate.py RECIPE.yaml --teacher_model_name_or_path=DIR --output_file=FILE [--key=value ...]",
+        description="Writes the teacher's answers to the recipe's prompts as a dataset (docs/distillation.md).",
+        default_yaml=None,
+        sections={**config.TRAIN.sections, "generate": (GenerateArgs, None)},
+    )
+
+    def body(sections):
+        from dist_glm.data.formats import check_data_paths
+        from dist_glm.teacher_generate import generate_dataset
+
+        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
+        problems = [p for p in config.check_values(cfg) if not p.startswith("output_dir")]  # not needed here
+        problems += check_data_paths(cfg.data.dataset, "dataset")
+        if problems:
+            raise UserError(problems)
+        generate_dataset(cfg, sections["generate"])
+
+    run_command(command, argv, body)
+
+
 def evaluate_main(argv: list[str] | None = None) -> None:
     """Loss/perplexity and generation metrics of a trained result on an eval set (launch/evaluate.py)."""
     from dist_glm.evaluate import EVALUATE

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_glm import distill, loss
-from dist_glm.config import DistillConfig
+from dist_glm.config import DistillConfig, load_config
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.distill import Distillation, KDSpec, Teacher, kd_per_token, plain_distill_sums
 from tests.conftest import REPO, base_args, read_metrics, run_train
@@ -343,3 +343,69 @@ def test_top_k_distillation_at_full_k_is_the_full_divergence():
     labels = torch.cat([torch.tensor([-100]), targets]).unsqueeze(0)
     full = plain_distill_sums(torch.cat([student, pad])[None], torch.cat([teacher, pad])[None], labels, spec_full)
     assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_a_conversation_written_for_the_teacher_reads_back_the_same():
+    from dist_glm.data.formats import from_openai
+    from dist_glm.teacher_generate import to_openai
+
+    conv = {
+        "system": "你是助手",
+        "tools": [{"name": "get_weather", "description": "天气", "parameters": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "北京天气?"},
+            {"role": "assistant", "content": "", "tool_call": {"name": "get_weather", "arguments": '{"city": "北京"}'}},
+            {"role": "observation", "content": '{"temp": 3}'},
+            {"role": "assistant", "content": "3 度"},
+        ],
+    }
+    assert from_openai(json.loads(json.dumps(to_openai(conv))), None) == conv
+
+
+@pytest.mark.slow
+def test_sequence_level_distillation_writes_the_teachers_greedy_answers_and_resumes(
+    tmp_path, varlen_data, trained_teacher
+):
+    from dist_glm.artifacts import load_for_inference
+    from dist_glm.data.formats import load_conversations
+    from dist_glm.models import load_tokenizer
+    from tests.conftest import run_script
+
+    out = tmp_path / "teacher.jsonl"
+    args = distill_args(tmp_path / "unused", varlen_data, trained_teacher, generation_max_new_tokens=12)
+    args += [f"--output_file={out}", "--max_rows=10", "--per_device_eval_batch_size=4"]
+    proc = run_script("distill_generate.py", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = out.read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in first.splitlines()]
+    assert len(rows) == 10 and rows[0]["distilled"]["teacher"] == str(trained_teacher)
+    assert rows[0]["distilled"]["source"] == f"{varlen_data}:1"
+
+    # The reply is the teacher's own greedy continuation of the prompt, as plain generate gives it.
+    cfg = load_config([f"--model_name_or_path={STUDENT}", f"--dataset={varlen_data}", "--output_dir=o"], None)
+    conv = load_conversations(str(varlen_data), cfg.data, [])[0]
+    tok = load_tokenizer(str(TEACHER))
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": conv["messages"][0]["content"]}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tok.encode(text, add_special_tokens=False)
+    teacher = load_for_inference(str(trained_teacher))
+    with torch.no_grad():
+        gen = teacher.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=[700, 707, 709], pad_token_id=700
+        )[0, len(prompt) :].tolist()
+    cut = next((i for i, t in enumerate(gen) if t in (700, 707, 709)), len(gen))
+    assert rows[0]["messages"][-1]["content"] == tok.decode(gen[:cut], skip_special_tokens=True).removeprefix("\n")
+
+    # Interrupted mid-write: a rerun keeps the complete rows, drops the torn one and finishes identically.
+    lines = first.splitlines(True)
+    out.write_text("".join(lines[:7]) + lines[7][:10], encoding="utf-8")
+    proc = run_script("distill_generate.py", args)
+    assert "7 already answered" in proc.stdout and out.read_text(encoding="utf-8") == first
+
+    # And it is an ordinary dataset: the student trains on it with cross-entropy.
+    student = tmp_path / "student"
+    run_train(
+        base_args(student, out, model_name_or_path=STUDENT, max_steps=4, per_device_train_batch_size=2), nprocs=None
+    )
+    assert len(read_metrics(student, "train/loss")) == 4

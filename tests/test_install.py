@@ -13,7 +13,18 @@ import pytest
 from conftest import REPO, TINY_MODEL, child_env, read_metrics
 
 BIN = Path(sys.executable).parent
-COMMANDS = ("train", "prepare", "distill-cache", "evaluate", "chat", "export", "serve", "doctor", "plot")
+COMMANDS = (
+    "train",
+    "prepare",
+    "distill-cache",
+    "distill-generate",
+    "evaluate",
+    "chat",
+    "export",
+    "serve",
+    "doctor",
+    "plot",
+)
 
 
 def outside(tmp_path, *cmd, timeout=300):

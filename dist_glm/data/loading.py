@@ -23,20 +23,28 @@ class PrepareArgs:
     )
 
 
-def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
-    """Collective. Tokenized train examples and eval sets (name -> examples; one set named "" unless
-    eval_dataset names them); writes the skipped-rows report (rank 0)."""
+def recipe_template(cfg, tokenizer) -> str:
+    """The template name for the recipe's model (`template: auto` from its model type), checked against
+    the tokenizer's own chat_template and logged."""
     from transformers import AutoConfig
 
-    log = distributed.log
     path = cfg.model.model_name_or_path
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     template = choose_template(cfg.data.template, tokenizer, model_type)
     mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
-    log(
+    distributed.log(
         f"chat template: {template}"
         + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
     )
+    return template
+
+
+def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
+    """Collective. Tokenized train examples and eval sets (name -> examples; one set named "" unless
+    eval_dataset names them); writes the skipped-rows report (rank 0)."""
+    log = distributed.log
+    path = cfg.model.model_name_or_path
+    template = recipe_template(cfg, tokenizer)
     if cfg.data.mix_probs:
         files, probs = split_paths(cfg.data.dataset), mix_probabilities(cfg.data.mix_probs)
         parts = [tokenize_dataset(f, tokenizer, path, template, cfg.data, cfg.data.max_samples, log) for f in files]
