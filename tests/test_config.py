@@ -1,5 +1,6 @@
 """Config parsing and validation: precedence, types, did-you-mean, and every shipped file loads."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,17 @@ def test_unreadable_yaml_names_file_and_line(tmp_path):
         load_config([str(y)])
 
 
+def saved_tiny(path: Path) -> Path:
+    """The tiny GLM with (random) weights on disk: what a teacher directory looks like."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL)).save_pretrained(path)
+    for f in TINY_MODEL.iterdir():
+        if f.name != "config.json":
+            (path / f.name).write_bytes(f.read_bytes())
+    return path
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_validates_fully(path, tmp_path):
     """Every value, the DeepSpeed config it names (on 8 ranks) and its method's own checks; only the
@@ -78,10 +90,18 @@ def test_every_shipped_recipe_validates_fully(path, tmp_path):
     if not Path(cfg.model.model_name_or_path).is_dir():
         cfg.model.model_name_or_path, cfg.model.train_from_scratch = str(TINY_MODEL), True
     demo = REPO / "data" / "advertisegen_demo"
-    if not Path(cfg.data.dataset).is_file():
-        cfg.data.dataset = str(demo / "train.jsonl")
+    files = cfg.data.dataset.split(",")  # each file swapped on its own: mix_probs counts them
+    cfg.data.dataset = ",".join(f if Path(f).is_file() else str(demo / "train.jsonl") for f in files)
     if cfg.data.eval_dataset and not Path(cfg.data.eval_dataset).is_file():
         cfg.data.eval_dataset = str(demo / "dev.jsonl")
+    if cfg.distill.teacher_model_name_or_path and not Path(cfg.distill.teacher_model_name_or_path).is_dir():
+        cfg.distill.teacher_model_name_or_path = str(saved_tiny(tmp_path / "teacher"))
+    if cfg.model.adapter_name_or_path and not Path(cfg.model.adapter_name_or_path).is_dir():
+        adapter = tmp_path / "adapter"  # a LoRA result's adapter_config.json, as PEFT writes it
+        adapter.mkdir()
+        peft = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj"]}
+        (adapter / "adapter_config.json").write_text(json.dumps(peft))
+        cfg.model.adapter_name_or_path = str(adapter)
     cfg.train.output_dir = str(tmp_path / "out")
     inputs = validate_inputs(cfg, world_size=8)
     assert inputs.ds_config["train_batch_size"] == cfg.train.global_batch_size(8)
