@@ -277,7 +277,7 @@ def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):
     if not method.trainable_only and check_model_path(model_cfg.model_name_or_path, from_scratch=False):
         # Every weight is in the checkpoint: a base directory with only config and tokenizer will do.
         model_cfg = replace(model_cfg, train_from_scratch=True)
-    model = load_model(model_cfg, {}, dtype == torch.bfloat16, cfg.train.seed, quantization)
+    model = load_model(model_cfg, {}, dtype, cfg.train.seed, quantization)
     if quantization is not None and dequantize:
         model = model.dequantize(dtype=dtype)
     if quantization is None or dequantize:

@@ -140,6 +140,21 @@ class TrainConfig:
         0.0, "Also skip a step whose loss exceeds this many times the running median of recent losses (0 = off)."
     )
     bf16: bool = option(False, "Train in bfloat16 with fp32 master weights.")
+    fp16: bool = option(
+        False, "Train in float16 with fp32 master weights and dynamic loss scaling (GPUs without bf16: V100, T4)."
+    )
+    fp16_initial_scale_power: int = option(16, "fp16: the loss scale starts at 2**N.")
+    fp16_loss_scale_window: int = option(1000, "fp16: steps without overflow before the scale doubles.")
+    fp16_hysteresis: int = option(2, "fp16: overflows tolerated before the scale halves.")
+    fp16_min_loss_scale: float = option(1.0, "fp16: the scale never goes below this.")
+
+    @property
+    def dtype(self):
+        """The dtype the model trains in (the optimizer keeps fp32 master weights for bf16 and fp16)."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
     logging_steps: int = option(10, "Log train metrics every N steps.")
     plot_loss: bool = option(False, "At the end, write training_loss.png and eval_*.png into output_dir.")
@@ -257,6 +272,10 @@ def check_values(cfg: Config) -> list[str]:
         t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
         f"loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1, e.g. 3",
     )
+    need(not (t.bf16 and t.fp16), "bf16 and fp16 are both set; choose one (bf16 where the GPU has it, else fp16)")
+    need(t.fp16_loss_scale_window >= 1, f"fp16_loss_scale_window={t.fp16_loss_scale_window} must be at least 1")
+    need(t.fp16_hysteresis >= 1, f"fp16_hysteresis={t.fp16_hysteresis} must be at least 1")
+    need(t.fp16_min_loss_scale > 0, f"fp16_min_loss_scale={t.fp16_min_loss_scale} must be positive")
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")

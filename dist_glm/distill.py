@@ -234,7 +234,7 @@ def teacher_dtype(cfg) -> torch.dtype:
     from dist_glm.artifacts import DTYPES
 
     name = cfg.distill.teacher_dtype
-    return DTYPES[name] if name != "auto" else (torch.bfloat16 if cfg.train.bf16 else torch.float32)
+    return DTYPES[name] if name != "auto" else cfg.train.dtype
 
 
 def teacher_ds_config(ds_config: dict, dtype: torch.dtype) -> dict:
@@ -247,6 +247,7 @@ def teacher_ds_config(ds_config: dict, dtype: torch.dtype) -> dict:
         "train_batch_size": ds_config["train_batch_size"],
         "zero_optimization": z,
         "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 10**9,
     }
 
@@ -271,7 +272,7 @@ def load_teacher(cfg, ds_config: dict, device) -> Teacher:
         quantization = method.inference_quantization(art.adapter) if art.adapter is not None else None
         tds = teacher_ds_config(ds_config, dtype)
         base_cfg = ModelConfig(model_name_or_path=str(art.base), trust_remote_code=cfg.model.trust_remote_code)
-        module = load_model(base_cfg, tds, dtype == torch.bfloat16, cfg.train.seed, quantization)  # partitioned
+        module = load_model(base_cfg, tds, dtype, cfg.train.seed, quantization)  # partitioned
         if art.adapter is not None:
             from peft import PeftModel
 

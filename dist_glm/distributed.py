@@ -322,15 +322,35 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
         problems.append(f"{where}: zero_optimization.stage={stage} is not one of 0, 1, 2, 3")
-    for prec, want in (("bf16", train_cfg.bf16), ("fp16", False)):
+    for prec, want in (("bf16", train_cfg.bf16), ("fp16", train_cfg.fp16)):
         sec = ds.setdefault(prec, {})
         enabled = sec.get("enabled", "auto")
         if enabled != "auto" and bool(enabled) != want:
             problems.append(
-                f"{where}: {prec}.enabled={enabled} contradicts bf16={train_cfg.bf16} in the training "
-                f'config; set it to "auto"'
+                f'{where}: {prec}.enabled={enabled} contradicts {prec}={want} in the training config; set it to "auto"'
             )
         sec["enabled"] = want
+    # Dynamic loss scaling: DeepSpeed's knobs, "auto" (or absent) = the training config's fp16_* values.
+    scaling = {
+        "loss_scale": 0,  # 0 = dynamic
+        "initial_scale_power": train_cfg.fp16_initial_scale_power,
+        "loss_scale_window": train_cfg.fp16_loss_scale_window,
+        "hysteresis": train_cfg.fp16_hysteresis,
+        "min_loss_scale": train_cfg.fp16_min_loss_scale,
+    }
+    fp16 = ds["fp16"]
+    for key, value in scaling.items():
+        if fp16.get(key, "auto") == "auto":
+            fp16[key] = value
+    if not train_cfg.fp16:
+        ds["fp16"] = {"enabled": False}
+    if train_cfg.fp16 and stage == 0:
+        # DeepSpeed 0.19's ZeRO-0 fp16 optimizer unscales gradients in step() but engine.backward never
+        # scaled the loss for it (only ZeRO optimizers are scaled), so updates come out 2**16 too small.
+        problems.append(
+            f"{where}: fp16 needs zero_optimization.stage 1, 2 or 3 (DeepSpeed's ZeRO-0 fp16 path does not "
+            "apply its loss scale); pass --deepspeed=ds_configs/zero1.json, the same as ZeRO-0 on one GPU"
+        )
     if is_offload(ds) and stage == 0:
         problems.append(f"{where}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
     # Per-bucket sizes left as "auto" get DeepSpeed's own defaults.

@@ -86,7 +86,7 @@ def generation_eos_ids(model_or_path, tokenizer) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_config=None):
+def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quantization_config=None):
     """Load (or randomly initialise) the causal LM for training.
 
     Under ZeRO-3 a pretrained checkpoint is loaded while an HfDeepSpeedConfig is alive, so each rank
@@ -100,7 +100,6 @@ def load_model(model_cfg, ds_config: dict, bf16: bool, seed: int, quantization_c
 
     from dist_glm.distributed import local_device, zero_stage
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
     path = model_cfg.model_name_or_path
     check_remote_code(path, model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)

@@ -27,7 +27,6 @@ from dist_glm.errors import UserError
 from dist_glm.evaluate import eval_loss, predict
 from dist_glm.guard import StepGuard
 from dist_glm.inputs import Inputs, validate_inputs
-from dist_glm.loss import count_trainable_tokens
 from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import (
     MetricsLogger,
@@ -45,6 +44,7 @@ from dist_glm.models import (
 from dist_glm.objectives import build_objective
 from dist_glm.optim import build_optimizer, build_scheduler
 from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
+from dist_glm.step import StepResult, loss_scale, takes_over_clipping, train_step
 from dist_glm.trainer_state import TrainerState
 
 
@@ -54,83 +54,6 @@ class FinalEvalFailed(Exception):
     def __init__(self, output_dir: Path):
         self.output_dir = output_dir
         super().__init__(f"the final evaluation failed; the trained model is saved in {output_dir}")
-
-
-@dataclass
-class StepResult:
-    loss: float  # over the global batch
-    grad_norm: float  # global, before clipping
-    nonpad_tokens: int  # over the global batch
-    skipped: str | None  # why the update was not applied (dist_glm.guard), or None
-    parts: dict[str, float]  # the objective's named parts (distillation's ce_loss, kd_loss), per token
-
-
-def train_step(
-    engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard, objective
-) -> StepResult:
-    """One optimizer step over this rank's micro-batches. `clip` is set when this loop clips instead of
-    the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm. `objective`
-    gives the loss as a sum over labelled tokens (dist_glm.loss.CrossEntropy, dist_glm.distill)."""
-    # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
-    # rank needs it before its first backward. Counted on the host, before the batches move.
-    local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
-    local_nonpad = sum(int(b["token_mask"].sum()) for b in micro_batches)
-    global_tokens = max(float(distributed.all_reduce_sum([local_tokens])[0]), 1.0)
-    # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
-    # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
-    scale = world_size * len(micro_batches) / global_tokens
-    local_loss_sum, own_norm, skipped = torch.zeros((), device=device), None, None
-    local_parts = torch.zeros(len(objective.parts), device=device)
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss_sum, parts = objective.loss_sums(engine, batch)
-        local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
-        if parts:
-            local_parts += torch.stack([parts[name].detach() for name in objective.parts])
-        if last:
-            # Collective: the step's global loss, before the last backward, so that a step the guard
-            # refuses is refused on every rank. Its gradient is made NaN, which every optimizer path
-            # already discards whole (DeepSpeed's overflow check; the plain path below).
-            local_loss, *local_part_values = torch.cat([local_loss_sum.view(1), local_parts]).tolist()  # one transfer
-            summed = distributed.all_reduce_sum([local_loss, local_nonpad, *local_part_values]).tolist()
-            loss_total, nonpad_total, *part_totals = summed
-            skipped = guard.loss_verdict(loss_total / global_tokens)
-        engine.backward(loss_sum * (scale if skipped is None else float("nan")))
-        if last and clip is not None:
-            # Gradients are final (all-reduced) here; clipping returns the norm it measured, so the norm
-            # is computed once per step, not once by the engine and again for the log.
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            own_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-            if not math.isfinite(own_norm):
-                for p in params:
-                    p.grad = None  # AdamW leaves a parameter without a gradient (and its moments) untouched
-        engine.step()  # only steps the optimizer at the accumulation boundary
-    grad_norm = own_norm if own_norm is not None else float(engine.get_global_grad_norm() or 0.0)
-    if skipped is None and not math.isfinite(grad_norm):
-        skipped = f"gradient norm is {grad_norm}"
-    if skipped is not None and clip is None:
-        if engine.was_step_applied():
-            raise RuntimeError(f"DeepSpeed applied a step with a NaN gradient ({skipped}); please report this")
-        # DeepSpeed's overflow path skipped the update and with it the schedule; the plain path (and a
-        # non-skipped step) moves the schedule on, so a skip uses up its step's rate on every path.
-        engine.lr_scheduler.step()
-    parts = {name: v / global_tokens for name, v in zip(objective.parts, part_totals, strict=True)}
-    return StepResult(loss_total / global_tokens, grad_norm, int(nonpad_total), skipped, parts)
-
-
-def takes_over_clipping(engine, world_size: int, max_grad_norm: float) -> float | None:
-    """DeepSpeed's ZeRO and bf16/fp16 optimizers clip and record the global norm. Its plain fp32 ZeRO-0
-    path clips without keeping the norm, so there the loop clips (the same arithmetic) and keeps it,
-    rather than measuring the norm a second time. Returns the `clip` argument of `train_step`."""
-    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
-        return None
-    engine.clip_fp32_gradients = lambda: None  # the loop clips (train_step); the engine would do it again
-    if world_size == 1:
-        # One process has nothing to reduce, yet the engine would flatten every gradient into a buffer,
-        # "all-reduce" it and copy it back each step; dividing by a world size of 1 is exact, so skip it.
-        engine.enable_backward_allreduce = False
-    return max_grad_norm
 
 
 @dataclass
@@ -189,7 +112,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     ds_config, resume_path = inputs.ds_config, inputs.resume_path
     resume_tag = checkpoint.choose_resume_tag(resume_path, cfg, world, ds_config) if resume_path else checkpoint.TAG
     method = get_method(cfg.method.finetuning_type)
-    model = load_model(cfg.model, ds_config, t.bf16, t.seed, method.quantization_config(cfg))
+    model = load_model(cfg.model, ds_config, t.dtype, t.seed, method.quantization_config(cfg))
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
     model = continued.prepare_trainable(model, method, cfg)
     if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
@@ -275,17 +198,16 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
         ]
         result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)
         state.global_step = step
-        if result.skipped is None:
+        if result.skipped is None and not result.overflow:
             window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0, result.parts)
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
-        last_saved = (checkpoint.list_checkpoints(t.output_dir) or [(0, None)])[-1][1] if result.skipped else None
-        if note := guard.record(step, result.loss, result.grad_norm, result.skipped, last_saved):
-            log(note)
-            logger.log(step, {"train/skipped_steps": state.skipped_steps})
+        note_skipped_step(run, state, guard, logger, step, result)
 
         if (step % t.logging_steps == 0 or step == run.total_steps) and window.steps:
             record = window.flush(engine.get_lr()[0], epoch=step / run.sampler.steps_per_epoch)
+            if engine.fp16_enabled():
+                record["train/loss_scale"] = loss_scale(engine)
             logger.log(step, record)
             results.update(record)
 
@@ -310,6 +232,22 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             break
     bar.close()
     return finish(run, state, logger, results, evaluated_at)
+
+
+def note_skipped_step(run, state: TrainerState, guard: StepGuard, logger, step: int, result: StepResult) -> None:
+    """An update that did not reach the weights is counted and logged: an fp16 overflow (the loss
+    scaler's own skip) or the guard's (which raises Diverged after too many in a row)."""
+    if result.overflow:
+        state.overflow_steps += 1
+        scale = loss_scale(run.engine)
+        log(f"step {step}: fp16 gradients overflowed; the loss scaler skipped the update, scale now {scale:g}")
+        logger.log(step, {"train/overflow_steps": state.overflow_steps, "train/loss_scale": scale})
+        return
+    out = run.cfg.train.output_dir
+    last_saved = (checkpoint.list_checkpoints(out) or [(0, None)])[-1][1] if result.skipped else None
+    if note := guard.record(step, result.loss, result.grad_norm, result.skipped, last_saved):
+        log(note)
+        logger.log(step, {"train/skipped_steps": state.skipped_steps})
 
 
 def resume_state(run: Run) -> TrainerState:

@@ -19,6 +19,7 @@ class TrainerState:
     skipped_steps: int = 0
     skipped_in_a_row: int = 0
     recent_losses: list[float] = field(default_factory=list)
+    overflow_steps: int = 0  # fp16 updates the loss scaler skipped
 
     def record_eval(self, record: dict[str, float], step: int, metric: str, patience: int) -> bool:
         """Fold one eval into the state; returns whether early stopping should stop now. Every rank

@@ -78,7 +78,7 @@ def test_remote_code_layout_needs_trust_remote_code(tmp_path):
         load_tokenizer(str(out))
     cfg = SimpleNamespace(model_name_or_path=str(out), trust_remote_code=False, train_from_scratch=True)
     with pytest.raises(UserError, match="trust_remote_code=true"):
-        load_model(cfg, {}, bf16=False, seed=0)
+        load_model(cfg, {}, torch.float32, seed=0)
 
 
 def test_real_vocab_model_renders_real_special_ids_and_trains(real_vocab_dir):
@@ -112,7 +112,7 @@ def test_real_vocab_model_renders_real_special_ids_and_trains(real_vocab_dir):
     assert max(i for i in enc.input_ids if i < 151329) < 1000  # text ids stay in the BPE part, never fillers
     assert sorted(generation_eos_ids(str(real_vocab_dir), tok)) == [151329, 151336, 151338]
     cfg = SimpleNamespace(model_name_or_path=str(real_vocab_dir), trust_remote_code=False, train_from_scratch=True)
-    model = load_model(cfg, {}, bf16=True, seed=0)
+    model = load_model(cfg, {}, torch.bfloat16, seed=0)
     assert model.config.vocab_size == 151552 and model.lm_head.weight.shape[0] == 151552
     ids = torch.tensor([enc.input_ids])
     labels = torch.tensor([enc.labels])

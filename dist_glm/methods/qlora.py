@@ -5,8 +5,6 @@ bitsandbytes, and LoRA adapters train on top in the compute dtype. The artifact 
 import json
 from pathlib import Path
 
-import torch
-
 from dist_glm.methods import lora
 
 trainable_only = True
@@ -55,7 +53,7 @@ def quantization_config(cfg):
     from transformers import BitsAndBytesConfig
 
     m = cfg.method
-    compute = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    compute = cfg.train.dtype  # the 4-bit matmuls compute in the training precision
     if m.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(

@@ -1,0 +1,70 @@
+"""The checks that need a GPU, as one short script: run it on a machine with CUDA (CI has none).
+
+python launch/gpu_check.py [--steps=100] [--out=out/gpu_check]
+
+fp16 against fp32 on the demo (full and LoRA, ZeRO-1): the final training and eval losses within 5 %,
+overflow steps counted. Prints a table; exits 1 if a check fails, 0 with a note when there is no GPU.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(name: str, out: Path, steps: int, *flags: str) -> dict:
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), str(REPO / "configs" / "demo.yaml")]
+    cmd += [f"--output_dir={out / name}", f"--max_steps={steps}", "--eval_steps=0", "--predict_with_generate=false"]
+    cmd += [
+        "--eval_on_start=false",
+        "--save_steps=0",
+        "--disable_tqdm=true",
+        "--deepspeed=ds_configs/zero1.json",
+        *flags,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr)[-2000:]}
+    records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train/loss"] for r in records if "train/loss" in r]
+    overflow = max((r["train/overflow_steps"] for r in records if "train/overflow_steps" in r), default=0)
+    return {"train": train[-1], "eval": records[-1].get("eval/loss"), "overflow": overflow}
+
+
+def main() -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check here (the CPU suite covers the rest)")
+        return 0
+    args = dict(a.removeprefix("--").split("=", 1) for a in sys.argv[1:])
+    steps, out = int(args.get("steps", 100)), Path(args.get("out", REPO / "out" / "gpu_check"))
+    rows, failed = [], False
+    for method in ("full", "lora"):
+        extra = [f"--finetuning_type={method}"] + (["--learning_rate=5e-3"] if method == "lora" else [])
+        ref = run(f"{method}_fp32", out, steps, *extra)
+        half = run(f"{method}_fp16", out, steps, *extra, "--fp16")
+        for name, r in ((f"{method} fp32", ref), (f"{method} fp16", half)):
+            if "error" in r:
+                print(f"{name} failed:\n{r['error']}")
+                failed = True
+        if "error" in ref or "error" in half:
+            continue
+        close = all(abs(half[k] - ref[k]) <= 0.05 * ref[k] for k in ("train", "eval"))
+        failed |= not close
+        rows.append((method, ref, half, close))
+    print(f"\n{torch.cuda.get_device_name()}, {steps} steps of the demo, ZeRO-1")
+    print("| method | fp32 train / eval loss | fp16 train / eval loss | fp16 overflow steps | within 5 % |")
+    print("|---|---|---|---|---|")
+    for method, ref, half, close in rows:
+        print(
+            f"| {method} | {ref['train']:.4f} / {ref['eval']:.4f} | {half['train']:.4f} / {half['eval']:.4f} | "
+            f"{half['overflow']} | {'yes' if close else 'NO'} |"
+        )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
