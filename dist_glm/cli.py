@@ -36,6 +36,9 @@ def start_process() -> None:
     # DeepSpeed's op builds go to this environment's own folder, not the ~/.cache one every environment
     # (and, through a shared home, every node) shares and fights over the build lock of.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    from dist_glm.ops import watch_build_locks
+
+    watch_build_locks(extensions_dir(), os.environ.get("RANK", ""))
     quiet_known_noise()
     use_cpu_accelerator_if_no_gpu()
     quiet_other_ranks()

@@ -10,22 +10,82 @@ multi-rank run, the compile counts against that run, and a rank killed mid-build
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 from dist_glm.distributed import use_cpu_accelerator_if_no_gpu
 from dist_glm.doctor import extensions_dir
 
+NOTICE_AFTER_S = 5  # a lock present this long means this run is building or waiting: say so
+
+
+def lock_timeout() -> float:
+    """Seconds after which a build lock counts as left by a killed builder (a build takes 1-7 minutes)."""
+    return float(os.environ.get("DIST_GLM_BUILD_LOCK_TIMEOUT", 900))
+
+
+def _locks(root: Path) -> list[Path]:
+    # torch's layout: ROOT/OP/lock, or ROOT/pyXY_cuZZ/OP/lock
+    return [p for pattern in ("*/lock", "*/*/lock") for p in root.glob(pattern)]
+
+
+def _age(path: Path) -> float | None:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:  # the builder just finished
+        return None
+
 
 def clear_stale_locks(root: Path, older_than_s: float = 600) -> list[Path]:
     """torch's build lock is an empty file that a killed builder never removes. A lock older than any
     build takes is left over from such a process."""
     stale = []
-    for lock in root.rglob("lock"):
-        if time.time() - lock.stat().st_mtime > older_than_s:
+    for lock in _locks(root):
+        age = _age(lock)
+        if age is not None and age > older_than_s:
             lock.unlink(missing_ok=True)
             stale.append(lock)
     return stale
+
+
+def watch_build_locks(root: Path, rank: str = "") -> None:
+    """Every entry point, before DeepSpeed can build anything. A lock already older than the timeout is
+    removed (its builder is gone: no build takes that long). Then a background thread says within
+    seconds when this process sits behind a build lock, with its path and age, and once that lock is
+    older than the timeout stops the run with the fix, instead of waiting forever on a silent log."""
+    timeout = lock_timeout()
+    who = f"[dist_glm{' rank ' + rank if rank else ''}]"
+    for lock in clear_stale_locks(root, timeout):
+        print(f"{who} removed a stale DeepSpeed build lock {lock} (older than {timeout:.0f} s)", file=sys.stderr)
+
+    def watch():
+        announced = set()
+        while True:
+            time.sleep(1)
+            for lock in _locks(root):
+                age = _age(lock)
+                if age is None:
+                    continue
+                if age >= NOTICE_AFTER_S and lock not in announced:
+                    announced.add(lock)
+                    print(
+                        f"{who} DeepSpeed is building {lock.parent.name} or waiting for another process to (build "
+                        f"lock {lock}, {age:.0f} s old); a build takes 1-7 minutes",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                if age > timeout:
+                    print(
+                        f"{who} error: the DeepSpeed build lock {lock} is {age:.0f} s old: the process that "
+                        f"built {lock.parent.name} was killed; delete the lock (or run `python -m dist_glm.ops`) "
+                        "and rerun (DIST_GLM_BUILD_LOCK_TIMEOUT sets this limit)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    os._exit(2)
+
+    threading.Thread(target=watch, name="build-lock-watch", daemon=True).start()
 
 
 def build_ops() -> list[str]:
