@@ -82,6 +82,9 @@ class DataConfig:
         "Sample the dataset files with these probabilities (e.g. 0.8,0.2 for new.jsonl,old.jsonl): an epoch is as "
         "long as all files together, each file's share exact, the order fixed by seed.",
     )
+    preprocessing_num_workers: int = option(
+        1, "Processes that tokenize when the cache is built (the cache is the same for any number)."
+    )
     data_cache_dir: str = option(
         "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
     )
@@ -278,6 +281,9 @@ def check_values(cfg: Config) -> list[str]:
     need(t.fp16_min_loss_scale > 0, f"fp16_min_loss_scale={t.fp16_min_loss_scale} must be positive")
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
+    need(
+        d.preprocessing_num_workers >= 1, f"preprocessing_num_workers={d.preprocessing_num_workers} must be at least 1"
+    )
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
     need(
         d.val_size == 0 or (0 < d.val_size < 1) or (d.val_size >= 1 and d.val_size.is_integer()),

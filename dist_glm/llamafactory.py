@@ -38,9 +38,6 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
             None,
         )
     },
-    "preprocessing_num_workers": {
-        _ANY: ("preprocessing_num_workers is ignored: rank 0 tokenizes once into the shared cache", None)
-    },
     "dataloader_num_workers": {
         _ANY: ("dataloader_num_workers is ignored: batches are built from the in-memory token cache", None)
     },

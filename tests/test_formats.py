@@ -6,13 +6,14 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import TINY_MODEL
-from dist_glm.config import DataConfig
+from conftest import REPO, TINY_MODEL
+from dist_glm.config import DataConfig, load_config
 from dist_glm.data.batching import build_examples
 from dist_glm.data.formats import load_conversations
 from dist_glm.data.preprocess import tokenize_to_cache
 from dist_glm.data.template import IGNORE_INDEX, build_template
 from dist_glm.errors import UserError
+from dist_glm.models import load_tokenizer
 
 X = IGNORE_INDEX
 SYSTEM_MULTI_TURN = {
@@ -256,3 +257,77 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tok):
         str(path), tok, str(TINY_MODEL), "glm4", data_cfg(data_cache_dir=str(tmp_path / "cache"), cutoff_len=16)
     )
     assert tokenized and other_setting != changed
+
+
+def test_the_cache_is_plain_memory_mapped_data_equal_to_the_encoding(tmp_path):
+    from dist_glm.data.batching import build_examples
+    from dist_glm.data.preprocess import load_cache
+
+    path = tmp_path / "rows.jsonl"
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"一款{c}的裙子"} for c in ("红色", "蓝色", "白色")]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tok = load_tokenizer(str(TINY_MODEL))
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
+    cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    assert cache.is_dir() and not list(cache.glob("*.pkl"))
+    cached, stats = load_cache(cache)
+    direct, direct_stats = build_examples(str(path), tok, cfg, "glm4")
+    assert list(cached) == direct and stats == direct_stats and cached.lengths() == [len(e.input_ids) for e in direct]
+    assert cached[-1] == direct[-1] and cached[1:] == direct[1:]
+
+
+def test_a_crafted_pickle_in_the_cache_is_refused_and_never_runs(tmp_path):
+    import numpy as np
+
+    from dist_glm.data.preprocess import load_cache
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"content": "类型#裙", "summary": "裙子"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tok = load_tokenizer(str(TINY_MODEL))
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
+    cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = np.empty(1, dtype=object)
+    evil[0] = Payload()
+    target = cache / "input_ids.npy"
+    np.save(target, evil, allow_pickle=True)
+    assert b"pwned" in target.read_bytes()  # the file really carries the payload
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["input_ids.npy"] = target.stat().st_size  # even with a matching manifest
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not plain data"):
+        load_cache(cache)
+    assert not marker.exists()
+
+
+def test_a_half_written_cache_is_never_used(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"content": "类型#裙", "summary": "裙子"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tok = load_tokenizer(str(TINY_MODEL))
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
+    cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    labels = cache / "labels.npy"
+    labels.write_bytes(labels.read_bytes()[:-4])  # cut short, as a killed copy or a full disk leaves it
+    again, tokenized = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    assert (
+        tokenized
+        and again == cache
+        and labels.stat().st_size == json.loads((cache / "manifest.json").read_text())["labels.npy"]
+    )
+
+
+def test_parallel_tokenization_gives_the_same_samples():
+    tok = load_tokenizer(str(TINY_MODEL))
+    data = REPO / "data" / "advertisegen_demo" / "train.jsonl"
+    one = load_config(["--model_name_or_path=m", f"--dataset={data}", "--output_dir=o"], default_yaml=None).data
+    four = load_config(
+        ["--model_name_or_path=m", f"--dataset={data}", "--output_dir=o", "--preprocessing_num_workers=3"], None
+    ).data
+    serial, s_stats = build_examples(str(data), tok, one, "glm4", max_samples=300)
+    parallel, p_stats = build_examples(str(data), tok, four, "glm4", max_samples=300)
+    assert parallel == serial and p_stats == s_stats

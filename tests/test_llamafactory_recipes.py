@@ -112,9 +112,7 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
     else:
         assert problems == []
     keys = sorted(n.split(": ", 2)[1].split(" ")[0].split("=")[0] for n in notes)
-    assert keys == sorted(["overwrite_cache", "preprocessing_num_workers", "dataloader_num_workers", "report_to"]), (
-        notes
-    )
+    assert keys == sorted(["overwrite_cache", "dataloader_num_workers", "report_to"]), notes
     assert all(len(n.splitlines()) == 1 for n in notes)
 
 

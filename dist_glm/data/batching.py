@@ -57,6 +57,40 @@ class DataStats:
         )
 
 
+def _encode_all(template, tokenizer, conversations: list[dict], cutoff_len: int):
+    """Each conversation as (kind, payload), lazily: ("text", pieces) or ("chat", Encoded, has_empty_turns)."""
+    for conv in conversations:
+        if "text" in conv:
+            yield "text", document_pieces(template, tokenizer, conv["text"], cutoff_len)
+        else:
+            yield "chat", template.encode(conv, cutoff_len), count_empty_turns(conv) > 0
+
+
+_WORKER: dict = {}  # the forked workers' template and tokenizer (inherited, never pickled)
+
+
+def _encode_chunk(bounds: tuple[int, int]) -> list[tuple]:
+    w = _WORKER
+    return list(_encode_all(w["template"], w["tokenizer"], w["conversations"][bounds[0] : bounds[1]], w["cutoff_len"]))
+
+
+def _encode_parallel(template, tokenizer, conversations: list[dict], cutoff_len: int, workers: int):
+    """`workers` forked processes encode contiguous chunks; results keep the file order, so the cache
+    is identical to a single process's."""
+    import multiprocessing
+
+    if workers <= 1 or len(conversations) < 2 * workers:
+        return _encode_all(template, tokenizer, conversations, cutoff_len)
+    _WORKER.update(template=template, tokenizer=tokenizer, conversations=conversations, cutoff_len=cutoff_len)
+    step = -(-len(conversations) // (workers * 4))  # a few chunks per worker balance uneven lengths
+    bounds = [(i, i + step) for i in range(0, len(conversations), step)]
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return [item for chunk in pool.map(_encode_chunk, bounds) for item in chunk]
+    finally:
+        _WORKER.clear()
+
+
 def build_examples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
 ) -> tuple[list[Example], DataStats]:
@@ -64,17 +98,17 @@ def build_examples(
     stats, out = DataStats(), []
     conversations = load_conversations(spec, data_cfg, stats.skipped)
     stats.rows = len(conversations) + len(stats.skipped)
-    for conv in conversations:
-        if "text" in conv:
-            pieces = document_pieces(template, tokenizer, conv["text"], data_cfg.cutoff_len)
-            stats.text_samples += len(pieces)
-            out += pieces
+    workers = getattr(data_cfg, "preprocessing_num_workers", 1)
+    for item in _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers):
+        if item[0] == "text":
+            stats.text_samples += len(item[1])
+            out += item[1]
             if max_samples and len(out) >= max_samples:
                 out = out[:max_samples]
                 break
             continue
-        stats.with_empty_turns += count_empty_turns(conv) > 0
-        enc = template.encode(conv, data_cfg.cutoff_len)
+        _, enc, empty_turns = item
+        stats.with_empty_turns += empty_turns
         stats.truncated += enc.truncated
         if all(label == IGNORE_INDEX for label in enc.labels[1:]):
             stats.dropped_no_labels += 1
@@ -94,13 +128,21 @@ def document_pieces(template, tokenizer, text: str, cutoff_len: int) -> list[Exa
     return [Example(ids[i : i + cutoff_len], ids[i : i + cutoff_len], [], "") for i in range(0, len(ids), cutoff_len)]
 
 
+def sample_lengths(examples) -> list[int]:
+    """Tokens per sample; a memory-mapped cache answers from its offsets without reading the rows."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths()
+    return [len(e.input_ids) for e in examples]
+
+
 def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:
     """Share of pad tokens in one epoch of this sampler's micro-batches (all ranks' micro-batches)."""
     real = padded = 0
+    all_lengths = sample_lengths(examples)
     for step in range(sampler.steps_per_epoch):
         for rank in range(sampler.world):
             for idx in sampler.micro_batches(step, rank):
-                lengths = [len(examples[i].input_ids) for i in idx]
+                lengths = [all_lengths[i] for i in idx]
                 real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
     return 1 - real / max(padded, 1)
 

@@ -7,16 +7,17 @@ position ids (SDPA and eager on CPU, varlen kernels with flash-attention), so at
 a sample boundary and each sample's loss equals its unpacked loss.
 """
 
-from dist_glm.data.batching import Example
+from dist_glm.data.batching import Example, sample_lengths
 from dist_glm.data.template import IGNORE_INDEX
 
 
 def pack_examples(examples: list[Example], capacity: int) -> list[Example]:
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    lengths = sample_lengths(examples)
+    order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     room: list[int] = []
     for i in order:
-        n = len(examples[i].input_ids)
+        n = lengths[i]
         slot = next((r for r, free in enumerate(room) if free >= n), None)
         if slot is None:
             rows.append([i])

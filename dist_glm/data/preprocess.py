@@ -5,20 +5,27 @@ The cache key covers the data files' bytes, the tokenizer's files, the resolved 
 data setting, plus CACHE_VERSION (bumped when the encoding code changes), so a changed input can
 never reuse a stale cache. The cache directory must be shared by all nodes (it defaults to
 `.dist_glm_cache/` beside the first dataset file, which multi-node jobs keep on shared storage).
+
+A cache is a directory of flat arrays (token ids, labels and prompt ids of all samples concatenated,
+plus offsets; `.npy`, read with pickling disabled) and JSON (references, statistics, a manifest of file
+sizes), written beside its final name and renamed when complete. Every rank memory-maps the arrays:
+start-up costs no unpickling, memory holds only the rows a rank touches, and a crafted file on shared
+storage is data, never code.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
-import pickle
 from pathlib import Path
+
+import numpy as np
 
 from dist_glm.data.batching import DataStats, Example, build_examples
 from dist_glm.data.formats import split_paths
 from dist_glm.errors import UserError
 
-CACHE_VERSION = 3  # bump whenever the tokenized output or the cached fields change
+CACHE_VERSION = 4  # bump whenever the tokenized output or the cached fields change
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -39,6 +46,18 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Settings that do not change the tokenized samples (they act on them afterwards, or on how fast).
+NOT_IN_KEY = (
+    "dataset",
+    "eval_dataset",
+    "data_cache_dir",
+    "packing",
+    "val_size",
+    "mix_probs",
+    "preprocessing_num_workers",
+)
+
+
 def cache_key(spec: str, tokenizer_dir: str, template: str, data_cfg, max_samples: int) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for path in split_paths(spec):
@@ -47,11 +66,7 @@ def cache_key(spec: str, tokenizer_dir: str, template: str, data_cfg, max_sample
         p = Path(tokenizer_dir) / name
         if p.is_file():
             h.update(f"tok:{name}:{_sha256_file(p)}".encode())
-    settings = {
-        k: v
-        for k, v in dataclasses.asdict(data_cfg).items()
-        if k not in ("dataset", "eval_dataset", "data_cache_dir", "packing", "val_size", "mix_probs")
-    }
+    settings = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k not in NOT_IN_KEY}
     h.update(json.dumps({**settings, "template": template, "max_samples": max_samples}, sort_keys=True).encode())
     return h.hexdigest()[:20]
 
@@ -62,26 +77,103 @@ def cache_dir(data_cfg) -> Path:
     return Path(split_paths(data_cfg.dataset)[0]).resolve().parent / ".dist_glm_cache"
 
 
+ARRAYS = ("input_ids", "labels", "offsets", "prompt_ids", "prompt_offsets")
+
+
 def tokenize_to_cache(
     spec: str, tokenizer, tokenizer_dir: str, template: str, data_cfg, max_samples: int = 0
 ) -> tuple[Path, bool]:
-    """Write the cache file for `spec` unless it exists. Returns (path, whether it tokenized)."""
-    path = cache_dir(data_cfg) / f"{cache_key(spec, tokenizer_dir, template, data_cfg, max_samples)}.pkl"
-    if path.is_file():
+    """Write the cache directory for `spec` unless a complete one exists. Returns (path, whether it tokenized)."""
+    path = cache_dir(data_cfg) / cache_key(spec, tokenizer_dir, template, data_cfg, max_samples)
+    if _complete(path):
         return path, False
     examples, stats = build_examples(spec, tokenizer, data_cfg, template, max_samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        pickle.dump({"examples": [dataclasses.astuple(e) for e in examples], "stats": stats}, f)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "input_ids": np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
+        "labels": np.fromiter((t for e in examples for t in e.labels), dtype=np.int32),
+        "offsets": np.cumsum([0] + [len(e.input_ids) for e in examples], dtype=np.int64),
+        "prompt_ids": np.fromiter((t for e in examples for t in e.prompt_ids), dtype=np.int32),
+        "prompt_offsets": np.cumsum([0] + [len(e.prompt_ids) for e in examples], dtype=np.int64),
+    }
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+    (tmp / "references.json").write_text(json.dumps([e.reference for e in examples], ensure_ascii=False))
+    (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), ensure_ascii=False))
+    sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
+    (tmp / MANIFEST).write_text(json.dumps(sizes))  # written last: its presence means complete
+    if path.exists():  # an incomplete leftover (a killed writer on another node)
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)  # atomic: a reader never sees half a cache
     return path, True
 
 
-def load_cache(path: Path) -> tuple[list[Example], DataStats]:
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    return [Example(*e) for e in data["examples"]], data["stats"]
+MANIFEST = "manifest.json"
+
+
+def _complete(path: Path) -> bool:
+    """Whether `path` is a whole cache: its manifest exists and every file has the size it records."""
+    try:
+        sizes = json.loads((path / MANIFEST).read_text())
+        return all((path / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
+class CachedExamples:
+    """The examples of one cache, read from its memory-mapped arrays on access (a sequence of Example)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
+        except ValueError as e:  # an object array (a pickle) where plain integers belong: never unpickled
+            raise UserError(
+                f"tokenization cache '{path}' holds a file that is not plain data ({e}); delete the directory "
+                "and rerun to rebuild it"
+            ) from None
+        self._references = None
+
+    def __len__(self) -> int:
+        return len(self.arrays["offsets"]) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a = self.arrays
+        lo, hi = int(a["offsets"][i]), int(a["offsets"][i + 1])
+        plo, phi = int(a["prompt_offsets"][i]), int(a["prompt_offsets"][i + 1])
+        if self._references is None:  # only generation needs them: read once, when first asked for
+            self._references = json.loads((self.path / "references.json").read_text(encoding="utf-8"))
+        return Example(
+            a["input_ids"][lo:hi].tolist(),
+            a["labels"][lo:hi].tolist(),
+            a["prompt_ids"][plo:phi].tolist(),
+            self._references[i],
+        )
+
+    def lengths(self) -> list[int]:
+        return np.diff(self.arrays["offsets"]).tolist()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+
+def load_cache(path: Path) -> tuple[CachedExamples, DataStats]:
+    if not _complete(path):
+        raise UserError(f"tokenization cache '{path}' is incomplete; delete it and rerun (it will be rebuilt)")
+    stats = DataStats(**json.loads((path / "stats.json").read_text(encoding="utf-8")))
+    return CachedExamples(path), stats
 
 
 def tokenize_dataset(
