@@ -24,6 +24,8 @@ _ENV_KEYS = {
     "rank": ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"),
     "world_size": ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
     "local_rank": ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+    # Ranks on this host: torchrun, mpirun (Open MPI, MPICH), srun.
+    "local_world_size": ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"),
 }
 
 
@@ -109,9 +111,11 @@ def init_distributed(output_dir: str = "", preflight_timeout: int = 300, ddp_tim
             every_rank=True,
         ) from None
     # DeepSpeed wraps the group formed above (and, on CPU, sets up its shared-memory all-reduce).
+    shm = torch.cuda.is_available() or world > 1 or not _skip_shm_op()
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=ddp_timeout))
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and shm:
         _unlink_shm_allreduce_buffer()
+    set_cpu_threads(world)
     preflight.check_all_reduce(rank, world, local_device(), preflight_timeout)
     if output_dir:
         preflight.check_shared_output_dir(store, rank, world, output_dir, preflight_timeout)
@@ -158,6 +162,37 @@ def _host_address() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return socket.gethostbyname(socket.gethostname())
+
+
+def _skip_shm_op() -> bool:
+    """One process on CPU has nothing to all-reduce, yet DeepSpeed would JIT-build (minutes, the first
+    time) and load its shared-memory all-reduce op; marking the op unavailable makes it use plain
+    torch.distributed, which for one rank does nothing. Returns whether it was skipped."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return False
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    return True
+
+
+def set_cpu_threads(world: int) -> int:
+    """Intra-op threads for this rank: the cores this process may use, shared by the ranks on this host
+    (ranks x threads <= cores, so 2 ranks on 2 cores do not oversubscribe), unless OMP_NUM_THREADS says
+    otherwise. Logged once; returns the count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = _from_env("local_world_size", 0) or world  # unknown: assume every rank is on this host
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads = torch.get_num_threads()
+        if threads * local > cores:
+            log(f"WARNING: OMP_NUM_THREADS={threads} x {local} ranks here exceeds the {cores} cores; expect contention")
+    else:
+        threads = max(1, cores // max(1, local))
+        torch.set_num_threads(threads)
+    log(f"CPU threads per rank: {threads} ({local} rank(s) on this host, {cores} cores available)")
+    return threads
 
 
 def _unlink_shm_allreduce_buffer() -> None:

@@ -1,0 +1,42 @@
+"""CPU-side start-up: one process builds and loads no shared-memory all-reduce op, and each rank's
+thread count shares the host's cores among the ranks on it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_glm import distributed
+from tests.conftest import REPO, base_args, child_env
+
+
+@pytest.mark.slow
+def test_one_process_builds_no_shared_memory_op(tmp_path):
+    empty = tmp_path / "torch_extensions"  # nothing built: whatever the run needs, it would compile here
+    empty.mkdir()
+    args = base_args(tmp_path / "out", REPO / "data/advertisegen_demo/dev.jsonl", max_steps=1)
+    env = dict(child_env(), TORCH_EXTENSIONS_DIR=str(empty))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not any(empty.iterdir()), list(empty.iterdir())  # no op was built for a world of one
+    assert "built successfully" not in proc.stdout + proc.stderr
+
+
+def test_threads_share_the_cores_among_the_ranks_on_a_host(monkeypatch):
+    before = torch.get_num_threads()
+    cores = len(__import__("os").sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert distributed.set_cpu_threads(world=8) == max(1, cores // 2) == torch.get_num_threads()
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        assert distributed.set_cpu_threads(world=1) == cores  # alone on the host: every core
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        assert distributed.set_cpu_threads(world=1) == 1  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
