@@ -36,6 +36,9 @@ class ModelConfig:
     model_name_or_path: str = option("", "Local directory of a GLM checkpoint (config.json + weights + tokenizer).")
     train_from_scratch: bool = option(False, "Initialise weights randomly from the checkpoint's config (seeded).")
     trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option(
+        "sdpa", "Attention kernel: sdpa (PyTorch's), eager, or flash_attention_2 (needs flash-attn and a CUDA GPU)."
+    )
     adapter_name_or_path: str = option(
         "",
         "Continue training this LoRA/QLoRA adapter or P-tuning prefix (an earlier output_dir) on "
@@ -159,6 +162,9 @@ class TrainConfig:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.")
+    neftune_noise_alpha: float = option(
+        0.0, "NEFTune: uniform noise of this scale on the input embeddings while training (e.g. 5; 0 = off)."
+    )
     logging_steps: int = option(10, "Log train metrics every N steps.")
     plot_loss: bool = option(False, "At the end, write training_loss.png and eval_*.png into output_dir.")
     save_steps: int = option(500, "Save a checkpoint every N steps (0 = only at the end).")
@@ -279,6 +285,7 @@ def check_values(cfg: Config) -> list[str]:
     need(t.fp16_loss_scale_window >= 1, f"fp16_loss_scale_window={t.fp16_loss_scale_window} must be at least 1")
     need(t.fp16_hysteresis >= 1, f"fp16_hysteresis={t.fp16_hysteresis} must be at least 1")
     need(t.fp16_min_loss_scale > 0, f"fp16_min_loss_scale={t.fp16_min_loss_scale} must be positive")
+    need(t.neftune_noise_alpha >= 0, f"neftune_noise_alpha={t.neftune_noise_alpha} must be 0 (off) or positive, e.g. 5")
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
     need(

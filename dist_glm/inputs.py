@@ -12,7 +12,7 @@ from dist_glm.continued import adopt_adapter, check_init
 from dist_glm.data.formats import check_data_paths
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
-from dist_glm.models import check_model_path, check_remote_code
+from dist_glm.models import check_attention, check_model_path, check_remote_code
 from dist_glm.objectives import check_objective
 
 
@@ -46,6 +46,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
+    problems += check_attention(cfg.model)
     problems += adopt_adapter(cfg)  # first: the adapter's rank and targets are what the method checks
     problems += check_init(cfg, world_size)
     problems += get_method(cfg.method.finetuning_type).check_config(cfg)

@@ -104,16 +104,19 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
     check_remote_code(path, model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    # sdpa is transformers' own choice for GLM; asked for explicitly only when it is another one (remote
+    # code may not take the argument at all).
+    attn = getattr(model_cfg, "attn_implementation", "sdpa")
+    extra = {} if attn == "sdpa" else {"attn_implementation": attn}
     if model_cfg.train_from_scratch:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **extra)
         return model.to(dtype)
     if zero_stage(ds_config) == 3:
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
-    extra = {}
     if quantization_config is not None:
         # bitsandbytes quantizes while the weights move to the device, so each rank loads onto its own.
-        extra = dict(quantization_config=quantization_config)
+        extra["quantization_config"] = quantization_config
         if zero_stage(ds_config) != 3:  # ZeRO-3 places (and partitions) the weights itself
             extra["device_map"] = {"": local_device()}
     try:
@@ -122,6 +125,35 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+
+
+def check_attention(model_cfg) -> list[str]:
+    """Before launch: the attention kernel asked for can run here."""
+    import importlib.util
+
+    if getattr(model_cfg, "attn_implementation", "sdpa") != "flash_attention_2":
+        return []
+    if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+        missing = "the flash-attn package" if importlib.util.find_spec("flash_attn") is None else "a CUDA GPU"
+        return [
+            f"attn_implementation=flash_attention_2 needs {missing} (pip install flash-attn on a CUDA machine); "
+            "use attn_implementation=sdpa, which needs nothing extra"
+        ]
+    return []
+
+
+def add_neftune(model, alpha: float) -> None:
+    """NEFTune (Jain et al. 2023): while training, uniform noise in [-a, a] with a = alpha / sqrt(L * d)
+    (L tokens, d the hidden size) on the input embeddings; evaluation and generation see none."""
+    import math
+
+    def noisy(module, inputs, output):
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.size(1) * output.size(2))
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(noisy)
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -36,6 +36,7 @@ from dist_glm.metrics import (
     train_flops_per_token,
 )
 from dist_glm.models import (
+    add_neftune,
     enable_gradient_checkpointing,
     generation_eos_ids,
     load_model,
@@ -117,6 +118,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     model = continued.prepare_trainable(model, method, cfg)
     if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
         enable_gradient_checkpointing(model)
+    if t.neftune_noise_alpha:
+        add_neftune(model, t.neftune_noise_alpha)
     continued.load_init_weights(model, cfg, resumed=resume_path is not None)
     trainable, total = count_parameters(model)
     log(
