@@ -115,10 +115,12 @@ def prepare_main(argv: list[str] | None = None) -> None:
     def body(sections):
         from dist_glm.data.formats import check_data_paths
         from dist_glm.data.loading import load_datasets, render_trained_spans
+        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.models import load_tokenizer
 
         cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
         problems = config.check_values(cfg)
+        problems += resolve_datasets(cfg.data)
         problems += check_data_paths(cfg.data.dataset, "dataset")
         problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
         if problems:
@@ -148,10 +150,12 @@ def distill_cache_main(argv: list[str] | None = None) -> None:
 
     def body(sections):
         from dist_glm.data.formats import check_data_paths
+        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.teacher_cache import build_from_recipe
 
         cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
         problems = config.check_values(cfg)
+        problems += resolve_datasets(cfg.data)
         problems += check_data_paths(cfg.data.dataset, "dataset")
         problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
         if problems:
@@ -180,10 +184,12 @@ def distill_generate_main(argv: list[str] | None = None) -> None:
 
     def body(sections):
         from dist_glm.data.formats import check_data_paths
+        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.teacher_generate import generate_dataset
 
         cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
         problems = [p for p in config.check_values(cfg) if not p.startswith("output_dir")]  # not needed here
+        problems += resolve_datasets(cfg.data)
         problems += check_data_paths(cfg.data.dataset, "dataset")
         if problems:
             raise UserError(problems)

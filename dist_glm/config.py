@@ -88,6 +88,12 @@ class DataConfig:
     preprocessing_num_workers: int = option(
         1, "Processes that tokenize when the cache is built (the cache is the same for any number)."
     )
+    dataset_dir: str = option(
+        "", "Folder of a LLaMA-Factory dataset_info.json: dataset names resolve through it (read unchanged)."
+    )
+    dataset_columns: str = option(
+        "", "Filled from dataset_info.json: each registered file's formatting, columns and tags (JSON)."
+    )
     data_cache_dir: str = option(
         "", "Tokenized-data cache, shared by all nodes (default: .dist_glm_cache/ beside the first dataset file)."
     )

@@ -165,7 +165,11 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
     from dist_glm.models import load_tokenizer
 
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
-    problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
+    from dist_glm.data.registry import resolve as resolve_datasets
+
+    data_cfg = dataclasses.replace(data_cfg)  # resolved in place: keep the caller's
+    problems = resolve_datasets(data_cfg)
+    problems += check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
     sets = {} if problems else named_sets(data_cfg.eval_dataset)
     if len(sets) > 1:
         problems.append("eval_dataset: evaluate.py takes one eval set; run it once per set (--eval_dataset=FILE)")

@@ -10,6 +10,7 @@ from dist_glm import checkpoint, distributed
 from dist_glm.config import Config
 from dist_glm.continued import adopt_adapter, check_init
 from dist_glm.data.formats import check_data_paths
+from dist_glm.data.registry import resolve as resolve_datasets
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
 from dist_glm.models import check_attention, check_model_path, check_remote_code
@@ -39,6 +40,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         student_ok = not student_problems
     if student_ok:  # the teacher's tokenizer is compared with the student's, so the student's must load
         problems += check_objective(cfg)
+    problems += resolve_datasets(cfg.data)  # names, folders and globs become files
     problems += check_data_paths(cfg.data.dataset, "dataset")
     problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
     ds_config = resume_path = None

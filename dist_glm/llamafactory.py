@@ -59,13 +59,6 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "concat": (None, None),
         _ANY: (None, "mix_strategy={value}: remove it and set mix_probs (exact shares per epoch, seeded order)"),
     },
-    "dataset_dir": {
-        _ANY: (
-            None,
-            "dataset_dir (LLaMA-Factory's dataset_info.json registry) is not supported yet; "
-            "list the data files in dataset",
-        )
-    },
 }
 
 

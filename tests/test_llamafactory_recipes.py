@@ -121,7 +121,6 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
     [
         ("stage: dpo", "stage=dpo: dist_glm does supervised fine-tuning (stage: sft) only"),
         ("report_to: wandb", "report_to=wandb is not supported"),
-        ("dataset_dir: data", "dataset_dir (LLaMA-Factory's dataset_info.json registry) is not supported yet"),
         ("eval_strategy: epoch", "eval_strategy=epoch: dist_glm evaluates every eval_steps steps"),
     ],
 )
@@ -136,8 +135,85 @@ def test_their_dataset_names_are_explained(tmp_path):
     cfg, problems = collect_config(["--model_name_or_path=m", "--dataset=identity,alpaca_en_demo", "--output_dir=o"])
     with pytest.raises(UserError) as err:
         validate_inputs(cfg, 1, problems)
-    names = [p for p in err.value.problems if "dataset names (LLaMA-Factory's dataset_info.json registry)" in p]
+    names = [p for p in err.value.problems if "a name in dataset_dir's dataset_info.json" in p]
     assert len(names) == 2
+
+
+def their_registry(tmp_path):
+    """A dataset_dir as LLaMA-Factory ships it: dataset_info.json naming an alpaca file with renamed
+    columns, a sharegpt file with OpenAI-style tags, a folder, and entries we cannot serve."""
+    d = tmp_path / "data"
+    (d / "shards").mkdir(parents=True)
+    (d / "zh_demo.json").write_text(
+        json.dumps([{"q": "你好", "a": "你好！", "sys": "你是助手"}, {"q": "1+1", "a": "2"}], ensure_ascii=False)
+    )
+    chat = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    (d / "chat.jsonl").write_text(json.dumps(chat, ensure_ascii=False) + "\n")
+    for i in range(2):
+        (d / "shards" / f"part{i}.jsonl").write_text(json.dumps({"instruction": f"第{i}", "output": "好"}) + "\n")
+    registry = {
+        "zh_demo": {"file_name": "zh_demo.json", "columns": {"prompt": "q", "response": "a", "system": "sys"}},
+        "chat_demo": {
+            "file_name": "chat.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        },
+        "sharded": {"file_name": "shards"},
+        "from_hub": {"hf_hub_url": "llamafactory/alpaca_en"},
+        "dpo_demo": {"file_name": "zh_demo.json", "ranking": True},
+    }
+    (d / "dataset_info.json").write_text(json.dumps(registry, ensure_ascii=False))
+    return d
+
+
+def test_their_registry_works_unchanged(tmp_path):
+    from dist_glm.data.batching import build_examples
+    from dist_glm.data.formats import load_conversations
+    from dist_glm.models import load_tokenizer
+
+    d = their_registry(tmp_path)
+    cfg, problems = collect_config(
+        ["--model_name_or_path=assets/tiny-glm4", "--train_from_scratch", "--dataset=zh_demo,chat_demo,sharded",
+         f"--dataset_dir={d}", f"--eval_dataset=dev={d / 'shards'}", f"--output_dir={tmp_path / 'o'}"]
+    )  # fmt: skip
+    validate_inputs(cfg, 1, problems)  # resolves the names, folders and patterns into files
+    assert cfg.data.dataset.split(",") == [str(d / "zh_demo.json"), str(d / "chat.jsonl")] + [
+        str(d / "shards" / f"part{i}.jsonl") for i in range(2)
+    ]
+    assert cfg.data.eval_dataset == ",".join(f"dev={d / 'shards' / f'part{i}.jsonl'}" for i in range(2))
+    convs = load_conversations(cfg.data.dataset, cfg.data, [])
+    assert convs[0]["system"] == "你是助手" and convs[0]["messages"][0] == {"role": "user", "content": "你好"}
+    assert convs[2]["messages"] == [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    _, stats = build_examples(cfg.data.dataset, load_tokenizer("assets/tiny-glm4"), cfg.data, "glm4")
+    line = stats.summary("dataset")  # one part per file, with its detected format
+    assert "zh_demo.json (alpaca): 2 rows -> 2 samples" in line and "chat.jsonl (sharegpt): 1 rows" in line
+    assert "part1.jsonl (alpaca)" in line
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("from_hub", "is a hf_hub_url entry; nothing is downloaded here"), ("dpo_demo", "is a ranking (preference)")],
+)
+def test_registry_entries_we_cannot_serve_say_why(tmp_path, name, message):
+    d = their_registry(tmp_path)
+    cfg, problems = collect_config(
+        ["--model_name_or_path=assets/tiny-glm4", "--train_from_scratch", f"--dataset={name}", f"--dataset_dir={d}",
+         f"--output_dir={tmp_path / 'o'}"]
+    )  # fmt: skip
+    with pytest.raises(UserError) as err:
+        validate_inputs(cfg, 1, problems)
+    assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_globs_and_folders_of_files(tmp_path):
+    from dist_glm.data.registry import expand
+
+    d = their_registry(tmp_path)
+    files, _ = expand(f"{d}/shards/*.jsonl,{d / 'shards'}", "", "dataset")
+    assert files.split(",") == [str(d / "shards" / f"part{i}.jsonl") for i in (0, 1)] * 2
+    with pytest.raises(UserError, match="matches no data files"):
+        expand(f"{d}/*.csv", "", "dataset")
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ class DataStats:
     skipped: list = field(default_factory=list)  # bad rows skipped under on_invalid: skip
     with_empty_turns: int = 0  # rows with an empty user or assistant turn (trained as given)
     text_samples: int = 0  # samples from raw documents (dataset_format text)
+    files: dict = field(default_factory=dict)  # path -> {"format", "rows", "samples"}
 
     def merged(self, other: "DataStats") -> "DataStats":
         return DataStats(
@@ -42,6 +43,7 @@ class DataStats:
             self.skipped + other.skipped,
             self.with_empty_turns + other.with_empty_turns,
             self.text_samples + other.text_samples,
+            {**self.files, **other.files},
         )
 
     def summary(self, name: str) -> str:
@@ -50,10 +52,14 @@ class DataStats:
             if self.with_empty_turns
             else ""
         )
+        per_file = "; ".join(
+            f"{path.rsplit('/', 1)[-1]} ({f['format']}): {f['rows']} rows -> {f['samples']} samples"
+            for path, f in self.files.items()
+        )
         return (
             f"{name}: {self.rows} rows -> {self.samples} samples; "
             f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
-            f"token, {len(self.skipped)} invalid rows skipped{empty}"
+            f"token, {len(self.skipped)} invalid rows skipped{empty}" + (f" [{per_file}]" if per_file else "")
         )
 
 
@@ -95,13 +101,20 @@ def build_examples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
 ) -> tuple[list[Example], DataStats]:
     template = build_template(template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt)
-    stats, out = DataStats(), []
-    conversations = load_conversations(spec, data_cfg, stats.skipped)
+    stats, out, formats = DataStats(), [], {}
+    conversations = load_conversations(spec, data_cfg, stats.skipped, formats)
     stats.rows = len(conversations) + len(stats.skipped)
+    stats.files = {path: {"format": fmt, "rows": 0, "samples": 0} for path, fmt in formats.items()}
+    for where in [c["where"] for c in conversations] + [s["where"] for s in stats.skipped]:
+        stats.files[where.rsplit(":", 1)[0]]["rows"] += 1
+    sources = [c["where"].rsplit(":", 1)[0] for c in conversations]
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
-    for item in _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers):
+    encoded = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
+    # Lazy when serial: zip stops where max_samples breaks the loop, without encoding the rest.
+    for source, item in zip(sources, encoded, strict=False):
         if item[0] == "text":
             stats.text_samples += len(item[1])
+            stats.files[source]["samples"] += len(item[1])
             out += item[1]
             if max_samples and len(out) >= max_samples:
                 out = out[:max_samples]
@@ -114,6 +127,7 @@ def build_examples(
             stats.dropped_no_labels += 1
             continue
         out.append(Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference))
+        stats.files[source]["samples"] += 1
         if max_samples and len(out) >= max_samples:
             break
     stats.samples = len(out)

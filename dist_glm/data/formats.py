@@ -71,8 +71,8 @@ def check_data_paths(spec: str, key: str, named: bool = False) -> list[str]:
             problems.append(f"{key}: '{path}' is a directory; give the data files in it, comma-separated{example}")
         elif not Path(path).is_file() and not Path(path).suffix:
             problems.append(
-                f"{key}: '{path}' is not a file; dataset names (LLaMA-Factory's dataset_info.json registry) are not "
-                "supported yet: give comma-separated paths to local data files"
+                f"{key}: '{path}' is not a file, folder, pattern or a name in dataset_dir's dataset_info.json; give "
+                "local data files, a folder or a glob, or set dataset_dir to the folder of your dataset_info.json"
             )
         elif not Path(path).is_file():
             problems.append(f"{key}: file '{path}' not found; give comma-separated paths to local data files")
@@ -364,13 +364,53 @@ def count_empty_turns(conv: dict) -> int:
     )
 
 
-def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
+def remap(row: dict, mapping: dict) -> dict:
+    """A row of a dataset registered in dataset_info.json (dist_glm.data.registry), in the shape the
+    converters read: its columns and role tags renamed to ours."""
+    cols, tags = mapping.get("columns", {}), mapping.get("tags", {})
+    if mapping["formatting"] == "alpaca":
+        names = {
+            "prompt": "instruction",
+            "query": "input",
+            "response": "output",
+            "system": "system",
+            "history": "history",
+        }
+        return {ours: row[cols.get(theirs, ours)] for theirs, ours in names.items() if cols.get(theirs, ours) in row}
+    messages = row.get(cols.get("messages", "conversations"), [])
+    role_tag, content_tag = tags.get("role_tag", "from"), tags.get("content_tag", "value")
+    roles = {
+        tags.get("user_tag", "human"): "human",
+        tags.get("assistant_tag", "gpt"): "gpt",
+        tags.get("observation_tag", "observation"): "observation",
+        tags.get("function_tag", "function_call"): "function_call",
+        tags.get("system_tag", "system"): "system",
+    }
+    turns = [
+        {"from": roles.get(t.get(role_tag), t.get(role_tag)), "value": t.get(content_tag)} if isinstance(t, dict) else t
+        for t in messages
+    ] if isinstance(messages, list) else messages  # fmt: skip
+    out = {"conversations": turns}
+    if cols.get("system") in row:
+        out["system"] = row[cols["system"]]
+    if cols.get("tools", "tools") in row:
+        out["tools"] = row[cols.get("tools", "tools")]
+    return out
+
+
+def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict | None = None) -> list[dict]:
     """All conversations from the comma-separated files in `spec`, in file order. Bad rows raise
-    UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}."""
+    UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}. `formats`
+    receives each file's format."""
+    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
     out = []
     for path in split_paths(spec):
         rows = read_rows(path)
         fmt = data_cfg.dataset_format
+        mapping = registered.get(path)
+        if mapping is not None:  # a dataset_info.json entry: its own column names, read as ours
+            rows = [(n, r if isinstance(r, BadRow) or not isinstance(r, dict) else remap(r, mapping)) for n, r in rows]
+            fmt = mapping["formatting"]
         if fmt == "auto":
             first = next((r for _, r in rows if not isinstance(r, BadRow)), None)
             fmt = detect_format(first, data_cfg.prompt_column)
@@ -379,6 +419,8 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict]) -> list[dict]:
                     f"{path}: cannot tell the data format from the first row's fields; set "
                     f"dataset_format to one of {', '.join(CONVERTERS)}"
                 )
+        if formats is not None:
+            formats[path] = fmt
         for lineno, row in rows:
             where = f"{path}:{lineno}"
             try:

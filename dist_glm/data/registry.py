@@ -1,0 +1,105 @@
+"""Datasets by name, folder or pattern: what `dataset` / `eval_dataset` entries other than plain files
+mean, resolved to files before anything reads them.
+
+- a name in `dataset_dir/dataset_info.json`, LLaMA-Factory's registry, read unchanged: `file_name` (a
+  file or a folder), `formatting` (`alpaca`, `sharegpt`), `columns` (prompt, query, response, system,
+  history, messages, tools) and `tags` (role_tag, content_tag, user_tag, assistant_tag,
+  observation_tag, function_tag, system_tag). Entries that need a download (`hf_hub_url`,
+  `ms_hub_url`, `script_url`) or another training stage (`ranking`) are refused with the reason;
+- a folder: every data file in it, sorted;
+- a glob (`data/*.jsonl`): the matching files, sorted.
+
+A registry entry's column and tag mapping travels in `DataConfig.dataset_columns` (JSON, keyed by
+file), so it is part of the tokenization cache key and the converters see rows in their own shape.
+"""
+
+import glob
+import json
+from pathlib import Path
+
+from dist_glm.data.formats import SUFFIXES, named_sets, split_paths
+from dist_glm.errors import UserError
+
+REGISTRY = "dataset_info.json"
+_REMOTE = ("hf_hub_url", "ms_hub_url", "script_url", "om_hub_url")
+
+
+def _files_in(folder: Path) -> list[str]:
+    return sorted(str(f) for f in folder.iterdir() if f.is_file() and f.suffix in SUFFIXES)
+
+
+def _registry(dataset_dir: str) -> dict | None:
+    path = Path(dataset_dir or ".") / REGISTRY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); fix the registry") from None
+
+
+def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[list[str], dict]:
+    where = f"{key}: '{name}' ({Path(dataset_dir or '.') / REGISTRY})"
+    remote = [k for k in _REMOTE if k in entry]
+    if remote:
+        raise UserError(
+            f"{where} is a {remote[0]} entry; nothing is downloaded here: download it and register file_name"
+        )
+    if entry.get("ranking"):
+        raise UserError(f"{where} is a ranking (preference) dataset; dist_glm does supervised fine-tuning only")
+    if "file_name" not in entry:
+        raise UserError(f"{where} has no file_name; give the data file (or folder) it names")
+    target = Path(dataset_dir or ".") / entry["file_name"]
+    files = _files_in(target) if target.is_dir() else [str(target)]
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise UserError(f"{where}: formatting '{formatting}' is not one of alpaca, sharegpt")
+    mapping = {"formatting": formatting, "columns": entry.get("columns", {}), "tags": entry.get("tags", {})}
+    return files, mapping
+
+
+def expand(spec: str, dataset_dir: str, key: str) -> tuple[str, dict[str, dict]]:
+    """(comma-separated files, {file: registry mapping}) for one `dataset`-style value."""
+    registry = None
+    files, mappings = [], {}
+    for item in split_paths(spec):
+        p = Path(item)
+        if p.is_file():
+            files.append(item)
+        elif p.is_dir():
+            inside = _files_in(p)
+            if not inside:
+                raise UserError(f"{key}: folder '{item}' holds no data files ({', '.join(SUFFIXES)})")
+            files += inside
+        elif any(c in item for c in "*?["):
+            matched = sorted(f for f in glob.glob(item) if Path(f).suffix in SUFFIXES)
+            if not matched:
+                raise UserError(f"{key}: the pattern '{item}' matches no data files")
+            files += matched
+        else:
+            registry = registry if registry is not None else (_registry(dataset_dir) or {})
+            if item not in registry:
+                # Left as given: the file checks say it is not found (with the registry hint).
+                files.append(item)
+                continue
+            found, mapping = _from_registry(item, registry[item], dataset_dir, key)
+            files += found
+            mappings.update({f: mapping for f in found})
+    return ",".join(files), mappings
+
+
+def resolve(data_cfg) -> list[str]:
+    """Expand `dataset` and `eval_dataset` (named sets too) in place; returns problems, one line each."""
+    try:
+        files, mappings = expand(data_cfg.dataset, data_cfg.dataset_dir, "dataset")
+        entries = []
+        for name, value in named_sets(data_cfg.eval_dataset).items():
+            eval_files, more = expand(value, data_cfg.dataset_dir, "eval_dataset")
+            mappings.update(more)
+            entries += [f"{name}={f}" if name else f for f in split_paths(eval_files)]
+    except UserError as e:
+        return e.problems
+    data_cfg.dataset, data_cfg.eval_dataset = files, ",".join(entries)
+    if mappings:
+        data_cfg.dataset_columns = json.dumps(mappings, sort_keys=True, ensure_ascii=False)
+    return []
