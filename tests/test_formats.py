@@ -331,3 +331,24 @@ def test_parallel_tokenization_gives_the_same_samples():
     serial, s_stats = build_examples(str(data), tok, one, "glm4", max_samples=300)
     parallel, p_stats = build_examples(str(data), tok, four, "glm4", max_samples=300)
     assert parallel == serial and p_stats == s_stats
+
+
+def test_what_truncation_costs_is_counted_and_a_cut_tool_call_is_not_trained(tmp_path):
+    tools = [{"name": f"tool_{i}", "description": "查询天气" * 20, "parameters": {"type": "object"}} for i in range(3)]
+    long_args = json.dumps({"city": "北京" * 60}, ensure_ascii=False)
+    call = {"role": "assistant", "tool_calls": [{"function": {"name": "tool_0", "arguments": long_args}}]}
+    rows = [
+        {"messages": [{"role": "user", "content": "北京天气?"}, call], "tools": tools},  # the call cannot fit
+        {"messages": [{"role": "user", "content": "你好" * 200}, {"role": "assistant", "content": "好"}]},
+        {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config(
+        ["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o", "--cutoff_len=64"], default_yaml=None
+    ).data
+    examples, stats = build_examples(str(path), load_tokenizer(str(TINY_MODEL)), cfg, "glm4")
+    assert len(examples) == 2  # the tool-call sample is dropped, the others kept
+    assert stats.lost["tool_call"] == [1, [f"{path}:1"]] and stats.lost["question"][1] == [f"{path}:2"]
+    line = stats.summary("dataset")
+    assert "1 were dropped: their tool call did not fit" in line and "1 lost the end of their prompt" in line

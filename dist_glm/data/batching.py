@@ -33,6 +33,11 @@ class DataStats:
     with_empty_turns: int = 0  # rows with an empty user or assistant turn (trained as given)
     text_samples: int = 0  # samples from raw documents (dataset_format text)
     files: dict = field(default_factory=dict)  # path -> {"format", "rows", "samples"}
+    lost: dict = field(default_factory=dict)  # what truncation cost: kind -> [count, first few file:line]
+
+    def note_lost(self, kind: str, where: str) -> None:
+        count, first = self.lost.get(kind, [0, []])
+        self.lost[kind] = [count + 1, first + [where] if len(first) < 3 else first]
 
     def merged(self, other: "DataStats") -> "DataStats":
         return DataStats(
@@ -44,7 +49,10 @@ class DataStats:
             self.with_empty_turns + other.with_empty_turns,
             self.text_samples + other.text_samples,
             {**self.files, **other.files},
-        )
+            {k: [self.lost.get(k, [0, []])[0] + other.lost.get(k, [0, []])[0],
+                 (self.lost.get(k, [0, []])[1] + other.lost.get(k, [0, []])[1])[:3]]
+             for k in {**self.lost, **other.lost}},
+        )  # fmt: skip
 
     def summary(self, name: str) -> str:
         empty = (
@@ -56,10 +64,23 @@ class DataStats:
             f"{path.rsplit('/', 1)[-1]} ({f['format']}): {f['rows']} rows -> {f['samples']} samples"
             for path, f in self.files.items()
         )
+        what = {
+            "question": "lost the end of their prompt (the last user turn)",
+            "reply": "had their trained reply cut short",
+            "tool_call": "were dropped: their tool call did not fit (a cut call is broken JSON)",
+        }
+        lost = "; ".join(
+            f"{self.lost[k][0]} {what[k]} (e.g. {', '.join(self.lost[k][1])})" for k in what if k in self.lost
+        )
+        lost = (
+            f"; WARNING: cutoff_len is too short for some samples: {lost}; raise cutoff_len or shorten them"
+            if lost
+            else ""
+        )
         return (
             f"{name}: {self.rows} rows -> {self.samples} samples; "
             f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
-            f"token, {len(self.skipped)} invalid rows skipped{empty}" + (f" [{per_file}]" if per_file else "")
+            f"token, {len(self.skipped)} invalid rows skipped{empty}{lost}" + (f" [{per_file}]" if per_file else "")
         )
 
 
@@ -107,11 +128,12 @@ def build_examples(
     stats.files = {path: {"format": fmt, "rows": 0, "samples": 0} for path, fmt in formats.items()}
     for where in [c["where"] for c in conversations] + [s["where"] for s in stats.skipped]:
         stats.files[where.rsplit(":", 1)[0]]["rows"] += 1
-    sources = [c["where"].rsplit(":", 1)[0] for c in conversations]
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
     encoded = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
     # Lazy when serial: zip stops where max_samples breaks the loop, without encoding the rest.
-    for source, item in zip(sources, encoded, strict=False):
+    for conv, item in zip(conversations, encoded, strict=False):
+        where = conv["where"]
+        source = where.rsplit(":", 1)[0]
         if item[0] == "text":
             stats.text_samples += len(item[1])
             stats.files[source]["samples"] += len(item[1])
@@ -123,6 +145,13 @@ def build_examples(
         _, enc, empty_turns = item
         stats.with_empty_turns += empty_turns
         stats.truncated += enc.truncated
+        reply = [m for m in conv["messages"] if m["role"] == "assistant"][-1]
+        if "reply" in enc.lost and reply.get("tool_call"):
+            stats.note_lost("tool_call", where)  # half a call would teach broken JSON: not trained on
+            continue
+        for kind in enc.lost:
+            if kind != "rounds":  # dropping the oldest rounds is the intended way to fit
+                stats.note_lost(kind, where)
         if all(label == IGNORE_INDEX for label in enc.labels[1:]):
             stats.dropped_no_labels += 1
             continue

@@ -50,6 +50,9 @@ class Encoded:
     prompt_ids: list[int]  # everything before the last reply, for generation
     reference: str  # the last reply's text, for generation metrics
     truncated: bool
+    # What cutoff_len cost, when truncated: "rounds" (earlier rounds dropped), "question" (the end of the
+    # prompt, i.e. the last user turn, cut), "reply" (the trained reply cut short).
+    lost: tuple[str, ...] = ()
 
 
 def choose_template(name: str, tokenizer, model_type: str) -> str:
@@ -207,14 +210,14 @@ class RoleTokenTemplate:
         head_labels = list(head) if self.train_on_prompt else [IGNORE_INDEX] * len(head)
         head_labels[: len(self.prefix)] = [IGNORE_INDEX] * len(self.prefix)
         # Truncation keeps the <|assistant|> token that ends the prompt.
-        input_ids, out_labels, truncated = _fit(head, head_labels, rounds, cutoff_len, header_len=1)
+        input_ids, out_labels, truncated, lost = _fit(head, head_labels, rounds, cutoff_len, header_len=1)
         prompt = self.encode_prompt({**conv, "messages": messages[:last_reply]})
         reply = messages[last_reply]
         reference = reply["content"]
         if reply.get("tool_call"):
             metadata, content = self._call_text(reply["tool_call"])
             reference = f"{metadata}\n{content}"
-        return Encoded(input_ids, out_labels, prompt, reference, truncated)
+        return Encoded(input_ids, out_labels, prompt, reference, truncated, lost)
 
 
 class RoundTextTemplate:
@@ -275,16 +278,21 @@ class RoundTextTemplate:
         else:
             prompt_labels = [IGNORE_INDEX] * len(prompt)
         rounds = [(prompt + reply, prompt_labels + reply, len(prompt))]
-        ids, labels, truncated = _fit([], [], rounds, cutoff_len, header_len)
+        ids, labels, truncated, lost = _fit([], [], rounds, cutoff_len, header_len)
         generation_prompt = self.encode_prompt({**conv, "messages": conv["messages"][:-1]})
-        return Encoded(ids, labels, generation_prompt, pairs[-1][1], truncated or first > 0)
+        lost = (("rounds",) if first > 0 else ()) + lost
+        return Encoded(ids, labels, generation_prompt, pairs[-1][1], truncated or first > 0, lost)
 
 
-def _fit(head, head_labels, rounds, cutoff_len: int, header_len: int) -> tuple[list[int], list[int], bool]:
+def _fit(
+    head, head_labels, rounds, cutoff_len: int, header_len: int
+) -> tuple[list[int], list[int], bool, tuple[str, ...]]:
     """Join head + rounds [(ids, labels, reply_start)] within cutoff_len: drop the oldest rounds first,
     then split the last round between prompt and reply so the reply keeps at least half the budget.
-    The prompt is cut from its end but keeps its last `header_len` tokens (the assistant header)."""
+    The prompt is cut from its end but keeps its last `header_len` tokens (the assistant header).
+    Also returns what was lost (Encoded.lost)."""
     truncated = len(head) + sum(len(r[0]) for r in rounds) > cutoff_len
+    lost = ("rounds",) if len(rounds) > 1 and truncated else ()
     while len(rounds) > 1 and len(head) + sum(len(r[0]) for r in rounds) > cutoff_len:
         rounds = rounds[1:]
         # A trained terminator of the dropped round would now have nothing before it to predict it.
@@ -295,14 +303,19 @@ def _fit(head, head_labels, rounds, cutoff_len: int, header_len: int) -> tuple[l
         ids, labels = ids + r_ids, labels + r_labels
     last_ids, last_labels, start = rounds[-1]
     if len(ids) + len(last_ids) <= cutoff_len:
-        return ids + last_ids, labels + last_labels, truncated
+        return ids + last_ids, labels + last_labels, truncated, lost
     prompt_ids, prompt_labels = ids + last_ids[:start], labels + last_labels[:start]
     reply_ids, reply_labels = last_ids[start:], last_labels[start:]
     reply_budget = min(len(reply_ids), max(cutoff_len // 2, cutoff_len - len(prompt_ids)))
     keep = max(cutoff_len - reply_budget - header_len, 0)
     cut_ids = prompt_ids[:keep] + prompt_ids[-header_len:]
     cut_labels = prompt_labels[:keep] + prompt_labels[-header_len:]
-    return cut_ids + reply_ids[:reply_budget], cut_labels + reply_labels[:reply_budget], True
+    lost = (
+        lost
+        + (("question",) if keep < len(prompt_ids) - header_len else ())
+        + (("reply",) if reply_budget < len(reply_ids) else ())
+    )
+    return cut_ids + reply_ids[:reply_budget], cut_labels + reply_labels[:reply_budget], True, lost
 
 
 def build_template(name: str, tokenizer, mask_history: bool = False, train_on_prompt: bool = False):
