@@ -97,6 +97,25 @@ def train_main(argv: list[str] | None = None) -> None:
     run_command(config.TRAIN, argv, body, parse=False, exit_codes=exit_codes)
 
 
+def recipe_config(sections, eval_data: bool = True, output_dir: bool = True):
+    """A training recipe's Config for a tool that reads one (prepare, distill_cache, distill_generate):
+    its values checked, dataset names/folders/globs resolved and the data files checked, all problems
+    raised together."""
+    from dist_glm import config
+    from dist_glm.data.formats import check_data_paths
+    from dist_glm.data.registry import resolve as resolve_datasets
+
+    cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
+    problems = [p for p in config.check_values(cfg) if output_dir or not p.startswith("output_dir")]
+    problems += resolve_datasets(cfg.data)
+    problems += check_data_paths(cfg.data.dataset, "dataset")
+    if eval_data:
+        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
+    if problems:
+        raise UserError(problems)
+    return cfg
+
+
 def prepare_main(argv: list[str] | None = None) -> None:
     """Tokenize `dataset` and `eval_dataset` of a recipe into the shared cache, without training;
     `--show_samples=N` prints the first N samples with their trained spans marked."""
@@ -113,18 +132,10 @@ def prepare_main(argv: list[str] | None = None) -> None:
     )
 
     def body(sections):
-        from dist_glm.data.formats import check_data_paths
         from dist_glm.data.loading import load_datasets, render_trained_spans
-        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.models import load_tokenizer
 
-        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
-        problems = config.check_values(cfg)
-        problems += resolve_datasets(cfg.data)
-        problems += check_data_paths(cfg.data.dataset, "dataset")
-        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
-        if problems:
-            raise UserError(problems)
+        cfg = recipe_config(sections)
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
         train, _ = load_datasets(cfg, tokenizer)
         for i, example in enumerate(train[: sections["prepare"].show_samples]):
@@ -149,18 +160,9 @@ def distill_cache_main(argv: list[str] | None = None) -> None:
     )
 
     def body(sections):
-        from dist_glm.data.formats import check_data_paths
-        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.teacher_cache import build_from_recipe
 
-        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
-        problems = config.check_values(cfg)
-        problems += resolve_datasets(cfg.data)
-        problems += check_data_paths(cfg.data.dataset, "dataset")
-        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
-        if problems:
-            raise UserError(problems)
-        build_from_recipe(cfg)
+        build_from_recipe(recipe_config(sections))
 
     run_command(command, argv, body)
 
@@ -183,17 +185,10 @@ def distill_generate_main(argv: list[str] | None = None) -> None:
     )
 
     def body(sections):
-        from dist_glm.data.formats import check_data_paths
-        from dist_glm.data.registry import resolve as resolve_datasets
         from dist_glm.teacher_generate import generate_dataset
 
-        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
-        problems = [p for p in config.check_values(cfg) if not p.startswith("output_dir")]  # not needed here
-        problems += resolve_datasets(cfg.data)
-        problems += check_data_paths(cfg.data.dataset, "dataset")
-        if problems:
-            raise UserError(problems)
-        generate_dataset(cfg, sections["generate"])
+        # It writes output_file, not output_dir, and answers only the training prompts.
+        generate_dataset(recipe_config(sections, eval_data=False, output_dir=False), sections["generate"])
 
     run_command(command, argv, body)
 
