@@ -259,16 +259,22 @@ def test_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tok):
     assert tokenized and other_setting != changed
 
 
-def test_the_cache_is_plain_memory_mapped_data_equal_to_the_encoding(tmp_path):
-    from dist_glm.data.batching import build_examples
-    from dist_glm.data.preprocess import load_cache
-
+def cached_rows(tmp_path, rows):
+    """`rows` written as a jsonl file and tokenized into the cache: (file, tokenizer, data config, cache dir)."""
     path = tmp_path / "rows.jsonl"
-    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"一款{c}的裙子"} for c in ("红色", "蓝色", "白色")]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tok = load_tokenizer(str(TINY_MODEL))
     cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
     cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    return path, tok, cfg, cache
+
+
+def test_the_cache_is_plain_memory_mapped_data_equal_to_the_encoding(tmp_path):
+    from dist_glm.data.batching import build_examples
+    from dist_glm.data.preprocess import load_cache
+
+    rows = [{"content": f"类型#裙*颜色#{c}", "summary": f"一款{c}的裙子"} for c in ("红色", "蓝色", "白色")]
+    path, tok, cfg, cache = cached_rows(tmp_path, rows)
     assert cache.is_dir() and not list(cache.glob("*.pkl"))
     cached, stats = load_cache(cache)
     direct, direct_stats = build_examples(str(path), tok, cfg, "glm4")
@@ -281,11 +287,7 @@ def test_a_crafted_pickle_in_the_cache_is_refused_and_never_runs(tmp_path):
 
     from dist_glm.data.preprocess import load_cache
 
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"content": "类型#裙", "summary": "裙子"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    tok = load_tokenizer(str(TINY_MODEL))
-    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
-    cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    path, tok, cfg, cache = cached_rows(tmp_path, [{"content": "类型#裙", "summary": "裙子"}])
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -306,11 +308,7 @@ def test_a_crafted_pickle_in_the_cache_is_refused_and_never_runs(tmp_path):
 
 
 def test_a_half_written_cache_is_never_used(tmp_path):
-    path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"content": "类型#裙", "summary": "裙子"}, ensure_ascii=False) + "\n", encoding="utf-8")
-    tok = load_tokenizer(str(TINY_MODEL))
-    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o"], default_yaml=None).data
-    cache, _ = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
+    path, tok, cfg, cache = cached_rows(tmp_path, [{"content": "类型#裙", "summary": "裙子"}])
     labels = cache / "labels.npy"
     labels.write_bytes(labels.read_bytes()[:-4])  # cut short, as a killed copy or a full disk leaves it
     again, tokenized = tokenize_to_cache(str(path), tok, str(TINY_MODEL), "glm4", cfg)
