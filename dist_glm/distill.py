@@ -32,14 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dist_glm import distributed
 from dist_glm.config import DistillConfig
 from dist_glm.data.batching import model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.loss import CHUNK_ELEMENTS, CrossEntropy, _causal_lm, has_native_head, head_returns
+from dist_glm.loss import CHUNK_ELEMENTS, CrossEntropy, _causal_lm, has_native_head, head_returns, sum_over_labelled
 
 # ---------------------------------------------------------------- the divergences
 
@@ -79,20 +78,11 @@ def _chunk_sums(head_forward, h, targets, teacher_h, teacher_weight, spec: KDSpe
 def labelled_distill_sums(head_forward, hidden, labels, teacher_h, teacher_weight, spec: KDSpec) -> torch.Tensor:
     """[CE sum, KD sum] over the labelled positions of the student's `hidden` (B x T x H); `teacher_h`
     holds the teacher's hidden states at the same positions (N x H_teacher)."""
-    keep = labels[:, 1:] != IGNORE_INDEX
-    h, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
-    if h.shape[0] == 0:
-        return hidden.sum() * torch.zeros(2, device=hidden.device)  # keeps the graph for every rank's backward
     # Two chunks of logits (student's and teacher's) are alive at a time: half the tokens of a CE chunk.
     chunk = max(1, CHUNK_ELEMENTS // (2 * spec.vocab))
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    total = None
-    for i in range(0, h.shape[0], chunk):
-        part = slice(i, i + chunk)
-        args = (head_forward, h[part], targets[part], teacher_h[part], teacher_weight, spec)
-        sums = checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args)
-        total = sums if total is None else total + sums
-    return total
+    return sum_over_labelled(
+        _chunk_sums, head_forward, hidden, labels, chunk, per_token=(teacher_h,), shared=(teacher_weight, spec), shape=2
+    )
 
 
 def plain_distill_sums(student_logits, teacher_logits, labels, spec: KDSpec) -> torch.Tensor:

@@ -46,22 +46,33 @@ def _chunk_loss_sum(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -
     return F.cross_entropy(head_forward(hidden).float(), targets, reduction="sum")
 
 
-def labelled_loss_sum(head_forward, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the labelled positions of `hidden` (B x T x H, batch-first)."""
+def sum_over_labelled(
+    chunk_fn, head_forward, hidden, labels, chunk_tokens: int, per_token=(), shared=(), shape=()
+) -> torch.Tensor:
+    """Sum of `chunk_fn(head_forward, h, targets, *per_token_chunk, *shared)` over chunks of the labelled
+    positions of `hidden` (B x T x H, batch-first): the one place that gathers the hidden states there,
+    chunks them and recomputes each chunk in backward. `per_token` tensors are row-aligned with those
+    positions (the teacher's, for distillation) and chunked alike; `shape` is what a chunk returns."""
     keep = labels[:, 1:] != IGNORE_INDEX
     h = hidden[:, :-1][keep]  # N x H: a gather, the only copy, and of hidden size rather than vocab size
     targets = labels[:, 1:][keep]
-    if h.shape[0] == 0:
-        return hidden.sum() * 0.0  # keeps the graph (every rank runs the same backward collectives)
-    chunk = max(1, CHUNK_ELEMENTS // vocab_size)
+    if h.shape[0] == 0:  # keeps the graph (every rank runs the same backward collectives)
+        return hidden.sum() * torch.zeros(shape, device=hidden.device)
+    assert all(t.shape[0] == h.shape[0] for t in per_token), "per-token targets do not line up with the labels"
     recompute = torch.is_grad_enabled() and h.requires_grad
     total = None
-    for i in range(0, h.shape[0], chunk):
-        args = (head_forward, h[i : i + chunk], targets[i : i + chunk])
+    for i in range(0, h.shape[0], chunk_tokens):
+        part = slice(i, i + chunk_tokens)
+        args = (head_forward, h[part], targets[part], *(t[part] for t in per_token), *shared)
         # Recomputing a chunk's logits in backward is what keeps only one chunk of them alive at a time.
-        part = checkpoint(_chunk_loss_sum, *args, use_reentrant=False) if recompute else _chunk_loss_sum(*args)
-        total = part if total is None else total + part
+        sums = checkpoint(chunk_fn, *args, use_reentrant=False) if recompute else chunk_fn(*args)
+        total = sums if total is None else total + sums
     return total
+
+
+def labelled_loss_sum(head_forward, hidden: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the labelled positions of `hidden` (B x T x H, batch-first)."""
+    return sum_over_labelled(_chunk_loss_sum, head_forward, hidden, labels, max(1, CHUNK_ELEMENTS // vocab_size))
 
 
 @contextmanager

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from dist_glm import distributed
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.distill import KDSpec, kd_per_token
 from dist_glm.errors import UserError
-from dist_glm.loss import CHUNK_ELEMENTS, CrossEntropy, has_native_head, head_returns
+from dist_glm.loss import CHUNK_ELEMENTS, CrossEntropy, has_native_head, head_returns, sum_over_labelled
 
 MANIFEST = "manifest.json"
 ROWS_PER_SHARD = 512
@@ -168,20 +167,9 @@ def _chunk_sums(head_forward, h, targets, teacher_ids, teacher_logits, spec: KDS
 
 def labelled_sums(head_forward, hidden, labels, teacher_ids, teacher_logits, spec: KDSpec, vocab: int) -> torch.Tensor:
     """[CE sum, top-k KD sum] over the labelled positions, a chunk at a time (as dist_glm.distill)."""
-    keep = labels[:, 1:] != IGNORE_INDEX
-    h, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
-    if h.shape[0] == 0:
-        return hidden.sum() * torch.zeros(2, device=hidden.device)
-    assert h.shape[0] == teacher_ids.shape[0], "the cache's targets do not line up with the batch's labels"
     chunk = max(1, CHUNK_ELEMENTS // vocab)
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    total = None
-    for i in range(0, h.shape[0], chunk):
-        part = slice(i, i + chunk)
-        args = (head_forward, h[part], targets[part], teacher_ids[part], teacher_logits[part], spec)
-        sums = checkpoint(_chunk_sums, *args, use_reentrant=False) if recompute else _chunk_sums(*args)
-        total = sums if total is None else total + sums
-    return total
+    per_token = (teacher_ids, teacher_logits)
+    return sum_over_labelled(_chunk_sums, head_forward, hidden, labels, chunk, per_token, shared=(spec,), shape=2)
 
 
 class CachedDistillation(CrossEntropy):
