@@ -58,6 +58,7 @@ setup(
             "dist-glm-distill-generate=dist_glm.cli:distill_generate_main",
             "dist-glm-doctor=dist_glm.doctor:main",
             "dist-glm-plot=dist_glm.cli:plot_main",
+            "dist-glm-supervise=dist_glm.supervise:main",
         ]
     },
 )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dist_glm import checkpoint, distributed
+from dist_glm import checkpoint, distributed, pickles
 from dist_glm.config import Dtype, option
 from dist_glm.errors import UserError
 from dist_glm.methods import adapter_method, get_method
@@ -248,6 +248,7 @@ def read_checkpoint_weights(ckpt: Path, trainable_only: bool) -> dict[str, torch
     module in one file (in the training dtype; its bf16 optimizer's bf16_zero_pp_rank_* files are not a
     format zero_to_fp32 reads)."""
     ds_dir = ckpt / checkpoint.TAG
+    pickles.check_dir(ds_dir, f"checkpoint '{ckpt}'")  # zero_to_fp32 loads with weights_only=False
     if any(ds_dir.glob("zero_pp_rank_*_optim_states.pt")):
         import contextlib
         import io
@@ -261,7 +262,7 @@ def read_checkpoint_weights(ckpt: Path, trainable_only: bool) -> dict[str, torch
     files = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise UserError(f"checkpoint '{ckpt}': no DeepSpeed model states under {ds_dir}; is the checkpoint complete?")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return pickles.load(files[0])["module"]
 
 
 def _load_checkpoint(art: Artifact, dtype, device, dequantize: bool):

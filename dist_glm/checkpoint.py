@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_glm import distributed
+from dist_glm import distributed, pickles
 from dist_glm.config import save_config
 from dist_glm.errors import UserError
 from dist_glm.trainer_state import TrainerState
@@ -77,6 +77,7 @@ def resolve_resume_path(spec: str, output_dir: str, warn=print) -> Path | None:
         for _, path in reversed(list_checkpoints(output_dir)):
             problem = damage(path)
             if problem is None:
+                pickles.check_dir(path, "resume_from_checkpoint=auto")
                 return path
             warn(f"WARNING: skipping damaged checkpoint {path.name} ({problem}); trying the one before it")
         return None
@@ -93,6 +94,7 @@ def resolve_resume_path(spec: str, output_dir: str, warn=print) -> Path | None:
             f"resume_from_checkpoint='{spec}' is damaged: {problem}; pass another checkpoint, or 'auto' for the "
             "newest undamaged one"
         )
+    pickles.check_dir(p, f"resume_from_checkpoint='{spec}'")
     return p
 
 
@@ -119,7 +121,10 @@ def seal(tmp: Path) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors and plain numbers only, so that resume reads it with weights_only=True (dist_glm.pickles).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -127,7 +132,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state[1], torch.Tensor):
+        numpy_state = (numpy_state[0], numpy_state[1].numpy().astype(np.uint32), *numpy_state[2:])
+    np.random.set_state(tuple(numpy_state))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
@@ -243,6 +251,6 @@ def load_checkpoint(engine, path: Path, trainable_only: bool, tag: str = TAG) ->
     rank = torch.distributed.get_rank()
     rng_file = path / f"rng_state_{rank}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(pickles.load(rng_file))
     saved = json.loads((path / STATE_FILE).read_text())
     return TrainerState.from_dict(saved), saved.get("world_size", torch.distributed.get_world_size())

@@ -195,7 +195,7 @@ class TrainConfig:
     init_optimizer_state: bool = option(
         False, "With init_from_checkpoint: also take its optimizer moments (same world size and ZeRO stage)."
     )
-    disable_tqdm: bool = option(False, "Turn off the rank-0 progress bar.")
+    disable_tqdm: bool = option(False, "Turn off rank 0's progress bar (in a log file, its line every logging_steps).")
     preflight_timeout: int = option(
         300, "Seconds for every rank to join at start-up; a rank that cannot is reported with its host, not hung on."
     )

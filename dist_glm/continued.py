@@ -16,7 +16,7 @@ stated; `resume_from_checkpoint` is different: it continues the *same* run exact
 import json
 from pathlib import Path
 
-from dist_glm import checkpoint, distributed
+from dist_glm import checkpoint, distributed, pickles
 from dist_glm.config import Config, MethodConfig, load_config
 from dist_glm.errors import UserError
 from dist_glm.methods import adapter_method, get_method
@@ -120,6 +120,10 @@ def check_init(cfg: Config, world: int) -> list[str]:
         return [f"{where}: not a complete checkpoint directory; pass output_dir/checkpoint-STEP of an earlier run"]
     if problem := checkpoint.damage(path):
         return [f"{where} is damaged: {problem}; pass another checkpoint"]
+    try:
+        pickles.check_dir(path, where)
+    except UserError as e:
+        return e.problems
     saved = load_config([str(path / "config.yaml")], default_yaml=None)
     if saved.method.finetuning_type != cfg.method.finetuning_type:
         return [

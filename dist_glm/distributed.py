@@ -48,6 +48,32 @@ def local_rank_from_env() -> int:
     return _from_env("local_rank", 0)
 
 
+def cuda_device_for(local_rank: int, visible: int, rank: int = 0) -> int:
+    """The GPU index this rank uses: its local rank when it sees all of the node's GPUs (srun's default,
+    the deepspeed launcher, mpirun), device 0 when the scheduler bound one GPU to each task
+    (`--gpus-per-task=1`, `--gpu-bind=single:1`: every task sees its own GPU as cuda:0)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(
+        f"rank {rank} ({socket.gethostname()}): local rank {local_rank} but this process sees {visible} GPUs "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU and let "
+        "each see either all of the node's GPUs or exactly one (srun --gpus-per-task=1)"
+    )
+
+
+def bind_cuda_device(rank: int) -> None:
+    local = local_rank_from_env()
+    index = cuda_device_for(local, torch.cuda.device_count(), rank)
+    if index != local:
+        # DeepSpeed picks its device (engine, zero.Init) from LOCAL_RANK itself, so it must say the index.
+        os.environ["LOCAL_RANK"] = str(index)
+        if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:  # DeepSpeed asserts the two agree
+            os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
+    torch.cuda.set_device(index)
+
+
 def use_cpu_accelerator_if_no_gpu() -> None:
     """DeepSpeed must be told to use its CPU accelerator before it is first imported."""
     if not torch.cuda.is_available():
@@ -95,7 +121,7 @@ def init_distributed(output_dir: str = "", preflight_timeout: int = 300, ddp_tim
     rank, world = rank_from_env(), world_size_from_env()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank_from_env()))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank_from_env())
+        bind_cuda_device(rank)
     store = preflight.rendezvous(rank, world, preflight_timeout)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     try:

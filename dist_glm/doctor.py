@@ -39,6 +39,10 @@ def quiet_known_noise() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # PEFT reads `model.is_gradient_checkpointing`, which transformers 5 deprecates: the caller is PEFT.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # In a log file (Slurm, nohup) the Hub's and transformers' tqdm bars ("Writing model shards") are `\r`
+    # updates that pile up into one unreadable line; both read this before they are imported.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def tested_versions(path: Path = CONSTRAINTS_FILE) -> dict[str, str]:

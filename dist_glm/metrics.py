@@ -5,6 +5,7 @@ generation metrics the ChatGLM scripts report (ROUGE-1/2/L on jieba words, BLEU-
 import json
 import math
 import resource
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -95,6 +96,38 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+
+
+class Progress:
+    """Rank 0's progress: tqdm's bar on a terminal; in a log file (Slurm, nohup, a pipe), where the bar's
+    `\r` updates pile up into one unreadable line, a plain line every `every` steps instead."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, every: int):
+        self.total, self.step, self.every, self.enabled = total, initial, max(1, every), enabled
+        self.started, self.first = time.perf_counter(), initial
+        self.bar = None
+        if enabled and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
+
+    def update(self, loss: float, lr: float) -> None:
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        elif self.enabled and (self.step % self.every == 0 or self.step == self.total):
+            per_step = (time.perf_counter() - self.started) / (self.step - self.first)
+            eta = round(per_step * (self.total - self.step))
+            print(
+                f"[dist_glm] step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {loss:.4f} "
+                f"lr {lr:.2e} {per_step:.2f} s/step eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class ThroughputWindow:

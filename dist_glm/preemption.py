@@ -29,6 +29,12 @@ class PreemptionWatch:
         self.received: int | None = None
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
+        # Under launch/supervise.py: this rank takes signals from now on (dist_glm.supervise forwards them).
+        supervisor = os.environ.get("DIST_GLM_SUPERVISOR_DIR")
+        if supervisor and Path(supervisor).is_dir():
+            pid_file = Path(supervisor) / f"{distributed.rank_from_env()}.pid"
+            pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+            pid_file.with_suffix(".tmp").rename(pid_file)
 
     def _on_signal(self, signum, frame) -> None:
         self.received = signum

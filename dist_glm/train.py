@@ -7,14 +7,12 @@ only in how the model is prepared and what gets saved (dist_glm.methods).
 import json
 import math
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dist_glm import checkpoint, continued, distributed
 from dist_glm.config import Config, save_config
@@ -30,6 +28,7 @@ from dist_glm.inputs import Inputs, validate_inputs
 from dist_glm.methods import count_parameters, get_method
 from dist_glm.metrics import (
     MetricsLogger,
+    Progress,
     ThroughputWindow,
     json_safe,
     memory_gb,
@@ -181,14 +180,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     clip = takes_over_clipping(engine, run.world, t.max_grad_norm)
     guard = StepGuard(state, t.max_nonfinite_steps, t.loss_spike_factor)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
-    bar = tqdm(
-        total=run.total_steps,
-        initial=start_step,
-        disable=rank != 0 or t.disable_tqdm,
-        desc="train",
-        dynamic_ncols=True,
-        file=sys.stdout,
-    )
+    bar = Progress(run.total_steps, start_step, enabled=rank == 0 and not t.disable_tqdm, every=t.logging_steps)
     results, evaluated_at = {}, None
     watch = PreemptionWatch()
     if run.eval_sets and t.eval_on_start and start_step == 0:
@@ -203,8 +195,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
         state.global_step = step
         if result.skipped is None and not result.overflow:
             window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0, result.parts)
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+        bar.update(result.loss, engine.get_lr()[0])
         note_skipped_step(run, state, guard, logger, step, result)
 
         if (step % t.logging_steps == 0 or step == run.total_steps) and window.steps:

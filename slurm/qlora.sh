@@ -6,10 +6,12 @@
 #SBATCH --job-name=glm-qlora
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8          # one task per GPU: keep equal to --gpus-per-node
-#SBATCH --gpus-per-node=8
+#SBATCH --gpus-per-node=8            # no GPU GRES here? sbatch --gpus-per-node=0 [--gres=gpu:8] (docs/cluster.md)
 #SBATCH --cpus-per-task=8
+#SBATCH --exclusive                  # whole nodes: every rank's CPUs and the host RAM of model loading
+#SBATCH --mem=0                      # all of each node's memory, whatever the site's DefMemPerCPU
 #SBATCH --time=24:00:00
-#SBATCH --signal=USR1@180            # 3 minutes before the limit: checkpoint, exit, requeue
+#SBATCH --signal=USR1@180            # 3 min before the limit: checkpoint, exit, requeue (lead time: docs/cluster.md)
 #SBATCH --requeue
 #SBATCH --open-mode=append           # a requeued run appends to the same log
 #SBATCH --output=slurm-%x-%j.log

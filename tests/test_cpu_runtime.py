@@ -1,5 +1,5 @@
 """CPU-side start-up: one process builds and loads no shared-memory all-reduce op, and each rank's
-thread count shares the host's cores among the ranks on it."""
+thread count shares the host's cores among the ranks on it, and each rank finds its GPU."""
 
 import subprocess
 import sys
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dist_glm import distributed
+from dist_glm.errors import UserError
 from tests.conftest import REPO, base_args, child_env
 
 
@@ -40,3 +41,14 @@ def test_threads_share_the_cores_among_the_ranks_on_a_host(monkeypatch):
         assert distributed.set_cpu_threads(world=1) == 1  # the user's choice stands
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_rank_finds_its_gpu_whether_it_sees_all_of_them_or_one():
+    """srun's default (every task sees the node's 8 GPUs) vs --gpus-per-task=1 (each sees one, as cuda:0);
+    anything else is a one-line error saying what to change (no 'invalid device ordinal' later)."""
+    from dist_glm.distributed import cuda_device_for
+
+    assert [cuda_device_for(r, visible=8) for r in range(8)] == list(range(8))
+    assert [cuda_device_for(r, visible=1) for r in range(8)] == [0] * 8
+    with pytest.raises(UserError, match="local rank 5 but this process sees 2 GPUs.*--gpus-per-task=1"):
+        cuda_device_for(5, visible=2, rank=13)

@@ -64,3 +64,19 @@ def test_rouge_matches_chatglm_scorer_on_repeats_and_spaces():
     assert m["rouge-1"] == pytest.approx(100.0, abs=1e-4)
     assert m["rouge-2"] == pytest.approx(50.0, abs=1e-4)
     assert m["rouge-l"] == pytest.approx(75.0, abs=1e-4)
+
+
+def test_progress_in_a_log_file_is_a_plain_line_every_n_steps(capsys):
+    """Not a terminal (a Slurm log, a pipe): no tqdm `\\r` bar, one readable line per `every` steps."""
+    from dist_glm.metrics import Progress
+
+    bar = Progress(total=7, initial=2, enabled=True, every=2)
+    for _ in range(5):
+        bar.update(loss=1.5, lr=1e-3)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["4/7", "6/7", "7/7"]
+    assert lines[-1].startswith("[dist_glm] step 7/7 (100%) loss 1.5000 lr 1.00e-03") and "eta 0:00:00" in lines[-1]
+    silent = Progress(total=3, initial=0, enabled=False, every=1)
+    silent.update(loss=1.0, lr=1e-3)
+    assert capsys.readouterr().out == ""

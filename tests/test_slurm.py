@@ -28,7 +28,8 @@ def slurm_env():
 
 
 def sbatch_cmd(template, args, log, wait=True) -> list[str]:
-    # The templates ask for 8 GPUs per node; this cluster has CPUs only, one rank per node.
+    # The templates ask for 8 GPUs per node; this cluster has CPUs only and no GRES: --gpus-per-node=0 is
+    # the override docs/cluster.md gives for such clusters. One rank per node.
     cmd = ["sbatch", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
     return cmd + [f"--output={log}", "--parsable"] + (["--wait"] if wait else []) + [f"slurm/{template}", *args]
 
@@ -52,6 +53,7 @@ def test_two_node_job_matches_single_process(slurm_env, tmp_path, varlen_data, t
     args = base_args(
         two, varlen_data, max_steps=6, per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json", **extra
     )
+    args.append("--disable_tqdm=false")  # a log file gets plain progress lines
     args = [a for a in args if not a.startswith("--finetuning_type")]  # the template sets the method
     job = subprocess.Popen(
         sbatch_cmd(template, args, log),
@@ -67,6 +69,8 @@ def test_two_node_job_matches_single_process(slurm_env, tmp_path, varlen_data, t
     text = log.read_text() if log.exists() else ""
     assert job.returncode == 0, err + text[-4000:]
     assert "nodes node[1-2] (2), 2 ranks" in text, text[-3000:]
+    # A log file gets plain progress lines, not tqdm's carriage-return bar.
+    assert "[dist_glm] step 6/6 (100%)" in text and "\r" not in text, text[-3000:]
     a, b = read_metrics(one, "train/loss"), read_metrics(two, "train/loss")
     assert sorted(b) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 2e-5
 
