@@ -16,6 +16,7 @@ DeepSpeed's ds_to_universal) and loads that. The global batch must stay the same
 gradient_accumulation_steps when ranks go away) so that the data order and schedule continue exactly.
 """
 
+import gc
 import json
 import os
 import random
@@ -141,35 +142,119 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written (full disk, quota, permissions); every rank raises it together.
+    The message is empty on ranks with nothing to add, so that the reason is printed once."""
+
+
 def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, total_steps: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path. A write that fails on any
+    rank (ENOSPC, EDQUOT, EACCES) fails the save on all of them together (no rank is left waiting in a
+    collective), removes the partial checkpoint and leaves the older ones as they were."""
     out = Path(cfg.train.output_dir)
     step = state.global_step
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
     rank = torch.distributed.get_rank()
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # leftover of a save that crashed earlier
-    distributed.barrier()
-    # Frozen base weights are not saved for adapter methods: they are reloaded from the base model.
-    engine.save_checkpoint(str(tmp), tag=TAG, exclude_frozen_parameters=trainable_only)
-    torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+
+    def start() -> None:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # leftover of a save that crashed earlier
+            tmp.mkdir(parents=True)
+
+    def write() -> None:
+        try:
+            # Frozen base weights are not saved for adapter methods: they are reloaded from the base model.
+            engine.save_checkpoint(str(tmp), tag=TAG, exclude_frozen_parameters=trainable_only)
+        except (OSError, RuntimeError) as e:
+            if not _write_error(e):
+                raise
+            # The ranks whose files were written wait in DeepSpeed's closing barrier (its only collective
+            # after the writes begin): join it, so that every rank reaches the agreement below.
+            distributed.barrier()
+            raise
+        torch.save(_rng_state(), tmp / f"rng_state_{rank}.pt")
+        if rank == 0:
+            t, world = cfg.train, torch.distributed.get_world_size()
+            # The layout is what a resume on a different world size must know (choose_resume_tag).
+            layout = {"world_size": world, "global_batch": t.global_batch_size(world), "total_steps": total_steps}
+            (tmp / STATE_FILE).write_text(json.dumps({**state.to_dict(), **layout}, indent=2))
+            save_config(cfg, tmp / "config.yaml")
+
+    def publish() -> None:
+        # Rank 0, once every rank's files are on disk: seal (fsync, manifest last), then the rename that
+        # makes the checkpoint count.
+        if rank == 0:
+            seal(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(out)  # the rename itself survives a power loss
+
+    for phase in (start, write, publish):
+        error = None
+        try:
+            phase()
+        except (OSError, RuntimeError) as e:
+            if not _write_error(e):
+                raise
+            error = e
+        failed = distributed.all_reduce_sum(
+            [1.0 if r == rank and error else 0.0 for r in range(torch.distributed.get_world_size())]
+        )
+        if failed.any():
+            raise _save_failed(out, tmp, final.name, error, [r for r, f in enumerate(failed.tolist()) if f], rank)
     if rank == 0:
-        t, world = cfg.train, torch.distributed.get_world_size()
-        # The layout is what a resume on a different world size must know (choose_resume_tag).
-        layout = {"world_size": world, "global_batch": t.global_batch_size(world), "total_steps": total_steps}
-        (tmp / STATE_FILE).write_text(json.dumps({**state.to_dict(), **layout}, indent=2))
-        save_config(cfg, tmp / "config.yaml")
-    # Rename only after every rank's files are on disk; trainer_state.json last marks completeness.
-    distributed.barrier()
-    if rank == 0:
-        seal(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(out)  # the rename itself survives a power loss
         prune_checkpoints(out, cfg.train.save_total_limit)
     distributed.barrier()
     return final
+
+
+def _write_error(e: Exception) -> bool:
+    """torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos ..."), not an
+    OSError."""
+    return isinstance(e, OSError) or "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _save_failed(out: Path, tmp: Path, name: str, error: Exception | None, ranks: list[int], rank: int) -> SaveFailed:
+    """Collective: rank 0 removes the partial checkpoint; the failing ranks and rank 0 say what happened
+    (how much space a checkpoint needs, what is free, what is intact), the others nothing."""
+    if error is not None:
+        # The failed writer's open file (held by the traceback's frames) keeps its blocks in use on a
+        # full disk until it is closed: let it go before measuring and freeing space.
+        error.__traceback__ = None
+        gc.collect()
+    distributed.barrier()
+    written = _bytes(tmp) if rank == 0 else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
+    if error is None and rank != 0:
+        return SaveFailed("")
+    older = list_checkpoints(str(out))
+    mib = 1024**2
+    if older:
+        need = f"a checkpoint of this run takes {_bytes(older[-1][1]) / mib:.1f} MiB ({older[-1][1].name})"
+        intact = f"{', '.join(p.name for _, p in older)} intact"
+    else:
+        need = f"this checkpoint needs more than the {written / mib:.1f} MiB written before it failed"
+        intact = "no earlier checkpoint"
+    free = shutil.disk_usage(out).free / mib if out.is_dir() else 0.0
+    if error is None:
+        what = f"a write failed on rank(s) {', '.join(map(str, ranks))}"
+    elif isinstance(error, OSError):
+        what = (error.strerror or str(error)) + (f" ({error.filename})" if error.filename else "")
+    else:  # torch's zip writer says only "unexpected pos N vs M" when the filesystem refuses a write
+        what = f"a file could not be written ({str(error).splitlines()[0].split('] ')[-1].strip(' .')})"
+    return SaveFailed(
+        f"rank {rank}: saving {name} failed: {what}; {need}, {free:.1f} MiB free under {out}; the partial checkpoint "
+        f"was removed, {intact}. Free space (or lower save_total_limit, or move output_dir), then rerun with "
+        "--resume_from_checkpoint=auto"
+    )
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:

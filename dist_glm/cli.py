@@ -86,6 +86,7 @@ def train_main(argv: list[str] | None = None) -> None:
         # The config's own problems and those of the files it names, reported together.
         train(cfg, validate_inputs(cfg, world_size_from_env(), problems))
 
+    from dist_glm.checkpoint import SaveFailed
     from dist_glm.guard import Diverged
     from dist_glm.preemption import PREEMPTED_EXIT, Preempted
     from dist_glm.train import FinalEvalFailed
@@ -93,7 +94,8 @@ def train_main(argv: list[str] | None = None) -> None:
     # Preempted: the checkpoint is complete on every rank and the scheduler should requeue the job.
     # FinalEvalFailed: the traceback above says why; the trained model is safe.
     # Diverged: too many non-finite steps in a row; the message names the last good checkpoint.
-    exit_codes = {Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1, Diverged: 1}
+    # SaveFailed: a checkpoint could not be written (full disk, quota); the message says what is intact.
+    exit_codes = {Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1, Diverged: 1, SaveFailed: 1}
     run_command(config.TRAIN, argv, body, parse=False, exit_codes=exit_codes)
 
 

@@ -63,26 +63,38 @@ def test_train_10_then_continue_to_20_equals_20_straight(tmp_path_factory, varle
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_from_last_complete_checkpoint(tmp_path, varlen_data, straight):
+def test_resume_after_sigkill_mid_save_from_last_complete_checkpoint(tmp_path, varlen_data, straight):
+    """SIGKILL (launcher and both ranks, no chance to clean up) while the largest file of checkpoint-15
+    is half written: auto-resume takes checkpoint-10 and continues the uninterrupted curve. A real save
+    of this model takes milliseconds, so tests/fault_injection stalls that one file half way."""
+    largest = "checkpoint-15.tmp/deepspeed/mp_rank_00_model_states.pt"
+    env = dict(
+        child_env(),
+        DIST_GLM_TEST_STALL_SAVE=largest,
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "fault_injection"), os.environ.get("PYTHONPATH", "")]),
+    )
     cmd = launch_cmd(2) + args(tmp_path, varlen_data)
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.time() + 300
-    while not (tmp_path / "checkpoint-10").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before checkpoint-10"
+    stalled, deadline = tmp_path / (largest + ".stalled"), time.time() + 300
+    while not stalled.is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before saving checkpoint-15"
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, without any chance to clean up
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # Simulate the worst case too: a save that died half-way leaves only a .tmp directory.
-    (tmp_path / "checkpoint-15.tmp").mkdir(exist_ok=True)
+    half = (tmp_path / largest).stat().st_size
+    assert 0 < half < int(stalled.read_text()) and not (tmp_path / "checkpoint-15").exists()
 
-    run_train(args(tmp_path, varlen_data, resume_from_checkpoint="auto"), nprocs=2)
+    proc = run_train(args(tmp_path, varlen_data, resume_from_checkpoint="auto"), nprocs=2)
+    assert f"resumed from {tmp_path / 'checkpoint-10'} at step 10" in proc.stdout
     resumed = read_metrics(tmp_path, "train/loss")
     assert sorted(resumed) == list(range(1, 21))
     for step in range(1, 21):
         assert abs(resumed[step] - straight[step]) < TOL, (step, resumed[step], straight[step])
-    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (
+        tmp_path / "checkpoint-15" / "manifest.json"
+    ).is_file()
 
 
 @pytest.mark.slow

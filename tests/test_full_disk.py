@@ -1,0 +1,62 @@
+"""A checkpoint save that hits a full disk (a real tmpfs, 2 ranks under ZeRO-2, each writing its own
+optimizer partition): every rank stops together with one clear message (no rank left in a
+collective), the partial checkpoint is removed, the older one stays intact and resumable."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import base_args, run_train
+from dist_glm import checkpoint
+
+FLAGS = dict(save_steps=2, lr_scheduler_type="constant", deepspeed="ds_configs/zero2.json", save_total_limit=0)
+
+
+def mount_tmpfs(path, size: int) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+def resize(path, size: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        if not os.environ.get("DIST_GLM_REQUIRE_CLUSTER_TESTS"):
+            pytest.skip("mounting a tmpfs needs root; CI runs this")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount_tmpfs(disk, 256 * 1024**2)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_older_checkpoint(small_disk, varlen_data):
+    out = small_disk / "run"
+    run_train(base_args(out, varlen_data, max_steps=2, **FLAGS), nprocs=2)
+    ckpt = out / "checkpoint-2"
+    size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+    used = shutil.disk_usage(small_disk).used
+    resize(small_disk, used + size // 2)  # room for half of the next checkpoint
+
+    more = base_args(out, varlen_data, max_steps=6, resume_from_checkpoint="auto", **FLAGS)
+    proc = run_train(more, nprocs=2, timeout=300, check=False)  # a rank left waiting would time out here
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "saving checkpoint-4 failed" in ln]
+    assert lines and all(ln.startswith("train.py: error: rank ") for ln in lines), proc.stderr[-3000:]
+    assert any("No space left on device" in ln or "could not be written" in ln for ln in lines), lines
+    assert all(float(ln.split(" MiB free")[0].split()[-1]) > size / 1024**2 / 4 for ln in lines), lines
+    assert f"a checkpoint of this run takes {size / 1024**2:.1f} MiB (checkpoint-2)" in lines[0], lines
+    assert "checkpoint-2 intact" in lines[0] and "--resume_from_checkpoint=auto" in lines[0], lines
+    assert not list(out.glob("checkpoint-4*")), "the partial checkpoint was left behind"
+    assert checkpoint.damage(ckpt) is None
+
+    resize(small_disk, 256 * 1024**2)  # space freed: the rerun continues from the intact checkpoint
+    proc = run_train(more, nprocs=2)
+    assert f"resumed from {ckpt} at step 2" in proc.stdout
+    assert (out / "checkpoint-6" / checkpoint.MANIFEST_FILE).is_file()
