@@ -45,10 +45,19 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dist_glm", "dist_glm.*"]),
     install_requires=REQUIREMENTS,
-    extras_require={"dev": ["pytest>=8", "ruff>=0.6", "openai>=1.40", "httpx>=0.27"]},
+    extras_require={
+        # wandb is in dev so that CI runs its offline test; swanlab is not: it declares protobuf<7, which
+        # conflicts with the pinned protobuf (docs/training.md says how to install it anyway).
+        "dev": ["pytest>=8", "ruff>=0.6", "openai>=1.40", "httpx>=0.27", "wandb>=0.19,<0.32"],
+        # Experiment trackers for report_to (off by default): pip install -e .[wandb] / .[swanlab]. Tested:
+        # the releases constraints.txt pins (wandb 0.31.0, swanlab 0.10.3).
+        "wandb": ["wandb>=0.19,<0.32"],
+        "swanlab": ["swanlab>=0.10,<0.11"],
+    },
     entry_points={
         "console_scripts": [
             "dist-glm-train=dist_glm.cli:train_main",
+            "dist-glm-plan=dist_glm.plan:main",
             "dist-glm-evaluate=dist_glm.cli:evaluate_main",
             "dist-glm-chat=dist_glm.cli:chat_main",
             "dist-glm-export=dist_glm.cli:export_main",

@@ -29,6 +29,7 @@ FinetuningType = Literal["full", "freeze", "lora", "qlora", "ptuning"]
 EvalMetric = Literal["loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LOWER_IS_BETTER = ("loss", "perplexity")
+TRACKERS, LOCAL_ONLY = ("wandb", "swanlab"), ("tensorboard", "none")  # report_to's names
 
 
 @dataclass
@@ -38,6 +39,9 @@ class ModelConfig:
     trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option(
         "sdpa", "Attention kernel: sdpa (PyTorch's), eager, or flash_attention_2 (needs flash-attn and a CUDA GPU)."
+    )
+    use_liger_kernel: bool = option(
+        False, "Liger-Kernel's RMSNorm and SwiGLU kernels (GLM-4-0414 models; needs liger-kernel and a CUDA GPU)."
     )
     adapter_name_or_path: str = option(
         "",
@@ -73,6 +77,11 @@ class DataConfig:
         None,
         "Pack several samples into each row of cutoff_len tokens (attention stays per sample); default: on for "
         "text data, off for conversations.",
+    )
+    group_by_length: bool = option(
+        False,
+        "Put samples of similar length in the same micro-batch (less padding, faster); each step still sees "
+        "the same samples on any number of ranks, so the numbers do not depend on the split.",
     )
     mask_history: bool = option(False, "Train on the last assistant turn only (default: every assistant turn).")
     train_on_prompt: bool = option(False, "Also train on prompt tokens (system, user, observation).")
@@ -195,6 +204,14 @@ class TrainConfig:
     init_optimizer_state: bool = option(
         False, "With init_from_checkpoint: also take its optimizer moments (same world size and ZeRO stage)."
     )
+    report_to: str = option(
+        "tensorboard",
+        "Trackers that also get every logged scalar and the config: wandb, swanlab (comma-separated; optional "
+        "extras, pip install -e .[wandb]); tensorboard or none: local files only (output_dir/runs and "
+        "metrics.jsonl are always written).",
+    )
+    run_name: str = option("", "The run's name in wandb / SwanLab (default: output_dir's folder name).")
+    tracker_project: str = option("dist_glm", "wandb / SwanLab project (entity: WANDB_ENTITY, SWANLAB_WORKSPACE).")
     disable_tqdm: bool = option(False, "Turn off rank 0's progress bar (in a log file, its line every logging_steps).")
     preflight_timeout: int = option(
         300, "Seconds for every rank to join at start-up; a rank that cannot is reported with its host, not hung on."
@@ -319,6 +336,12 @@ def check_values(cfg: Config) -> list[str]:
         "init_from_checkpoint and adapter_name_or_path both give the starting weights; set one",
     )
     out += check_mix_probs(d)
+    unknown = [n for n in report_to_names(t.report_to) if n not in TRACKERS + LOCAL_ONLY]
+    need(
+        not unknown,
+        f"report_to={t.report_to}: {', '.join(unknown)} is not supported; use wandb and/or swanlab (comma-separated), "
+        "or tensorboard / none for local files only (output_dir/runs and metrics.jsonl are always written)",
+    )
     need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
     need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
@@ -356,6 +379,11 @@ def check_mix_probs(d: DataConfig) -> list[str]:
     if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
         return [f"mix_probs={d.mix_probs} must be non-negative and sum to 1 (it sums to {sum(probs):g})"]
     return []
+
+
+def report_to_names(report_to: str) -> list[str]:
+    """report_to's names, lower-cased, once each, in order (a YAML list arrives comma-joined)."""
+    return list(dict.fromkeys(n.strip().lower() for n in report_to.split(",") if n.strip()))
 
 
 def check_distill(d: DistillConfig) -> list[str]:

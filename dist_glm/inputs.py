@@ -13,7 +13,7 @@ from dist_glm.data.formats import check_data_paths
 from dist_glm.data.registry import resolve as resolve_datasets
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
-from dist_glm.models import check_attention, check_model_path, check_remote_code
+from dist_glm.models import check_attention, check_liger, check_model_path, check_remote_code
 from dist_glm.objectives import check_objective
 
 
@@ -48,7 +48,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
-    problems += check_attention(cfg.model)
+    problems += check_attention(cfg.model) + check_liger(cfg.model)
     problems += adopt_adapter(cfg)  # first: the adapter's rank and targets are what the method checks
     problems += check_init(cfg, world_size)
     problems += get_method(cfg.method.finetuning_type).check_config(cfg)

@@ -24,14 +24,7 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
         "steps": (None, None),
         _ANY: (None, "eval_strategy={value}: dist_glm evaluates every eval_steps steps; set eval_steps instead"),
     },
-    "report_to": {
-        "tensorboard": (None, None),
-        "none": ("report_to=none: TensorBoard events are still written to output_dir/runs (local files only)", None),
-        _ANY: (
-            None,
-            "report_to={value} is not supported; dist_glm logs to TensorBoard (output_dir/runs) and metrics.jsonl",
-        ),
-    },
+    # report_to (and run_name) are ours too (TrainConfig): the names mean the same in both projects.
     "overwrite_cache": {
         _ANY: (
             "overwrite_cache is not needed: the tokenized cache is keyed by the files' content and every data setting",

@@ -49,15 +49,47 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+# The HParams tab's metric columns, the same for every run so that runs line up; written at the end.
+FINAL_METRICS = ("final/train_loss", "final/eval_loss", "final/best_eval_loss")
+
+
+def run_settings(cfg, world: int, zero_stage: int, total_steps: int) -> dict:
+    """The main settings of a run, as the HParams tab's columns (numbers, strings and booleans only)."""
+    t, d = cfg.train, cfg.data
+    return {
+        "model": Path(cfg.model.model_name_or_path).name,
+        "finetuning_type": cfg.method.finetuning_type,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "warmup_ratio": t.warmup_ratio,
+        "warmup_steps": t.warmup_steps,
+        "weight_decay": t.weight_decay,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "world_size": world,
+        "global_batch_size": t.global_batch_size(world),
+        "total_steps": total_steps,
+        "zero_stage": zero_stage,
+        "dtype": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
+        "lora_rank": cfg.method.lora_rank,
+        "lora_alpha": cfg.method.lora_alpha,
+        "cutoff_len": d.cutoff_len,
+        "packing": "auto" if d.packing is None else d.packing,
+        "distill_alpha": cfg.distill.distill_alpha if cfg.distill.enabled else 0.0,
+        "seed": t.seed,
+    }
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites need no rank checks.
 
     On resume from step S, records after S (written by the interrupted run) are dropped from both
-    metrics.jsonl and TensorBoard (purge_step), so each file tells one consistent history.
+    metrics.jsonl and TensorBoard (purge_step), so each file tells one consistent history. Trackers
+    (dist_glm.trackers) get a copy of every TensorBoard scalar, same name and step.
     """
 
     def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
-        self.enabled = enabled
+        self.enabled, self.resume_step, self.trackers, self._session_end = enabled, resume_step, [], None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -80,22 +112,69 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for k, v in values.items():
-            self.writer.add_scalar(k, v, step)
+        self._scalars(step, values)
         now = time.time()
         clock = {"time": round(now, 3), "elapsed_s": round(self.elapsed_before + now - self.started, 3)}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values, **clock}) + "\n")
         self.writer.flush()
 
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
+
     def log_config(self, config_yaml: str) -> None:
         """The resolved config as text in TensorBoard (its Text tab), so a run's curves carry their settings."""
         if self.enabled:
             self.writer.add_text("config", "```\n" + config_yaml + "\n```", 0)
 
-    def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
+    def start_run(self, cfg, settings: dict) -> list[str]:
+        """The HParams record (`settings` and FINAL_METRICS' names) in this run's own directory, and the
+        trackers report_to names, with the resolved config (and `settings`) as their run's config.
+        Returns the problem when a tracker could not start."""
+        if not self.enabled:
+            return []
+        from torch.utils.tensorboard.summary import hparams
+
+        experiment, session_start, self._session_end = hparams(settings, dict.fromkeys(FINAL_METRICS, 0.0))
+        if not self.resume_step:  # a resumed run keeps its first record (steps <= the resume step survive)
+            # Into runs/ itself, where add_hparams would open a sub-run: the tab then shows this run's
+            # settings next to its own final/* scalars.
+            for summary in (experiment, session_start):
+                self.writer._get_file_writer().add_summary(summary)
+        from dist_glm.trackers import open_trackers
+
+        config = {**cfg.to_flat_dict(), **settings}
+        self.trackers, problems = open_trackers(cfg.train, config, resumed=bool(self.resume_step))
+        return problems
+
+    def close(self, results: dict | None = None) -> None:
+        """`results` (all_results.json's) when training finished: its final metrics go to the HParams tab
+        and the trackers; without them (a preempted run) the trackers' runs are only closed."""
+        if not self.enabled:
+            return
+        if results is None:
+            for tracker in self.trackers:
+                tracker.close()
+        else:
+            final = final_metrics(results)
+            self._scalars(results["global_step"], final)
+            if self._session_end is not None:
+                self.writer._get_file_writer().add_summary(self._session_end)
+            for tracker in self.trackers:
+                tracker.finish(final)
+        self.writer.close()
+
+
+def final_metrics(results: dict) -> dict[str, float]:
+    """The last train loss and the first eval set's last and best loss, under FINAL_METRICS' names."""
+    eval_loss = results.get("eval/loss")
+    if eval_loss is None:  # named eval sets: eval/NAME/loss, the first one is what best_eval_loss follows
+        eval_loss = next((v for k, v in results.items() if k.startswith("eval/") and k.endswith("/loss")), None)
+    values = (results.get("train/loss"), eval_loss, results.get("best_eval_loss"))
+    return {name: v for name, v in zip(FINAL_METRICS, values, strict=True) if v is not None}
 
 
 class Progress:

@@ -142,6 +142,40 @@ def check_attention(model_cfg) -> list[str]:
     return []
 
 
+# Liger-Kernel's GLM patch covers GLM-4-0414 (model_type glm4): RMSNorm and the fused gate/up SwiGLU MLP.
+LIGER_MODEL_TYPES = ("glm4",)
+
+
+def check_liger(model_cfg) -> list[str]:
+    """Before launch: use_liger_kernel can run here (Triton kernels: a CUDA GPU, the package, a model it patches)."""
+    import importlib.util
+    import json
+
+    if not getattr(model_cfg, "use_liger_kernel", False):
+        return []
+    config_file = Path(model_cfg.model_name_or_path) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if importlib.util.find_spec("liger_kernel") is None:
+        return ["use_liger_kernel needs the liger-kernel package (pip install liger-kernel on a CUDA machine)"]
+    if not torch.cuda.is_available():
+        return ["use_liger_kernel needs a CUDA GPU (Liger's kernels are Triton); drop it on this machine"]
+    if model_type not in LIGER_MODEL_TYPES:
+        return [
+            f"use_liger_kernel: Liger patches GLM-4-0414 models (model_type glm4), not model_type {model_type}; "
+            "drop use_liger_kernel"
+        ]
+    return []
+
+
+def apply_liger(model) -> None:
+    """Liger's RMSNorm and SwiGLU kernels on this model instance. Not its fused linear cross-entropy:
+    dist_glm's loss already runs the LM head on labelled positions only, in chunks (dist_glm.loss), and
+    does not go through the model's forward for logits."""
+    from liger_kernel.transformers import apply_liger_kernel_to_glm4
+
+    apply_liger_kernel_to_glm4(rope=False, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+
+
 def add_neftune(model, alpha: float) -> None:
     """NEFTune (Jain et al. 2023): while training, uniform noise in [-a, a] with a = alpha / sqrt(L * d)
     (L tokens, d the hidden size) on the input embeddings; evaluation and generation see none."""

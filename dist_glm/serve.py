@@ -18,6 +18,7 @@ import torch
 
 from dist_glm.artifacts import ModelArgs
 from dist_glm.config import Command, option
+from dist_glm.data.template import TEMPLATES
 from dist_glm.errors import UserError
 from dist_glm.serving.api import build_app
 from dist_glm.serving.engine import Engine
@@ -38,6 +39,11 @@ class ServeArgs:
     max_batch_size: int = option(16, "Requests generated together in one batch.")
     max_queue_size: int = option(256, "Waiting requests beyond this get 503.")
     device: str = option("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    template: str = option(
+        "auto",
+        "Chat template that renders requests: auto = the one the model was trained with (its config.yaml), "
+        "else the model type's (glm4, glm4_0414, chatglm3).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "Server log level.")
 
 
@@ -62,6 +68,8 @@ def check_args(model: ModelArgs, args: ServeArgs) -> list[str]:
             problems.append(f"{key}={getattr(args, key)}: must be at least 1")
     if args.max_model_len < 0:
         problems.append(f"max_model_len={args.max_model_len}: must be positive (0: the model's own limit)")
+    if args.template not in TEMPLATES:
+        problems.append(f"template='{args.template}': use one of {', '.join(TEMPLATES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device='{args.device}': no CUDA device is visible; use --device=cpu")
     elif args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
@@ -111,12 +119,45 @@ def load_engine(model_args: ModelArgs, args: ServeArgs) -> tuple[Engine, int]:
     if args.max_model_len and limit and args.max_model_len > limit:
         raise UserError(f"max_model_len={args.max_model_len}: the model was built for at most {limit} positions")
     max_model_len = args.max_model_len or limit or 4096
-    engine = Engine(model, tokenizer, generation_eos_ids(model, tokenizer), args.max_batch_size, args.max_queue_size)
+    template = serving_template(model_args, args.template, base.config.model_type, tokenizer)
+    eos_ids = generation_eos_ids(model, tokenizer)
+    engine = Engine(model, tokenizer, eos_ids, args.max_batch_size, args.max_queue_size, template)
     # One token through the whole path now: a broken checkpoint fails at start-up, not on the first request.
     with torch.inference_mode():
-        prompt = torch.tensor([engine.encode_chat([{"role": "user", "content": "hi"}])], device=engine.device)
+        hello = {"system": "", "tools": None, "messages": [{"role": "user", "content": "hi"}]}
+        ids = engine.encode_conversation(hello) if template else engine.encode_chat(hello["messages"])
+        prompt = torch.tensor([ids], device=engine.device)
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1)
     return engine, max_model_len
+
+
+def serving_template(model_args: ModelArgs, name: str, model_type: str, tokenizer):
+    """The training template requests are rendered with, so a served model sees what it was trained on:
+    `auto` takes the template recorded in the training output's config.yaml, else the model type's.
+    None (plain chats through the tokenizer's chat_template, no tool calls) for a tokenizer without GLM's
+    special tokens or a text-round model (ChatGLM2/6B)."""
+    from dist_glm.config import load_config
+    from dist_glm.data.template import RoleTokenTemplate, build_template, chat_template_mismatch, choose_template
+
+    source = Path(model_args.adapter_name_or_path or model_args.model_name_or_path) / "config.yaml"
+    if name == "auto" and source.is_file():
+        try:
+            name = load_config([str(source)], default_yaml=None).data.template
+        except UserError:  # a config.yaml of another tool: fall back to the model type
+            pass
+    try:
+        template = build_template(choose_template(name, tokenizer, model_type), tokenizer)
+    except UserError as e:
+        if name != "auto":
+            raise UserError(f"template='{name}': {e}") from None
+        log.warning("rendering requests with the tokenizer's chat_template (no tool calls): %s", e)
+        return None
+    if not isinstance(template, RoleTokenTemplate):
+        return None
+    mismatch = chat_template_mismatch(template, tokenizer)
+    if mismatch:
+        log.warning("requests are rendered with the training template %s; %s", template.name, mismatch)
+    return template
 
 
 def serve(model_args: ModelArgs, args: ServeArgs) -> None:

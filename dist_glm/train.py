@@ -4,6 +4,7 @@ The DeepSpeed engine owns backward, accumulation, clipping and the optimizer ste
 only in how the model is prepared and what gets saved (dist_glm.methods).
 """
 
+import itertools
 import json
 import math
 import shutil
@@ -16,9 +17,10 @@ import torch
 
 from dist_glm import checkpoint, continued, distributed
 from dist_glm.config import Config, save_config
-from dist_glm.data.batching import GlobalBatchSampler, pad_share
+from dist_glm.data.batching import GlobalBatchSampler, pad_share, sample_lengths
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.packing import pack_examples
+from dist_glm.data.prefetch import Prefetcher, pin_on
 from dist_glm.distributed import log
 from dist_glm.doctor import summary_line
 from dist_glm.errors import UserError
@@ -32,10 +34,12 @@ from dist_glm.metrics import (
     ThroughputWindow,
     json_safe,
     memory_gb,
+    run_settings,
     train_flops_per_token,
 )
 from dist_glm.models import (
     add_neftune,
+    apply_liger,
     enable_gradient_checkpointing,
     generation_eos_ids,
     load_model,
@@ -45,6 +49,7 @@ from dist_glm.objectives import build_objective
 from dist_glm.optim import build_optimizer, build_scheduler
 from dist_glm.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
 from dist_glm.step import StepResult, loss_scale, takes_over_clipping, train_step
+from dist_glm.trackers import check_installed
 from dist_glm.trainer_state import TrainerState
 
 
@@ -98,9 +103,11 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         samples = len(train_examples)
         train_examples = pack_examples(train_examples, cfg.data.cutoff_len)
         log(f"packing: {samples} samples into {len(train_examples)} rows of up to {cfg.data.cutoff_len} tokens")
-    sampler = GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed)
-    packed_pad = f", {100 * pad_share(train_examples, sampler):.1f}% with packing" if cfg.data.packing else ""
-    log(f"padding per epoch: {100 * unpacked_pad:.1f}% of tokens are pad without packing{packed_pad}")
+    lengths = sample_lengths(train_examples) if cfg.data.group_by_length else None
+    sampler = GlobalBatchSampler(len(train_examples), mbs, gas, world, t.seed, lengths)
+    used = " with packing" * cfg.data.packing + " with group_by_length" * cfg.data.group_by_length
+    used_pad = f", {100 * pad_share(train_examples, sampler):.1f}%{used}" if used else ""
+    log(f"padding per epoch: {100 * unpacked_pad:.1f}% of tokens are pad without packing{used_pad}")
     if sampler.steps_per_epoch == 0:
         raise UserError(
             f"dataset has {len(train_examples)} samples, fewer than one global batch of "
@@ -113,6 +120,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     resume_tag = checkpoint.choose_resume_tag(resume_path, cfg, world, ds_config) if resume_path else checkpoint.TAG
     method = get_method(cfg.method.finetuning_type)
     model = load_model(cfg.model, ds_config, t.dtype, t.seed, method.quantization_config(cfg))
+    if cfg.model.use_liger_kernel:  # before the method wraps modules, so adapters sit on the patched MLP
+        apply_liger(model)
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
     model = continued.prepare_trainable(model, method, cfg)
     if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
@@ -132,7 +141,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     continued.load_init_optimizer(engine, cfg, resumed=resume_path is not None)
     objective = build_objective(cfg, ds_config, device, tokenizer, engine.module)
-    objective.check_rows(train_examples + [e for examples in eval_sets.values() for e in examples])
+    # A chain, not `train_examples + [...]`: that would copy every memory-mapped row into Python lists.
+    objective.check_rows(itertools.chain(train_examples, *eval_sets.values()))
     return Run(
         cfg=cfg,
         rank=rank,
@@ -168,6 +178,8 @@ def init_output_dir(cfg: Config, resume_path: Path | None) -> None:
 
 def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     t = cfg.train
+    if missing := check_installed(t.report_to):  # before any model loads
+        raise UserError(missing)
     run = setup(cfg, inputs or validate_inputs(cfg, distributed.world_size_from_env()))
     engine, rank = run.engine, run.rank
     init_output_dir(cfg, run.resume_path)
@@ -177,6 +189,10 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
 
     logger = MetricsLogger(t.output_dir, enabled=rank == 0, resume_step=start_step)
     logger.log_config((Path(t.output_dir) / "config.yaml").read_text(encoding="utf-8"))
+    settings = run_settings(cfg, run.world, distributed.zero_stage(run.ds_config), run.total_steps)
+    # Collective: only rank 0 opens the trackers; when one cannot start, every rank stops here together.
+    if tracker_problems := distributed.broadcast_object(logger.start_run(cfg, settings)):
+        raise UserError(tracker_problems)
     clip = takes_over_clipping(engine, run.world, t.max_grad_norm)
     guard = StepGuard(state, t.max_nonfinite_steps, t.loss_spike_factor)
     window = ThroughputWindow(train_flops_per_token(run.num_params, engine.module.config), run.world)
@@ -185,12 +201,10 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     watch = PreemptionWatch()
     if run.eval_sets and t.eval_on_start and start_step == 0:
         run_eval(run, logger, results, step=0)
+    prefetch = Prefetcher(lambda s: step_batches(run, s, rank), pin=pin_on(run.device))
     for step in range(start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
-        micro = [
-            run.objective.collate([run.train_examples[i] for i in idx], run.tokenizer.pad_token_id)
-            for idx in run.sampler.micro_batches(step - 1, rank)
-        ]
+        micro = prefetch.get(step, step + 1 if step < run.total_steps else None)
         result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)
         state.global_step = step
         if result.skipped is None and not result.overflow:
@@ -215,6 +229,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
         if (t.save_steps and step % t.save_steps == 0) or should_stop or preempted:
             saved = checkpoint.save_checkpoint(engine, cfg, state, run.method.trainable_only, run.total_steps)
         if preempted:
+            prefetch.close()
             bar.close()
             logger.close()
             exit_preempted(saved, step, rank)
@@ -224,8 +239,18 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
                 f"{t.early_stopping_patience} evals (best {state.best_metric:.4f} at step {state.best_step})"
             )
             break
+    prefetch.close()
     bar.close()
     return finish(run, state, logger, results, evaluated_at)
+
+
+def step_batches(run: Run, step: int, rank: int) -> list[dict]:
+    """This rank's collated micro-batches of optimizer step `step` (from 1)."""
+    pad = run.tokenizer.pad_token_id
+    return [
+        run.objective.collate([run.train_examples[i] for i in idx], pad)
+        for idx in run.sampler.micro_batches(step - 1, rank)
+    ]
 
 
 def note_skipped_step(run, state: TrainerState, guard: StepGuard, logger, step: int, result: StepResult) -> None:
@@ -298,13 +323,13 @@ def finish(run: Run, state: TrainerState, logger: MetricsLogger, results: dict, 
             traceback.print_exc()
             raise FinalEvalFailed(out) from None
         state.record_eval(record, state.global_step, t.metric_for_best_model, t.early_stopping_patience)
-    logger.close()
     results.update(global_step=state.global_step)
     if state.best_eval_loss is not None:
         results["best_eval_loss"] = state.best_eval_loss
     if state.best_metric is not None:
         results.update(best_metric=state.best_metric, best_step=state.best_step)
         results["metric_for_best_model"] = t.metric_for_best_model
+    logger.close(results)  # the final metrics to the HParams tab and the trackers
     if run.rank == 0:  # one writer for the shared output_dir
         (out / "all_results.json").write_text(json.dumps(json_safe(results), indent=2))
         if t.plot_loss:

@@ -60,6 +60,44 @@ def build_data(out_dir: Path) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# The tool-calling demo's one tool, in OpenAI's `tools` shape (what a client sends the server). Its schema
+# is minimal on purpose: the tiny tokenizer spells English JSON keys byte by byte, and every training row
+# carries the tool block.
+STOCK_TOOL = {"type": "function", "function": {"name": "check_stock", "parameters": {"type": "object"}}}
+
+
+def build_tool_data(out_dir: Path) -> None:
+    """OpenAI-messages rows for the tool-calling demo (data/tool_demo): a stock question is answered by
+    calling check_stock with the colour and type it names, then by a reply that reads the tool's result;
+    a question about its looks gets a direct answer although the tool is on offer. The model has to decide,
+    copy arguments into JSON and read a number back, all learnable by the tiny GLM in a few hundred steps.
+    The rows are not part of the tokenizer's corpus, so adding them changed no shipped token."""
+    rng = random.Random(1)
+    rows = []
+    for kind, color in itertools.product(TYPES, COLORS):
+        for count in rng.sample(range(0, 40), 6):
+            call = {"name": "check_stock", "arguments": json.dumps({"颜色": color, "类型": kind}, ensure_ascii=False)}
+            reply = f"{color}{kind}还有{count}件。" if count else f"抱歉，{color}{kind}暂时缺货。"
+            messages = [
+                {"role": "user", "content": f"{color}{kind}有货吗？"},
+                {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": call}]},
+                {"role": "tool", "content": json.dumps({"库存": count}, ensure_ascii=False)},
+                {"role": "assistant", "content": reply},
+            ]
+            rows.append({"messages": messages, "tools": [STOCK_TOOL]})
+        for question in ("好看吗？", "怎么样？", "值得买吗？"):
+            messages = [
+                {"role": "user", "content": f"{color}{kind}{question}"},
+                {"role": "assistant", "content": f"这款{color}{kind}百搭又大方。"},
+            ]
+            rows.append({"messages": messages, "tools": [STOCK_TOOL]})
+    random.Random(0).shuffle(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "train.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -156,6 +194,9 @@ def build_real_vocab_config(out_dir: Path) -> None:
 
 
 def main() -> None:
+    if "--tool-data" in sys.argv:  # only the tool-calling demo's rows (they never enter the tokenizer)
+        build_tool_data(ROOT / "data" / "tool_demo")
+        return
     if "--real-vocab" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--real-vocab") + 1])
         build_real_vocab_config(out)
@@ -174,6 +215,7 @@ def main() -> None:
     tok_dir = ROOT / "assets" / "tiny-glm4"
     vocab_size = build_tokenizer(tok_dir, corpus)
     build_model_configs(vocab_size, tok_dir)
+    build_tool_data(ROOT / "data" / "tool_demo")
     print(f"wrote data to {data_dir} and tiny models (vocab {vocab_size}) to {ROOT / 'assets'}")
 
 

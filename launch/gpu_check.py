@@ -3,7 +3,9 @@
 python launch/gpu_check.py [--steps=100] [--out=out/gpu_check]
 
 fp16 against fp32 on the demo (full and LoRA, ZeRO-1): the final training and eval losses within 5 %,
-overflow steps counted. Prints a table; exits 1 if a check fails, 0 with a note when there is no GPU.
+overflow steps counted. Liger kernels (use_liger_kernel, when liger-kernel is installed) on the tiny
+GLM-4-0414: losses within 1 % of the same run without them. Prints a table; exits 1 if a check fails,
+0 with a note when there is no GPU.
 """
 
 import json
@@ -55,6 +57,8 @@ def main() -> int:
         close = all(abs(half[k] - ref[k]) <= 0.05 * ref[k] for k in ("train", "eval"))
         failed |= not close
         rows.append((method, ref, half, close))
+    liger = liger_check(out, steps)
+    failed |= liger is not None and not liger[2]
     print(f"\n{torch.cuda.get_device_name()}, {steps} steps of the demo, ZeRO-1")
     print("| method | fp32 train / eval loss | fp16 train / eval loss | fp16 overflow steps | within 5 % |")
     print("|---|---|---|---|---|")
@@ -63,7 +67,28 @@ def main() -> int:
             f"| {method} | {ref['train']:.4f} / {ref['eval']:.4f} | {half['train']:.4f} / {half['eval']:.4f} | "
             f"{half['overflow']} | {'yes' if close else 'NO'} |"
         )
+    if liger is not None:
+        plain, fused, close = liger
+        print(
+            f"\nuse_liger_kernel (tiny GLM-4-0414, fp32): train / eval loss {fused['train']:.4f} / {fused['eval']:.4f}"
+            f" vs {plain['train']:.4f} / {plain['eval']:.4f} without; within 1 %: {'yes' if close else 'NO'}"
+        )
     return 1 if failed else 0
+
+
+def liger_check(out: Path, steps: int):
+    """(plain, liger, close) on the tiny GLM-4-0414 (Liger patches glm4 models), or None without liger-kernel."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        print("liger-kernel is not installed: use_liger_kernel not checked (pip install liger-kernel)")
+        return None
+    model = f"--model_name_or_path={REPO / 'assets' / 'tiny-glm4-0414'}"
+    plain, fused = run("liger_off", out, steps, model), run("liger_on", out, steps, model, "--use_liger_kernel")
+    if "error" in plain or "error" in fused:
+        print(f"use_liger_kernel check failed:\n{plain.get('error') or fused.get('error')}")
+        return plain, fused, False
+    return plain, fused, all(abs(fused[k] - plain[k]) <= 0.01 * plain[k] for k in ("train", "eval"))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """GLM-4 template golden ids, answer-safe truncation, and the split-independent global sampler."""
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import TINY_MODEL
-from dist_glm.data.batching import Example, GlobalBatchSampler, collate
+from dist_glm.data.batching import Example, GlobalBatchSampler, collate, pad_share
 from dist_glm.data.template import IGNORE_INDEX, build_template
 
 
@@ -87,6 +88,26 @@ def test_sampler_gives_the_same_global_batch_for_every_split():
             assert got == sorted(ref.micro_batches(step, 0)[0])
 
 
+def test_group_by_length_keeps_each_steps_samples_for_every_split_and_cuts_padding():
+    n, seed = 1000, 3
+    lengths = [int(x) for x in torch.randint(5, 400, (n,), generator=torch.Generator().manual_seed(0))]
+    examples = [Example([1] * k, [1] * k, [], "") for k in lengths]
+    ref = GlobalBatchSampler(n, 4, 1, 1, seed, lengths)
+    for mbs, gas, world in [(2, 1, 2), (2, 2, 1), (1, 1, 4)]:
+        s = GlobalBatchSampler(n, mbs, gas, world, seed, lengths)
+        for step in (0, 5, 249, 250, 700):  # 250 steps per epoch: crossing epochs regroups identically
+            got = sorted(i for r in range(world) for mb in s.micro_batches(step, r) for i in mb)
+            assert got == sorted(ref.micro_batches(step, 0)[0])
+    epoch = [i for step in range(250) for i in ref.micro_batches(step, 0)[0]]
+    assert sorted(epoch) == list(range(n))  # every sample once per epoch
+    plain = GlobalBatchSampler(n, 2, 1, 2, seed)
+    grouped = GlobalBatchSampler(n, 2, 1, 2, seed, lengths)
+    assert pad_share(examples, grouped) < pad_share(examples, plain) / 4
+    # The global batches of a window come in random order, not longest first.
+    firsts = [lengths[ref.micro_batches(step, 0)[0][0]] for step in range(50)]
+    assert firsts != sorted(firsts, reverse=True)
+
+
 def test_sampler_epochs_are_permutations():
     s = GlobalBatchSampler(20, 5, 1, 1, seed=1)
     epoch0 = [i for step in range(4) for i in s.micro_batches(step, 0)[0]]
@@ -149,3 +170,28 @@ def test_prepare_shows_samples_with_the_trained_spans_marked(tmp_path, capsys):
     # The reply, the newline the model writes first, and the stop token train; the prompt does not.
     assert sample.splitlines()[0] == "--- sample 1 (11 tokens, 3 trained)"  # "\n", "红色", "<|user|>"
     assert "<|user|>\n类型#裙<|assistant|>⟦\n红色<|user|>⟧" in sample
+
+
+def test_prefetcher_builds_the_next_step_ahead_and_hands_out_the_same_batches():
+    import threading
+
+    from dist_glm.data.prefetch import Prefetcher
+
+    built, lock = [], threading.Lock()
+
+    def build(step):
+        with lock:
+            built.append((step, threading.current_thread().name))
+        if step == 4:
+            raise ValueError("row 7 of step 4")
+        return [{"input_ids": torch.full((2, 3), step)}]
+
+    prefetch = Prefetcher(build, pin=False)
+    got = [prefetch.get(s, s + 1)[0]["input_ids"][0, 0].item() for s in (1, 2, 3)]
+    assert got == [1, 2, 3]
+    with pytest.raises(ValueError, match="row 7 of step 4"):  # a failure surfaces at its own step
+        prefetch.get(4, None)
+    prefetch.close()
+    # Step 1 was built on the spot (nothing ahead yet); steps 2, 3 and 4 in the background thread.
+    assert built[0] == (1, threading.current_thread().name)
+    assert [s for s, name in built[1:] if name.startswith("collate")] == [2, 3, 4]

@@ -9,7 +9,7 @@ from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.data.packing import pack_examples
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.loss import token_loss_sum
-from dist_glm.models import add_neftune, check_attention, load_model
+from dist_glm.models import add_neftune, check_attention, check_liger, load_model
 from tests.conftest import TINY_MODEL
 
 
@@ -47,6 +47,18 @@ def test_flash_attention_without_its_package_or_gpu_is_refused_with_the_fix():
     (problem,) = check_attention(cfg.model)  # this machine has neither flash-attn nor a GPU
     assert problem.startswith("attn_implementation=flash_attention_2 needs") and "sdpa" in problem
     assert check_attention(load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o"], None).model) == []
+
+
+def test_liger_kernel_where_it_cannot_run_is_refused_with_the_fix():
+    import importlib.util
+
+    base = ["--model_name_or_path=assets/tiny-glm4-0414", "--dataset=d", "--output_dir=o"]
+    assert check_liger(load_config(base, None).model) == []
+    (problem,) = check_liger(load_config(base + ["--use_liger_kernel"], None).model)
+    if importlib.util.find_spec("liger_kernel") is None:  # this project's CI machine
+        assert problem == "use_liger_kernel needs the liger-kernel package (pip install liger-kernel on a CUDA machine)"
+    elif not torch.cuda.is_available():
+        assert problem.startswith("use_liger_kernel needs a CUDA GPU")
 
 
 def test_neftune_noises_training_embeddings_only():

@@ -112,7 +112,8 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
     else:
         assert problems == []
     keys = sorted(n.split(": ", 2)[1].split(" ")[0].split("=")[0] for n in notes)
-    assert keys == sorted(["overwrite_cache", "dataloader_num_workers", "report_to"]), notes
+    assert keys == sorted(["overwrite_cache", "dataloader_num_workers"]), notes  # report_to is ours too
+    assert cfg.train.report_to == "none"
     assert all(len(n.splitlines()) == 1 for n in notes)
 
 
@@ -120,7 +121,7 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
     "line,message",
     [
         ("stage: dpo", "stage=dpo: dist_glm does supervised fine-tuning (stage: sft) only"),
-        ("report_to: wandb", "report_to=wandb is not supported"),
+        ("report_to: mlflow", "report_to=mlflow: mlflow is not supported; use wandb and/or swanlab"),
         ("eval_strategy: epoch", "eval_strategy=epoch: dist_glm evaluates every eval_steps steps"),
     ],
 )

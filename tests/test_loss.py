@@ -60,7 +60,10 @@ def assert_same(model, batch):
     assert got_loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-5)
     assert got_grads.keys() == ref_grads.keys() and ref_grads
     for name, ref in ref_grads.items():
-        torch.testing.assert_close(got_grads[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 round-off of a different summation order grows with the size of what is summed: the
+        # absolute tolerance follows the tensor's scale (an embedding row sums many tokens' gradients).
+        atol = 1e-6 * max(1.0, float(ref.abs().max()))
+        torch.testing.assert_close(got_grads[name], ref, rtol=1e-5, atol=atol, msg=name)
 
 
 def lora(model):

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, child_env, run_train
+from dist_glm.serving import tools
 from dist_glm.serving.api import MAX_BODY_BYTES
 from dist_glm.serving.engine import Job, ReplyText, Sampling, _PerRowSampling
 
@@ -82,6 +83,87 @@ def test_per_row_sampling_applies_openai_adjustments_row_by_row():
     out = _PerRowSampling(jobs)(torch.zeros(3, 1, dtype=torch.long), scores.clone())
     inf = float("inf")
     assert out.tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 5, 0, -2, 0], [-inf, 0, -inf, -inf, -inf, -inf]]
+
+
+def test_must_call_bans_what_would_open_an_answer_on_the_first_step_only():
+    job = Job(id="j", prompt_ids=[1], max_tokens=9, sampling=Sampling(must_call=True), stops=(), loop=None)
+    sampling = _PerRowSampling([job], not_a_call=[0, 3])
+    first = sampling(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 4))
+    assert first.tolist() == [[-float("inf"), 0, 0, -float("inf")]]
+    job.completion_tokens = 1
+    assert sampling(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 4)).tolist() == [[0, 0, 0, 0]]
+
+
+def tool(name: str) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+
+
+def replay(plan: tools.ToolPlan, pieces: list[str], opened_with_newline: bool | None):
+    """Feed a reply piece by piece as the stream does; return (deltas, the whole message, finish reason)."""
+    reply = tools.ToolReply(plan)
+    deltas = reply.opening_deltas()
+    for piece in pieces:
+        deltas += reply.feed(piece, opened_with_newline)
+    deltas += reply.finish()
+    return deltas, reply.message(), reply.finish_reason("stop")
+
+
+def test_tool_reply_tells_a_call_from_an_answer_as_the_text_arrives():
+    plan = tools.plan([tool("check_stock"), tool("get_price")], "auto", "glm4")
+    # A call: nothing is sent until the first line names a tool, then the arguments stream as written.
+    deltas, message, reason = replay(plan, ["check", "_stock", '\n{"颜色"', ': "白色"}'], opened_with_newline=False)
+    header = deltas[0]["tool_calls"][0]
+    assert (header["function"], header["type"], header["id"].startswith("call_")) == (
+        {"name": "check_stock", "arguments": ""},
+        "function",
+        True,
+    )
+    assert [d["tool_calls"][0]["function"]["arguments"] for d in deltas[1:]] == ['{"颜色"', ': "白色"}']
+    assert message["content"] is None and reason == "tool_calls"
+    assert message["tool_calls"][0]["function"] == {"name": "check_stock", "arguments": '{"颜色": "白色"}'}
+    # GLM-4-0414 writes `{name} \n{arguments}`.
+    _, message, _ = replay(plan, ["get_price \n{}"], opened_with_newline=False)
+    assert message["tool_calls"][0]["function"] == {"name": "get_price", "arguments": "{}"}
+    # An answer (GLM opens it with a newline, which the engine drops) streams at once.
+    deltas, message, reason = replay(plan, ["有货", "。\nok"], opened_with_newline=True)
+    assert deltas == [{"content": "有货"}, {"content": "。\nok"}] and message == {
+        "role": "assistant",
+        "content": "有货。\nok",
+    }
+    assert reason == "stop"
+    # A first line that names no tool is text after all, held back only until that line ends.
+    deltas, message, _ = replay(plan, ["hello", " world\nmore"], opened_with_newline=False)
+    assert deltas == [{"content": "hello world\nmore"}] and message["content"] == "hello world\nmore"
+    _, message, _ = replay(plan, ["check_stock"], opened_with_newline=False)  # ended inside the first line
+    assert message["tool_calls"][0]["function"] == {"name": "check_stock", "arguments": ""}
+    # Without tools nothing is parsed.
+    _, message, _ = replay(tools.plan(None, None, "glm4"), ["check_stock\n{}"], opened_with_newline=False)
+    assert message == {"role": "assistant", "content": "check_stock\n{}"}
+
+
+def test_tool_choice_rules():
+    both = [tool("check_stock"), tool("get_price")]
+    forced = tools.plan(both, {"type": "function", "function": {"name": "get_price"}}, "glm4_0414")
+    assert (forced.forced, forced.required) == ("get_price", False)
+    deltas, message, reason = replay(forced, ['{"类型": ', '"裙"}'], opened_with_newline=False)
+    assert deltas[0]["tool_calls"][0]["function"]["name"] == "get_price"  # sent before any generated text
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"类型": "裙"}' and reason == "tool_calls"
+    assert tools.plan(both, "required", "glm4").required
+    assert tools.plan(both[:1], "required", "glm4").forced == "check_stock"  # one tool: that tool's call
+    assert tools.plan(both, "none", "glm4") == tools.ToolPlan()  # the tools are not even shown
+    cut = tools.ToolReply(forced)
+    cut.feed('{"类', None)
+    assert cut.finish_reason("length") == "length"  # a call cut by max_tokens says so
+    for tools_, choice, template, match in [
+        (None, "required", "glm4", "tool_choice needs tools"),
+        ([{"type": "python"}], None, "glm4", r"tools\[0\]"),
+        ([tool("a"), tool("a")], None, "glm4", "same name"),
+        (both, {"type": "function", "function": {"name": "nope"}}, "glm4", "not among the tools"),
+        (both, "sometimes", "glm4", "tool_choice: 'none', 'auto'"),
+        (both, None, "chatglm3", "no tool calls this server can read"),
+    ]:
+        with pytest.raises(tools.ToolRequestError, match=match):
+            tools.plan(tools_, choice, template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +350,11 @@ def test_seeded_sampling_is_reproducible(server):
 
 BAD_REQUESTS = [
     ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "role"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "role"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "must answer a preceding assistant message"),
+    ({"messages": [{"role": "assistant", "content": None}]}, 400, "give the message's text"),
+    ({"tool_choice": "required"}, 400, "tool_choice needs tools"),
+    ({"tools": [{"type": "python"}]}, 400, "tools[0]"),
+    ({"tools": [tool("a")], "tool_choice": {"type": "function", "function": {"name": "b"}}}, 400, "not among"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "text"),
     ({"n": 2}, 400, "n=2"),
@@ -409,3 +495,145 @@ def test_startup_mistakes_exit_2_with_one_line_each(tmp_path):
         port = taken.getsockname()[1]
         proc = _serve(f"--model_name_or_path={REPO / 'assets' / 'tiny-glm4'}", f"--port={port}")
     assert proc.returncode == 2 and f"serve.py: error: port={port}: cannot listen" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls, on the tiny GLM trained on the demo's tool data
+# ---------------------------------------------------------------------------------------------
+
+TOOL_ROWS = [json.loads(line) for line in (REPO / "data/tool_demo/train.jsonl").read_text().splitlines()]
+TOOLS = TOOL_ROWS[0]["tools"]
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory) -> Path:
+    """configs/demo_tools.yaml: the tiny GLM-4-0414 learns to call check_stock and to answer from its result."""
+    out = tmp_path_factory.mktemp("serve_tools") / "demo_tools"
+    run_train(["configs/demo_tools.yaml", f"--output_dir={out}", "--disable_tqdm=true"], nprocs=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_model, tmp_path_factory):
+    srv = Server(tool_model, tmp_path_factory.mktemp("serve_tools_log") / "server.log")
+    yield srv
+    srv.proc.terminate()
+    assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM), srv.text()[-3000:]
+    assert "Traceback" not in srv.text(), srv.text()
+
+
+@pytest.fixture(scope="module")
+def tool_reference(tool_model):
+    """Greedy generate() on the training template's rendering of a conversation (dist_glm.data), parsed
+    the way the server parses: what every tool-call reply must equal."""
+    from dist_glm.artifacts import load_for_inference
+    from dist_glm.data.template import build_template
+    from dist_glm.models import generation_eos_ids, load_tokenizer
+
+    model, tok = load_for_inference(str(tool_model)), load_tokenizer(str(tool_model))
+    # GLM-4-0414's template (auto for Glm4ForCausalLM), whose calls are `{name} \n{arguments}`.
+    template, eos = build_template("glm4_0414", tok), generation_eos_ids(str(tool_model), tok)
+    first_step = 0
+
+    # tool_choice "required" among several tools: no first token that opens an answer or ends the reply.
+    not_a_call = [i for i in range(len(tok)) if tok.decode([i]).startswith("\n")] + eos
+
+    def first_token_is_a_call(input_ids, scores):
+        if input_ids.shape[1] == first_step:
+            scores[:, not_a_call] = -float("inf")
+        return scores
+
+    def expected(messages: list[dict], tool_choice=None, offered=TOOLS) -> tuple[dict, str, int]:
+        nonlocal first_step
+        plan = tools.plan(offered, tool_choice, "glm4_0414")
+        conv = tools.conversation(messages, offered if plan.names else None)
+        ids = template.encode_prompt(conv) + (template.call_header_ids(plan.forced) if plan.forced else [])
+        first_step = len(ids)
+        processors = [first_token_is_a_call] if plan.required else []
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=60, do_sample=False, eos_token_id=eos, logits_processor=processors
+        )
+        new = out[0, len(ids) :].tolist()
+        assert new[-1] in eos, tok.decode(new)  # a finished reply
+        raw = tok.decode(new[:-1], skip_special_tokens=True)
+        reply = tools.ToolReply(plan)
+        reply.feed(raw.removeprefix("\n"), raw.startswith("\n"))
+        reply.finish()
+        return reply.message(), reply.finish_reason("stop"), len(ids)
+
+    return expected
+
+
+def call_of(message) -> tuple[str, dict]:
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    return call.function.name, json.loads(call.function.arguments)
+
+
+def same_message(got, want: dict) -> None:
+    if want.get("tool_calls"):
+        assert got.content is None and len(got.tool_calls) == 1
+        assert got.tool_calls[0].function.model_dump() == want["tool_calls"][0]["function"]
+    else:
+        assert (got.content, got.tool_calls) == (want["content"], None)
+
+
+@pytest.mark.slow
+def test_tool_calls_end_to_end_with_the_openai_client(tool_server, tool_reference):
+    client = tool_server.client
+    question = [{"role": "user", "content": "白色连衣裙有货吗？"}]
+    want, reason, prompt_tokens = tool_reference(question)
+    assert want.get("tool_calls"), want  # the trained model calls the tool for a stock question ...
+    assert json.loads(want["tool_calls"][0]["function"]["arguments"]) == {"颜色": "白色", "类型": "连衣裙"}
+    reply = client.chat.completions.create(model=NAME, messages=question, tools=TOOLS)
+    choice = reply.choices[0]
+    same_message(choice.message, want)
+    assert (choice.finish_reason, reply.usage.prompt_tokens) == ("tool_calls", prompt_tokens) == (reason, prompt_tokens)
+    assert call_of(choice.message) == ("check_stock", {"颜色": "白色", "类型": "连衣裙"})
+
+    # Streamed: a header delta with id and name, then the arguments in pieces; together the same call.
+    chunks = list(client.chat.completions.create(model=NAME, messages=question, tools=TOOLS, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert calls[0].id.startswith("call_") and calls[0].function.name == "check_stock" and len(calls) > 2
+    assert "".join(c.function.arguments or "" for c in calls) == choice.message.tool_calls[0].function.arguments
+    assert not any(d.content for d in deltas) and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # The tool's result goes back; the model answers from it (it learnt to read the count).
+    follow = question + [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": '{"库存": 12}'},
+    ]
+    want, reason, _ = tool_reference(follow)
+    answer = client.chat.completions.create(model=NAME, messages=follow, tools=TOOLS)
+    same_message(answer.choices[0].message, want)
+    assert answer.choices[0].finish_reason == reason == "stop" and "12" in want["content"], want
+
+    # An attribute list gets ad copy, not a call, although the tool is on offer.
+    ad = [{"role": "user", "content": DEV[0]}]
+    want, _, _ = tool_reference(ad)
+    got = client.chat.completions.create(model=NAME, messages=ad, tools=TOOLS)
+    same_message(got.choices[0].message, want)
+    assert want["content"] and got.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_tool_choice_none_required_and_named(tool_server, tool_reference):
+    client = tool_server.client
+    ad = [{"role": "user", "content": DEV[1]}]
+    named = {"type": "function", "function": {"name": "check_stock"}}
+    for choice in ("none", "required", named):
+        want, reason, prompt_tokens = tool_reference(ad, choice)
+        reply = client.chat.completions.create(model=NAME, messages=ad, tools=TOOLS, tool_choice=choice)
+        same_message(reply.choices[0].message, want)
+        assert (reply.choices[0].finish_reason, reply.usage.prompt_tokens) == (reason, prompt_tokens), choice
+        if choice == "none":  # the tools were not even shown
+            assert reply.choices[0].message.content and prompt_tokens < tool_reference(ad)[2]
+        else:  # an ad request made into a call: the model still writes check_stock's JSON
+            assert call_of(reply.choices[0].message)[0] == "check_stock" and reason == "tool_calls"
+    # "required" among two tools: no token that starts an answer may come first, so some tool is called.
+    two = TOOLS + [{"type": "function", "function": {"name": "get_price", "parameters": {"type": "object"}}}]
+    want, reason, _ = tool_reference(ad, "required", two)
+    reply = client.chat.completions.create(model=NAME, messages=ad, tools=two, tool_choice="required")
+    same_message(reply.choices[0].message, want)
+    assert want.get("tool_calls") and reason == "tool_calls" == reply.choices[0].finish_reason

@@ -5,6 +5,8 @@ Reference: one process, micro-batch 4. Every other run sees the same 4 samples p
 trainable-token count, so the per-step losses must agree to fp32 round-off.
 """
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,3 +78,15 @@ def test_gradient_accumulation_matches_single_batch(tmp_path, varlen_data, refer
     )
     run_train(args, nprocs=1)
     assert_same_losses(read_metrics(tmp_path, "train/loss"), ref_losses)
+
+
+@pytest.mark.slow
+def test_group_by_length_keeps_the_split_equivalence_and_cuts_padding(tmp_path, varlen_data):
+    """group_by_length changes which samples share a step (the reference without it does not apply), but
+    each step's samples still do not depend on the split: 1 rank x micro-batch 4 == 2 ranks x 2, ZeRO-2."""
+    one = run_train(base_args(tmp_path / "one", varlen_data, max_steps=STEPS, group_by_length=True), nprocs=1)
+    two = base_args(tmp_path / "two", varlen_data, max_steps=STEPS, group_by_length=True, per_device_train_batch_size=2)
+    run_train(two + ["--deepspeed=ds_configs/zero2.json"], nprocs=2)
+    assert_same_losses(read_metrics(tmp_path / "two", "train/loss"), read_metrics(tmp_path / "one", "train/loss"))
+    line = re.search(r"padding per epoch: ([\d.]+)% .* without packing, ([\d.]+)% with group_by_length", one.stdout)
+    assert line and float(line.group(2)) < float(line.group(1)) / 2, one.stdout[-3000:]

@@ -223,18 +223,48 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
-class GlobalBatchSampler:
-    """Indices of the micro-batches that one rank computes for one optimizer step."""
+# group_by_length sorts this many global batches' worth of samples at a time (as HF's LengthGroupedSampler
+# sorts megabatches of 50 batches): enough to find similar lengths, few enough to keep the order random.
+GROUP_WINDOW = 50
 
-    def __init__(self, num_samples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int):
+
+class GlobalBatchSampler:
+    """Indices of the micro-batches that one rank computes for one optimizer step.
+
+    The samples of each step (the global batch) depend only on the seed, the epoch and the global batch
+    size, never on how it is split over ranks, micro-batches and accumulation: with the loss normalised
+    by the global trainable-token count, every split computes the same step. `lengths` turns on
+    group_by_length: each window of GROUP_WINDOW global batches is sorted by length and cut into global
+    batches, whose order within the window is shuffled, and each global batch is sorted, so a
+    micro-batch holds samples of similar length (less padding) while each step's samples stay the same
+    for every split."""
+
+    def __init__(self, num_samples: int, micro_batch: int, grad_accum: int, world_size: int, seed: int, lengths=None):
         self.n, self.mbs, self.gas, self.world, self.seed = num_samples, micro_batch, grad_accum, world_size, seed
         self.global_batch = micro_batch * grad_accum * world_size
         # Drop the ragged tail of each epoch, so every step has the same global batch size.
         self.steps_per_epoch = num_samples // self.global_batch
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
+        self._cached: tuple[int, torch.Tensor] | None = None
 
     def _order(self, epoch: int) -> torch.Tensor:
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
         g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-        return torch.randperm(self.n, generator=g)
+        order = torch.randperm(self.n, generator=g)
+        if self.lengths is not None:
+            order = self._grouped(order[: self.steps_per_epoch * self.global_batch], g)
+        self._cached = (epoch, order)
+        return order
+
+    def _grouped(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        windows = []
+        for window in order.split(GROUP_WINDOW * self.global_batch):
+            # Longest first, ties in the random order (a stable sort), cut into global batches.
+            by_length = window[torch.sort(self.lengths[window], descending=True, stable=True).indices]
+            batches = by_length.view(-1, self.global_batch)
+            windows.append(batches[torch.randperm(len(batches), generator=g)].flatten())
+        return torch.cat(windows) if windows else order
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Step counts from 0. Micro-step m of rank r takes slice (m * world + r) of the global batch."""

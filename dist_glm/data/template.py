@@ -177,6 +177,12 @@ class RoleTokenTemplate:
             return self._turn(m["role"], *self._call_text(m["tool_call"]))
         return self._turn(m["role"], "", m["content"])
 
+    def call_header_ids(self, name: str) -> list[int]:
+        """What follows the assistant header in a call to tool `name`, up to its arguments (a reply
+        prefilled with it can only be that call)."""
+        metadata, _ = self._call_text({"name": name, "arguments": ""})
+        return self._text(metadata + "\n")
+
     def encode_prompt(self, conv: dict) -> list[int]:
         """Ids for generation: the conversation so far, then the assistant header."""
         ids = self._head(conv)

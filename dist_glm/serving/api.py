@@ -15,6 +15,7 @@ import json
 import logging
 import time
 
+from dist_glm.serving import tools
 from dist_glm.serving.engine import Engine, Job, QueueFull
 from dist_glm.serving.protocol import (
     ApiError,
@@ -28,6 +29,7 @@ from dist_glm.serving.protocol import (
     to_messages,
     usage,
 )
+from dist_glm.serving.tools import ToolPlan
 
 # The server's one logger name, shared by its modules, so log lines read as they always have.
 log = logging.getLogger("dist_glm.serve")
@@ -41,26 +43,42 @@ class Completions:
         self.engine, self.served_name, self.max_model_len = engine, served_name, max_model_len
         self.replying: dict[str, Job] = {}  # requests whose handler is still running (shown by /health)
 
-    async def submit(self, req: ChatRequest) -> Job:
+    async def submit(self, req: ChatRequest) -> tuple[Job, ToolPlan]:
         from fastapi.concurrency import run_in_threadpool
 
         check_request(req, self.served_name)
         if req.model_extra:
             log.warning("ignoring unsupported request fields: %s", ", ".join(sorted(req.model_extra)))
+        messages = to_messages(req)
+        try:
+            tool_plan = tools.plan(req.tools, req.tool_choice, self.engine.template_name)
+            # tool_choice "none": the tools are not shown, so the model cannot even try to call one.
+            conv = tools.conversation(messages, req.tools if tool_plan.names else None)
+        except tools.ToolRequestError as e:
+            raise ApiError(400, str(e), e.param) from None
         try:  # tokenizing a long prompt takes a while: keep it off the event loop
-            prompt_ids = await run_in_threadpool(self.engine.encode_chat, to_messages(req))
+            if self.engine.template is not None:
+                prompt_ids = await run_in_threadpool(self.engine.encode_conversation, conv, tool_plan.forced)
+            elif conv["tools"] or any(m["role"] == "observation" or m.get("tool_call") for m in conv["messages"]):
+                raise ApiError(400, "tool calls: this model has no GLM chat template to render them with", "tools")
+            else:
+                prompt_ids = await run_in_threadpool(self.engine.encode_chat, messages)
+            if tool_plan.required:
+                await run_in_threadpool(self.engine.not_a_call)
+        except ApiError:
+            raise
         except Exception as e:  # a chat template may reject a conversation (raise_exception in jinja)
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
-        job = build_job(req, prompt_ids, self.engine, self.max_model_len)
+        job = build_job(req, prompt_ids, self.engine, self.max_model_len, must_call=tool_plan.required)
         try:
             self.engine.submit(job)
         except QueueFull:
             raise ApiError(
                 503, f"server busy: {self.engine.max_queue_size} requests are waiting; retry later", code="server_busy"
             ) from None
-        return job
+        return job, tool_plan
 
-    async def reply(self, job: Job, request) -> dict:
+    async def reply(self, job: Job, tool_plan: ToolPlan, request) -> dict:
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         self.replying[job.id] = job
         try:
@@ -80,14 +98,22 @@ class Completions:
             watcher.cancel()
             job.cancelled.set()  # no effect once finished; stops the generation if this task was cancelled
             del self.replying[job.id]
-        message = {"role": "assistant", "content": "".join(pieces)}
+        answer = tools.ToolReply(tool_plan)
+        answer.feed("".join(pieces), job.reply.opened_with_newline if job.reply else None)
+        answer.finish()
+        choice = {
+            "index": 0,
+            "message": answer.message(),
+            "logprobs": None,
+            "finish_reason": answer.finish_reason(reason),
+        }
         return {
             **head(job, "chat.completion", self.served_name),
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason}],
+            "choices": [choice],
             "usage": usage(job, completion_tokens),
         }
 
-    async def stream(self, job: Job, request, include_usage: bool):
+    async def stream(self, job: Job, tool_plan: ToolPlan, request, include_usage: bool):
         def event(choices: list, totals: dict | None = None) -> str:
             body = {**head(job, "chat.completion.chunk", self.served_name), "choices": choices}
             if include_usage:
@@ -97,19 +123,25 @@ class Completions:
         def choice(delta: dict, reason=None) -> list:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
 
+        answer = tools.ToolReply(tool_plan)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         self.replying[job.id] = job
         try:
             yield event(choice({"role": "assistant", "content": ""}))
+            for delta in answer.opening_deltas():
+                yield event(choice(delta))
             while True:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    yield event(choice({"content": value}))
+                    for delta in answer.feed(value, job.reply.opened_with_newline):
+                        yield event(choice(delta))
                 elif kind == "end":
                     reason, completion_tokens = value
                     if reason == "cancelled":
                         return  # the client has gone
-                    yield event(choice({}, reason))
+                    for delta in answer.finish():
+                        yield event(choice(delta))
+                    yield event(choice({}, answer.finish_reason(reason)))
                     if include_usage:
                         yield event([], usage(job, completion_tokens))
                     break
@@ -178,12 +210,12 @@ def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        job = await completions.submit(req)
+        job, tool_plan = await completions.submit(req)
         if not req.stream:
-            return await completions.reply(job, request)
+            return await completions.reply(job, tool_plan, request)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            completions.stream(job, request, include_usage),
+            completions.stream(job, tool_plan, request, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -50,6 +50,12 @@ class ReplyText:
         self.stop_at: int | None = None  # where the first stop sequence begins in `text`
 
     @property
+    def opened_with_newline(self) -> bool | None:
+        """Whether the reply began with GLM's newline (an answer) rather than a tool's name (a call);
+        None until its first character is known."""
+        return self._raw.startswith("\n") if self._raw else None
+
+    @property
     def text(self) -> str:
         # GLM replies start with the newline that follows <|assistant|>; it is not part of the answer.
         return self._raw.removeprefix("\n")
@@ -105,10 +111,14 @@ class Sampling:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
+    # tool_choice "required" among several tools: the first token may not open an answer (a newline) or
+    # end the reply, so the reply starts with a tool's name.
+    must_call: bool = False
 
     @property
     def is_plain_greedy(self) -> bool:
-        return self.temperature == 0 and not (self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        adjusted = self.presence_penalty or self.frequency_penalty or self.logit_bias or self.must_call
+        return self.temperature == 0 and not adjusted
 
 
 @dataclass(eq=False)
@@ -150,8 +160,8 @@ class _PerRowSampling:
     Rows of every setting therefore share a batch, and a seeded request gives the same reply whatever
     else runs beside it. Plain greedy rows are left untouched."""
 
-    def __init__(self, jobs: list[Job]):
-        self.jobs = jobs
+    def __init__(self, jobs: list[Job], not_a_call: list[int] | None = None):
+        self.jobs, self.not_a_call = jobs, not_a_call
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for row, job in enumerate(self.jobs):
@@ -159,6 +169,8 @@ class _PerRowSampling:
             if job.finish_reason is not None or s.is_plain_greedy:
                 continue
             x = scores[row]
+            if s.must_call and job.completion_tokens == 0:
+                x[self.not_a_call] = -float("inf")
             for token_id, bias in s.logit_bias:
                 x[token_id] += bias
             if (s.presence_penalty or s.frequency_penalty) and job.generated:
@@ -196,8 +208,12 @@ class _Steps:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, eos_ids: list[int], max_batch_size: int, max_queue_size: int):
+    def __init__(self, model, tokenizer, eos_ids: list[int], max_batch_size: int, max_queue_size: int, template=None):
+        """`template`: the training template (dist_glm.data.template) that renders conversations, or
+        None to render plain chats with the tokenizer's own chat_template (no tool calls then)."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
+        self.template, self.template_name = template, getattr(template, "name", None)
+        self._not_a_call: list[int] | None = None
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: safe to share between threads
         self.pad_id = tokenizer.pad_token_id
         self.vocab_size = model.config.vocab_size
@@ -210,10 +226,26 @@ class Engine:
         self.served = 0
         threading.Thread(target=self._work, name="generation", daemon=True).start()
 
-    # -- called from the event loop ------------------------------------------------------------
+    # -- called from the event loop's thread pool ------------------------------------------------
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Plain role/content messages through the tokenizer's own chat_template."""
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_conversation(self, conv: dict, call: str | None = None) -> list[int]:
+        """A conversation (the training data's shape) rendered as training renders it, up to the
+        assistant header; with `call`, also that tool's name line, so the reply is the call's arguments."""
+        ids = self.template.encode_prompt(conv)
+        return ids + self.template.call_header_ids(call) if call else ids
+
+    def not_a_call(self) -> list[int]:
+        """Token ids that cannot start a tool call: those whose text starts with a newline, and the
+        end-of-reply ids. Decoded once, the first time a request needs them."""
+        if self._not_a_call is None:
+            decode = self.backend.decode
+            opens = [i for i in range(self.vocab_size) if decode([i], skip_special_tokens=False).startswith("\n")]
+            self._not_a_call = sorted(set(opens) | self.eos_ids)
+        return self._not_a_call
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -284,7 +316,7 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([_PerRowSampling(jobs)]),
+            logits_processor=LogitsProcessorList([_PerRowSampling(jobs, self._not_a_call)]),
             stopping_criteria=StoppingCriteriaList([_Steps(self, jobs)]),
         )
 

@@ -18,10 +18,24 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    # "developer" is OpenAI's newer name for "system". Tool calls are not supported.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    # "developer" is OpenAI's newer name for "system"; "tool" carries a tool's result back.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only on an assistant message with tool_calls
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -86,17 +100,30 @@ def check_request(req: ChatRequest, served_name: str) -> None:
         raise ApiError(400, f"n={req.n}: this server returns one choice per request (n=1); send n requests.", "n")
     if req.logprobs or req.top_logprobs:
         raise ApiError(400, "logprobs are not supported by this server.", "logprobs")
-    if req.tools or req.tool_choice not in (None, "none"):
-        raise ApiError(400, "tools and tool_choice are not supported by this server.", "tools")
     if req.response_format and req.response_format.get("type") != "text":
         raise ApiError(400, "response_format: only {'type': 'text'} is supported.", "response_format")
 
 
 def to_messages(req: ChatRequest) -> list[dict]:
+    """The messages as plain dicts (text parts joined, developer -> system, tool calls as OpenAI
+    writes them), checked for what OpenAI also refuses."""
     out = []
-    for m in req.messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    for i, m in enumerate(req.messages):
+        if m.role == "tool" and not (out and (out[-1].get("tool_calls") or out[-1]["role"] == "tool")):
+            raise ApiError(
+                400,
+                f"messages.{i}: a 'tool' message must answer a preceding assistant message with tool_calls",
+                f"messages.{i}.role",
+            )
+        if m.tool_calls and m.role != "assistant":
+            raise ApiError(400, f"messages.{i}.tool_calls: only assistant messages call tools", f"messages.{i}")
+        if m.content is None and not m.tool_calls:
+            raise ApiError(400, f"messages.{i}.content: give the message's text", f"messages.{i}.content")
+        content = m.content if isinstance(m.content, str | None) else "".join(p.text for p in m.content)
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.tool_calls:
+            message["tool_calls"] = [{"function": c.function.model_dump()} for c in m.tool_calls]
+        out.append(message)
     return out
 
 
@@ -106,7 +133,9 @@ def model_not_found(name: str, served_name: str, param: str | None = None) -> Ap
     )
 
 
-def build_job(req: ChatRequest, prompt_ids: list[int], engine: Engine, max_model_len: int) -> Job:
+def build_job(
+    req: ChatRequest, prompt_ids: list[int], engine: Engine, max_model_len: int, must_call: bool = False
+) -> Job:
     """The generation job for a checked request: context limits, logit bias ids and sampling defaults."""
     n = len(prompt_ids)
     if n >= max_model_len:
@@ -139,6 +168,7 @@ def build_job(req: ChatRequest, prompt_ids: list[int], engine: Engine, max_model
         frequency_penalty=req.frequency_penalty or 0.0,
         logit_bias=bias,
         seed=req.seed,
+        must_call=must_call,
     )
     return Job(
         id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
