@@ -17,7 +17,7 @@ export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo c
 # fought over) whenever another checkout with different include paths uses it.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup demo test test-fast test-latest doctor lint clean
+.PHONY: setup demo test test-fast test-latest doctor lint clean bench
 
 setup: $(VENV)/.installed
 
@@ -58,6 +58,11 @@ test-latest:
 
 doctor: setup
 	$(BIN)/python -m dist_glm.doctor
+
+# Training speed against HF Trainer, TRL and LLaMA-Factory, each installed into its own venv under
+# ~/.cache/dist_glm_bench (docs/performance.md); e.g. make bench BENCH_ARGS="--workloads=tiny --rounds=2".
+bench: setup
+	$(BIN)/python launch/benchmark.py $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check dist_glm launch tests

@@ -48,7 +48,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = distributed.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
-    problems += check_attention(cfg.model) + check_liger(cfg.model)
+    problems += check_attention(cfg.model) + check_liger(cfg.model) + check_fp16_here(cfg.train)
     problems += adopt_adapter(cfg)  # first: the adapter's rank and targets are what the method checks
     problems += check_init(cfg, world_size)
     problems += get_method(cfg.method.finetuning_type).check_config(cfg)
@@ -67,6 +67,22 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     if problems:
         raise UserError(problems)
     return Inputs(ds_config, resume_path)
+
+
+def check_fp16_here(t) -> list[str]:
+    """fp16 needs the accelerator's fp16 kernels: every CUDA GPU has them; DeepSpeed's CPU accelerator only
+    where oneDNN has fp16 (AVX512-FP16 or AMX-FP16 CPUs), and it refuses fp16 deep inside initialize otherwise."""
+    if not t.fp16:
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.is_fp16_supported():
+        return []
+    return [
+        f"fp16=true: this machine's accelerator ({accelerator.device_name()}) has no fp16 support (a CPU needs "
+        "AVX512-FP16 or AMX-FP16); use bf16 where it is supported, or fp32"
+    ]
 
 
 def check_output_dir(output_dir: str) -> list[str]:

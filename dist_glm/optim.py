@@ -21,7 +21,18 @@ def build_optimizer(model, t, offload: bool):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
+    # fused: one kernel over all tensors instead of torch's per-tensor Python loop, on CPU (torch >= 2.4)
+    # and CUDA; on the real-vocabulary GLM's 155M embedding + head parameters it measured 8x faster on CPU,
+    # where the unfused step was half of a full fine-tuning step (docs/performance.md). Same update rule.
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, fused=_fusable(groups))
+
+
+def _fusable(groups) -> bool | None:
+    """Whether torch's fused AdamW takes these parameters (floating point, on a device it has the kernel
+    for); None leaves torch's default otherwise."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {"cpu", "cuda", "xpu", "mps", "hpu"}
+    return True if all(p.is_floating_point() and p.device.type in devices for p in params) else None
 
 
 def build_scheduler(optimizer, t, total_steps: int):

@@ -37,43 +37,13 @@ SMALL_ROWS = 500
 # on the same machine varies by about ±10 MB. 64 MB lies well above the second and well below the first.
 RSS_MARGIN_MB = 64
 
-# Loaded only into the killed prepare: the first np.save to a path containing STALL_NPY writes half the
-# array's bytes, leaves a `.stalled` marker and sleeps, so the test kills it provably mid-write (the real
-# write takes milliseconds). Test-local, like tests/fault_injection does for torch.save.
-STALL_SHIM = """
-import os
-PATTERN = os.environ.get("STALL_NPY")
-if PATTERN:
-    import io
-    import time
-
-    import numpy as np
-
-    _save = np.save
-
-    def _stalling_save(file, arr, *args, **kwargs):
-        if PATTERN not in str(file):
-            return _save(file, arr, *args, **kwargs)
-        buffer = io.BytesIO()
-        _save(buffer, arr, *args, **kwargs)
-        data = buffer.getvalue()
-        with open(file, "wb") as out:
-            out.write(data[: len(data) // 2])
-            out.flush()
-            os.fsync(out.fileno())
-        open(f"{file}.stalled", "w").close()
-        time.sleep(3600)
-
-    np.save = _stalling_save
-"""
-
 
 def kill_prepare_mid_write(tmp_path, data, cache):
     """launch/prepare.py SIGKILLed while the second array of the cache is half written."""
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(STALL_SHIM)
-    env = dict(child_env(), PYTHONPATH=str(shim), STALL_NPY="labels.npy")
+    # tests/fault_injection: the first np.save of labels.npy writes half the array's bytes, leaves a
+    # `.stalled` marker and sleeps, so the test kills the prepare provably mid-write.
+    shim = os.pathsep.join([str(REPO / "tests" / "fault_injection"), os.environ.get("PYTHONPATH", "")])
+    env = dict(child_env(), PYTHONPATH=shim, DIST_GLM_TEST_STALL_NPY="labels.npy")
     args = base_args(tmp_path / "killed", data, data_cache_dir=cache)
     proc = subprocess.Popen([sys.executable, "launch/prepare.py", *args], cwd=REPO, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -2,32 +2,48 @@
 
 DIST_GLM_TEST_STALL_SAVE=PATTERN: the first torch.save to a path containing PATTERN writes half of the
 file's bytes, flushes and fsyncs them, leaves a `.stalled` file beside it and then sleeps, so that a test
-can SIGKILL the process while that file is provably half written (a real save is too quick to hit)."""
+can SIGKILL the process while that file is provably half written (a real save is too quick to hit).
+DIST_GLM_TEST_STALL_NPY=PATTERN: the same for numpy.save (the tokenization cache's arrays)."""
 
+import io
 import os
+import time
 
-PATTERN = os.environ.get("DIST_GLM_TEST_STALL_SAVE")
 
-if PATTERN:
-    import io
-    import time
+def _stall_half_written(path, write_whole) -> None:
+    """Write half of what `write_whole(buffer)` would write to `path`, mark it and sleep."""
+    buffer = io.BytesIO()
+    write_whole(buffer)
+    data = buffer.getvalue()
+    with open(path, "wb") as out:
+        out.write(data[: len(data) // 2])
+        out.flush()
+        os.fsync(out.fileno())
+    with open(f"{path}.stalled", "w") as marker:
+        marker.write(str(len(data)))
+    time.sleep(3600)
 
+
+if PATTERN := os.environ.get("DIST_GLM_TEST_STALL_SAVE"):
     import torch
 
-    _save = torch.save
+    _torch_save = torch.save
 
-    def _stalling_save(obj, f, *args, **kwargs):
+    def _stalling_torch_save(obj, f, *args, **kwargs):
         if not isinstance(f, (str, os.PathLike)) or PATTERN not in str(f):
-            return _save(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        _save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        with open(f, "wb") as out:
-            out.write(data[: len(data) // 2])
-            out.flush()
-            os.fsync(out.fileno())
-        with open(f"{f}.stalled", "w") as marker:
-            marker.write(str(len(data)))
-        time.sleep(3600)
+            return _torch_save(obj, f, *args, **kwargs)
+        _stall_half_written(f, lambda buffer: _torch_save(obj, buffer, *args, **kwargs))
 
-    torch.save = _stalling_save
+    torch.save = _stalling_torch_save
+
+if NPY_PATTERN := os.environ.get("DIST_GLM_TEST_STALL_NPY"):
+    import numpy as np
+
+    _np_save = np.save
+
+    def _stalling_np_save(file, arr, *args, **kwargs):
+        if NPY_PATTERN not in str(file):
+            return _np_save(file, arr, *args, **kwargs)
+        _stall_half_written(file, lambda buffer: _np_save(buffer, arr, *args, **kwargs))
+
+    np.save = _stalling_np_save

@@ -1,0 +1,86 @@
+"""The peers' training script: plain HF Trainer or TRL's SFTTrainer on the benchmark's pre-tokenized rows.
+
+It runs inside a peer's own venv (python peer_train.py SETTINGS.json), so it imports nothing from
+dist_glm: only torch, transformers, peft and (for TRL) trl and datasets. Both trainers get the same
+input_ids/labels our template produced, so only the trainer differs from ours. Each logged step is
+appended to steps.jsonl at once (flushed), which the benchmark watches from outside, as it watches
+our metrics.jsonl and LLaMA-Factory's trainer_log.jsonl.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load_rows(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def lora_model(model, s: dict):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules="all-linear", lora_dropout=0.0)
+    return get_peft_model(model, cfg)
+
+
+def main(settings_path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    s = json.loads(Path(settings_path).read_text())
+    steps_log = open(Path(s["output_dir"]) / "steps.jsonl", "a", encoding="utf-8")
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                steps_log.write(json.dumps({"step": state.global_step, "loss": logs["loss"]}) + "\n")
+                steps_log.flush()
+
+    torch.manual_seed(s["seed"])
+    tokenizer = AutoTokenizer.from_pretrained(s["model"])
+    model = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
+    if s["lora"]:
+        model = lora_model(model, s)
+    common = dict(
+        output_dir=s["output_dir"],
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=s["steps"],
+        learning_rate=s["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=s["seed"],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    rows = load_rows(s["data"])
+    if s["framework"] == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        # Pre-tokenized rows with labels: TRL keeps a dataset's own labels column as it is.
+        data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        args = SFTConfig(**common, max_length=s["cutoff_len"], packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    else:
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        data = [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
+                for r in rows]  # fmt: skip
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        args = TrainingArguments(**common, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.add_callback(StepLog())
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,88 @@
+"""The training benchmark's own pieces, without the peers: the outside measurement of a real child
+process, the table's ratios, the argument checks, and ours run end to end through launch/benchmark.py."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from dist_glm.benchmark import measure, report
+from dist_glm.benchmark.run import BenchArgs, check_args
+from dist_glm.errors import UserError
+
+
+def shell_job(tmp_path, name: str, script: str) -> measure.Job:
+    return measure.Job(name, ["sh", "-c", script], tmp_path / name / "steps.jsonl", tmp_path / f"{name}.log")
+
+
+def test_a_child_is_timed_from_its_step_log_and_sampled_whole(tmp_path):
+    log = tmp_path / "writer" / "steps.jsonl"
+    # Three logged steps 0.4 s apart, then a step-less line; `sh` is the child and `sleep` its descendant.
+    script = "".join(f'echo \'{{"step": {i}, "loss": {4 - i}.5}}\' >> {log}; sleep 0.3; ' for i in (1, 2, 3))
+    script += f"echo '{{\"eval/loss\": 1}}' >> {log}"
+    hung = shell_job(tmp_path, "hung", "sleep 30")
+    writer, killed = measure.run_together([shell_job(tmp_path, "writer", script), hung], timeout_s=1.5)
+    assert [m.step for m in writer.marks] == [1, 2, 3] and [m.loss for m in writer.marks] == [3.5, 2.5, 1.5]
+    gaps = [b.seconds - a.seconds for a, b in zip(writer.marks, writer.marks[1:], strict=False)]
+    assert all(0.3 - 2 * measure.POLL_S < g < 1.0 for g in gaps), gaps  # each line seen within a poll
+    assert writer.returncode == 0 and not writer.error and writer.peak_rss_bytes > 0
+    assert killed.error == "killed after 1.5 s" and killed.wall_seconds < 10
+
+    n = report.numbers(writer, tokens_per_step=100.0, loss_step=2)
+    span = writer.marks[-1].seconds - writer.marks[0].seconds
+    assert n.tokens_per_second == pytest.approx(200 / span)
+    assert n.loss_at == 2.5 and n.first_step_seconds == writer.marks[0].seconds
+    assert report.numbers(killed, 100.0, 2) is None  # nothing to time: no row of numbers from it
+
+
+def test_ratios_are_ours_over_the_peer_within_each_round(tmp_path):
+    def run(label, seconds):
+        r = measure.RunResult(label, 0, peak_rss_bytes=report.GIB)
+        r.marks = [measure.StepMark(s, 1.0, t, t) for s, t in zip((1, 2, 3), seconds, strict=True)]
+        return report.numbers(r, 10.0, 3)
+
+    ours = [run("dist_glm", (1.0, 2.0, 3.0)), run("dist_glm", (1.0, 3.0, 5.0))]
+    peer = [run("hf", (1.0, 3.0, 5.0)), run("hf", (1.0, 2.0, 3.0))]
+    rows = [dict(workload="w", numbers={"dist_glm": ours, "hf": peer}, pairs={"hf": list(zip(ours, peer, strict=True))},
+                 skipped={"llamafactory": "why"}, errors={})]  # fmt: skip
+    text = report.table(rows, ["dist_glm", "hf", "llamafactory"], "dist_glm")
+    hf_row = next(line for line in text.splitlines() if line.startswith("| w | hf |"))
+    low, high = sorted(o.tokens_per_second / p.tokens_per_second for o, p in zip(ours, peer, strict=True))
+    assert f"| {low:.2f}-{high:.2f}x |" in hf_row
+    assert "| w | llamafactory | skipped: why |" in text
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (BenchArgs(peers="hf,deepspeed_chat"), "--peers: unknown deepspeed_chat; choose from hf, trl, llamafactory"),
+        (BenchArgs(workloads="huge"), "--workloads: unknown huge"),
+        (BenchArgs(steps=5, loss_step=9), "--loss_step=9 is past --steps=5"),
+        (BenchArgs(rounds=0), "--rounds=0: must be at least 1"),
+    ],
+)
+def test_bad_arguments_name_the_flag(args, expect):
+    with pytest.raises(UserError, match=re.escape(expect)):
+        check_args(args)
+
+
+@pytest.mark.slow
+def test_ours_alone_end_to_end(tmp_path):
+    out = tmp_path / "table.md"
+    cmd = [sys.executable, "launch/benchmark.py", "--workloads=tiny", "--peers=none", "--steps=3", "--rounds=1",
+           f"--cache_dir={tmp_path / 'cache'}", f"--output={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = next(line for line in out.read_text().splitlines() if "| dist_glm |" in line)
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    tokens_per_s, per_cpu_s, rss, first, loss = (cells[i] for i in (2, 3, 4, 5, 6))
+    assert float(tokens_per_s.split(" / ")[0]) > 0 and float(per_cpu_s.split(" / ")[0]) > 0
+    assert 0.1 < float(rss) < 8 and float(first) > 0
+    assert 3 < float(loss) < 8  # step 3 of a random-init model on a 714-token vocabulary (ln 714 = 6.6)
+    assert "GFLOP/s" in out.read_text()
+
+    bad = subprocess.run([sys.executable, "launch/benchmark.py", "--peers=nope"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--peers: unknown nope" in bad.stderr
