@@ -10,7 +10,6 @@ tool's name means a call, and anything else is returned as text. `ToolReply` mak
 the text arrives, so a stream carries the call's arguments as they are written.
 """
 
-import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -164,11 +163,3 @@ class ToolReply:
         # A call ends at <|observation|> (an end-of-reply token): OpenAI says "tool_calls"; a call cut
         # by max_tokens stays "length" so the client knows its arguments are incomplete.
         return "tool_calls" if self.name is not None and engine_reason == "stop" else engine_reason
-
-
-def arguments_json(arguments: str):
-    """The arguments as JSON, or None when the model wrote something else (returned as written)."""
-    try:
-        return json.loads(arguments)
-    except json.JSONDecodeError:
-        return None
