@@ -48,6 +48,20 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
             "interleave_probs={value}: rename it mix_probs (each file gets its exact share per epoch)",
         )
     },
+    "flash_attn": {
+        "auto": ("flash_attn=auto: dist_glm's attn_implementation is sdpa unless set", None),
+        _ANY: (
+            None,
+            "flash_attn={value}: set attn_implementation instead (flash_attention_2 for fa2, sdpa, or eager "
+            "for disabled)",
+        ),
+    },
+    "use_swanlab": {
+        "false": (None, None),
+        _ANY: (None, "use_swanlab={value}: set report_to=swanlab (tracker_project and run_name name the run)"),
+    },
+    "swanlab_project": {_ANY: (None, "swanlab_project={value}: rename it tracker_project (with report_to=swanlab)")},
+    "swanlab_run_name": {_ANY: (None, "swanlab_run_name={value}: rename it run_name")},
     "mix_strategy": {
         "concat": (None, None),
         _ANY: (None, "mix_strategy={value}: remove it and set mix_probs (exact shares per epoch, seeded order)"),

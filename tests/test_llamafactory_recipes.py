@@ -123,6 +123,9 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
         ("stage: dpo", "stage=dpo: dist_glm does supervised fine-tuning (stage: sft) only"),
         ("report_to: mlflow", "report_to=mlflow: mlflow is not supported; use wandb and/or swanlab"),
         ("eval_strategy: epoch", "eval_strategy=epoch: dist_glm evaluates every eval_steps steps"),
+        ("flash_attn: fa2", "flash_attn=fa2: set attn_implementation instead (flash_attention_2 for fa2"),
+        ("use_swanlab: true", "use_swanlab=True: set report_to=swanlab"),
+        ("swanlab_project: glm", "swanlab_project=glm: rename it tracker_project"),
     ],
 )
 def test_what_we_do_not_do_is_said(tmp_path, line, message):
