@@ -40,9 +40,26 @@ def sbatch(env, template, args, log, wait=True):
     )
 
 
+# States a job never leaves. A requeued job passes through REQUEUED / COMPLETING / PENDING, which are not.
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_state(env, job_id) -> str:
+    """The job's state as slurmctld has it, "" while that cannot be told. `-t all` because plain squeue
+    hides some states, and a failed query (slurmctld busy on a loaded machine: "Socket timed out") is an
+    unknown state, never an ended job."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True)
+    if r.returncode != 0 and "Invalid job id" in r.stderr:
+        return "PURGED"  # ended longer ago than MinJobAge
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+
 def job_gone(env, job_id) -> bool:
-    out = subprocess.run(["squeue", "-h", "-j", job_id], env=env, capture_output=True, text=True).stdout
-    return not out.strip()
+    # Asked twice a second apart: an ended job stays ended, a transition does not repeat.
+    if job_state(env, job_id) not in FINAL_STATES | {"PURGED"}:
+        return False
+    time.sleep(1)
+    return job_state(env, job_id) in FINAL_STATES | {"PURGED"}
 
 
 @pytest.mark.slow
