@@ -1,6 +1,7 @@
 """The training benchmark's own pieces, without the peers: the outside measurement of a real child
 process, the table's ratios, the argument checks, and ours run end to end through launch/benchmark.py."""
 
+import json
 import re
 import subprocess
 import sys
@@ -86,3 +87,23 @@ def test_ours_alone_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "launch/benchmark.py", "--peers=nope"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--peers: unknown nope" in bad.stderr
+
+
+def test_long_prompt_workloads_repeat_the_prompt_and_keep_the_answer(tmp_path):
+    # The same trained tokens at two prompt lengths: what tells the cost of prompts from that of answers.
+    from dist_glm.benchmark import workloads
+
+    demo = [json.loads(line) for line in workloads.DEMO_ROWS.read_text(encoding="utf-8").splitlines()]
+    model = REPO / "assets" / "tiny-glm4"
+    counts = {}
+    for name in ("real_long", "real_long2x"):
+        w = workloads.WORKLOADS[name]
+        raw = workloads.write_rows(w, tmp_path / f"{name}.jsonl")
+        rows = [json.loads(line) for line in raw.read_text(encoding="utf-8").splitlines()]
+        assert [r["summary"] for r in rows] == [d["summary"] for d in demo]
+        assert rows[0]["content"] == "*".join([demo[0]["content"]] * w.prompt_repeat)
+        lengths = workloads.tokenize_rows(model, raw, w.cutoff_len, tmp_path / f"{name}.tok.jsonl")  # none cut
+        tokenized = [json.loads(line) for line in (tmp_path / f"{name}.tok.jsonl").read_text().splitlines()]
+        counts[name] = (sum(lengths), sum(sum(x != -100 for x in t["labels"]) for t in tokenized))
+    (long_all, long_trained), (double_all, double_trained) = counts["real_long"], counts["real_long2x"]
+    assert long_trained == double_trained and double_all > 1.8 * long_all

@@ -23,7 +23,10 @@ OURS = "dist_glm"
 @dataclass
 class BenchArgs:
     workloads: str = option(
-        "tiny,real_full,real_lora", f"Comma-separated workloads, from: {', '.join(workloads.WORKLOADS)}."
+        ",".join(workloads.WORKLOADS),
+        "Comma-separated workloads: "
+        + "; ".join(f"{w.name} ({w.about})" for w in workloads.WORKLOADS.values())
+        + ". Default: all.",
     )
     peers: str = option("hf,trl,llamafactory", f"Comma-separated peers, from: {', '.join(peers.PEERS)}; or none.")
     rounds: int = option(3, "Rounds; in each, ours and every peer run at the same time.")
@@ -37,7 +40,7 @@ class BenchArgs:
 
 BENCH = Command(
     prog="benchmark.py",
-    usage="benchmark.py [--workloads=tiny,real_full,real_lora] [--peers=hf,trl,llamafactory|none] [--rounds=3]",
+    usage="benchmark.py [--workloads=tiny,real_full,...] [--peers=hf,trl,llamafactory|none] [--rounds=3]",
     sections={"bench": (BenchArgs, None)},
     description=__doc__.splitlines()[0],
 )
@@ -77,12 +80,14 @@ def child_env() -> dict:
     return env
 
 
-def build_jobs(w, model_dir: Path, rows: Path, lf_data: Path, pythons: dict, run_root: Path, log_root: Path) -> list:
+def build_jobs(w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path, log_root: Path) -> list:
+    """Ours reads the raw rows, LLaMA-Factory its registry of them, HF/TRL our tokenization of them."""
     import yaml
 
     env, jobs = child_env(), []
-    ours_dir = run_root / OURS
-    jobs.append(measure.Job(OURS, workloads.ours_command(w, model_dir, ours_dir), ours_dir / "metrics.jsonl",
+    ours_dir, rows, lf_data = run_root / OURS, data_dir / "tokenized.jsonl", data_dir / "llamafactory"
+    ours = workloads.ours_command(w, model_dir, data_dir / "raw.jsonl", ours_dir)
+    jobs.append(measure.Job(OURS, ours, ours_dir / "metrics.jsonl",
                             log_root / f"{OURS}.log", env))  # fmt: skip
     script = Path(__file__).with_name("peer_train.py")
     for name, python in pythons.items():
@@ -154,10 +159,11 @@ def bench(a: BenchArgs, log=print) -> str:
         if a.steps:
             w = workloads.Workload(**{**w.__dict__, "steps": a.steps})
         model_dir = workloads.build_model_dir(w.model, cache)
-        data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}"
+        data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        lengths = workloads.tokenize_rows(model_dir, w.cutoff_len, data_dir / "rows.jsonl")
-        workloads.write_llamafactory_data(data_dir / "llamafactory")
+        raw = workloads.write_rows(w, data_dir / "raw.jsonl")
+        lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
+        workloads.write_llamafactory_data(raw, data_dir / "llamafactory")
         tokens_per_step = w.batch_size * statistics.mean(lengths)
         loss_step = a.loss_step or w.steps
         got: dict[str, list] = {OURS: [], **{n: [] for n in pythons}}
@@ -167,9 +173,7 @@ def bench(a: BenchArgs, log=print) -> str:
             run_root, log_root = cache / "runs" / wname, cache / "logs" / f"{wname}-round{r + 1}"
             shutil.rmtree(run_root, ignore_errors=True)
             log_root.mkdir(parents=True, exist_ok=True)
-            jobs = build_jobs(
-                w, model_dir, data_dir / "rows.jsonl", data_dir / "llamafactory", pythons, run_root, log_root
-            )
+            jobs = build_jobs(w, model_dir, data_dir, pythons, run_root, log_root)
             for group in groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log):
                 log(f"{wname} round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} together ({w.steps} steps)")
                 results = measure.run_together(group, a.round_timeout_s)
@@ -187,7 +191,7 @@ def bench(a: BenchArgs, log=print) -> str:
             shutil.rmtree(run_root, ignore_errors=True)  # final models (ours saves one) are not kept
         mine = [n for n in got[OURS] if n]
         if mine and not w.lora:
-            lines.append(f"- {wname}: " + mfu_line(mine, model_dir, data_dir / "rows.jsonl", flops / threads))
+            lines.append(f"- {wname}: " + mfu_line(mine, model_dir, data_dir / "tokenized.jsonl", flops / threads))
         rows.append(dict(workload=f"{wname} (batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
                          f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
                          skipped=skipped, errors=errors, pairs=pairs))  # fmt: skip

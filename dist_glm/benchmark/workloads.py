@@ -27,6 +27,9 @@ class Workload:
     steps: int
     rss_gib: float  # a generous peak per framework, to decide how many can run at once
     about: str
+    # Each prompt (the attribute list) this many times over, the answer unchanged: SFT whose prompts
+    # dominate (multi-turn history, retrieved context), where the LM head at every position costs most.
+    prompt_repeat: int = 1
 
 
 WORKLOADS = {
@@ -35,6 +38,12 @@ WORKLOADS = {
         Workload("tiny", "tiny-glm4", False, 16, 128, 1e-3, 40, 1.0, "tiny demo GLM (0.9M params), full FT"),
         Workload("real_full", "glm4-real-vocab", False, 8, 128, 1e-4, 10, 4.0, "GLM head of real shape, full FT"),
         Workload("real_lora", "glm4-real-vocab", True, 8, 128, 1e-4, 10, 2.0, "same, LoRA r8 all-linear"),
+        Workload(
+            "real_long", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 7.0, "real-shape head, full FT, prompts x8", 8
+        ),
+        Workload(
+            "real_long2x", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 10.0, "same with prompts twice as long (x16)", 16
+        ),
     )
 }
 LORA_RANK, LORA_ALPHA, SEED = 8, 16.0, 42
@@ -65,33 +74,46 @@ def build_model_dir(name: str, cache: Path) -> Path:
     return out
 
 
-def tokenize_rows(model_dir: Path, cutoff_len: int, out: Path) -> list[int]:
-    """Our template's input_ids/labels for every demo row, as jsonl; returns each row's token count."""
+def write_rows(w: Workload, out: Path) -> Path:
+    """The workload's raw rows: the demo rows, each prompt repeated `prompt_repeat` times ("*"-joined, as
+    AdvertiseGen joins attributes). The file every framework reads or is tokenized from."""
+    with open(DEMO_ROWS, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        for line in f:
+            row = json.loads(line)
+            row["content"] = "*".join([row["content"]] * w.prompt_repeat)
+            g.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+def tokenize_rows(model_dir: Path, rows: Path, cutoff_len: int, out: Path) -> list[int]:
+    """Our template's input_ids/labels for every row, as jsonl; returns each row's token count. No row
+    may be cut: the peers truncate differently, and a cut row would not be the same work."""
     from dist_glm.config import DataConfig
     from dist_glm.data.batching import build_examples
     from dist_glm.models import load_tokenizer
 
-    examples, _ = build_examples(
-        str(DEMO_ROWS), load_tokenizer(str(model_dir)), DataConfig(cutoff_len=cutoff_len), "glm4"
+    examples, stats = build_examples(
+        str(rows), load_tokenizer(str(model_dir)), DataConfig(cutoff_len=cutoff_len), "glm4"
     )
+    assert not stats.truncated, f"{stats.truncated} rows longer than cutoff_len={cutoff_len}"
     with open(out, "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n")
     return [len(e.input_ids) for e in examples]
 
 
-def write_llamafactory_data(folder: Path) -> None:
-    """The demo rows as an alpaca-style dataset with its dataset_info.json (content -> summary)."""
+def write_llamafactory_data(rows: Path, folder: Path) -> None:
+    """The rows as an alpaca-style dataset with its dataset_info.json (content -> summary)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.jsonl").write_bytes(DEMO_ROWS.read_bytes())
+    (folder / "train.jsonl").write_bytes(rows.read_bytes())
     info = {"advertisegen_demo": {"file_name": "train.jsonl", "columns": {"prompt": "content", "response": "summary"}}}
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
-def ours_command(w: Workload, model_dir: Path, run_dir: Path) -> list[str]:
+def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path) -> list[str]:
     """Ours as a user runs it: python launch/train.py with flags (1 process, ZeRO-0, fp32)."""
     flags = dict(
-        model_name_or_path=model_dir, dataset=DEMO_ROWS, output_dir=run_dir, overwrite_output_dir="true",
+        model_name_or_path=model_dir, dataset=rows, output_dir=run_dir, overwrite_output_dir="true",
         finetuning_type="lora" if w.lora else "full", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
         lora_target="all-linear", template="glm4", cutoff_len=w.cutoff_len, per_device_train_batch_size=w.batch_size,
         gradient_accumulation_steps=1, learning_rate=w.learning_rate, lr_scheduler_type="constant", warmup_ratio=0,
