@@ -16,6 +16,7 @@ same for a 1-token and a 4096-token batch) and by what glibc keeps for reuse. It
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,9 +91,18 @@ def measure(out: Path, train_argv: list[str], ranks: int, env: dict | None = Non
     else:
         deepspeed = str(Path(sys.executable).parent / "deepspeed")
         cmd = [deepspeed, "--num_gpus", str(ranks), "--module", "dist_glm.plan_measure", *train_argv]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own session, so a timeout kills the ranks too, not only the launcher above them.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
     if proc.returncode != 0:
-        raise RuntimeError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"training failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(ranks)]
 
 

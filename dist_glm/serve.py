@@ -143,8 +143,8 @@ def serving_template(model_args: ModelArgs, name: str, model_type: str, tokenize
     if name == "auto" and source.is_file():
         try:
             name = load_config([str(source)], default_yaml=None).data.template
-        except UserError:  # a config.yaml of another tool: fall back to the model type
-            pass
+        except UserError as e:  # another tool's config.yaml, or one this version no longer reads
+            log.warning("not reading the training template from %s (%s): using the model type's", source, e)
     try:
         template = build_template(choose_template(name, tokenizer, model_type), tokenizer)
     except UserError as e:

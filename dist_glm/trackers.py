@@ -8,11 +8,13 @@ config. Only rank 0 opens one. Where a run goes (online, offline, local) is the 
 
 import importlib.util
 import json
+import os
 import secrets
 import string
 from pathlib import Path
 
 from dist_glm.config import TRACKERS, TrainConfig, report_to_names
+from dist_glm.distributed import log
 
 # Each tracker run's id, kept in output_dir so that a resumed run finds it and continues the same run.
 IDS_FILE = "tracker_runs.json"
@@ -37,11 +39,18 @@ def run_ids(output_dir: Path, names: list[str], resumed: bool) -> dict[str, str]
     """The tracker run ids of this training run: the interrupted run's when resuming, new ones otherwise
     (a fresh start in the same output_dir is a new history, as in TensorBoard)."""
     path = output_dir / IDS_FILE
-    saved = json.loads(path.read_text()) if resumed and path.is_file() else {}
+    saved = {}
+    if resumed and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:  # rank 0 must not die alone here: the other ranks wait in the broadcast after it
+            log(f"{path} is unreadable: the trackers start new runs instead of continuing the interrupted ones")
     # Lower-case letters and digits: valid for both libraries (wandb's own ids look the same).
     alphabet = string.ascii_lowercase + string.digits
     ids = {name: saved.get(name) or "".join(secrets.choice(alphabet) for _ in range(12)) for name in names}
-    path.write_text(json.dumps({**saved, **ids}, indent=2))
+    tmp = path.with_suffix(".tmp")  # a kill mid-write leaves the old file whole
+    tmp.write_text(json.dumps({**saved, **ids}, indent=2))
+    os.replace(tmp, path)
     return ids
 
 

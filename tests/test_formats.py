@@ -350,3 +350,13 @@ def test_what_truncation_costs_is_counted_and_a_cut_tool_call_is_not_trained(tmp
     assert stats.lost["tool_call"] == [1, [f"{path}:1"]] and stats.lost["question"][1] == [f"{path}:2"]
     line = stats.summary("dataset")
     assert "1 were dropped: their tool call did not fit" in line and "1 lost the end of their prompt" in line
+
+
+def test_leading_system_turns_are_one_system_prompt(tmp_path):
+    # Two system messages (the server maps OpenAI's developer role to system): neither may be dropped.
+    row = {"messages": [{"role": "system", "content": "简洁"}, {"role": "system", "content": "中文"},
+                        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}]}  # fmt: skip
+    path = tmp_path / "sys.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (conv,) = load_conversations(str(path), DataConfig(), [])
+    assert conv["system"] == "简洁\n中文" and [m["role"] for m in conv["messages"]] == ["user", "assistant"]

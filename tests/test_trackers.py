@@ -16,7 +16,7 @@ from conftest import REPO, base_args, read_metrics, run_train
 from dist_glm.config import collect_config
 from dist_glm.errors import UserError
 from dist_glm.metrics import FINAL_METRICS
-from dist_glm.trackers import IDS_FILE, check_installed, trackers_in
+from dist_glm.trackers import IDS_FILE, check_installed, run_ids, trackers_in
 
 DATA = REPO / "data" / "advertisegen_demo" / "train.jsonl"
 INSTALLED = [name for name in ("wandb", "swanlab") if importlib.util.find_spec(name)]
@@ -255,3 +255,14 @@ def test_a_tracker_that_cannot_start_is_one_line_with_the_fix(tmp_path, monkeypa
     trackers, (problem,) = open_trackers(t, {"learning_rate": 1e-4}, resumed=False)
     assert trackers == [] and problem.startswith("report_to=wandb: wandb could not start a run (")
     assert problem.endswith("log in (`wandb login`) or set WANDB_MODE=offline to keep the run on this machine")
+
+
+def test_run_ids_survive_a_resume_and_a_half_written_file(tmp_path, capsys):
+    first = run_ids(tmp_path, ["wandb"], resumed=False)
+    assert run_ids(tmp_path, ["wandb", "swanlab"], resumed=True)["wandb"] == first["wandb"]
+    # A run killed while the file was written (before it was written atomically): new runs, one line, no crash.
+    (tmp_path / IDS_FILE).write_text('{"wandb": "ab')
+    again = run_ids(tmp_path, ["wandb"], resumed=True)
+    assert again["wandb"] != first["wandb"] and "unreadable" in capsys.readouterr().out
+    assert json.loads((tmp_path / IDS_FILE).read_text()) == again
+    assert not list(tmp_path.glob("*.tmp"))

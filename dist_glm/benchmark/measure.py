@@ -85,9 +85,13 @@ class _Watch:
         job.step_log.unlink(missing_ok=True)
         self.out = open(job.log, "w", encoding="utf-8")
         self.started = time.time()
-        self.popen = subprocess.Popen(
-            job.command, stdout=self.out, stderr=subprocess.STDOUT, env=job.env, cwd=job.cwd, start_new_session=True
-        )
+        try:
+            self.popen = subprocess.Popen(
+                job.command, stdout=self.out, stderr=subprocess.STDOUT, env=job.env, cwd=job.cwd, start_new_session=True
+            )
+        except OSError:
+            self.out.close()
+            raise
         self.proc = psutil.Process(self.popen.pid)
 
     def poll(self) -> bool:
@@ -125,16 +129,26 @@ class _Watch:
 
 def run_together(jobs: list[Job], timeout_s: float) -> list[RunResult]:
     """Start every job at once (so they share the machine's load), watch until all end."""
-    watches = [_Watch(j) for j in jobs]
-    running = list(watches)
-    deadline = time.time() + timeout_s
-    while running:
-        running = [w for w in running if w.poll()]
-        if running and time.time() > deadline:
-            for w in running:
+    watches: list[_Watch] = []
+    try:
+        watches += [_Watch(j) for j in jobs]  # a job that cannot start leaves the started ones to the finally
+        running = list(watches)
+        deadline = time.time() + timeout_s
+        while running:
+            running = [w for w in running if w.poll()]
+            if running and time.time() > deadline:
+                for w in running:
+                    w.kill()
+                    w.result.error = f"killed after {timeout_s:g} s"
+            time.sleep(POLL_S)
+    finally:
+        # Each run is in its own session (so a kill takes its whole tree), which also keeps Ctrl-C from
+        # reaching it: an interrupted benchmark kills its runs here rather than leaving them training.
+        for w in watches:
+            if w.popen.poll() is None:
                 w.kill()
-                w.result.error = f"killed after {timeout_s:g} s"
-        time.sleep(POLL_S)
+                w.popen.wait()
+            w.out.close()
     for w in watches:
         r = w.result
         if r.returncode and not r.error:

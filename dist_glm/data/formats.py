@@ -263,7 +263,8 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
         if role == "system":
             if messages:
                 raise BadRow(f"{key}[{i}]: a system turn may only come first")
-            system = content
+            # Several leading system turns (OpenAI's developer + system) are one system prompt, none dropped.
+            system = f"{system}\n{content}" if system else content
             if turn.get("tools"):  # ChatGLM3 keeps tools on the system turn
                 row = {**row, "tools": turn["tools"]}
             continue
