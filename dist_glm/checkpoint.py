@@ -216,6 +216,19 @@ def _write_error(e: Exception) -> bool:
     return isinstance(e, OSError) or "inline_container" in str(e) or "PytorchStreamWriter" in str(e)
 
 
+def release_files(error: BaseException) -> None:
+    """Close the files a failed write left open. The failed writer's open file (held by the traceback's
+    frames) keeps its blocks in use on a full disk until it is closed, so this comes before measuring and
+    freeing space. Every exception of the chain: torch.save's zip writer fails once in the write and again
+    closing the file, and the first failure (the second's __context__) holds the frame with the writer."""
+    chain = [error]
+    while chain:
+        e = chain.pop()
+        e.__traceback__ = None
+        chain += [c for c in (e.__context__, e.__cause__) if c is not None and c.__traceback__ is not None]
+    gc.collect()
+
+
 def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
@@ -224,10 +237,7 @@ def _save_failed(out: Path, tmp: Path, name: str, error: Exception | None, ranks
     """Collective: rank 0 removes the partial checkpoint; the failing ranks and rank 0 say what happened
     (how much space a checkpoint needs, what is free, what is intact), the others nothing."""
     if error is not None:
-        # The failed writer's open file (held by the traceback's frames) keeps its blocks in use on a
-        # full disk until it is closed: let it go before measuring and freeing space.
-        error.__traceback__ = None
-        gc.collect()
+        release_files(error)
     distributed.barrier()
     written = _bytes(tmp) if rank == 0 else 0
     if rank == 0:

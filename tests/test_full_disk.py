@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from conftest import base_args, run_train
 from dist_glm import checkpoint
@@ -60,3 +61,17 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_older_checkpoint
     proc = run_train(more, nprocs=2)
     assert f"resumed from {ckpt} at step 2" in proc.stdout
     assert (out / "checkpoint-6" / checkpoint.MANIFEST_FILE).is_file()
+
+
+def test_a_failed_torch_save_gives_its_space_back(small_disk):
+    # torch.save on a full disk raises twice (the write, then closing the zip); the first failure holds
+    # the open file. The error stays referenced (as save_checkpoint holds it) while the space is measured.
+    resize(small_disk, 1024**2)
+    try:
+        torch.save({"x": torch.zeros(400_000)}, small_disk / "a.pt")  # 1.6 MB
+    except RuntimeError as e:
+        error = e
+    assert checkpoint._write_error(error) and error.__context__ is not None
+    checkpoint.release_files(error)
+    (small_disk / "a.pt").unlink()
+    assert shutil.disk_usage(small_disk).free == 1024**2
