@@ -241,31 +241,6 @@ def dist_glm_train(data: Path, cache: Path, output_dir: Path, cutoff_len: int, r
 
 # ---------------------------------------------------------------- LLaMA-Factory, the peer
 
-LLAMAFACTORY = "llamafactory==0.9.5"
-
-
-def llamafactory_venv(root: Path) -> tuple[Path | None, str]:
-    """(the venv's python, "") with LLaMA-Factory installed in its own venv under `root`, or (None, why not)."""
-    python = root / "bin" / "python"
-    if (root / "bin" / "llamafactory-cli").exists():
-        return python, ""
-    pip = [str(python), "-m", "pip"]
-    steps = [
-        [sys.executable, "-m", "venv", str(root)],
-        # torch first, from the CPU build, and kept: left to itself pip satisfies torchvision's newest
-        # release, which pins a newer torch and pulls its multi-GB CUDA build.
-        [*pip, "install", "-q", "torch==2.13.0"],
-        [*pip, "install", "-q", LLAMAFACTORY, "torch==2.13.0", "torchvision==0.28.*"],
-        # The registry's torchvision/torchaudio are built against CUDA torch and fail to load against the
-        # CPU build; text-only SFT never needs them, and transformers skips what is not installed.
-        [*pip, "uninstall", "-y", "-q", "torchvision", "torchaudio"],
-    ]
-    for step in steps:
-        proc = subprocess.run(step, capture_output=True, text=True)
-        if proc.returncode != 0:
-            return None, f"`{' '.join(step[-3:])}` failed: {proc.stderr.strip().splitlines()[-1:]}"
-    return python, ""
-
 
 def tiny_model_with_weights(target: Path) -> Path:
     """The tiny GLM with seeded random weights saved beside its tokenizer: LLaMA-Factory loads a
@@ -357,11 +332,14 @@ def bench_dist_glm(data: Path, work: Path, n: int, cutoff_len: int, workers: lis
     return row
 
 
-def bench_llamafactory(data: Path, work: Path, n: int, cutoff_len: int, workers: list[int], venv: Path) -> dict:
-    row = {"system": f"LLaMA-Factory {LLAMAFACTORY.split('==')[1]} (datasets Arrow, tokenized_path)"}
-    python, why = llamafactory_venv(venv)
+def bench_llamafactory(data: Path, work: Path, n: int, cutoff_len: int, workers: list[int], cache: Path) -> dict:
+    """LLaMA-Factory in the training benchmark's venv for it (dist_glm.benchmark.peers: installed once)."""
+    from dist_glm.benchmark.peers import PEERS, ensure_venv
+
+    python, pins = ensure_venv(cache, PEERS["llamafactory"])
+    row = {"system": f"LLaMA-Factory {pins.split('==')[-1] if python else ''} (datasets Arrow, tokenized_path)"}
     if python is None:
-        return {**row, "skipped": why}
+        return {**row, "skipped": pins}
     cli = str(python.parent / "llamafactory-cli")
     model = tiny_model_with_weights(work / "tiny-glm4-weights")
     for w in workers:
@@ -422,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", default="1,2", help="preprocessing_num_workers values to time")
     p.add_argument("--work_dir", type=Path, default=Path.home() / ".cache" / "dist_glm_bench" / "data")
     p.add_argument(
-        "--llamafactory_venv", type=Path, default=Path.home() / ".cache" / "dist_glm_bench" / "llamafactory-data"
+        "--cache_dir", type=Path, default=Path.home() / ".cache" / "dist_glm_bench", help="the peers' venvs (venvs/)"
     )
     p.add_argument("--skip_llamafactory", action="store_true")
     a = p.parse_args(argv)
@@ -434,5 +412,5 @@ def main(argv: list[str] | None = None) -> None:
     rows = [bench_dist_glm(data, a.work_dir, a.rows, a.cutoff_len, workers)]
     print(format_table(rows, a.rows), flush=True)
     if not a.skip_llamafactory:
-        rows.append(bench_llamafactory(data, a.work_dir, a.rows, a.cutoff_len, workers, a.llamafactory_venv))
+        rows.append(bench_llamafactory(data, a.work_dir, a.rows, a.cutoff_len, workers, a.cache_dir))
     print(format_table(rows, a.rows), flush=True)
