@@ -37,8 +37,8 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(BIN)/pip install $(PIN) -e ".[dev]"
 	@# mpirun launches need mpi4py (rank 0's address is broadcast through MPI); only where MPI exists.
 	@if command -v mpirun >/dev/null 2>&1; then $(BIN)/pip install $(PIN) "mpi4py>=3.1"; fi
-	$(BIN)/python -m dist_glm.ops
-	$(BIN)/python -m dist_glm.doctor --brief
+	$(BIN)/python -m dist_glm.runtime.ops
+	$(BIN)/python -m dist_glm.runtime.doctor --brief
 	touch $@
 
 demo: setup
@@ -57,7 +57,7 @@ test-latest:
 	$(MAKE) test VENV=.venv-latest CONSTRAINTS= DIST_GLM_LATEST=1
 
 doctor: setup
-	$(BIN)/python -m dist_glm.doctor
+	$(BIN)/python -m dist_glm.runtime.doctor
 
 # Training speed against HF Trainer, TRL and LLaMA-Factory, each installed into its own venv under
 # ~/.cache/dist_glm_bench (docs/performance.md); e.g. make bench BENCH_ARGS="--workloads=tiny --rounds=2".

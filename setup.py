@@ -57,7 +57,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dist-glm-train=dist_glm.cli:train_main",
-            "dist-glm-plan=dist_glm.plan:main",
+            "dist-glm-plan=dist_glm.cli:plan_main",
             "dist-glm-evaluate=dist_glm.cli:evaluate_main",
             "dist-glm-chat=dist_glm.cli:chat_main",
             "dist-glm-export=dist_glm.cli:export_main",
@@ -65,9 +65,9 @@ setup(
             "dist-glm-prepare=dist_glm.cli:prepare_main",
             "dist-glm-distill-cache=dist_glm.cli:distill_cache_main",
             "dist-glm-distill-generate=dist_glm.cli:distill_generate_main",
-            "dist-glm-doctor=dist_glm.doctor:main",
+            "dist-glm-doctor=dist_glm.cli:doctor_main",
             "dist-glm-plot=dist_glm.cli:plot_main",
-            "dist-glm-supervise=dist_glm.supervise:main",
+            "dist-glm-supervise=dist_glm.cli:supervise_main",
         ]
     },
 )

@@ -18,7 +18,7 @@ def report_and_exit(err: UserError, prog: str) -> None:
     Every rank validates the same inputs and so raises the same error; only rank 0 prints so that
     a 16-rank job does not show the message 16 times (unless the error is this rank's own).
     """
-    from dist_glm.distributed import rank_from_env
+    from dist_glm.runtime.environment import rank_from_env
 
     if rank_from_env() == 0 or err.every_rank:
         for problem in err.problems:
@@ -28,15 +28,15 @@ def report_and_exit(err: UserError, prog: str) -> None:
 
 def start_process() -> None:
     """Settings every command needs before torch, DeepSpeed or transformers is imported."""
-    from dist_glm.distributed import quiet_other_ranks, use_cpu_accelerator_if_no_gpu
-    from dist_glm.doctor import extensions_dir, quiet_known_noise
+    from dist_glm.runtime.doctor import extensions_dir, quiet_known_noise
+    from dist_glm.runtime.environment import quiet_other_ranks, use_cpu_accelerator_if_no_gpu
 
     # torch's C++ layer prints a stack trace on every rendezvous retry; our preflight says what failed.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     # DeepSpeed's op builds go to this environment's own folder, not the ~/.cache one every environment
     # (and, through a shared home, every node) shares and fights over the build lock of.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
-    from dist_glm.ops import watch_build_locks
+    from dist_glm.runtime.ops import watch_build_locks
 
     watch_build_locks(extensions_dir(), os.environ.get("RANK", ""))
     quiet_known_noise()
@@ -65,7 +65,7 @@ def run_command(command, argv: list[str] | None, body: Callable, parse: bool = T
             print(f"{command.prog}: error: {err}", file=sys.stderr)
         sys.exit(exit_codes[type(err)])
     finally:
-        from dist_glm.distributed import destroy
+        from dist_glm.runtime.environment import destroy
 
         destroy()
 
@@ -74,9 +74,9 @@ def train_main(argv: list[str] | None = None) -> None:
     from dist_glm import config
 
     def body(argv):
-        from dist_glm.distributed import rank_from_env, world_size_from_env
-        from dist_glm.inputs import validate_inputs
-        from dist_glm.train import train
+        from dist_glm.runtime.environment import rank_from_env, world_size_from_env
+        from dist_glm.training.checks import validate_inputs
+        from dist_glm.training.loop import train
 
         notes = []
         cfg, problems = config.collect_config(argv, notes=notes)
@@ -86,10 +86,10 @@ def train_main(argv: list[str] | None = None) -> None:
         # The config's own problems and those of the files it names, reported together.
         train(cfg, validate_inputs(cfg, world_size_from_env(), problems))
 
-    from dist_glm.checkpoint import SaveFailed
-    from dist_glm.guard import Diverged
-    from dist_glm.preemption import PREEMPTED_EXIT, Preempted
-    from dist_glm.train import FinalEvalFailed
+    from dist_glm.checkpointing.checkpoints import SaveFailed
+    from dist_glm.runtime.preemption import PREEMPTED_EXIT, Preempted
+    from dist_glm.training.guard import Diverged
+    from dist_glm.training.loop import FinalEvalFailed
 
     # Preempted: the checkpoint is complete on every rank and the scheduler should requeue the job.
     # FinalEvalFailed: the traceback above says why; the trained model is safe.
@@ -104,8 +104,8 @@ def recipe_config(sections, eval_data: bool = True, output_dir: bool = True):
     its values checked, dataset names/folders/globs resolved and the data files checked, all problems
     raised together."""
     from dist_glm import config
-    from dist_glm.data.formats import check_data_paths
     from dist_glm.data.registry import resolve as resolve_datasets
+    from dist_glm.data.sources import check_data_paths
 
     cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
     problems = [p for p in config.check_values(cfg) if output_dir or not p.startswith("output_dir")]
@@ -135,12 +135,12 @@ def prepare_main(argv: list[str] | None = None) -> None:
 
     def body(sections):
         from dist_glm.data.loading import load_datasets, render_trained_spans
-        from dist_glm.models import load_tokenizer
+        from dist_glm.models.loading import load_tokenizer
 
         cfg = recipe_config(sections)
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-        train, _ = load_datasets(cfg, tokenizer)
-        for i, example in enumerate(train[: sections["prepare"].show_samples]):
+        samples = load_datasets(cfg, tokenizer).samples
+        for i, example in enumerate(samples[: sections["prepare"].show_samples]):
             print(f"\n--- sample {i + 1} " + render_trained_spans(example, tokenizer), flush=True)
 
     run_command(command, argv, body)
@@ -162,7 +162,7 @@ def distill_cache_main(argv: list[str] | None = None) -> None:
     )
 
     def body(sections):
-        from dist_glm.teacher_cache import build_from_recipe
+        from dist_glm.tools.distill_cache import build_from_recipe
 
         build_from_recipe(recipe_config(sections))
 
@@ -175,7 +175,7 @@ def distill_generate_main(argv: list[str] | None = None) -> None:
     import dataclasses
 
     from dist_glm import config
-    from dist_glm.teacher_generate import GenerateArgs
+    from dist_glm.tools.distill_generate import GenerateArgs
 
     command = dataclasses.replace(
         config.TRAIN,
@@ -187,7 +187,7 @@ def distill_generate_main(argv: list[str] | None = None) -> None:
     )
 
     def body(sections):
-        from dist_glm.teacher_generate import generate_dataset
+        from dist_glm.tools.distill_generate import generate_dataset
 
         # It writes output_file, not output_dir, and answers only the training prompts.
         generate_dataset(recipe_config(sections, eval_data=False, output_dir=False), sections["generate"])
@@ -197,10 +197,10 @@ def distill_generate_main(argv: list[str] | None = None) -> None:
 
 def evaluate_main(argv: list[str] | None = None) -> None:
     """Loss/perplexity and generation metrics of a trained result on an eval set (launch/evaluate.py)."""
-    from dist_glm.evaluate import EVALUATE
+    from dist_glm.tools.evaluate import EVALUATE
 
     def body(s):
-        from dist_glm.evaluate import evaluate_artifact
+        from dist_glm.tools.evaluate import evaluate_artifact
 
         evaluate_artifact(s["model"], s["evaluate"], s["data"])
 
@@ -209,10 +209,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 
 def export_main(argv: list[str] | None = None) -> None:
     """Merge an adapter or consolidate a checkpoint into a standalone HF model (launch/export.py)."""
-    from dist_glm.export import EXPORT
+    from dist_glm.tools.export import EXPORT
 
     def body(s):
-        from dist_glm.export import export
+        from dist_glm.tools.export import export
 
         export(s["model"], s["export"])
 
@@ -221,10 +221,10 @@ def export_main(argv: list[str] | None = None) -> None:
 
 def serve_main(argv: list[str] | None = None) -> None:
     """The OpenAI-compatible server (launch/serve.py)."""
-    from dist_glm.serve import SERVE
+    from dist_glm.tools.serve import SERVE
 
     def body(s):
-        from dist_glm.serve import serve
+        from dist_glm.tools.serve import serve
 
         serve(s["model"], s["serve"])
 
@@ -233,10 +233,10 @@ def serve_main(argv: list[str] | None = None) -> None:
 
 def chat_main(argv: list[str] | None = None) -> None:
     """Interactive, streaming chat with a trained result (launch/chat.py)."""
-    from dist_glm.chat import CHAT
+    from dist_glm.tools.chat import CHAT
 
     def body(s):
-        from dist_glm.chat import ChatSession, GenerationFailed, chat_loop, check_sampling
+        from dist_glm.tools.chat import ChatSession, GenerationFailed, chat_loop, check_sampling
 
         model_args, args = s["model"], s["chat"]
         problems = check_sampling(args)
@@ -276,7 +276,7 @@ def plot_main(argv: list[str] | None = None) -> None:
     runs = [a for a in argv if not a.startswith("--")]
 
     def body(sections):
-        from dist_glm.plots import plot_runs
+        from dist_glm.training.plots import plot_runs
 
         args = sections["plot"]
         problems = [] if runs else ["give one or more training output directories: plot.py OUTPUT_DIR ..."]
@@ -293,3 +293,37 @@ def plot_main(argv: list[str] | None = None) -> None:
             print(path)
 
     run_command(command, [a for a in argv if a.startswith("--")], body)
+
+
+def plan_main(argv: list[str] | None = None) -> None:
+    """Per-rank memory of a training recipe under each ZeRO stage and offload choice (docs/planning.md)."""
+    from dist_glm import config
+    from dist_glm.planning.planner import check, plan_command, render
+
+    argv = sys.argv[1:] if argv is None else argv
+    recipe = next((a for a in argv if not a.startswith("--")), "the command line")
+
+    def body(sections):
+        from dist_glm.planning.trace import trace
+
+        cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
+        problems = check(cfg, sections["plan"])
+        if problems:
+            raise UserError(problems)
+        print(render(trace(cfg), cfg, sections["plan"], recipe))
+
+    run_command(plan_command(), argv, body)
+
+
+def doctor_main(argv: list[str] | None = None) -> None:
+    """This environment next to what CI tested (`--brief`: one line)."""
+    from dist_glm.runtime import doctor
+
+    sys.exit(doctor.main(argv))
+
+
+def supervise_main(argv: list[str] | None = None) -> None:
+    """Run a launcher so that a preemption signal waits for the ranks' checkpoint (dist_glm.runtime.supervise)."""
+    from dist_glm.runtime import supervise
+
+    supervise.main(argv)

@@ -14,10 +14,10 @@ from dist_glm.cli import run_command  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dist_glm.benchmark.run import BENCH
+    from benchmarks.run import BENCH
 
     def body(s):
-        from dist_glm.benchmark.run import bench
+        from benchmarks.run import bench
 
         print(bench(s["bench"], log=lambda line: print(line, flush=True)))
 

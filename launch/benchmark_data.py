@@ -5,7 +5,7 @@ the warm cache; the same for LLaMA-Factory's `datasets` cache on the same rows (
     python launch/benchmark_data.py                      # 1,000,000 rows; prints one table
     python launch/benchmark_data.py --rows 200000 --skip_llamafactory
 
-The logic is dist_glm/data/benchmark.py.
+The logic is benchmarks/data.py.
 """
 
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_glm.data.benchmark import main  # noqa: E402
+from benchmarks.data import main  # noqa: E402
 
 if __name__ == "__main__":
     main(sys.argv[1:])

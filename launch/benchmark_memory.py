@@ -1,137 +1,16 @@
-"""Per-rank memory of model states (parameters + gradients + optimizer states) under each ZeRO stage,
-measured on real ranks and set against the ZeRO paper's accounting (Rajbhandari et al., 2020, sec. 3):
-with mixed precision and Adam, Ψ parameters cost 2Ψ (bf16 weights) + 2Ψ (bf16 gradients) + 12Ψ (fp32
-master weights, momentum, variance) bytes, and on N ranks
+"""Per-rank memory of model states under each ZeRO stage, measured on real ranks against the ZeRO paper's
+accounting (benchmarks/memory.py says how).
 
-    ZeRO-0: (2 + 2 + 12)Ψ    ZeRO-1: (2 + 2)Ψ + 12Ψ/N    ZeRO-2: 2Ψ + (2 + 12)Ψ/N    ZeRO-3: 16Ψ/N
-
-    python launch/benchmark_memory.py               # 2 ranks, the tiny GLM; prints a table
-    python launch/benchmark_memory.py --ranks 4 --model assets/tiny-glm4-0414
-
-Measured = the bytes of every distinct tensor storage alive on the rank after the second backward pass (a
-scan of live tensors, so nothing is assumed about DeepSpeed's internals), minus what was alive before
-the model existed. It includes what the accounting leaves out (communication buckets, buffers), so
-measured >= predicted, by a constant that does not shrink with N.
+python launch/benchmark_memory.py                 # 2 ranks, the tiny GLM; prints a table
+python launch/benchmark_memory.py --ranks=4 --model=assets/tiny-glm4-0414
 """
 
-import argparse
-import gc
-import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-STAGES = ["zero0", "zero1", "zero2", "zero3"]
-
-
-def predicted_bytes(stage: int, psi: int, n: int) -> float:
-    return {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n, 3: 16 * psi / n}[stage]
-
-
-def live_tensor_bytes() -> int:
-    import torch
-
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
-                continue
-            storage = obj.untyped_storage()
-        except Exception:  # some objects fail isinstance/inspection mid-collection; they hold no tensor
-            continue
-        if storage.data_ptr() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def worker(model_dir: str, ds_name: str, result_path: str) -> None:
-    import torch
-
-    from dist_glm import distributed
-    from dist_glm.config import TrainConfig
-
-    distributed.use_cpu_accelerator_if_no_gpu()
-    import deepspeed
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dist_glm.optim import build_optimizer
-
-    rank, world = distributed.init_distributed()
-    t = TrainConfig(deepspeed=str(REPO / "ds_configs" / f"{ds_name}.json"), bf16=True, per_device_train_batch_size=1)
-    ds_config = distributed.build_ds_config(t, world)
-    # DeepSpeed's defaults keep tensors under 1e5 elements unpartitioned on every rank (all of a tiny
-    # model's) and allocate communication buckets of up to 5e8 elements: fine for a 9B model, but they
-    # would hide the accounting here. Small buckets and no persistence threshold measure the states.
-    ds_config["zero_optimization"].update(
-        reduce_bucket_size=10_000,
-        allgather_bucket_size=10_000,
-        stage3_prefetch_bucket_size=10_000,
-        stage3_param_persistence_threshold=0,
-        stage3_max_live_parameters=10_000,
-        stage3_max_reuse_distance=0,
-    )
-    gc.collect()
-    before = live_tensor_bytes()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).to(torch.bfloat16)
-    psi = sum(p.numel() for p in model.parameters())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, t, False), config=ds_config)
-    del model
-    ids = torch.randint(0, 100, (1, 16), device=engine.device)
-    for step in range(2):
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        if step == 1:  # the peak: parameters, this step's gradients and the optimizer states all alive
-            del loss
-            gc.collect()
-            measured = live_tensor_bytes() - before
-        engine.step()
-    per_rank = distributed.all_gather_objects(measured)
-    if rank == 0:
-        Path(result_path).write_text(json.dumps({"psi": psi, "per_rank": per_rank}))
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--model", default=str(REPO / "assets" / "tiny-glm4"))
-    ap.add_argument("--_worker", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args._worker:
-        worker(*args._worker)
-        return 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.setdefault("DS_ACCELERATOR", "cuda" if shutil.which("nvidia-smi") else "cpu")
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    rows = []
-    for name in STAGES:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [deepspeed, "--num_gpus", str(args.ranks), __file__, "--_worker", args.model, name, out.name]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            result = json.loads(Path(out.name).read_text())
-        stage = int(name[-1])
-        predicted = predicted_bytes(stage, result["psi"], args.ranks)
-        measured = max(result["per_rank"])
-        rows.append((name, result["psi"], predicted, measured))
-    mib = 2**20
-    print(f"model {args.model}, {args.ranks} ranks, bf16 + Adam; bytes per rank of model states")
-    print("| stage | params Ψ | predicted (paper) MiB | measured MiB (max over ranks) | measured / predicted |")
-    print("|---|---|---|---|---|")
-    for name, psi, predicted, measured in rows:
-        print(f"| {name} | {psi:,} | {predicted / mib:.2f} | {measured / mib:.2f} | {measured / predicted:.2f} |")
-    return 0
-
+from benchmarks.memory import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

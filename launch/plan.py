@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_glm.plan import main  # noqa: E402
+from dist_glm.cli import plan_main  # noqa: E402
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    plan_main(sys.argv[1:])

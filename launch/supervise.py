@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from dist_glm.supervise import main  # noqa: E402
+from dist_glm.cli import supervise_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    supervise_main()

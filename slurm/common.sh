@@ -37,7 +37,7 @@ echo "[slurm] job ${SLURM_JOB_NAME} (${SLURM_JOB_ID}), restart ${SLURM_RESTART_C
      "(${SLURM_NTASKS_PER_NODE:-?} per node, GPUs per node: ${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-none}})," \
      "head ${MASTER_ADDR}:${MASTER_PORT}"
 
-# Rank 0 writes this file once the preemption checkpoint is complete (dist_glm.preemption). The exit
+# Rank 0 writes this file once the preemption checkpoint is complete (dist_glm.runtime.preemption). The exit
 # code alone cannot tell: the first rank to exit makes srun terminate the others.
 export DIST_GLM_PREEMPTED_FILE="${SLURM_SUBMIT_DIR}/.dist_glm_preempted_${SLURM_JOB_ID}"
 rm -f "$DIST_GLM_PREEMPTED_FILE"

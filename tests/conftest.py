@@ -49,7 +49,7 @@ def build_ops_once() -> None:
     if not _ops_built:
         _ops_built = True
         env = dict(os.environ, DS_ACCELERATOR="cpu")
-        subprocess.run([sys.executable, "-m", "dist_glm.ops"], cwd=REPO, env=env, check=True, timeout=1800)
+        subprocess.run([sys.executable, "-m", "dist_glm.runtime.ops"], cwd=REPO, env=env, check=True, timeout=1800)
 
 
 def _free_port() -> int:

@@ -63,7 +63,7 @@ def test_the_ground_floor_imports_nothing_upward():
     assert graph["dist_glm.options"] == {"dist_glm.errors", "dist_glm.llamafactory"}
     assert graph["dist_glm.config"] == {"dist_glm.errors", "dist_glm.options"}
     assert graph["dist_glm.llamafactory"] == set()
-    assert graph["dist_glm.doctor"] == set()
+    assert graph["dist_glm.runtime.doctor"] == set()
 
 
 def test_modules_are_small_and_entry_scripts_thin():

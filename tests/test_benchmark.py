@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from benchmarks import measure, report
+from benchmarks.run import BenchArgs, check_args
 from conftest import REPO
-from dist_glm.benchmark import measure, report
-from dist_glm.benchmark.run import BenchArgs, check_args
 from dist_glm.errors import UserError
 
 
@@ -91,7 +91,7 @@ def test_ours_alone_end_to_end(tmp_path):
 
 def test_long_prompt_workloads_repeat_the_prompt_and_keep_the_answer(tmp_path):
     # The same trained tokens at two prompt lengths: what tells the cost of prompts from that of answers.
-    from dist_glm.benchmark import workloads
+    from benchmarks import workloads
 
     demo = [json.loads(line) for line in workloads.DEMO_ROWS.read_text(encoding="utf-8").splitlines()]
     model = REPO / "assets" / "tiny-glm4"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dist_glm.doctor import extensions_dir
+from dist_glm.runtime.doctor import extensions_dir
 from tests.conftest import REPO, base_args, child_env
 
 

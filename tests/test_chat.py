@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from dist_glm import cli
-from dist_glm.chat import ChatArgs, ChatSession, check_sampling
+from dist_glm.tools.chat import ChatArgs, ChatSession, check_sampling
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from dist_glm.config import DEMO_CONFIG, help_text, load_config
-from dist_glm.distributed import build_ds_config
 from dist_glm.errors import UserError
+from dist_glm.runtime.deepspeed_config import build_ds_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "assets" / "tiny-glm4"
@@ -83,7 +83,7 @@ def saved_tiny(path: Path) -> Path:
 def test_every_shipped_recipe_validates_fully(path, tmp_path):
     """Every value, the DeepSpeed config it names (on 8 ranks) and its method's own checks; only the
     paths it points at (a user's checkpoint and data) are swapped for shipped ones of the same shape."""
-    from dist_glm.inputs import validate_inputs
+    from dist_glm.training.checks import validate_inputs
 
     cfg = load_config([str(path)])
     assert cfg.model.model_name_or_path and cfg.data.dataset and cfg.train.output_dir
@@ -148,7 +148,7 @@ def test_help_lists_every_field_with_its_doc():
 def test_value_and_file_problems_are_reported_together(tmp_path):
     """A bad value and a missing --deepspeed file (and a missing model and dataset) in one error."""
     from dist_glm.config import collect_config
-    from dist_glm.inputs import validate_inputs
+    from dist_glm.training.checks import validate_inputs
 
     argv = [
         "--model_name_or_path=/no/such/model",
@@ -173,9 +173,9 @@ def test_value_and_file_problems_are_reported_together(tmp_path):
 def test_every_tool_reads_values_the_way_training_does(tmp_path):
     """One converter: the same recipe means the same to train.py and evaluate.py; a bare boolean flag
     means true for every command."""
-    from dist_glm.chat import CHAT
     from dist_glm.config import load_command
-    from dist_glm.evaluate import EVALUATE
+    from dist_glm.tools.chat import CHAT
+    from dist_glm.tools.evaluate import EVALUATE
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\ncutoff_len: 64.0\nmax_steps: 5\n")
@@ -202,11 +202,11 @@ def test_every_tool_reads_values_the_way_training_does(tmp_path):
 
 
 def test_help_has_one_format_for_every_command():
-    from dist_glm.chat import CHAT
     from dist_glm.config import TRAIN
-    from dist_glm.evaluate import EVALUATE
-    from dist_glm.export import EXPORT
-    from dist_glm.serve import SERVE
+    from dist_glm.tools.chat import CHAT
+    from dist_glm.tools.evaluate import EVALUATE
+    from dist_glm.tools.export import EXPORT
+    from dist_glm.tools.serve import SERVE
 
     for command in (TRAIN, EVALUATE, CHAT, EXPORT, SERVE):
         text = help_text(command)
@@ -217,7 +217,7 @@ def test_help_has_one_format_for_every_command():
 
 
 def test_output_dir_that_is_or_sits_under_a_file(tmp_path):
-    from dist_glm.inputs import check_output_dir
+    from dist_glm.training.checks import check_output_dir
 
     (tmp_path / "f").write_text("")
     assert check_output_dir(str(tmp_path / "f")) == [
@@ -254,7 +254,7 @@ def test_template_choices_are_the_templates_that_exist():
 
 def test_a_template_for_another_tokenizer_is_a_user_error():
     from dist_glm.data.template import build_template
-    from dist_glm.models import load_tokenizer
+    from dist_glm.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(TINY_MODEL))
     conversation = {

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dist_glm.config import load_config
-from dist_glm.continued import adopt_adapter
+from dist_glm.training.continued import adopt_adapter
 from tests.conftest import base_args, read_metrics, run_train
 from tests.test_method_matrix import METHODS
 
@@ -69,7 +69,7 @@ def test_continued_training_starts_where_the_first_run_ended(tmp_path, varlen_da
 def test_merge_adapter_trains_a_new_adapter_on_the_merge_and_the_tools_load_it(
     tmp_path, varlen_data, pretrained_tiny, eval_data
 ):
-    from dist_glm.artifacts import load_for_inference
+    from dist_glm.models.artifacts import load_for_inference
     from tests.test_method_matrix import eval_loss_of
 
     run1, final_loss = first_run(tmp_path, varlen_data, pretrained_tiny, eval_data, "lora")
@@ -178,7 +178,7 @@ def test_a_mixture_has_each_share_exactly_and_a_fixed_order():
 
 
 def test_mix_probs_and_named_eval_sets_are_checked():
-    from dist_glm.data.formats import named_sets
+    from dist_glm.data.sources import named_sets
     from dist_glm.errors import UserError
 
     assert named_sets("a.jsonl,b.jsonl") == {"": "a.jsonl,b.jsonl"}
@@ -220,7 +220,7 @@ def test_mixed_data_and_named_eval_sets_on_one_and_two_ranks(tmp_path, varlen_da
 
 def test_raw_text_is_one_document_per_line_every_token_trained(tmp_path):
     from dist_glm.data.batching import build_examples
-    from dist_glm.models import load_tokenizer
+    from dist_glm.models.loading import load_tokenizer
     from tests.conftest import TINY_MODEL
 
     tok = load_tokenizer(str(TINY_MODEL))

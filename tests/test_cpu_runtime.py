@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from dist_glm import distributed
 from dist_glm.errors import UserError
+from dist_glm.runtime import environment
 from tests.conftest import REPO, base_args, child_env
 
 
@@ -33,12 +33,12 @@ def test_threads_share_the_cores_among_the_ranks_on_a_host(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-        assert distributed.set_cpu_threads(world=8) == max(1, cores // 2) == torch.get_num_threads()
+        assert environment.set_cpu_threads(world=8) == max(1, cores // 2) == torch.get_num_threads()
         monkeypatch.delenv("LOCAL_WORLD_SIZE")
-        assert distributed.set_cpu_threads(world=1) == cores  # alone on the host: every core
+        assert environment.set_cpu_threads(world=1) == cores  # alone on the host: every core
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        assert distributed.set_cpu_threads(world=1) == 1  # the user's choice stands
+        assert environment.set_cpu_threads(world=1) == 1  # the user's choice stands
     finally:
         torch.set_num_threads(before)
 
@@ -46,7 +46,7 @@ def test_threads_share_the_cores_among_the_ranks_on_a_host(monkeypatch):
 def test_each_rank_finds_its_gpu_whether_it_sees_all_of_them_or_one():
     """srun's default (every task sees the node's 8 GPUs) vs --gpus-per-task=1 (each sees one, as cuda:0);
     anything else is a one-line error saying what to change (no 'invalid device ordinal' later)."""
-    from dist_glm.distributed import cuda_device_for
+    from dist_glm.runtime.environment import cuda_device_for
 
     assert [cuda_device_for(r, visible=8) for r in range(8)] == list(range(8))
     assert [cuda_device_for(r, visible=1) for r in range(8)] == [0] * 8

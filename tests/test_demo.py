@@ -92,7 +92,7 @@ def test_readme_demo_command_learns_and_writes_its_outputs():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dist_glm.data.template import build_template
-    from dist_glm.models import generation_eos_ids
+    from dist_glm.models.loading import generation_eos_ids
 
     model = AutoModelForCausalLM.from_pretrained(OUT).eval()
     tok = AutoTokenizer.from_pretrained(OUT)

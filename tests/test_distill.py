@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_glm import distill, loss
 from dist_glm.config import DistillConfig, load_config
 from dist_glm.data.batching import collate, model_inputs
-from dist_glm.distill import Distillation, KDSpec, Teacher, kd_per_token, plain_distill_sums
+from dist_glm.objectives import cross_entropy, distillation
+from dist_glm.objectives.distillation import Distillation, KDSpec, Teacher, kd_per_token, plain_distill_sums
 from tests.conftest import REPO, base_args, read_metrics, run_train
 
 STUDENT = REPO / "assets" / "tiny-glm4-student"
@@ -88,9 +88,9 @@ def tiny_batch():
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("chunk_elements", [loss.CHUNK_ELEMENTS, 2 * 714 * 3])  # one chunk; many chunks
+@pytest.mark.parametrize("chunk_elements", [cross_entropy.CHUNK_ELEMENTS, 2 * 714 * 3])  # one chunk; many chunks
 def test_chunked_distillation_equals_full_logits_values_and_gradients(monkeypatch, kind, chunk_elements):
-    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(distillation, "CHUNK_ELEMENTS", chunk_elements)
     student, teacher = tiny_models()
     batch = padded_batch()
     inputs = model_inputs(batch)
@@ -103,7 +103,7 @@ def test_chunked_distillation_equals_full_logits_values_and_gradients(monkeypatc
     student.zero_grad()
 
     teacher_logits = teacher(**inputs).logits.detach()
-    ref = plain_distill_sums(student(**inputs).logits, teacher_logits, batch["labels"], objective.spec)
+    ref = plain_distill_sums(student(**inputs).logits, teacher_logits, batch["labels"], objective.mix.spec)
     (0.7 * ref[1] + 0.3 * ref[0]).backward()
     assert float(parts["ce_loss"]) == pytest.approx(float(ref[0]), rel=1e-6)
     assert float(parts["kd_loss"]) == pytest.approx(float(ref[1]), rel=1e-5, abs=1e-6)
@@ -126,7 +126,7 @@ def test_eval_reports_the_kl_to_the_teacher_and_zero_for_the_teacher_itself():
     with torch.no_grad():
         sums = objective.eval_sums(student, batch)
         own = objective.eval_sums(teacher, batch)
-        ce, _ = loss.token_loss_sum(student, model_inputs(batch), batch["labels"])
+        ce, _ = cross_entropy.token_loss_sum(student, model_inputs(batch), batch["labels"])
     assert float(sums["loss"]) == pytest.approx(float(ce), rel=1e-6)  # eval/loss stays plain cross-entropy
     assert float(sums["kl_to_teacher"]) > 0 and abs(float(own["kl_to_teacher"])) < 1e-4
 
@@ -196,7 +196,7 @@ def test_kd_losses_equal_on_one_rank_and_two_zero3_ranks_with_a_partitioned_teac
 
 
 def offline_kl(student_dir, teacher_dir, eval_path) -> float:
-    from dist_glm.artifacts import load_for_inference
+    from dist_glm.models.artifacts import load_for_inference
     from tests.test_method_matrix import eval_examples
 
     tokenizer, examples = eval_examples(student_dir, eval_path)
@@ -207,7 +207,7 @@ def offline_kl(student_dir, teacher_dir, eval_path) -> float:
         s = plain_distill_sums(
             student(**model_inputs(batch)).logits, teacher(**model_inputs(batch)).logits, batch["labels"], spec
         )
-    return float(s[1]) / loss.count_trainable_tokens(batch["labels"])
+    return float(s[1]) / cross_entropy.count_trainable_tokens(batch["labels"])
 
 
 @pytest.mark.slow
@@ -330,7 +330,7 @@ def test_offline_cache_at_full_vocabulary_equals_online_distillation(tmp_path, v
 
 
 def test_top_k_distillation_at_full_k_is_the_full_divergence():
-    from dist_glm.teacher_cache import _chunk_sums
+    from dist_glm.objectives.cached_distillation import _chunk_sums
 
     g = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(6, 20, generator=g), torch.randn(6, 20, generator=g)
@@ -346,8 +346,8 @@ def test_top_k_distillation_at_full_k_is_the_full_divergence():
 
 
 def test_a_conversation_written_for_the_teacher_reads_back_the_same():
-    from dist_glm.data.formats import from_openai
-    from dist_glm.teacher_generate import to_openai
+    from dist_glm.data.converters import from_openai
+    from dist_glm.tools.distill_generate import to_openai
 
     conv = {
         "system": "你是助手",
@@ -366,9 +366,9 @@ def test_a_conversation_written_for_the_teacher_reads_back_the_same():
 def test_sequence_level_distillation_writes_the_teachers_greedy_answers_and_resumes(
     tmp_path, varlen_data, trained_teacher
 ):
-    from dist_glm.artifacts import load_for_inference
-    from dist_glm.data.formats import load_conversations
-    from dist_glm.models import load_tokenizer
+    from dist_glm.data.converters import load_conversations
+    from dist_glm.models.artifacts import load_for_inference
+    from dist_glm.models.loading import load_tokenizer
     from tests.conftest import run_script
 
     out = tmp_path / "teacher.jsonl"

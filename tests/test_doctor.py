@@ -1,6 +1,6 @@
 """The environment report: versions against constraints.txt, and the known-bad combinations."""
 
-from dist_glm import doctor
+from dist_glm.runtime import doctor
 
 
 def test_constraints_pin_every_package_the_report_checks():

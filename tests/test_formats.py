@@ -9,11 +9,11 @@ from transformers import AutoTokenizer
 from conftest import REPO, TINY_MODEL
 from dist_glm.config import DataConfig, load_config
 from dist_glm.data.batching import build_examples
-from dist_glm.data.formats import load_conversations
+from dist_glm.data.converters import load_conversations
 from dist_glm.data.preprocess import tokenize_to_cache
 from dist_glm.data.template import IGNORE_INDEX, build_template
 from dist_glm.errors import UserError
-from dist_glm.models import load_tokenizer
+from dist_glm.models.loading import load_tokenizer
 
 X = IGNORE_INDEX
 SYSTEM_MULTI_TURN = {
@@ -208,7 +208,7 @@ def test_csv_rows_are_reported_by_their_line_in_the_file(tmp_path, tok):
 
 
 def test_a_directory_is_not_a_missing_file(tmp_path):
-    from dist_glm.data.formats import check_data_paths
+    from dist_glm.data.sources import check_data_paths
 
     write_jsonl(tmp_path / "part1.jsonl", [GOOD])
     (problem,) = check_data_paths(str(tmp_path), "dataset")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dist_glm.config import load_config
-from dist_glm.distributed import build_ds_config
 from dist_glm.errors import UserError
+from dist_glm.runtime.deepspeed_config import build_ds_config
 from tests.conftest import base_args, read_metrics, run_train
 
 REQUIRED = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o"]
@@ -64,7 +64,7 @@ def fp16_here() -> bool:
 
 
 def test_fp16_on_a_machine_without_fp16_kernels_is_refused_before_launch():
-    from dist_glm.inputs import check_fp16_here
+    from dist_glm.training.checks import check_fp16_here
 
     cfg = load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--fp16"], None)
     problems = check_fp16_here(cfg.train)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import base_args, run_train
-from dist_glm import checkpoint
+from dist_glm.checkpointing import checkpoints
 
 FLAGS = dict(save_steps=2, lr_scheduler_type="constant", deepspeed="ds_configs/zero2.json", save_total_limit=0)
 
@@ -55,12 +55,12 @@ def test_a_full_disk_fails_the_save_on_every_rank_and_keeps_the_older_checkpoint
     assert f"a checkpoint of this run takes {size / 1024**2:.1f} MiB (checkpoint-2)" in lines[0], lines
     assert "checkpoint-2 intact" in lines[0] and "--resume_from_checkpoint=auto" in lines[0], lines
     assert not list(out.glob("checkpoint-4*")), "the partial checkpoint was left behind"
-    assert checkpoint.damage(ckpt) is None
+    assert checkpoints.damage(ckpt) is None
 
     resize(small_disk, 256 * 1024**2)  # space freed: the rerun continues from the intact checkpoint
     proc = run_train(more, nprocs=2)
     assert f"resumed from {ckpt} at step 2" in proc.stdout
-    assert (out / "checkpoint-6" / checkpoint.MANIFEST_FILE).is_file()
+    assert (out / "checkpoint-6" / checkpoints.MANIFEST_FILE).is_file()
 
 
 def test_a_failed_torch_save_gives_its_space_back(small_disk):
@@ -71,7 +71,7 @@ def test_a_failed_torch_save_gives_its_space_back(small_disk):
         torch.save({"x": torch.zeros(400_000)}, small_disk / "a.pt")  # 1.6 MB
     except RuntimeError as e:
         error = e
-    assert checkpoint._write_error(error) and error.__context__ is not None
-    checkpoint.release_files(error)
+    assert checkpoints._write_error(error) and error.__context__ is not None
+    checkpoints.release_files(error)
     (small_disk / "a.pt").unlink()
     assert shutil.disk_usage(small_disk).free == 1024**2

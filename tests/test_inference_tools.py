@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import REPO, base_args, child_env, run_script, run_train
-from dist_glm.artifacts import ModelArgs, load_for_inference
-from dist_glm.chat import ChatArgs, ChatSession
-from dist_glm.metrics import generation_metrics
-from dist_glm.models import generation_eos_ids, load_tokenizer
+from dist_glm.models.artifacts import ModelArgs, load_for_inference
+from dist_glm.models.loading import generation_eos_ids, load_tokenizer
+from dist_glm.tools.chat import ChatArgs, ChatSession
+from dist_glm.training.scoring import generation_metrics
 
 # fp32 on CPU: merging W + s * B @ A only reorders float additions (measured 1.3e-6 on logits of size ~2).
 LORA_MERGE_ATOL = 1e-5
@@ -107,7 +107,7 @@ def test_lora_export_computes_the_adapter_logits(lora_run, pretrained_tiny, tmp_
     assert max_diff(adapter_logits, base_logits) > 1e-2, "the adapter changed nothing"
 
     # The run's last checkpoint (ZeRO-0, adapter weights only) exports the same model.
-    from dist_glm.export import ExportArgs, export
+    from dist_glm.tools.export import ExportArgs, export
 
     from_ckpt = export(
         ModelArgs(model_name_or_path=str(lora_run / "checkpoint-6")), ExportArgs(export_dir=str(tmp_path / "c"))
@@ -121,7 +121,7 @@ def test_lora_export_computes_the_adapter_logits(lora_run, pretrained_tiny, tmp_
 def test_qlora_export_merges_into_the_dequantized_base(qlora_run, pretrained_tiny, tmp_path):
     from peft import PeftModel
 
-    from dist_glm.export import ExportArgs, export
+    from dist_glm.tools.export import ExportArgs, export
 
     out = export(ModelArgs(model_name_or_path=str(qlora_run)), ExportArgs(export_dir=str(tmp_path / "merged")))
     config = json.loads((out / "config.json").read_text())
@@ -141,8 +141,8 @@ def test_qlora_export_merges_into_the_dequantized_base(qlora_run, pretrained_tin
 def test_dora_and_modules_to_save_merge_to_the_adapter_logits(pretrained_tiny, tmp_path):
     """rsLoRA + DoRA + a fully trained lm_head copy, with random (as if trained) weights: merging keeps the logits."""
     from dist_glm.config import load_config
-    from dist_glm.export import ExportArgs, export
     from dist_glm.methods import lora
+    from dist_glm.tools.export import ExportArgs, export
 
     flags = ["--use_rslora", "--use_dora", "--lora_modules_to_save=lm_head", "--lora_rank=4"]
     cfg = load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o", *flags])
@@ -330,7 +330,7 @@ class FakeSession:
 
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_chat_loop_commands(monkeypatch, capsys, interrupt):
-    from dist_glm.chat import chat_loop
+    from dist_glm.tools.chat import chat_loop
 
     lines = iter(["hi", "", "clear", "exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": print(prompt, end="") or next(lines))

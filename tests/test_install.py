@@ -36,7 +36,10 @@ def outside(tmp_path, *cmd, timeout=300):
 @pytest.mark.slow
 def test_the_package_imports_outside_the_repository(tmp_path):
     proc = outside(
-        tmp_path, sys.executable, "-c", "import dist_glm, dist_glm.train, dist_glm.artifacts; print(dist_glm.__file__)"
+        tmp_path,
+        sys.executable,
+        "-c",
+        "import dist_glm, dist_glm.training.loop, dist_glm.models.artifacts; print(dist_glm.__file__)",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Path(proc.stdout.strip()) == REPO / "dist_glm" / "__init__.py"  # the editable install
@@ -93,7 +96,7 @@ def test_the_environment_is_the_one_ci_tested(tmp_path):
     """make setup and .ci/run install with constraints.txt; the doctor reads the same file."""
     proc = outside(tmp_path, str(BIN / "dist-glm-doctor"))
     assert proc.returncode == 0, proc.stderr
-    from dist_glm.doctor import version_rows
+    from dist_glm.runtime.doctor import version_rows
 
     untested = [(name, have, want) for name, have, want, ok in version_rows() if not ok]
     assert not untested, f"installed versions differ from constraints.txt: {untested}"

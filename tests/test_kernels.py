@@ -8,8 +8,8 @@ from dist_glm.config import ModelConfig, load_config
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.data.packing import pack_examples
 from dist_glm.data.template import IGNORE_INDEX
-from dist_glm.loss import token_loss_sum
-from dist_glm.models import add_neftune, check_attention, check_liger, load_model
+from dist_glm.models.loading import add_neftune, check_attention, check_liger, load_model
+from dist_glm.objectives.cross_entropy import token_loss_sum
 from tests.conftest import TINY_MODEL
 
 

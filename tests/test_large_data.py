@@ -16,13 +16,13 @@ import time
 import pytest
 import torch
 
+from benchmarks.data import run_measured, write_rows
 from conftest import REPO, TINY_MODEL, base_args, child_env, launch_cmd
 from dist_glm.config import load_config
 from dist_glm.data.batching import GlobalBatchSampler, build_examples, collate, model_inputs
-from dist_glm.data.benchmark import run_measured, write_rows
 from dist_glm.data.preprocess import load_cache, tokenize_to_cache
-from dist_glm.loss import token_loss_sum
-from dist_glm.models import load_tokenizer
+from dist_glm.models.loading import load_tokenizer
+from dist_glm.objectives.cross_entropy import token_loss_sum
 
 # 200k rows, as the issue asks: tokenizing them with 2 workers costs about a minute of CPU here (~3,600
 # rows per CPU second with the tiny tokenizer, measured by launch/benchmark_data.py).

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, TINY_MODEL, read_metrics, run_train
 from dist_glm.config import collect_config
 from dist_glm.errors import UserError
-from dist_glm.inputs import validate_inputs
+from dist_glm.training.checks import validate_inputs
 
 DEMO_DATA = REPO / "data" / "advertisegen_demo"
 
@@ -173,8 +173,8 @@ def their_registry(tmp_path):
 
 def test_their_registry_works_unchanged(tmp_path):
     from dist_glm.data.batching import build_examples
-    from dist_glm.data.formats import load_conversations
-    from dist_glm.models import load_tokenizer
+    from dist_glm.data.converters import load_conversations
+    from dist_glm.models.loading import load_tokenizer
 
     d = their_registry(tmp_path)
     cfg, problems = collect_config(

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dist_glm import loss
 from dist_glm.data.batching import Example, collate, model_inputs
 from dist_glm.data.packing import pack_examples
 from dist_glm.data.template import IGNORE_INDEX
+from dist_glm.objectives import cross_entropy
 
 TINY = Path(__file__).resolve().parent.parent / "assets" / "tiny-glm4"
 
@@ -44,9 +44,9 @@ def loss_and_grads(model, batch, chunked: bool):
     model.zero_grad(set_to_none=True)
     inputs = model_inputs(batch)
     if chunked:
-        total, count = loss.token_loss_sum(model, inputs, batch["labels"])
+        total, count = cross_entropy.token_loss_sum(model, inputs, batch["labels"])
     else:
-        total = loss.plain_token_loss_sum(model(**inputs).logits, batch["labels"])
+        total = cross_entropy.plain_token_loss_sum(model(**inputs).logits, batch["labels"])
         count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     total.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -94,7 +94,7 @@ def lora(model):
 def test_chunked_head_equals_plain_loss_and_gradients(monkeypatch, method, packed, chunk_tokens):
     model = tiny_model()
     if chunk_tokens:
-        monkeypatch.setattr(loss, "CHUNK_ELEMENTS", chunk_tokens * model.config.vocab_size)
+        monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", chunk_tokens * model.config.vocab_size)
     if method == "lora":
         model = lora(model)
     examples = sft_examples(model.config.vocab_size if method == "full" else 714)
@@ -108,7 +108,7 @@ def test_real_vocabulary_in_many_chunks():
     """GLM-4's 151,552 entries: more labelled tokens than one chunk holds, so chunks and their
     recomputation are exercised at the real width."""
     model = tiny_model(vocab_size=151_552, layers=1)
-    chunk = loss.CHUNK_ELEMENTS // model.config.vocab_size
+    chunk = cross_entropy.CHUNK_ELEMENTS // model.config.vocab_size
     examples = sft_examples(151_552, n=2)
     examples[0] = Example(list(range(chunk * 2)), [IGNORE_INDEX] * 10 + list(range(10, chunk * 2)), [], "")
     assert_same(model, collate(examples, pad_id=0))
@@ -117,7 +117,7 @@ def test_real_vocabulary_in_many_chunks():
 def test_a_batch_without_labels_keeps_the_graph():
     model = tiny_model()
     batch = collate([Example([1, 2, 3, 4], [IGNORE_INDEX] * 4, [], "")], pad_id=0)
-    total, count = loss.token_loss_sum(model, model_inputs(batch), batch["labels"])
+    total, count = cross_entropy.token_loss_sum(model, model_inputs(batch), batch["labels"])
     total.backward()  # every rank runs the same backward even when its micro-batch has nothing to learn
     assert count == 0 and float(total) == 0.0
 
@@ -126,8 +126,8 @@ def test_head_is_restored_and_eval_needs_no_grad():
     model = tiny_model()
     batch = collate(sft_examples(714, n=2), pad_id=0)
     with torch.no_grad():
-        total, _ = loss.token_loss_sum(model, model_inputs(batch), batch["labels"])
-        ref = loss.plain_token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
+        total, _ = cross_entropy.token_loss_sum(model, model_inputs(batch), batch["labels"])
+        ref = cross_entropy.plain_token_loss_sum(model(**model_inputs(batch)).logits, batch["labels"])
     assert "forward" not in model.lm_head.__dict__
     assert float(total) == pytest.approx(float(ref), rel=1e-6)
     assert model(**model_inputs(batch)).logits.shape[-1] == 714  # the model computes logits again

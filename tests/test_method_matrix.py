@@ -1,6 +1,6 @@
 """Every tuning method under every ZeRO stage, with and without offload, on 2 real ranks: the loss is
 finite and falls, the trainer's eval (loss and generation) runs, and the saved artifact reloads
-(dist_glm.artifacts) to the same eval loss the trainer reported at its last step and, in fp32, generates
+(dist_glm.models.artifacts) to the same eval loss the trainer reported at its last step and, in fp32, generates
 the trainer's own predictions token for token. The offload cells also run bf16 with gradient
 checkpointing.
 
@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, read_metrics, run_train
-from dist_glm.artifacts import generation_eos_ids_of, load_for_inference
 from dist_glm.config import load_config
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.preprocess import tokenize_dataset
-from dist_glm.loss import count_trainable_tokens, plain_token_loss_sum
-from dist_glm.models import load_tokenizer
+from dist_glm.models.artifacts import generation_eos_ids_of, load_for_inference
+from dist_glm.models.loading import load_tokenizer
+from dist_glm.objectives.cross_entropy import count_trainable_tokens, plain_token_loss_sum
 
 METHODS = {
     "full": {"learning_rate": 2e-3},

@@ -197,7 +197,7 @@ def test_ptuning_two_ranks_zero3_checkpointing_matches_single_process(tmp_path, 
 
 @pytest.mark.slow
 def test_qlora_8bit_adapter_reloads_with_its_quantization(tmp_path, varlen_data, pretrained_tiny):
-    from dist_glm.artifacts import load_for_inference
+    from dist_glm.models.artifacts import load_for_inference
 
     out = tmp_path / "q8"
     run_train(

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dist_glm.loss import count_trainable_tokens, plain_token_loss_sum
-from dist_glm.metrics import bleu4, generation_metrics, rouge_scores
+from dist_glm.objectives.cross_entropy import count_trainable_tokens, plain_token_loss_sum
+from dist_glm.training.scoring import bleu4, generation_metrics, rouge_scores
 
 
 def test_rouge_hand_checked():
@@ -68,7 +68,7 @@ def test_rouge_matches_chatglm_scorer_on_repeats_and_spaces():
 
 def test_progress_in_a_log_file_is_a_plain_line_every_n_steps(capsys):
     """Not a terminal (a Slurm log, a pipe): no tqdm `\\r` bar, one readable line per `every` steps."""
-    from dist_glm.metrics import Progress
+    from dist_glm.training.telemetry import Progress
 
     bar = Progress(total=7, initial=2, enabled=True, every=2)
     for _ in range(5):

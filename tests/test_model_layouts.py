@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from conftest import REPO, TINY_MODEL
 from dist_glm.data.template import IGNORE_INDEX, build_template, chat_template_mismatch, choose_template
 from dist_glm.errors import UserError
-from dist_glm.models import generation_eos_ids, load_model, load_tokenizer
+from dist_glm.models.loading import generation_eos_ids, load_model, load_tokenizer
 
 REAL_VOCAB = REPO / "assets" / "glm4-real-vocab"
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_glm.guard import SPIKE_WARMUP, Diverged, StepGuard
-from dist_glm.models import load_tokenizer
-from dist_glm.trainer_state import TrainerState
+from dist_glm.checkpointing.trainer_state import TrainerState
+from dist_glm.models.loading import load_tokenizer
+from dist_glm.training.guard import SPIKE_WARMUP, Diverged, StepGuard
 from tests.conftest import REPO, base_args, read_metrics, run_train
 
 BAD_TEXT = "@@@@"  # "@" is in no other row of the dataset below

@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from conftest import TINY_MODEL, train_one_and_two_ranks
 from dist_glm.config import DataConfig
 from dist_glm.data.batching import Example, collate, model_inputs
-from dist_glm.data.formats import load_conversations
+from dist_glm.data.converters import load_conversations
 from dist_glm.data.packing import pack_examples
 from dist_glm.data.template import IGNORE_INDEX, build_template
 

@@ -1,4 +1,4 @@
-"""The memory planner (dist_glm.plan): its counts against real models, its arithmetic against the ZeRO
+"""The memory planner (dist_glm.planning.planner): its counts against real models, its arithmetic against the ZeRO
 paper's accounting worked by hand, its one-line errors, and its prediction against a real training
 process's measured peak."""
 
@@ -9,8 +9,9 @@ import pytest
 
 from conftest import REPO, TINY_MODEL, child_env, run_script
 from dist_glm import config
-from dist_glm.plan import BUCKET_ELEMENTS, main, plan_rows, recommend
-from dist_glm.plan_trace import Trace, trace
+from dist_glm.cli import plan_main
+from dist_glm.planning.planner import BUCKET_ELEMENTS, plan_rows, recommend
+from dist_glm.planning.trace import Trace, trace
 
 # glm-4-9b-chat-hf's config.json (huggingface.co/THUDM/glm-4-9b-chat-hf), as documented there.
 GLM4_9B = {
@@ -124,7 +125,7 @@ def test_qlora_base_is_stored_in_4_bits():
 
 
 def test_the_head_buffer_is_one_chunk_of_logits():
-    from dist_glm.loss import CHUNK_ELEMENTS
+    from dist_glm.objectives.cross_entropy import CHUNK_ELEMENTS
 
     cfg = recipe("--bf16", "--per_device_train_batch_size=4", "--cutoff_len=2048")
     tr = replace(hand_trace(10, 10), hidden_size=4096, vocab_size=151552)
@@ -151,7 +152,7 @@ def test_the_recommendation_is_the_cheapest_that_fits():
 
 def plan_cli(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
+        plan_main(list(args))
     return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -194,8 +195,8 @@ def test_glm4_9b_from_its_config_json_alone(tmp_path):
 def test_prediction_matches_a_measured_training_peak(tmp_path):
     """Full fine-tuning of the tiny GLM under ZeRO-0 in bf16, one real training process on CPU:
     activations dominate at 16 x 256 tokens. Measured = peak bytes of live tensors from the moment the
-    model loads (dist_glm.plan_measure); predicted = the planner's ZeRO-0 total."""
-    from dist_glm.plan_measure import measure
+    model loads (benchmarks.plan_measure); predicted = the planner's ZeRO-0 total."""
+    from benchmarks.plan_measure import measure
 
     rows = [json.loads(line) for line in (REPO / "data/advertisegen_demo/train.jsonl").open()][:64]
     data = tmp_path / "long.jsonl"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dist_glm import cli
-from dist_glm.plots import plot_runs, read_series, smooth
+from dist_glm.training.plots import plot_runs, read_series, smooth
 
 
 def test_smoothing_is_tensorboards_debiased_ema():

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import REPO, base_args, child_env, launch_cmd, read_metrics, run_train
-from dist_glm.preemption import PREEMPTED_EXIT
+from dist_glm.runtime.preemption import PREEMPTED_EXIT
 
 STEPS = 30  # long enough that the signal lands well before the end
 COMMON = dict(max_steps=STEPS, save_steps=0, lr_scheduler_type="constant_with_warmup", per_device_train_batch_size=2)

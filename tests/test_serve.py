@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from conftest import REPO, base_args, child_env, run_train
-from dist_glm.serving import tools
-from dist_glm.serving.api import MAX_BODY_BYTES
-from dist_glm.serving.engine import Job, ReplyText, Sampling, _PerRowSampling
+from dist_glm.tools.serving import tool_calls
+from dist_glm.tools.serving.api import MAX_BODY_BYTES
+from dist_glm.tools.serving.engine import Job, ReplyText, Sampling, _PerRowSampling
 
 KEY = "test-key-123"
 NAME = "tiny-demo"
@@ -98,9 +98,9 @@ def tool(name: str) -> dict:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
 
 
-def replay(plan: tools.ToolPlan, pieces: list[str], opened_with_newline: bool | None):
+def replay(plan: tool_calls.ToolPlan, pieces: list[str], opened_with_newline: bool | None):
     """Feed a reply piece by piece as the stream does; return (deltas, the whole message, finish reason)."""
-    reply = tools.ToolReply(plan)
+    reply = tool_calls.ToolReply(plan)
     deltas = reply.opening_deltas()
     for piece in pieces:
         deltas += reply.feed(piece, opened_with_newline)
@@ -109,7 +109,7 @@ def replay(plan: tools.ToolPlan, pieces: list[str], opened_with_newline: bool | 
 
 
 def test_tool_reply_tells_a_call_from_an_answer_as_the_text_arrives():
-    plan = tools.plan([tool("check_stock"), tool("get_price")], "auto", "glm4")
+    plan = tool_calls.plan([tool("check_stock"), tool("get_price")], "auto", "glm4")
     # A call: nothing is sent until the first line names a tool, then the arguments stream as written.
     deltas, message, reason = replay(plan, ["check", "_stock", '\n{"颜色"', ': "白色"}'], opened_with_newline=False)
     header = deltas[0]["tool_calls"][0]
@@ -137,21 +137,21 @@ def test_tool_reply_tells_a_call_from_an_answer_as_the_text_arrives():
     _, message, _ = replay(plan, ["check_stock"], opened_with_newline=False)  # ended inside the first line
     assert message["tool_calls"][0]["function"] == {"name": "check_stock", "arguments": ""}
     # Without tools nothing is parsed.
-    _, message, _ = replay(tools.plan(None, None, "glm4"), ["check_stock\n{}"], opened_with_newline=False)
+    _, message, _ = replay(tool_calls.plan(None, None, "glm4"), ["check_stock\n{}"], opened_with_newline=False)
     assert message == {"role": "assistant", "content": "check_stock\n{}"}
 
 
 def test_tool_choice_rules():
     both = [tool("check_stock"), tool("get_price")]
-    forced = tools.plan(both, {"type": "function", "function": {"name": "get_price"}}, "glm4_0414")
+    forced = tool_calls.plan(both, {"type": "function", "function": {"name": "get_price"}}, "glm4_0414")
     assert (forced.forced, forced.required) == ("get_price", False)
     deltas, message, reason = replay(forced, ['{"类型": ', '"裙"}'], opened_with_newline=False)
     assert deltas[0]["tool_calls"][0]["function"]["name"] == "get_price"  # sent before any generated text
     assert message["tool_calls"][0]["function"]["arguments"] == '{"类型": "裙"}' and reason == "tool_calls"
-    assert tools.plan(both, "required", "glm4").required
-    assert tools.plan(both[:1], "required", "glm4").forced == "check_stock"  # one tool: that tool's call
-    assert tools.plan(both, "none", "glm4") == tools.ToolPlan()  # the tools are not even shown
-    cut = tools.ToolReply(forced)
+    assert tool_calls.plan(both, "required", "glm4").required
+    assert tool_calls.plan(both[:1], "required", "glm4").forced == "check_stock"  # one tool: that tool's call
+    assert tool_calls.plan(both, "none", "glm4") == tool_calls.ToolPlan()  # the tools are not even shown
+    cut = tool_calls.ToolReply(forced)
     cut.feed('{"类', None)
     assert cut.finish_reason("length") == "length"  # a call cut by max_tokens says so
     for tools_, choice, template, match in [
@@ -162,8 +162,8 @@ def test_tool_choice_rules():
         (both, "sometimes", "glm4", "tool_choice: 'none', 'auto'"),
         (both, None, "chatglm3", "no tool calls this server can read"),
     ]:
-        with pytest.raises(tools.ToolRequestError, match=match):
-            tools.plan(tools_, choice, template)
+        with pytest.raises(tool_calls.ToolRequestError, match=match):
+            tool_calls.plan(tools_, choice, template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +238,8 @@ REFERENCE_TOKENS = 40  # every reply the tests ask for is at most this long
 @pytest.fixture(scope="module")
 def reference(demo_model):
     """Greedy decoding of the same checkpoint in this process: what every reply must equal."""
-    from dist_glm.artifacts import load_for_inference
-    from dist_glm.models import generation_eos_ids, load_tokenizer
+    from dist_glm.models.artifacts import load_for_inference
+    from dist_glm.models.loading import generation_eos_ids, load_tokenizer
 
     model, tok = load_for_inference(str(demo_model)), load_tokenizer(str(demo_model))
     eos = generation_eos_ids(str(demo_model), tok)
@@ -529,9 +529,9 @@ def tool_server(tool_model, tmp_path_factory):
 def tool_reference(tool_model):
     """Greedy generate() on the training template's rendering of a conversation (dist_glm.data), parsed
     the way the server parses: what every tool-call reply must equal."""
-    from dist_glm.artifacts import load_for_inference
     from dist_glm.data.template import build_template
-    from dist_glm.models import generation_eos_ids, load_tokenizer
+    from dist_glm.models.artifacts import load_for_inference
+    from dist_glm.models.loading import generation_eos_ids, load_tokenizer
 
     model, tok = load_for_inference(str(tool_model)), load_tokenizer(str(tool_model))
     # GLM-4-0414's template (auto for Glm4ForCausalLM), whose calls are `{name} \n{arguments}`.
@@ -548,8 +548,8 @@ def tool_reference(tool_model):
 
     def expected(messages: list[dict], tool_choice=None, offered=TOOLS) -> tuple[dict, str, int]:
         nonlocal first_step
-        plan = tools.plan(offered, tool_choice, "glm4_0414")
-        conv = tools.conversation(messages, offered if plan.names else None)
+        plan = tool_calls.plan(offered, tool_choice, "glm4_0414")
+        conv = tool_calls.conversation(messages, offered if plan.names else None)
         ids = template.encode_prompt(conv) + (template.call_header_ids(plan.forced) if plan.forced else [])
         first_step = len(ids)
         processors = [first_token_is_a_call] if plan.required else []
@@ -563,7 +563,7 @@ def tool_reference(tool_model):
         new = out[0, len(ids) :].tolist()
         finished = new[-1] in eos  # else cut at TOOL_REPLY_TOKENS, as the request's max_tokens cuts it
         raw = tok.decode(new[:-1] if finished else new, skip_special_tokens=True)
-        reply = tools.ToolReply(plan)
+        reply = tool_calls.ToolReply(plan)
         reply.feed(raw.removeprefix("\n"), raw.startswith("\n"))
         reply.finish()
         return reply.message(), reply.finish_reason("stop" if finished else "length"), len(ids)

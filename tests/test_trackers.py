@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, base_args, read_metrics, run_train
 from dist_glm.config import collect_config
 from dist_glm.errors import UserError
-from dist_glm.metrics import FINAL_METRICS
-from dist_glm.trackers import IDS_FILE, check_installed, run_ids, trackers_in
+from dist_glm.training.telemetry import FINAL_METRICS
+from dist_glm.training.trackers import IDS_FILE, check_installed, run_ids, trackers_in
 
 DATA = REPO / "data" / "advertisegen_demo" / "train.jsonl"
 INSTALLED = [name for name in ("wandb", "swanlab") if importlib.util.find_spec(name)]
@@ -53,7 +53,7 @@ def test_unknown_trackers_are_refused_with_the_choices(value):
 
 
 def test_a_missing_tracker_stops_training_before_any_model_loads(tmp_path, monkeypatch):
-    from dist_glm.train import train
+    from dist_glm.training.loop import train
 
     # None in sys.modules is Python's own "this package cannot be imported": find_spec returns None.
     monkeypatch.setitem(sys.modules, "swanlab", None)
@@ -244,7 +244,7 @@ def test_swanlab_offline_run_has_every_scalar_and_the_config(tracked_run):
 @needs("wandb")
 def test_a_tracker_that_cannot_start_is_one_line_with_the_fix(tmp_path, monkeypatch):
     from dist_glm.config import TrainConfig
-    from dist_glm.trackers import open_trackers
+    from dist_glm.training.trackers import open_trackers
 
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

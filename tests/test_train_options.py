@@ -94,7 +94,7 @@ def test_a_failing_final_eval_keeps_the_trained_model(tmp_path, varlen_data, eva
 
     args = base_args(tmp_path, varlen_data, max_steps=2, eval_dataset=eval_data)
     script = (
-        "import sys; import dist_glm.train as t\n"
+        "import sys; import dist_glm.training.loop as t\n"
         "def broken(*a, **k): raise RuntimeError('eval broke')\n"
         "t.run_eval = broken\n"
         "from dist_glm.cli import train_main; train_main(sys.argv[1:])\n"

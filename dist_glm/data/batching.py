@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dist_glm.data.formats import count_empty_turns, load_conversations
+from dist_glm.data.converters import count_empty_turns, load_conversations
 from dist_glm.data.template import IGNORE_INDEX, build_template
 
 

@@ -5,12 +5,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_glm import distributed
 from dist_glm.config import mix_probabilities, option
-from dist_glm.data.formats import named_sets, split_paths
+from dist_glm.data.packing import pack_examples
 from dist_glm.data.preprocess import tokenize_dataset
+from dist_glm.data.sources import named_sets, split_paths
 from dist_glm.data.template import build_template, chat_template_mismatch, choose_template
 from dist_glm.errors import UserError
+from dist_glm.runtime import collectives
 
 TRAINED_OPEN, TRAINED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧: rare in any data, so a marked span is unambiguous
 
@@ -32,17 +33,40 @@ def recipe_template(cfg, tokenizer) -> str:
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     template = choose_template(cfg.data.template, tokenizer, model_type)
     mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
-    distributed.log(
+    collectives.log(
         f"chat template: {template}"
         + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
     )
     return template
 
 
-def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
-    """Collective. Tokenized train examples and eval sets (name -> examples; one set named "" unless
-    eval_dataset names them); writes the skipped-rows report (rank 0)."""
-    log = distributed.log
+@dataclass
+class Datasets:
+    """A recipe's data as training steps over it."""
+
+    train: list  # the rows of a step: packed rows when `packed`, else the samples themselves
+    eval_sets: dict[str, list]  # name -> examples; one set named "" unless eval_dataset names them
+    samples: list  # the tokenized training samples, before packing
+    packed: bool  # the recipe's `packing`, its default resolved here (never written back into the config)
+
+
+def resolve_packing(requested: bool | None, raw_text: bool, can_pack: bool, log) -> bool:
+    """`packing` as given, else on for raw documents and off for conversations, unless the method trains
+    one sample per row (its check_config has already refused an explicit packing=true)."""
+    if requested is not None:
+        return requested
+    if raw_text and not can_pack:
+        log("packing: off; raw text packs by default, but this method trains one sample per row")
+        return False
+    if raw_text:
+        log("packing: on, the default for raw text (set packing=false to turn it off)")
+    return raw_text
+
+
+def load_datasets(cfg, tokenizer, can_pack: bool = True) -> Datasets:
+    """Collective. The tokenized training samples, packed into rows when the recipe packs (`can_pack`: the
+    method's), and the eval sets; writes the skipped-rows report (rank 0)."""
+    log = collectives.log
     path = cfg.model.model_name_or_path
     template = recipe_template(cfg, tokenizer)
     if cfg.data.mix_probs:
@@ -58,17 +82,14 @@ def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
         train, stats = tokenize_dataset(
             cfg.data.dataset, tokenizer, path, template, cfg.data, cfg.data.max_samples, log
         )
-    if cfg.data.packing is None:  # raw documents pack by default, conversations do not
-        cfg.data.packing = bool(train) and stats.text_samples == len(train)
-        if cfg.data.packing:
-            log("packing: on, the default for raw text (set packing=false to turn it off)")
+    packed = resolve_packing(cfg.data.packing, bool(train) and stats.text_samples == len(train), can_pack, log)
     evaluation, skipped = {}, list(stats.skipped)
     for name, files in named_sets(cfg.data.eval_dataset).items():
         evaluation[name], eval_stats = tokenize_dataset(files, tokenizer, path, template, cfg.data, 0, log)
         skipped += eval_stats.skipped
         if not evaluation[name]:
             raise UserError(f"eval_dataset: no usable samples in {files} ({eval_stats.summary('eval_dataset')})")
-    if skipped and distributed.is_main_process():  # one report, written once
+    if skipped and collectives.is_main_process():  # one report, written once
         report = Path(cfg.train.output_dir) / "skipped_rows.jsonl"
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped), encoding="utf-8")
@@ -82,7 +103,10 @@ def load_datasets(cfg, tokenizer) -> tuple[list, dict[str, list]]:
             f"val_size={cfg.data.val_size:g}: {len(held)} of {len(train) + len(held)} samples held out "
             f"for evaluation (seed {cfg.train.seed}; identical samples kept on one side)"
         )
-    return train, evaluation
+    rows = pack_examples(train, cfg.data.cutoff_len) if packed else train
+    if packed:
+        log(f"packing: {len(train)} samples into {len(rows)} rows of up to {cfg.data.cutoff_len} tokens")
+    return Datasets(rows, evaluation, train, packed)
 
 
 def mix(sources: list[list], probs: list[float], seed: int) -> list:

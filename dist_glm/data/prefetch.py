@@ -2,7 +2,7 @@
 
 Collation (Python lists -> padded tensors) is host work the accelerator would otherwise wait for at
 the start of every step. One background thread builds step s+1 while step s runs; on CUDA it also pins
-the tensors, so the copy to the device in dist_glm.step (non_blocking) overlaps with compute instead
+the tensors, so the copy to the device in dist_glm.training.step (non_blocking) overlaps with compute instead
 of stalling on pageable memory. The batches are a pure function of the step (the sampler's order), so
 prefetching changes when they are built, never what they hold.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_glm.data.batching import DataStats, Example, build_examples
-from dist_glm.data.formats import split_paths
+from dist_glm.data.sources import split_paths
 from dist_glm.errors import UserError
 
 CACHE_VERSION = 6  # bump whenever the tokenized output or the cached fields change
@@ -184,7 +184,7 @@ def tokenize_dataset(
     is left waiting for a cache that will never come."""
     import torch.distributed as dist
 
-    from dist_glm.distributed import barrier, broadcast_object, is_main_process
+    from dist_glm.runtime.collectives import barrier, broadcast_object, is_main_process
 
     result = None
     if is_main_process():

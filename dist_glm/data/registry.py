@@ -17,7 +17,7 @@ import glob
 import json
 from pathlib import Path
 
-from dist_glm.data.formats import SUFFIXES, named_sets, split_paths
+from dist_glm.data.sources import SUFFIXES, named_sets, split_paths
 from dist_glm.errors import UserError
 
 REGISTRY = "dataset_info.json"

@@ -17,6 +17,7 @@ class Method(Protocol):
     # Training
     trainable_only: bool  # checkpoints hold only the trained parameters (frozen ones reload from the base)
     export_trainable_only: bool  # so does the final artifact
+    can_pack: bool  # trains rows that pack several samples (raw text packs by default only where this holds)
 
     def check_config(self, cfg) -> list[str]:
         """Settings this method refuses, each with one that works; checked before anything loads."""
@@ -30,7 +31,7 @@ class Method(Protocol):
     def save_artifact(self, model, state_dict: dict, tokenizer, out_dir) -> None:
         """Write the final, reloadable artifact (rank 0, from the gathered `state_dict`)."""
 
-    # Continued training (dist_glm.continued)
+    # Continued training (dist_glm.training.continued)
     def adapter_settings(self, adapter_dir: Path) -> dict:
         """The MethodConfig values an adapter directory this method wrote fixes (its rank, targets, ...)."""
 

@@ -13,6 +13,7 @@ from dist_glm.methods import full
 trainable_only = True  # in checkpoints
 export_trainable_only = False  # the export is the whole model
 is_adapter = False
+can_pack = True
 export_refusal = None
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")

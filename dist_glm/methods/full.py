@@ -3,6 +3,7 @@
 trainable_only = False  # checkpoints hold every weight
 export_trainable_only = False
 is_adapter = False  # the artifact is a standalone model, not something applied to a base
+can_pack = True  # packed rows train like any others
 export_refusal = None  # export.py consolidates it into a plain HF model
 
 
@@ -42,4 +43,4 @@ def adapter_settings(adapter_dir) -> dict:
 
 
 def continue_adapter(model, adapter_dir, cfg):
-    raise AssertionError("dist_glm.continued refuses adapter_name_or_path for methods without an adapter")
+    raise AssertionError("dist_glm.training.continued refuses adapter_name_or_path for methods without an adapter")

@@ -6,6 +6,7 @@ from dist_glm.methods import full
 trainable_only = True  # in checkpoints
 export_trainable_only = True  # the adapter (and modules_to_save) only
 is_adapter = True
+can_pack = True
 export_refusal = None  # export.py merges it into its base
 # PEFT's own shorthand, and LLaMA-Factory's spelling of it.
 ALL_LINEAR = ("all-linear", "all")

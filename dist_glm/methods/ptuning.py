@@ -15,10 +15,11 @@ from dist_glm.methods import full
 trainable_only = True
 export_trainable_only = True
 is_adapter = True
+can_pack = False  # one prefix per row: packed samples would share its attention window
 export_refusal = (
     "a P-tuning v2 prefix cannot be merged into model weights (it adds key/value vectors to every attention "
     "layer, not a weight change); use it as it is: chat.py, evaluate.py and "
-    "dist_glm.artifacts.load_for_inference take the same --model_name_or_path/--adapter_name_or_path as here"
+    "dist_glm.models.artifacts.load_for_inference take the same --model_name_or_path/--adapter_name_or_path as here"
 )
 quantization_config = full.quantization_config
 inference_quantization = full.inference_quantization
@@ -111,7 +112,7 @@ def continue_adapter(model, adapter_dir, cfg):
 
     from safetensors.torch import load_file
 
-    peft_model = make_trainable(model, cfg)  # cfg already holds adapter_settings (dist_glm.continued)
+    peft_model = make_trainable(model, cfg)  # cfg already holds adapter_settings (dist_glm.training.continued)
     saved = load_file(Path(adapter_dir) / "adapter_model.safetensors")["prompt_embeddings"]
     embedding = peft_model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():

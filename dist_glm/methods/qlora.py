@@ -10,6 +10,7 @@ from dist_glm.methods import lora
 trainable_only = True
 export_trainable_only = True
 is_adapter = True
+can_pack = True
 export_refusal = None  # export.py merges it into the de-quantized base
 QUANTIZATION_FILE = lora.QUANTIZED_BASE_FILE
 

@@ -1,0 +1,201 @@
+"""The side-by-side training benchmark: ours against HF Trainer, TRL's SFTTrainer and LLaMA-Factory.
+
+For each workload, every framework starts from the same saved weights on the same rows with the same
+settings (1 process, fp32, AdamW, constant lr, no eval, no saving), and in each round all of them run
+at the same time, so they share the machine's load; ratios are taken within a round.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import measure, peers, report, workloads
+from dist_glm.errors import UserError
+from dist_glm.options import Command, option
+
+OURS = "dist_glm"
+
+
+@dataclass
+class BenchArgs:
+    workloads: str = option(
+        ",".join(workloads.WORKLOADS),
+        "Comma-separated workloads: "
+        + "; ".join(f"{w.name} ({w.about})" for w in workloads.WORKLOADS.values())
+        + ". Default: all.",
+    )
+    peers: str = option("hf,trl,llamafactory", f"Comma-separated peers, from: {', '.join(peers.PEERS)}; or none.")
+    rounds: int = option(3, "Rounds; in each, ours and every peer run at the same time.")
+    steps: int = option(0, "Optimizer steps per run (0 = the workload's own count).")
+    loss_step: int = option(0, "The step whose loss the table prints for every framework (0 = the last step).")
+    cache_dir: str = option("~/.cache/dist_glm_bench", "Peer venvs, model directories, run logs.")
+    output: str = option("", "Also write the table (markdown) and the setup lines to this file.")
+    round_timeout_s: int = option(3600, "A round still running after this many seconds is killed.")
+    memory_headroom_gib: float = option(2.0, "Free memory left aside for the rest of the machine when sizing a round.")
+
+
+BENCH = Command(
+    prog="benchmark.py",
+    usage="benchmark.py [--workloads=tiny,real_full,...] [--peers=hf,trl,llamafactory|none] [--rounds=3]",
+    sections={"bench": (BenchArgs, None)},
+    description=__doc__.splitlines()[0],
+)
+
+
+def _names(value: str, known: dict, flag: str) -> list[str]:
+    names = [] if value.strip() == "none" else [n.strip() for n in value.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UserError(
+            f"--{flag}: unknown {', '.join(bad)}; choose from {', '.join(known)}"
+            + ("" if flag == "workloads" else " or none")
+        )
+    return names
+
+
+def check_args(a: BenchArgs) -> tuple[list[str], list[str]]:
+    wl, ps = _names(a.workloads, workloads.WORKLOADS, "workloads"), _names(a.peers, peers.PEERS, "peers")
+    problems = [] if wl else ["--workloads: name at least one workload"]
+    if a.rounds < 1:
+        problems.append(f"--rounds={a.rounds}: must be at least 1")
+    if a.steps and a.steps < 3:
+        problems.append(f"--steps={a.steps}: must be at least 3 (the first step is left out of throughput)")
+    if a.steps and a.loss_step > a.steps:
+        problems.append(f"--loss_step={a.loss_step} is past --steps={a.steps}: lower it or raise --steps")
+    if problems:
+        raise UserError(problems)
+    return wl, ps
+
+
+def child_env() -> dict:
+    """The same environment for every framework: offline (nothing is downloaded), CPU accelerator for
+    DeepSpeed where no GPU exists, and no PYTHONPATH reaching our checkout from a peer."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("DS_ACCELERATOR", "cuda" if shutil.which("nvidia-smi") else "cpu")
+    return env
+
+
+def build_jobs(w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path, log_root: Path) -> list:
+    """Ours reads the raw rows, LLaMA-Factory its registry of them, HF/TRL our tokenization of them."""
+    import yaml
+
+    env, jobs = child_env(), []
+    ours_dir, rows, lf_data = run_root / OURS, data_dir / "tokenized.jsonl", data_dir / "llamafactory"
+    ours = workloads.ours_command(w, model_dir, data_dir / "raw.jsonl", ours_dir)
+    jobs.append(measure.Job(OURS, ours, ours_dir / "metrics.jsonl",
+                            log_root / f"{OURS}.log", env))  # fmt: skip
+    script = Path(__file__).with_name("peer_train.py")
+    for name, python in pythons.items():
+        out = run_root / name
+        out.mkdir(parents=True, exist_ok=True)
+        if name == "llamafactory":
+            (out / "recipe.yaml").write_text(yaml.safe_dump(workloads.llamafactory_config(w, model_dir, lf_data, out)))
+            cmd, step_log = (
+                [str(python.parent / "llamafactory-cli"), "train", str(out / "recipe.yaml")],
+                "trainer_log.jsonl",
+            )
+        else:
+            (out / "settings.json").write_text(json.dumps(workloads.peer_settings(w, name, model_dir, rows, out)))
+            cmd, step_log = [str(python), str(script), str(out / "settings.json")], "steps.jsonl"
+        jobs.append(measure.Job(name, cmd, out / step_log, log_root / f"{name}.log", env, cwd=str(out)))
+    return jobs
+
+
+def groups_that_fit(jobs: list, per_job_gib: float, headroom_gib: float, log) -> list[list]:
+    """All jobs at once when memory allows; otherwise as many at a time as fit (ours in every group, so
+    each ratio is still taken between runs that shared the machine)."""
+    import psutil
+
+    free = psutil.virtual_memory().available / report.GIB - headroom_gib
+    fit = max(2, int(free // per_job_gib))
+    if fit >= len(jobs):
+        return [jobs]
+    log(f"only {free:.1f} GiB free: running ours with {fit - 1} peer(s) at a time instead of all {len(jobs)} together")
+    ours, rest = jobs[0], jobs[1:]
+    return [[ours, *rest[i : i + fit - 1]] for i in range(0, len(rest), fit - 1)]
+
+
+def mfu_line(mine: list, model_dir: Path, rows: Path, flops_per_cpu_second: float) -> str:
+    """Ours' MFU per CPU-second (the runs share the CPU; a CPU-second can do at most matmul FLOP/s / threads):
+    at the usual 6N FLOP/token, and at the FLOPs ours does, which apply the LM head only at labelled tokens."""
+    body, head = report.matmul_params(str(model_dir))
+    labels = [json.loads(line)["labels"] for line in open(rows, encoding="utf-8")]
+    labelled = sum(sum(x != -100 for x in r) for r in labels) / sum(len(r) for r in labels)
+    per_cpu_s = statistics.median(n.tokens_per_cpu_second for n in mine)
+    model_mfu = per_cpu_s * 6 * (body + head) / flops_per_cpu_second
+    done_mfu = per_cpu_s * 6 * (body + head * labelled) / flops_per_cpu_second
+    return (
+        f"ours at {per_cpu_s:.0f} tok per CPU-s (median); N = {(body + head) / 1e6:.1f}M matmul parameters "
+        f"({head / 1e6:.1f}M of them the LM head): MFU at 6N FLOP/token {100 * model_mfu:.0f} %; at the FLOPs ours "
+        f"does (LM head at the {100 * labelled:.0f} % labelled tokens only) {100 * done_mfu:.0f} %"
+    )
+
+
+def bench(a: BenchArgs, log=print) -> str:
+    names, peer_names = check_args(a)
+    cache = Path(a.cache_dir).expanduser().resolve()
+    pythons, skipped, lines = {}, {}, []
+    for n in peer_names:
+        python, how = peers.ensure_venv(cache, peers.PEERS[n], log)
+        if python is None:
+            skipped[n] = how
+        else:
+            pythons[n] = python
+            lines.append(f"- {peers.PEERS[n].label} ({n}): {peers.peer_version_report(python)}")
+    lines.insert(0, f"- {OURS} (ours): {peers.ours_versions()}")
+    flops, threads = report.matmul_flops_per_second()
+    lines.append(
+        f"- this CPU's fp32 matmul (1024x1024, best of 3 s, run before the rounds): {flops / 1e9:.1f} GFLOP/s on "
+        f"{threads} threads = {flops / threads / 1e9:.1f} GFLOP per CPU-second"
+    )
+    rows = []
+    for wname in names:
+        w = workloads.WORKLOADS[wname]
+        if a.steps:
+            w = workloads.Workload(**{**w.__dict__, "steps": a.steps})
+        model_dir = workloads.build_model_dir(w.model, cache)
+        data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        raw = workloads.write_rows(w, data_dir / "raw.jsonl")
+        lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
+        workloads.write_llamafactory_data(raw, data_dir / "llamafactory")
+        tokens_per_step = w.batch_size * statistics.mean(lengths)
+        loss_step = a.loss_step or w.steps
+        got: dict[str, list] = {OURS: [], **{n: [] for n in pythons}}
+        errors: dict[str, str] = {}
+        pairs: dict[str, list] = {n: [] for n in pythons}
+        for r in range(a.rounds):
+            run_root, log_root = cache / "runs" / wname, cache / "logs" / f"{wname}-round{r + 1}"
+            shutil.rmtree(run_root, ignore_errors=True)
+            log_root.mkdir(parents=True, exist_ok=True)
+            jobs = build_jobs(w, model_dir, data_dir, pythons, run_root, log_root)
+            for group in groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log):
+                log(f"{wname} round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} together ({w.steps} steps)")
+                results = measure.run_together(group, a.round_timeout_s)
+                # The raw marks, so a table can be recomputed (or checked) without running again.
+                raw = log_root / f"results-{'-'.join(j.label for j in group)}.json"
+                raw.write_text(json.dumps([dataclasses.asdict(res) for res in results], indent=1))
+                together = {res.label: report.numbers(res, tokens_per_step, loss_step) for res in results}
+                for res in results:
+                    got[res.label].append(together[res.label])
+                    if res.label != OURS:
+                        pairs[res.label].append((together[OURS], together[res.label]))
+                    if res.error:
+                        errors[res.label] = res.error
+                        log(f"  {res.label}: {res.error}")
+            shutil.rmtree(run_root, ignore_errors=True)  # final models (ours saves one) are not kept
+        mine = [n for n in got[OURS] if n]
+        if mine and not w.lora:
+            lines.append(f"- {wname}: " + mfu_line(mine, model_dir, data_dir / "tokenized.jsonl", flops / threads))
+        rows.append(dict(workload=f"{wname} (batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
+                         f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
+                         skipped=skipped, errors=errors, pairs=pairs))  # fmt: skip
+    text = report.table(rows, [OURS, *peer_names], OURS) + "\n\n" + "\n".join(lines)
+    if a.output:
+        Path(a.output).write_text(text + "\n", encoding="utf-8")
+    return text

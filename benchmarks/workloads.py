@@ -1,0 +1,148 @@
+"""What every framework trains on: the same saved initial weights, the same rows, the same settings.
+
+A workload's model directory (config, tokenizer, model.safetensors) is written once under the cache
+folder from a seed, so every framework starts from byte-identical weights. The rows are tokenized once
+with our GLM-4 template (dist_glm.data) and handed to HF Trainer and TRL as input_ids/labels, so
+only the trainer differs; LLaMA-Factory reads the raw rows with its own glm4 template.
+"""
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_ROWS = REPO / "data" / "advertisegen_demo" / "train.jsonl"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str  # the model directory's name under the cache folder (real_full and real_lora share one)
+    lora: bool
+    batch_size: int
+    cutoff_len: int
+    learning_rate: float
+    steps: int
+    rss_gib: float  # a generous peak per framework, to decide how many can run at once
+    about: str
+    # Each prompt (the attribute list) this many times over, the answer unchanged: SFT whose prompts
+    # dominate (multi-turn history, retrieved context), where the LM head at every position costs most.
+    prompt_repeat: int = 1
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("tiny", "tiny-glm4", False, 16, 128, 1e-3, 40, 1.0, "tiny demo GLM (0.9M params), full FT"),
+        Workload("real_full", "glm4-real-vocab", False, 8, 128, 1e-4, 10, 4.0, "GLM head of real shape, full FT"),
+        Workload("real_lora", "glm4-real-vocab", True, 8, 128, 1e-4, 10, 2.0, "same, LoRA r8 all-linear"),
+        Workload(
+            "real_long", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 7.0, "real-shape head, full FT, prompts x8", 8
+        ),
+        Workload(
+            "real_long2x", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 10.0, "same with prompts twice as long (x16)", 16
+        ),
+    )
+}
+LORA_RANK, LORA_ALPHA, SEED = 8, 16.0, 42
+
+
+def build_model_dir(name: str, cache: Path) -> Path:
+    """config + tokenizer + model.safetensors with random weights from SEED, written once (a marker
+    file after the weights, so an interrupted build is redone)."""
+    out = cache / "models" / name
+    if (out / ".complete").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "tiny-glm4":
+        for f in (REPO / "assets" / "tiny-glm4").iterdir():
+            (out / f.name).write_bytes(f.read_bytes())
+    else:
+        # GLM-4's real vocabulary (151,552 rows, special tokens at their real ids) with a 2-layer,
+        # hidden-512 body: the LM head and its cross-entropy dominate, as in glm-4-9b.
+        builder = REPO / "launch" / "build_demo_assets.py"
+        subprocess.run([sys.executable, str(builder), "--real-vocab", str(out)], check=True, capture_output=True)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).to(torch.float32)
+    model.save_pretrained(out)
+    (out / ".complete").write_text("")
+    return out
+
+
+def write_rows(w: Workload, out: Path) -> Path:
+    """The workload's raw rows: the demo rows, each prompt repeated `prompt_repeat` times ("*"-joined, as
+    AdvertiseGen joins attributes). The file every framework reads or is tokenized from."""
+    with open(DEMO_ROWS, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        for line in f:
+            row = json.loads(line)
+            row["content"] = "*".join([row["content"]] * w.prompt_repeat)
+            g.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+def tokenize_rows(model_dir: Path, rows: Path, cutoff_len: int, out: Path) -> list[int]:
+    """Our template's input_ids/labels for every row, as jsonl; returns each row's token count. No row
+    may be cut: the peers truncate differently, and a cut row would not be the same work."""
+    from dist_glm.config import DataConfig
+    from dist_glm.data.batching import build_examples
+    from dist_glm.models.loading import load_tokenizer
+
+    examples, stats = build_examples(
+        str(rows), load_tokenizer(str(model_dir)), DataConfig(cutoff_len=cutoff_len), "glm4"
+    )
+    assert not stats.truncated, f"{stats.truncated} rows longer than cutoff_len={cutoff_len}"
+    with open(out, "w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n")
+    return [len(e.input_ids) for e in examples]
+
+
+def write_llamafactory_data(rows: Path, folder: Path) -> None:
+    """The rows as an alpaca-style dataset with its dataset_info.json (content -> summary)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_bytes(rows.read_bytes())
+    info = {"advertisegen_demo": {"file_name": "train.jsonl", "columns": {"prompt": "content", "response": "summary"}}}
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
+
+
+def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path) -> list[str]:
+    """Ours as a user runs it: python launch/train.py with flags (1 process, ZeRO-0, fp32)."""
+    flags = dict(
+        model_name_or_path=model_dir, dataset=rows, output_dir=run_dir, overwrite_output_dir="true",
+        finetuning_type="lora" if w.lora else "full", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
+        lora_target="all-linear", template="glm4", cutoff_len=w.cutoff_len, per_device_train_batch_size=w.batch_size,
+        gradient_accumulation_steps=1, learning_rate=w.learning_rate, lr_scheduler_type="constant", warmup_ratio=0,
+        weight_decay=0, max_grad_norm=1.0, max_steps=w.steps, logging_steps=1, save_steps=0, seed=SEED,
+        disable_tqdm="true",
+    )  # fmt: skip
+    return [sys.executable, str(REPO / "launch" / "train.py")] + [f"--{k}={v}" for k, v in flags.items()]
+
+
+def peer_settings(w: Workload, framework: str, model_dir: Path, rows: Path, run_dir: Path) -> dict:
+    """The settings file peer_train.py reads (HF Trainer and TRL)."""
+    return dict(
+        framework=framework, model=str(model_dir), data=str(rows), output_dir=str(run_dir), lora=w.lora,
+        lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, batch_size=w.batch_size, cutoff_len=w.cutoff_len,
+        learning_rate=w.learning_rate, steps=w.steps, seed=SEED,
+    )  # fmt: skip
+
+
+def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
+    """LLaMA-Factory's own recipe for the same run (`llamafactory-cli train CONFIG.yaml`)."""
+    cfg = dict(
+        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora" if w.lora else "full",
+        dataset="advertisegen_demo", dataset_dir=str(data_dir), template="glm4", cutoff_len=w.cutoff_len,
+        overwrite_cache=True, preprocessing_num_workers=1, output_dir=str(run_dir), overwrite_output_dir=True,
+        logging_steps=1, save_strategy="no", plot_loss=False, report_to="none",
+        per_device_train_batch_size=w.batch_size, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=w.steps,
+        optim="adamw_torch", seed=SEED, disable_tqdm=True,
+    )  # fmt: skip
+    if w.lora:
+        cfg.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_target="all", lora_dropout=0.0)
+    return cfg

@@ -1,2 +1,0 @@
-"""The OpenAI-compatible server: `engine` (batched generation on one worker thread) and `api` (FastAPI
-routes, auth, errors). `dist_glm.serve` is its command line."""

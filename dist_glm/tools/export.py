@@ -1,0 +1,73 @@
+"""Export: turn any trained artifact into one standalone HF model directory (safetensors weights, config,
+tokenizer, generation config) that `AutoModelForCausalLM.from_pretrained` loads with no PEFT, DeepSpeed
+or bitsandbytes.
+
+- LoRA adapter + base: the adapter is merged into the base weights (W + scale * B @ A).
+- QLoRA adapter + base: the base is rebuilt quantized exactly as it was trained, de-quantized to
+  ordinary weights, and the adapter merged into those. The result is what the adapter model computes
+  (to float rounding), not the original full-precision base plus the adapter, which the adapter never
+  saw in training.
+- A training checkpoint (any method but ptuning, any ZeRO stage, ZeRO-3 included): consolidated from
+  every rank's partition (fp32 master weights), merged when it holds an adapter.
+- P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
+  of any weight, so no plain HF model can carry it. Use the prefix as it is (chat.py, evaluate.py,
+  `dist_glm.models.artifacts.load_for_inference`).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_glm.config import Command, option
+from dist_glm.errors import UserError
+from dist_glm.methods import get_method
+from dist_glm.models.artifacts import ModelArgs, resolve_artifact, write_merged
+
+
+@dataclass
+class ExportArgs:
+    export_dir: str = option("", "Directory for the exported HF model.")
+    overwrite_export_dir: bool = option(False, "Replace export_dir if it is not empty.")
+    max_shard_size: str = option("5GB", "Largest safetensors file; bigger models are split into shards.")
+
+
+EXPORT = Command(
+    prog="export.py",
+    usage="export.py --model_name_or_path=DIR [--adapter_name_or_path=DIR] --export_dir=DIR [--key=value ...]",
+    sections={"model": (ModelArgs, None), "export": (ExportArgs, None)},
+)
+
+
+def _within(a: Path, b: Path) -> bool:
+    """Whether a is b or inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def check_export_dir(args: ExportArgs, sources: list[Path]) -> list[str]:
+    if not args.export_dir:
+        return ["export_dir is required; set it to a new directory for the exported model"]
+    out = Path(args.export_dir)
+    for src in sources:
+        if _within(src, out) or _within(out, src):
+            return [f"export_dir='{out}' overlaps the model being exported ('{src}'); choose another directory"]
+    if out.exists() and not out.is_dir():
+        return [f"export_dir='{out}' is a file; choose a directory"]
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_export_dir:
+        return [f"export_dir='{out}' is not empty; pass --overwrite_export_dir to replace it, or choose another one"]
+    return []
+
+
+def export(model_args: ModelArgs, args: ExportArgs) -> Path:
+    """Write the merged / consolidated model to `args.export_dir`; returns that path."""
+    art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
+    method = get_method(art.method)
+    problems = [method.export_refusal] if method.export_refusal else []
+    problems += check_export_dir(args, [p for p in (art.base, art.adapter, art.checkpoint) if p is not None])
+    if problems:
+        raise UserError(problems)
+
+    out = Path(args.export_dir)
+    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size)
+    what = f"{art.method} adapter merged into its base" if method.is_adapter else "model"
+    print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}) to {out}", flush=True)
+    return out

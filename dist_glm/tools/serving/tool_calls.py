@@ -1,0 +1,166 @@
+"""Tool calls on the wire: OpenAI's `tools`, `tool_choice`, assistant `tool_calls` and `tool` messages
+in; GLM's own tool-call replies out as `tool_calls`.
+
+A request becomes the same conversation a training row becomes (dist_glm.data.converters reads OpenAI
+messages for both), so the server renders it with the training template: what the model sees when
+served is what it saw when it was fine-tuned. GLM-4 writes a tool call as its reply's metadata line,
+`<|assistant|>{name}\\n{arguments}` (GLM-4-0414: `{name} \\n{arguments}`), and a plain answer as
+`<|assistant|>\\n{content}`, so the first line of a reply tells the two apart: empty means an answer, a
+tool's name means a call, and anything else is returned as text. `ToolReply` makes that decision as
+the text arrives, so a stream carries the call's arguments as they are written.
+"""
+
+import uuid
+from dataclasses import dataclass, field
+
+from dist_glm.data.converters import from_openai
+from dist_glm.data.sources import BadRow
+
+# Templates whose reply format this module parses (ChatGLM3 writes a python block; ChatGLM2/6B have no tools).
+TOOL_TEMPLATES = ("glm4", "glm4_0414")
+
+
+class ToolRequestError(ValueError):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request asks of tools: the names the reply may call (none: plain text only) and, for a
+    named or single `required` tool, the call the reply is made to start with."""
+
+    names: frozenset[str] = frozenset()
+    forced: str | None = None  # the reply is this tool's call: its name is written into the prompt
+    required: bool = False  # a call to some tool must come (several tools, tool_choice "required")
+
+
+def tool_names(tools: list) -> list[str]:
+    names = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise ToolRequestError(f"tools[{i}]: each tool is {{'type': 'function', 'function': {{...}}}}", "tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip() or "\n" in fn["name"]:
+            raise ToolRequestError(f"tools[{i}].function.name: a non-empty name on one line is required", "tools")
+        names.append(fn["name"])
+    if len(set(names)) != len(names):
+        raise ToolRequestError("tools: two tools have the same name", "tools")
+    return names
+
+
+def plan(tools: list | None, tool_choice, template: str | None) -> ToolPlan:
+    """Check `tools` / `tool_choice` (OpenAI's rules) and say what the reply may be."""
+    choice = "auto" if tool_choice is None else tool_choice
+    if not tools:
+        if choice not in ("auto", "none"):
+            raise ToolRequestError("tool_choice needs tools: send the tools the reply may call", "tool_choice")
+        return ToolPlan()
+    names = tool_names(tools)
+    if template not in TOOL_TEMPLATES:
+        raise ToolRequestError(
+            f"tools: this model's chat template ({template or 'the tokenizer own'}) has no tool calls this server "
+            f"can read; tool calls are served for the {' and '.join(TOOL_TEMPLATES)} templates",
+            "tools",
+        )
+    if choice == "none":
+        return ToolPlan()
+    if choice == "auto":
+        return ToolPlan(frozenset(names))
+    if choice == "required":
+        return ToolPlan(frozenset(names), forced=names[0] if len(names) == 1 else None, required=len(names) > 1)
+    fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise ToolRequestError(
+            "tool_choice: 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': NAME}}", "tool_choice"
+        )
+    if name not in names:
+        raise ToolRequestError(f"tool_choice names '{name}', which is not among the tools", "tool_choice")
+    return ToolPlan(frozenset(names), forced=name)
+
+
+def conversation(messages: list[dict], tools: list | None) -> dict:
+    """OpenAI messages (already plain dicts) -> the training data's conversation. `tools` is None when
+    the tools are not to be shown to the model (tool_choice "none")."""
+    try:
+        return from_openai({"messages": messages, "tools": tools}, None)
+    except BadRow as e:
+        raise ToolRequestError(f"messages: {e}", "messages") from None
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolReply:
+    """One reply's text sorted into content or a tool call, piece by piece. `feed` returns the stream
+    deltas for a piece (OpenAI's chunk shape); `message` gives the whole reply at the end.
+
+    `opened_with_newline` comes from the engine: GLM starts an answer with "\\n", which the engine
+    drops from the text, and a call with the tool's name."""
+
+    plan: ToolPlan
+    content: str = ""
+    name: str | None = None
+    arguments: str = ""
+    id: str = field(default_factory=call_id)
+    _head: str = ""  # text held back until its first line says answer or call
+    _decided: bool = False
+
+    def __post_init__(self):
+        if self.plan.forced:  # the prompt already ends with the call's name line
+            self.name, self._decided = self.plan.forced, True
+
+    def feed(self, piece: str, opened_with_newline: bool | None) -> list[dict]:
+        if not self._decided:
+            if opened_with_newline or not self.plan.names:
+                self._decided = True
+                return self._text(piece)
+            self._head += piece
+            if "\n" not in self._head:
+                return []
+            return self._decide()
+        return self._args(piece) if self.name is not None else self._text(piece)
+
+    def finish(self) -> list[dict]:
+        """Deltas for text still held back when the reply ends."""
+        return [] if self._decided else self._decide()
+
+    def _decide(self) -> list[dict]:
+        self._decided = True
+        first, newline, rest = self._head.partition("\n")
+        held, self._head = self._head, ""
+        if first.strip() in self.plan.names:
+            self.name = first.strip()
+            return [self._header()] + (self._args(rest) if rest else [])
+        return self._text(held)
+
+    def _header(self) -> dict:
+        call = {"index": 0, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": ""}}
+        return {"tool_calls": [call]}
+
+    def _text(self, piece: str) -> list[dict]:
+        self.content += piece
+        return [{"content": piece}] if piece else []
+
+    def _args(self, piece: str) -> list[dict]:
+        self.arguments += piece
+        return [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}] if piece else []
+
+    def opening_deltas(self) -> list[dict]:
+        """A forced call's header, sent before any generated text."""
+        return [self._header()] if self.plan.forced else []
+
+    def message(self) -> dict:
+        if self.name is None:
+            return {"role": "assistant", "content": self.content}
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+    def finish_reason(self, engine_reason: str) -> str:
+        # A call ends at <|observation|> (an end-of-reply token): OpenAI says "tool_calls"; a call cut
+        # by max_tokens stays "length" so the client knows its arguments are incomplete.
+        return "tool_calls" if self.name is not None and engine_reason == "stop" else engine_reason
