@@ -4,8 +4,11 @@ python launch/gpu_check.py [--steps=100] [--out=out/gpu_check]
 
 fp16 against fp32 on the demo (full and LoRA, ZeRO-1): the final training and eval losses within 5 %,
 overflow steps counted. Liger kernels (use_liger_kernel, when liger-kernel is installed) on the tiny
-GLM-4-0414: losses within 1 % of the same run without them. Prints a table; exits 1 if a check fails,
-0 with a note when there is no GPU.
+GLM-4-0414: losses within 1 % of the same run without them. Then the tests CI's CPU machine can only
+run as refusals (the suite's report lists them under "features this run did not exercise"):
+tests/test_kernels.py (flash-attn and Liger against sdpa) and tests/test_fp16.py (fp16 end to end).
+Prints a table; exits 1 if a check fails, 0 with a note when there is no GPU. (report_to=swanlab, the
+other feature CI skips, needs no GPU: install the [swanlab] extra and run tests/test_trackers.py.)
 """
 
 import json
@@ -59,6 +62,13 @@ def main() -> int:
         rows.append((method, ref, half, close))
     liger = liger_check(out, steps)
     failed |= liger is not None and not liger[2]
+    suite = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_fp16.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    failed |= suite.returncode != 0
     print(f"\n{torch.cuda.get_device_name()}, {steps} steps of the demo, ZeRO-1")
     print("| method | fp32 train / eval loss | fp16 train / eval loss | fp16 overflow steps | within 5 % |")
     print("|---|---|---|---|---|")
@@ -73,6 +83,7 @@ def main() -> int:
             f"\nuse_liger_kernel (tiny GLM-4-0414, fp32): train / eval loss {fused['train']:.4f} / {fused['eval']:.4f}"
             f" vs {plain['train']:.4f} / {plain['eval']:.4f} without; within 1 %: {'yes' if close else 'NO'}"
         )
+    print(f"\ntests/test_kernels.py + tests/test_fp16.py on the GPU: {suite.stdout.strip().splitlines()[-1]}")
     return 1 if failed else 0
 
 

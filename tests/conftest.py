@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests import this file as `conftest` or as `tests.conftest`: one module under both names, so its state
+# (the Popen guard, the not-exercised list) exists once.
+sys.modules.setdefault("conftest", sys.modules[__name__])
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "assets" / "tiny-glm4"
 
@@ -38,6 +43,33 @@ def _popen_init(self, args, *rest, **kwargs):
 
 
 subprocess.Popen.__init__ = _popen_init
+
+
+# ---------------------------------------------------------------- what this run could not exercise
+# A feature whose test can only check its refusal here (no CUDA GPU, a package CI does not install) is
+# named at the end of the report, so a green run never reads as "everything was tested". Tests call
+# `not_exercised` in their refusal branch; a skip whose reason starts with NOT_EXERCISED counts too.
+NOT_EXERCISED = "not exercised here: "
+_not_exercised: dict[str, str] = {}
+
+
+def not_exercised(feature: str, why: str) -> None:
+    _not_exercised[feature] = why
+
+
+def pytest_terminal_summary(terminalreporter):
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        reason = reason.removeprefix("Skipped: ")
+        if reason.startswith(NOT_EXERCISED):
+            feature, _, why = reason.removeprefix(NOT_EXERCISED).partition(": ")
+            _not_exercised.setdefault(feature, why)
+    if _not_exercised:
+        terminalreporter.section("features this run did not exercise (GPU ones: launch/gpu_check.py)")
+        for feature, why in sorted(_not_exercised.items()):
+            terminalreporter.write_line(f"{feature}: {why}")
+
+
 _ops_built = False
 
 
@@ -228,3 +260,15 @@ def varlen_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "varlen.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo command (`deepspeed launch/train.py`, i.e. configs/demo.yaml), run once per session
+    into a fresh temporary output_dir, never the repository's out/: (output_dir, the finished process).
+    Shared by the demo test and the distillation demo, whose teacher it is."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [deepspeed, "launch/train.py", "configs/demo.yaml", f"--output_dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    return out, proc

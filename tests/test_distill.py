@@ -265,20 +265,13 @@ def demo_table(runs: dict[str, Path]) -> str:
     return "\n".join(rows)
 
 
-def demo_teacher() -> Path:
-    """out/demo, the demo's trained model (test_demo.py trains it first in a full run); trained here if absent."""
-    out = REPO / "out" / "demo"
-    if not (out / "model.safetensors").is_file():
-        run_train(["configs/demo.yaml", "--disable_tqdm=true"], nprocs=None, timeout=900)
-    return out
-
-
 @pytest.mark.slow
-def test_distillation_demo_beats_the_same_student_trained_on_labels_alone():
-    teacher = demo_teacher()
-    kd, ce = REPO / "out" / "demo_distill", REPO / "out" / "demo_student_ce"
+def test_distillation_demo_beats_the_same_student_trained_on_labels_alone(demo_run, tmp_path):
+    teacher, proc = demo_run  # the demo's model, trained by this session (conftest), never a stale out/demo
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    kd, ce = tmp_path / "demo_distill", tmp_path / "demo_student_ce"
     base = ["configs/demo_distill.yaml", "--disable_tqdm=true", f"--teacher_model_name_or_path={teacher}"]
-    run_train(base, nprocs=None)
+    run_train(base + [f"--output_dir={kd}"], nprocs=None)
     run_train(base + ["--distill_alpha=0", f"--output_dir={ce}"], nprocs=None)
     last = {name: {k: read_metrics(out, k)[300] for k in ("eval/loss", "eval/kl_to_teacher")} for name, out in
             (("kd", kd), ("ce", ce))}  # fmt: skip

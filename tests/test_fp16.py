@@ -11,7 +11,7 @@ import torch
 from dist_glm.config import load_config
 from dist_glm.errors import UserError
 from dist_glm.runtime.deepspeed_config import build_ds_config
-from tests.conftest import base_args, read_metrics, run_train
+from tests.conftest import NOT_EXERCISED, base_args, read_metrics, run_train
 
 REQUIRED = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o"]
 
@@ -77,7 +77,9 @@ def test_fp16_on_a_machine_without_fp16_kernels_is_refused_before_launch():
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not fp16_here(), reason="DeepSpeed's accelerator here has no fp16 kernels (CPU without AVX512-FP16)"
+    not fp16_here(),
+    reason=NOT_EXERCISED + "fp16 training end to end: DeepSpeed's accelerator here has no fp16 kernels "
+    "(a CPU without AVX512-FP16)",
 )
 def test_fp16_trains_close_to_fp32_counts_overflows_and_resumes_its_scale(tmp_path, varlen_data):
     fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"

@@ -1,5 +1,7 @@
-"""Attention kernels and NEFTune: sdpa and eager give the same losses (padded and packed rows), an
-unavailable kernel is refused before launch, and NEFTune noise touches training embeddings only."""
+"""Attention kernels and NEFTune: sdpa and eager give the same losses (padded and packed rows); flash-attn
+and Liger compute the plain loss where they can run (a CUDA GPU with the package: launch/gpu_check.py runs
+this file there) and are refused before launch, with the fix, where they cannot; NEFTune noise touches
+training embeddings only."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from dist_glm.data.packing import pack_examples
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.models.loading import add_neftune, check_attention, check_liger, load_model
 from dist_glm.objectives.cross_entropy import token_loss_sum
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, not_exercised
 
 
 def rows():
@@ -40,24 +42,59 @@ def test_sdpa_and_eager_give_the_same_loss(packed):
     assert losses["sdpa"] == pytest.approx(losses["eager"], rel=1e-5)
 
 
-def test_flash_attention_without_its_package_or_gpu_is_refused_with_the_fix():
-    cfg = load_config(
-        ["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--attn_implementation=flash_attention_2"], None
-    )
-    (problem,) = check_attention(cfg.model)  # this machine has neither flash-attn nor a GPU
-    assert problem.startswith("attn_implementation=flash_attention_2 needs") and "sdpa" in problem
-    assert check_attention(load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o"], None).model) == []
-
-
-def test_liger_kernel_where_it_cannot_run_is_refused_with_the_fix():
+def has(package: str) -> bool:
     import importlib.util
 
+    return importlib.util.find_spec(package) is not None
+
+
+def gpu_loss(model_dir: str, **model_kwargs) -> float:
+    cfg = ModelConfig(model_name_or_path=model_dir, train_from_scratch=True, **model_kwargs)
+    model = load_model(cfg, {}, torch.bfloat16, seed=3).to("cuda").eval()
+    if model_kwargs.get("use_liger_kernel"):
+        from dist_glm.models.loading import apply_liger
+
+        apply_liger(model)
+    batch = {k: v.to("cuda") for k, v in collate(rows(), pad_id=700).items()}
+    with torch.no_grad():
+        return float(token_loss_sum(model, model_inputs(batch), batch["labels"])[0])
+
+
+def test_flash_attention_runs_where_it_can_and_is_refused_with_the_fix_elsewhere():
+    base = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o"]
+    assert check_attention(load_config(base, None).model) == []
+    problems = check_attention(load_config(base + ["--attn_implementation=flash_attention_2"], None).model)
+    if has("flash_attn") and torch.cuda.is_available():  # the feature itself: accepted, and it computes sdpa's loss
+        assert problems == []
+        flash = gpu_loss(str(TINY_MODEL), attn_implementation="flash_attention_2")
+        assert flash == pytest.approx(gpu_loss(str(TINY_MODEL), attn_implementation="sdpa"), rel=2e-2)  # bf16
+    else:  # CI's CPU machine: refused before launch, naming what is missing and what works instead
+        not_exercised("flash-attn (attn_implementation=flash_attention_2)", "needs a CUDA GPU and flash-attn")
+        (problem,) = problems
+        missing = "the flash-attn package" if not has("flash_attn") else "a CUDA GPU"
+        assert problem.startswith(f"attn_implementation=flash_attention_2 needs {missing}") and "sdpa" in problem
+
+
+def test_liger_kernel_runs_where_it_can_and_is_refused_with_the_fix_elsewhere():
     base = ["--model_name_or_path=assets/tiny-glm4-0414", "--dataset=d", "--output_dir=o"]
     assert check_liger(load_config(base, None).model) == []
-    (problem,) = check_liger(load_config(base + ["--use_liger_kernel"], None).model)
-    if importlib.util.find_spec("liger_kernel") is None:  # this project's CI machine
-        assert problem == "use_liger_kernel needs the liger-kernel package (pip install liger-kernel on a CUDA machine)"
-    elif not torch.cuda.is_available():
+    problems = check_liger(load_config(base + ["--use_liger_kernel"], None).model)
+    if has("liger_kernel") and torch.cuda.is_available():  # the feature itself: Liger's loss is the plain one
+        assert problems == []
+        liger = gpu_loss("assets/tiny-glm4-0414", use_liger_kernel=True)
+        assert liger == pytest.approx(gpu_loss("assets/tiny-glm4-0414"), rel=2e-2)  # bf16
+        # A model type Liger does not patch is refused even here.
+        other = ["--model_name_or_path=assets/tiny-glm4", "--dataset=d", "--output_dir=o", "--use_liger_kernel"]
+        (problem,) = check_liger(load_config(other, None).model)
+        assert "Liger patches GLM-4-0414 models" in problem
+    elif not has("liger_kernel"):  # CI's CPU machine
+        not_exercised("Liger kernels (use_liger_kernel)", "need a CUDA GPU and liger-kernel")
+        assert problems == [
+            "use_liger_kernel needs the liger-kernel package (pip install liger-kernel on a CUDA machine)"
+        ]
+    else:
+        not_exercised("Liger kernels (use_liger_kernel)", "need a CUDA GPU")
+        (problem,) = problems
         assert problem.startswith("use_liger_kernel needs a CUDA GPU")
 
 

@@ -1,5 +1,7 @@
 """Packing: per-sample losses of a packed batch equal the same samples unpacked; 1 rank = 2 ranks."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -56,3 +58,29 @@ def test_packed_training_same_losses_on_1_and_2_ranks(tmp_path, varlen_data):
     _, _, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero2", **common)
     assert sorted(a) == list(range(1, 7)) and max(abs(a[s] - b[s]) for s in a) < 2e-5
     assert "with packing" in stdout and "packing: 96 samples into" in stdout
+
+
+def test_packing_default_is_resolved_in_data_and_never_written_back(tmp_path):
+    # Raw text packs by default, except for a method that trains one sample per row (P-tuning: packed
+    # samples would share one prefix). The default was once written back into the config after the
+    # method's checks had run, so P-tuning on raw text with packing unset packed anyway.
+    from dist_glm.config import load_config
+    from dist_glm.data.loading import load_datasets
+    from dist_glm.methods import get_method
+    from dist_glm.models.loading import load_tokenizer
+    from tests.conftest import TINY_MODEL
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": "类型#裙 颜色#红色 " * (i + 3)}) + "\n" for i in range(12)))
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    base = [f"--model_name_or_path={TINY_MODEL}", f"--dataset={data}", f"--output_dir={tmp_path / 'o'}"]
+    for method, packs in (("ptuning", False), ("lora", True), ("full", True)):
+        cfg = load_config(base + [f"--finetuning_type={method}", "--cutoff_len=64"], None)
+        assert get_method(method).check_config(cfg) == []  # packing unset: nothing to refuse up front
+        loaded = load_datasets(cfg, tokenizer, get_method(method).can_pack)
+        assert loaded.packed is packs, method
+        assert cfg.data.packing is None, "the resolved default must not be written back into the config"
+        assert len(loaded.train) < len(loaded.samples) if packs else loaded.train is loaded.samples
+    cfg = load_config(base + ["--finetuning_type=ptuning", "--packing=true"], None)
+    (problem,) = get_method("ptuning").check_config(cfg)  # asked for explicitly: refused before anything loads
+    assert problem.startswith("packing=true with finetuning_type=ptuning")

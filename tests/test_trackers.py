@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, base_args, read_metrics, run_train
+from conftest import NOT_EXERCISED, REPO, base_args, read_metrics, run_train
 from dist_glm.config import collect_config
 from dist_glm.errors import UserError
 from dist_glm.training.telemetry import FINAL_METRICS
@@ -24,7 +24,8 @@ INSTALLED = [name for name in ("wandb", "swanlab") if importlib.util.find_spec(n
 
 def needs(name: str):
     return pytest.mark.skipif(
-        name not in INSTALLED, reason=f"{name} is not installed (pip install -c constraints.txt -e .[{name}])"
+        name not in INSTALLED,
+        reason=f"{NOT_EXERCISED}report_to={name}: not installed (pip install -c constraints.txt -e .[{name}])",
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import measure, report
 from benchmarks.run import BenchArgs, check_args
-from conftest import REPO
+from tests.conftest import REPO
 from dist_glm.errors import UserError
 
 
@@ -107,3 +107,20 @@ def test_long_prompt_workloads_repeat_the_prompt_and_keep_the_answer(tmp_path):
         counts[name] = (sum(lengths), sum(sum(x != -100 for x in t["labels"]) for t in tokenized))
     (long_all, long_trained), (double_all, double_trained) = counts["real_long"], counts["real_long2x"]
     assert long_trained == double_trained and double_all > 1.8 * long_all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, flag, expect",
+    [
+        ("benchmark_data.py", "--rows=many", "rows"),
+        ("benchmark_data.py", "--row=5", "did you mean 'rows'"),
+        ("benchmark_memory.py", "--ranks=two", "ranks"),
+    ],
+)
+def test_every_benchmark_reads_its_flags_through_the_one_loader(script, flag, expect):
+    # One argument system for every command: --help from the field docstrings, a bad flag one line, exit 2.
+    helped = subprocess.run([sys.executable, f"launch/{script}", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert helped.returncode == 0 and "usage:" in helped.stdout.lower(), helped.stderr[-1000:]
+    bad = subprocess.run([sys.executable, f"launch/{script}", flag], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and expect in bad.stderr, bad.stderr
