@@ -65,8 +65,8 @@ bench: setup
 	$(BIN)/python launch/benchmark.py $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check dist_glm launch tests
-	$(BIN)/ruff format --check dist_glm launch tests
+	$(BIN)/ruff check dist_glm launch tests benchmarks
+	$(BIN)/ruff format --check dist_glm launch tests benchmarks
 
 clean:
 	rm -rf $(VENV) .venv-latest out

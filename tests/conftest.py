@@ -75,7 +75,7 @@ _ops_built = False
 
 def build_ops_once() -> None:
     """DeepSpeed's JIT ops, built once per session, alone, before the first test process needs them, so
-    no multi-rank test compiles inside its time limit (seconds when already built; dist_glm/ops.py).
+    no multi-rank test compiles inside its time limit (seconds when already built; dist_glm/runtime/ops.py).
     Only sessions that start processes pay for it."""
     global _ops_built
     if not _ops_built:

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks import measure, report
 from benchmarks.run import BenchArgs, check_args
-from tests.conftest import REPO
 from dist_glm.errors import UserError
+from tests.conftest import REPO
 
 
 def shell_job(tmp_path, name: str, script: str) -> measure.Job:
