@@ -298,6 +298,8 @@ def test_offline_cache_at_full_vocabulary_equals_online_distillation(tmp_path, v
     from tests.conftest import run_script
 
     cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shard-00000.tmp").write_text("a file of the user's")  # a build writes beside it, never over it
     settings = dict(eval_dataset=eval_data, packing=True, cutoff_len=128, per_device_train_batch_size=2)
     build = distill_args(tmp_path / "unused", varlen_data, trained_teacher, distill_cache=cache, distill_top_k=714)
     proc = run_script("distill_cache.py", build + [f"--{k}={v}" for k, v in settings.items()])
@@ -305,6 +307,7 @@ def test_offline_cache_at_full_vocabulary_equals_online_distillation(tmp_path, v
     assert "k=714" in proc.stdout and "(this rank wrote 1)" in proc.stdout
     again = run_script("distill_cache.py", build + [f"--{k}={v}" for k, v in settings.items()])
     assert "(this rank wrote 0)" in again.stdout  # complete shards are kept: an interrupted build resumes
+    assert (cache / "shard-00000.tmp").read_text() == "a file of the user's"
 
     online, offline = tmp_path / "online", tmp_path / "offline"
     run_train(distill_args(online, varlen_data, trained_teacher, **settings), nprocs=None)

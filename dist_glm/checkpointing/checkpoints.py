@@ -16,6 +16,7 @@ DeepSpeed's ds_to_universal) and loads that. The global batch must stay the same
 gradient_accumulation_steps when ranks go away) so that the data order and schedule continue exactly.
 """
 
+import errno
 import gc
 import json
 import os
@@ -39,6 +40,10 @@ TAG = "deepspeed"
 UNIVERSAL_TAG = "universal"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
+# Written first into every checkpoint directory (and kept): what lets a later save or a failed one delete
+# a leftover `checkpoint-N.tmp` or replace `checkpoint-N`, knowing dist_glm wrote it. A directory of that
+# name without it (or a trainer state) is someone else's and is never deleted.
+OURS_FILE = ".dist_glm_checkpoint"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -159,9 +164,10 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, tota
 
     def start() -> None:
         if rank == 0:
-            if tmp.exists():
+            if tmp.exists() and is_ours(tmp):
                 shutil.rmtree(tmp)  # leftover of a save that crashed earlier
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # FileExistsError for a directory of that name dist_glm did not write
+            (tmp / OURS_FILE).write_text("")
 
     def write() -> None:
         try:
@@ -188,6 +194,8 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, tota
         if rank == 0:
             seal(tmp)
             if final.exists():
+                if not is_ours(final):
+                    raise FileExistsError(errno.EEXIST, "a directory dist_glm did not write is in the way", str(final))
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync(out)  # the rename itself survives a power loss
@@ -209,6 +217,26 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, tota
         prune_checkpoints(out, cfg.train.save_total_limit)
     collectives.barrier()
     return final
+
+
+def is_ours(path: Path) -> bool:
+    """Whether dist_glm wrote this checkpoint directory (its marker, or for checkpoints from before the
+    marker existed, DeepSpeed's tag folder or a trainer state)."""
+    return (path / OURS_FILE).is_file() or (path / STATE_FILE).is_file() or (path / TAG).is_dir()
+
+
+def foreign_leftovers(output_dir: str) -> list[str]:
+    """Before launch: `checkpoint-N.tmp` directories in output_dir that dist_glm did not write (a save would
+    have to delete them, and never will)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return [
+        f"output_dir='{output_dir}': '{p.name}' was not written by dist_glm, and a checkpoint save would need its "
+        "name; move it out of output_dir"
+        for p in sorted(d.glob("checkpoint-*.tmp"))
+        if p.is_dir() and not is_ours(p)
+    ]
 
 
 def _write_error(e: Exception) -> bool:
@@ -241,7 +269,7 @@ def _save_failed(out: Path, tmp: Path, name: str, error: Exception | None, ranks
         release_files(error)
     collectives.barrier()
     written = _bytes(tmp) if rank == 0 else 0
-    if rank == 0:
+    if rank == 0 and is_ours(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
     collectives.barrier()
     if error is None and rank != 0:

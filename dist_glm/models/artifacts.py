@@ -296,11 +296,11 @@ def _load_checkpoint(art: Artifact, method, dtype, device, dequantize: bool):
 
 def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: bool, max_shard_size: str = "5GB"):
     """A plain HF model of `art` in `out` (an adapter merged into its de-quantized base, a checkpoint
-    consolidated), on the CPU; returns the dtype written. Written beside `out` and renamed when complete,
-    so an interrupted write never looks finished."""
-    import shutil
-
+    consolidated), on the CPU; returns the dtype written. Staged in a fresh directory beside `out` and
+    swapped in when complete (dist_glm.runtime.staging): an interrupted write never looks finished, and
+    nothing but that staging directory (and `out`, which the caller checked may be replaced) is removed."""
     from dist_glm.models.loading import load_tokenizer
+    from dist_glm.runtime.staging import staged
 
     cpu = torch.device("cpu")
     dtype = resolve_dtype(dtype_name, art, cpu, for_export=True)
@@ -312,15 +312,12 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
     if hasattr(model.config, "quantization_config"):  # de-quantized: the weights are ordinary now
         del model.config.quantization_config
     tokenizer = load_tokenizer(str(art.tokenizer_dir), trust_remote_code)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    if model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; an exported model is read by others (serving engines)
     return dtype
 
 

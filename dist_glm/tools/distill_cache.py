@@ -13,6 +13,7 @@ from dist_glm.errors import UserError
 from dist_glm.objectives.cached_distillation import MANIFEST, is_labelled, row_key
 from dist_glm.objectives.cross_entropy import CHUNK_ELEMENTS
 from dist_glm.runtime import collectives, environment
+from dist_glm.runtime.staging import unique_temp_file
 
 ROWS_PER_SHARD = 512  # rows per shard file: one rank writes it whole, a rerun skips it
 
@@ -62,7 +63,7 @@ def build(cfg, rows: list, teacher, vocab: int, batch_size: int, pad_id: int, de
                 n = sum(label != IGNORE_INDEX for label in row.labels[1:])
                 entries[key] = (ids[start : start + n].clone(), values[start : start + n].clone())
                 start += n
-        tmp = path.with_suffix(".tmp")
+        tmp = unique_temp_file(path)  # a fresh name: distill_cache is the user's directory
         torch.save(entries, tmp)
         tmp.rename(path)  # whole or absent: a rerun redoes only missing shards
         done += 1

@@ -54,7 +54,16 @@ def check_export_dir(args: ExportArgs, sources: list[Path]) -> list[str]:
         return [f"export_dir='{out}' is a file; choose a directory"]
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_export_dir:
         return [f"export_dir='{out}' is not empty; pass --overwrite_export_dir to replace it, or choose another one"]
-    return []
+    return check_shard_size(args.max_shard_size)
+
+
+def check_shard_size(value: str) -> list[str]:
+    """What save_pretrained accepts (a whole number with a unit), checked before anything loads."""
+    import re
+
+    if re.fullmatch(r"[1-9]\d*[KMGT]i?B", value.strip(), flags=re.I):
+        return []
+    return [f"max_shard_size='{value}' is not a size; use a whole number with a unit, e.g. 500MB, 5GB, 2GiB"]
 
 
 def export(model_args: ModelArgs, args: ExportArgs) -> Path:

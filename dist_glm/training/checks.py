@@ -58,7 +58,9 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     method = get_method(cfg.method.finetuning_type)
     problems += method.check_config(cfg)
     t = cfg.train
-    problems += check_output_dir(t.output_dir)
+    problems += check_output_dir(t.output_dir) + checkpoints.foreign_leftovers(t.output_dir)
+    problems += check_apart_from_inputs(cfg)
+    problems += check_from_scratch(cfg)
     existing = checkpoints.list_checkpoints(t.output_dir) if t.output_dir and Path(t.output_dir).is_dir() else []
     if existing and not t.resume_from_checkpoint and not t.overwrite_output_dir:
         problems.append(
@@ -101,6 +103,60 @@ def check_output_dir(output_dir: str) -> list[str]:
     if blocker is not None:
         return [f"output_dir='{output_dir}': '{blocker}' is a file, so the directory cannot be created there"]
     return []
+
+
+def _overlap(a: Path, b: Path) -> str | None:
+    """How `a` (output_dir) relates to `b`, or None when they are apart."""
+    a, b = a.resolve(), b.resolve()
+    if a == b:
+        return "is"
+    if b in a.parents:
+        return "lies inside"
+    if a in b.parents:
+        return "contains"
+    return None
+
+
+def check_apart_from_inputs(cfg: Config) -> list[str]:
+    """A run never writes into what it reads: output_dir receives checkpoints, the final model (replacing
+    model files) and, with overwrite_output_dir, loses its old checkpoints, whatever overwrite_output_dir
+    says about the inputs. So it may not be, contain or lie inside any model, adapter or checkpoint read."""
+    out = cfg.train.output_dir
+    if not out:
+        return []
+    read = {
+        "model_name_or_path": cfg.model.model_name_or_path,
+        "adapter_name_or_path": cfg.model.adapter_name_or_path,
+        "teacher_model_name_or_path": cfg.distill.teacher_model_name_or_path,
+        "teacher_adapter_name_or_path": cfg.distill.teacher_adapter_name_or_path,
+        "init_from_checkpoint": cfg.train.init_from_checkpoint,
+    }
+    problems = []
+    for key, value in read.items():
+        if value and Path(value).exists() and (how := _overlap(Path(out), Path(value))):
+            problems.append(
+                f"output_dir='{out}' {how} {key}='{value}': the run would write its checkpoints and final model "
+                "over what it reads; pass another --output_dir (e.g. a new directory beside it)"
+            )
+    return problems
+
+
+def check_from_scratch(cfg: Config) -> list[str]:
+    """train_from_scratch=true with a model directory that holds trained weights would silently discard
+    them (a shipped demo recipe sets it, and a user continuing from their trained model keeps it)."""
+    from dist_glm.models.loading import WEIGHT_FILES
+
+    path = Path(cfg.model.model_name_or_path or "")
+    if not cfg.model.train_from_scratch or not path.is_dir():
+        return []
+    weights = next((f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        return []
+    return [
+        f"train_from_scratch=true would discard the trained weights in model_name_or_path='{path}' ({weights}) "
+        "and start from random ones; pass --train_from_scratch=false to train from them, or point "
+        "model_name_or_path at a directory with only config.json and the tokenizer to start from scratch"
+    ]
 
 
 def _rank0_print(message: str) -> None:

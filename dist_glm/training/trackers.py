@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dist_glm.config import TRACKERS, TrainConfig, report_to_names
 from dist_glm.runtime.collectives import log
+from dist_glm.runtime.staging import unique_temp_file
 
 # Each tracker run's id, kept in output_dir so that a resumed run finds it and continues the same run.
 IDS_FILE = "tracker_runs.json"
@@ -48,7 +49,7 @@ def run_ids(output_dir: Path, names: list[str], resumed: bool) -> dict[str, str]
     # Lower-case letters and digits: valid for both libraries (wandb's own ids look the same).
     alphabet = string.ascii_lowercase + string.digits
     ids = {name: saved.get(name) or "".join(secrets.choice(alphabet) for _ in range(12)) for name in names}
-    tmp = path.with_suffix(".tmp")  # a kill mid-write leaves the old file whole
+    tmp = unique_temp_file(path)  # a kill mid-write leaves the old file whole; never another file's name
     tmp.write_text(json.dumps({**saved, **ids}, indent=2))
     os.replace(tmp, path)
     return ids
