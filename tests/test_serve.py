@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 
-from conftest import REPO, base_args, child_env, run_train
+from conftest import REPO, TINY_MODEL, base_args, child_env, run_train
 from dist_glm.tools.serving import tool_calls
 from dist_glm.tools.serving.api import MAX_BODY_BYTES
 from dist_glm.tools.serving.engine import Job, ReplyText, Sampling, _PerRowSampling
@@ -83,6 +83,61 @@ def test_per_row_sampling_applies_openai_adjustments_row_by_row():
     out = _PerRowSampling(jobs)(torch.zeros(3, 1, dtype=torch.long), scores.clone())
     inf = float("inf")
     assert out.tolist() == [[0, 1, 0, 0, 0, 0], [0, 0, 5, 0, -2, 0], [-inf, 0, -inf, -inf, -inf, -inf]]
+
+
+def test_a_temperature_that_underflows_samples_the_greedy_token():
+    # x / 1e-40 overflows: the draw must still be the argmax, never nan (which failed the whole batch).
+    for temperature in (1e-40, 1e-300):
+        job = Job(id="j", prompt_ids=[1], max_tokens=9, sampling=Sampling(temperature=temperature), stops=(), loop=None)
+        job.rng = torch.Generator().manual_seed(0)
+        out = _PerRowSampling([job])(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[0.5, 3.0, -1.0, 2.9]]))
+        assert out[0].argmax().item() == 1 and torch.isfinite(out[0, 1])
+
+
+def test_a_request_whose_generation_fails_fails_alone(monkeypatch):
+    # Whatever breaks a batch (a bug, an input no check foresaw), only the request that breaks it alone
+    # fails; the others, batched with it, complete with their own replies.
+    import asyncio
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dist_glm.tools.serving.engine import Engine
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL)).eval()
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    real = Engine._generate
+
+    def generate(self, jobs):
+        if any(job.id == "poison" for job in jobs):
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(self, jobs)
+
+    monkeypatch.setattr(Engine, "_generate", generate)
+    loop = asyncio.new_event_loop()
+    prompts = {"a": [5, 6, 7], "poison": [8, 9], "b": [10, 11, 12, 13], "c": [14]}
+    jobs = [Job(id=n, prompt_ids=p, max_tokens=5, sampling=Sampling(), stops=(), loop=loop) for n, p in prompts.items()]
+    engine = Engine(model, tok, [tok.eos_token_id], max_batch_size=8, max_queue_size=8)
+    with engine._cv:  # all four in one batch
+        engine._pending.extend(jobs)
+        engine._cv.notify()
+
+    async def last_event(job):
+        while (event := await job.events.get())[0] not in ("end", "error"):
+            pass
+        return event[0]
+
+    async def all_ends():
+        return await asyncio.wait_for(asyncio.gather(*map(last_event, jobs)), 120)
+
+    ends = loop.run_until_complete(all_ends())
+    loop.close()
+    assert ends == ["end", "error", "end", "end"]
+    for job in jobs:
+        if job.id != "poison":  # each reply is its own greedy continuation, as if it had run alone
+            alone = model.generate(torch.tensor([job.prompt_ids]), max_new_tokens=5, do_sample=False, eos_token_id=None)
+            assert job.generated == alone[0, len(job.prompt_ids) :].tolist()[: len(job.generated)]
+            assert len(job.generated) > 0
 
 
 def test_must_call_bans_what_would_open_an_answer_on_the_first_step_only():
@@ -300,7 +355,9 @@ def test_models_health_and_api_key(server):
 
 @pytest.mark.slow
 def test_openapi_spec_lists_the_errors_the_server_really_returns(server):
-    spec = httpx.get(server.url.removesuffix("/v1") + "/openapi.json").json()
+    url = server.url.removesuffix("/v1") + "/openapi.json"
+    assert httpx.get(url).status_code == 401  # behind the key like every route but /health
+    spec = httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).json()
     assert "422" not in json.dumps(spec)  # validation errors are answered with 400
     chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"200", "400", "401", "404", "503"} <= set(chat)
@@ -371,6 +428,9 @@ BAD_REQUESTS = [
     ({"messages": user(DEV[0] * 40)}, 400, "maximum context length is 512"),
     ({"max_tokens": 500}, 400, "maximum context length is 512"),
     ({"model": "gpt-4"}, 404, "does not exist"),
+    ({"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias maps token ids"),  # int() of it would raise
+    ({"logit_bias": {"\u00b2": 1}}, 400, "logit_bias maps token ids"),  # a digit to isdigit(), not to int()
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages.0: invalid character U+D800"),
 ]
 
 
@@ -653,3 +713,47 @@ def test_tool_choice_none_required_and_named(tool_server, tool_reference):
     )
     same_message(reply.choices[0].message, want)
     assert reply.choices[0].finish_reason == reason
+
+
+@pytest.mark.slow
+def test_a_request_over_the_context_is_refused_before_it_is_tokenized(server):
+    # A 7.8 MB prompt (under the 8 MiB body cap) and an 800-deep tool schema once held the server for a
+    # minute and 18 s before their 400; both are now answered before any tokenizing or rendering.
+    huge = {"model": NAME, "messages": [{"role": "user", "content": "a " * 3_900_000}]}
+    # Written as text: json.dumps itself recurses too deep for it.
+    deep = '{"type": "object", "properties": {"x": ' * 400 + "{}" + "}}" * 400  # 800 levels
+    nested = (
+        f'{{"model": "{NAME}", "messages": {json.dumps(user(DEV[0]))}, '
+        f'"tools": [{{"type": "function", "function": {{"name": "f", "parameters": {deep}}}}}]}}'
+    )
+    for body, message in ((huge, "maximum context length is 512"), (nested, "nested")):
+        start = time.monotonic()
+        r = server.post(body, timeout=120)
+        seconds = time.monotonic() - start
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text[:500]
+        assert seconds < 5, f"{seconds:.2f} s to refuse"  # measured 0.1-0.3 s here; the bound is for a loaded machine
+    assert server.client.chat.completions.create(model=NAME, messages=user(DEV[0]), max_tokens=4).choices
+
+
+@pytest.mark.slow
+def test_one_bad_request_never_fails_the_requests_batched_with_it(server, reference):
+    # temperature=1e-40 once made sampling produce nan and failed every request in its batch with a 500;
+    # it is greedy in the limit, and the requests beside it (greedy and sampled) all complete.
+    greedy = reference(user(DEV[1]), 30)
+    requests = [
+        {"messages": user(DEV[1]), "max_tokens": 30, "temperature": 1e-40},
+        {"messages": user(DEV[1]), "max_tokens": 30, "temperature": 1e-300},
+        {"messages": user(DEV[1]), "max_tokens": 30},
+        *({"messages": user(DEV[i]), "max_tokens": 20, "temperature": 0.9, "seed": i} for i in range(3)),
+    ]
+    start = threading.Barrier(len(requests))
+
+    def ask(body):
+        start.wait()
+        return server.post({"model": NAME} | body)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        replies = list(pool.map(ask, requests))
+    assert [r.status_code for r in replies] == [200] * len(requests), [r.text[:300] for r in replies]
+    for r in replies[:3]:
+        assert r.json()["choices"][0]["message"]["content"] == greedy["text"]

@@ -22,6 +22,7 @@ from dist_glm.tools.serving.protocol import (
     ChatRequest,
     build_job,
     check_request,
+    check_size,
     error_body,
     head,
     model_card,
@@ -47,6 +48,7 @@ class Completions:
         from fastapi.concurrency import run_in_threadpool
 
         check_request(req, self.served_name)
+        check_size(req, self.max_model_len, self.engine.max_token_chars)
         if req.model_extra:
             log.warning("ignoring unsupported request fields: %s", ", ".join(sorted(req.model_extra)))
         messages = to_messages(req)
@@ -298,8 +300,8 @@ def _validation_message(e) -> tuple[str, str | None]:
 
 
 class _Gate:
-    """ASGI middleware in front of every route: the API key on /v1/* and the body size (from
-    Content-Length), both checked before the body is read."""
+    """ASGI middleware in front of every route: the API key on /v1/* and on /openapi.json (only /health is
+    open) and the body size (from Content-Length), both checked before the body is read."""
 
     def __init__(self, app, api_key: str):
         self.app, self.api_key = app, api_key
@@ -311,7 +313,7 @@ class _Gate:
             length = headers.get(b"content-length", b"" if scope["method"] in ("POST", "PUT", "PATCH") else b"0")
             if (
                 self.api_key
-                and scope["path"].startswith("/v1/")
+                and (scope["path"].startswith("/v1/") or scope["path"] == "/openapi.json")
                 and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
             ):
                 message = "Missing or incorrect API key: send 'Authorization: Bearer <key>'."

@@ -177,7 +177,12 @@ class _PerRowSampling:
                 counts = torch.bincount(torch.tensor(job.generated), minlength=x.numel()).to(x)
                 x -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(x)
             if s.temperature > 0:
-                probs = (x / s.temperature).softmax(-1)
+                # Shifted by the maximum first: x / 1e-40 overflows to inf and softmax to nan, while
+                # (x - max) / t only goes to -inf, which is greedy in the limit, as it should be.
+                probs = ((x - x.max()) / s.temperature).softmax(-1)
+                if not (torch.isfinite(probs).all() and probs.sum() > 0):  # nothing left to draw from
+                    probs = torch.zeros_like(x)
+                    probs[x.argmax()] = 1.0
                 if s.top_p < 1.0:
                     sorted_probs, order = probs.sort(descending=True)
                     outside = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p  # keeps at least the top token
@@ -217,6 +222,9 @@ class Engine:
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: safe to share between threads
         self.pad_id = tokenizer.pad_token_id
         self.vocab_size = model.config.vocab_size
+        # The most characters one token stands for: a text longer than max_model_len times this cannot fit
+        # the context, which a request is told before anything is tokenized (dist_glm.tools.serving.protocol).
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         self.device = next(model.parameters()).device
         self.max_batch_size, self.max_queue_size = max_batch_size, max_queue_size
         self.default_temperature, self.default_top_p = _take_generation_config(model, eos_ids, self.pad_id)
@@ -287,11 +295,23 @@ class Engine:
                     self._generate(batch)
                 except Exception as e:  # one bad batch (e.g. out of memory) must not kill the server
                     log.exception("generation failed for %s", ", ".join(j.id for j in batch))
-                    for job in batch:
-                        if job.finish_reason is None:
-                            self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
+                    self._isolate(batch, e)
             running = [job for job in jobs if job.finish_reason is None]
             self.running = len(running)
+
+    def _isolate(self, batch: list[Job], error: Exception) -> None:
+        """After a batch failed: which request broke it is unknown, so each unfinished one runs alone once
+        (from where it stands); only those that fail alone end with an error, the others carry on."""
+        unfinished = [job for job in batch if job.finish_reason is None]
+        if len(unfinished) == 1:
+            return self._end(unfinished[0], "error", f"generation failed: {type(error).__name__}: {error}")
+        for job in unfinished:
+            try:
+                self._generate([job])
+            except Exception as e:
+                log.exception("generation failed for %s alone", job.id)
+                if job.finish_reason is None:
+                    self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
 
     @torch.inference_mode()
     def _generate(self, jobs: list[Job]) -> None:

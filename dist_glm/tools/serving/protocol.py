@@ -3,6 +3,8 @@ checks a request must pass, OpenAI-shaped error bodies, and the response pieces 
 No FastAPI here: dist_glm.tools.serving.api puts these behind the routes."""
 
 import asyncio
+import json
+import re
 import uuid
 from typing import Literal
 
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from dist_glm.tools.serving.engine import Engine, Job, Sampling
 
 MAX_STOP_SEQUENCES = 4  # the OpenAI limit
+MAX_TOOL_DEPTH = 32  # nesting of a tool's JSON schema; real ones stay under ten levels
 
 
 class TextPart(BaseModel):
@@ -78,7 +81,8 @@ class ChatRequest(BaseModel):
     @classmethod
     def _check_bias(cls, v):
         for key, bias in (v or {}).items():
-            if not key.isdigit() or not -100 <= bias <= 100:
+            # ASCII digits, and few: int() of a 5,000-digit string raises (Python's digit limit).
+            if not re.fullmatch(r"[0-9]{1,10}", key) or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias maps token ids to values in [-100, 100]; got {key!r}: {bias}")
         return v
 
@@ -102,6 +106,61 @@ def check_request(req: ChatRequest, served_name: str) -> None:
         raise ApiError(400, "logprobs are not supported by this server.", "logprobs")
     if req.response_format and req.response_format.get("type") != "text":
         raise ApiError(400, "response_format: only {'type': 'text'} is supported.", "response_format")
+
+
+def check_size(req: ChatRequest, max_model_len: int, max_token_chars: int) -> None:
+    """Before any tokenizing or rendering (a long prompt takes seconds to tokenize): every text is valid
+    Unicode, tool schemas nest at most MAX_TOOL_DEPTH deep, and the text is not so long that it cannot
+    fit the context (one token stands for at most `max_token_chars` characters)."""
+    chars = 0
+    for i, m in enumerate(req.messages):
+        parts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content or []]
+        parts += [f"{c.function.name}{c.function.arguments}" for c in m.tool_calls or []]
+        for text in parts:
+            _check_unicode(text, f"messages.{i}")
+            chars += len(text)
+    if req.tools:
+        depth = _depth(req.tools)
+        if depth > MAX_TOOL_DEPTH:
+            raise ApiError(
+                400, f"tools: nested {depth} levels deep, over the {MAX_TOOL_DEPTH} this server reads", "tools"
+            )
+        text = json.dumps(req.tools, ensure_ascii=False)
+        _check_unicode(text, "tools")
+        chars += len(text)
+    if chars > max_model_len * max_token_chars:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens (--max_model_len); the messages are "
+            f"{chars} characters, more than that many tokens can hold. Shorten them.",
+            "messages",
+            "context_length_exceeded",
+        )
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400,
+            f"{where}: invalid character U+{ord(text[e.start]):04X} (a lone surrogate) at position {e.start}; "
+            "send valid Unicode text",
+            where,
+        ) from None
+
+
+def _depth(value) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile value may nest thousands deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_TOOL_DEPTH:
+            return deepest
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        stack.extend((c, d + 1) for c in children)
+    return deepest
 
 
 def to_messages(req: ChatRequest) -> list[dict]:
