@@ -104,15 +104,11 @@ def recipe_config(sections, eval_data: bool = True, output_dir: bool = True):
     its values checked, dataset names/folders/globs resolved and the data files checked, all problems
     raised together."""
     from dist_glm import config
-    from dist_glm.data.registry import resolve as resolve_datasets
-    from dist_glm.data.sources import check_data_paths
+    from dist_glm.data.registry import resolve_and_check
 
     cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
     problems = [p for p in config.check_values(cfg) if output_dir or not p.startswith("output_dir")]
-    problems += resolve_datasets(cfg.data)
-    problems += check_data_paths(cfg.data.dataset, "dataset")
-    if eval_data:
-        problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
+    problems += resolve_and_check(cfg.data, eval_data)
     if problems:
         raise UserError(problems)
     return cfg

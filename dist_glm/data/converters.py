@@ -256,6 +256,9 @@ def remap(row: dict, mapping: dict) -> dict:
     """A row of a dataset registered in dataset_info.json (dist_glm.data.registry), in the shape the
     converters read: its columns and role tags renamed to ours."""
     cols, tags = mapping.get("columns", {}), mapping.get("tags", {})
+    for theirs in ("prompt", "response") if mapping["formatting"] == "alpaca" else ("messages",):
+        if theirs in cols and cols[theirs] not in row:  # named by the user: say their name, not ours
+            raise BadRow(f"missing column '{cols[theirs]}' (columns.{theirs} in dataset_info.json)")
     if mapping["formatting"] == "alpaca":
         names = {
             "prompt": "instruction",
@@ -296,8 +299,7 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
         rows = read_rows(path)
         fmt = data_cfg.dataset_format
         mapping = registered.get(path)
-        if mapping is not None:  # a dataset_info.json entry: its own column names, read as ours
-            rows = [(n, r if isinstance(r, BadRow) or not isinstance(r, dict) else remap(r, mapping)) for n, r in rows]
+        if mapping is not None:  # a dataset_info.json entry: its own column names, read as ours (row by row)
             fmt = mapping["formatting"]
         if fmt == "auto":
             first = next((r for _, r in rows if not isinstance(r, BadRow)), None)
@@ -316,6 +318,8 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
                     raise row
                 if not isinstance(row, dict):
                     raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+                if mapping is not None:
+                    row = remap(row, mapping)
                 conv = CONVERTERS[fmt](row, data_cfg)
                 if "text" not in conv:  # a conversation, not a raw document
                     check_alternation(conv["messages"])

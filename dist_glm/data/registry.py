@@ -9,6 +9,10 @@ mean, resolved to files before anything reads them.
 - a folder: every data file in it, sorted;
 - a glob (`data/*.jsonl`): the matching files, sorted.
 
+A registry entry's `file_name` must stay inside `dataset_dir` (symlinks followed): `../`, an absolute path
+or a link out of it is refused, so that nothing (the token cache beside the data included) is read or
+written outside the directory the user named. Name such a file directly in `dataset` instead.
+
 A registry entry's column and tag mapping travels in `DataConfig.dataset_columns` (JSON, keyed by
 file), so it is part of the tokenization cache key and the converters see rows in their own shape.
 """
@@ -33,13 +37,45 @@ def _registry(dataset_dir: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        registry = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); fix the registry") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to read; a registry is an object of flat entries") from None
+    if not isinstance(registry, dict):
+        raise UserError(
+            f"{path}: the top level is a JSON {_kind(registry)}; a registry is an object mapping each dataset "
+            'name to its entry, e.g. {"my_data": {"file_name": "my_data.json"}}'
+        )
+    return registry
+
+
+def _kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _check_entry(entry, where: str) -> None:
+    """The shape LLaMA-Factory's registry entries have, checked before any field is used."""
+    if not isinstance(entry, dict):
+        raise UserError(f'{where} is a JSON {_kind(entry)}; an entry is an object such as {{"file_name": "x.json"}}')
+    if "file_name" in entry and not (isinstance(entry["file_name"], str) and entry["file_name"].strip()):
+        raise UserError(
+            f"{where}: file_name is {json.dumps(entry['file_name'])}; give the data file (or folder) it names"
+        )
+    for field in ("columns", "tags"):
+        value = entry.get(field, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise UserError(
+                f"{where}: {field} must be an object of names to column names (strings), "
+                f'e.g. {{"prompt": "instruction"}}; found a JSON {_kind(value)}'
+            )
+    if not isinstance(entry.get("formatting", "alpaca"), str):
+        raise UserError(f'{where}: formatting must be "alpaca" or "sharegpt"')
 
 
 def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[list[str], dict]:
     where = f"{key}: '{name}' ({Path(dataset_dir or '.') / REGISTRY})"
+    _check_entry(entry, where)
     remote = [k for k in _REMOTE if k in entry]
     if remote:
         raise UserError(
@@ -49,7 +85,17 @@ def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[
         raise UserError(f"{where} is a ranking (preference) dataset; dist_glm does supervised fine-tuning only")
     if "file_name" not in entry:
         raise UserError(f"{where} has no file_name; give the data file (or folder) it names")
-    target = Path(dataset_dir or ".") / entry["file_name"]
+    root = Path(dataset_dir or ".")
+    target = root / entry["file_name"]
+    if not target.resolve().is_relative_to(root.resolve()):
+        raise UserError(
+            f"{where}: file_name '{entry['file_name']}' leads outside dataset_dir '{root}'; move the file under "
+            "dataset_dir, or name it directly in dataset"
+        )
+    if target.is_dir() and not _files_in(target):
+        raise UserError(
+            f"{where}: file_name names the folder '{target}', which holds no data files ({', '.join(SUFFIXES)})"
+        )
     files = _files_in(target) if target.is_dir() else [str(target)]
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
@@ -86,6 +132,20 @@ def expand(spec: str, dataset_dir: str, key: str) -> tuple[str, dict[str, dict]]
             files += found
             mappings.update({f: mapping for f in found})
     return ",".join(files), mappings
+
+
+def resolve_and_check(data_cfg, eval_data: bool = True) -> list[str]:
+    """`resolve`, then the files it gave checked; when resolving failed, its problems alone (checking the
+    unresolved names would only add a second, misleading line for the same mistake)."""
+    from dist_glm.data.sources import check_data_paths
+
+    problems = resolve(data_cfg)
+    if problems:
+        return problems
+    problems = check_data_paths(data_cfg.dataset, "dataset")
+    if eval_data:
+        problems += check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
+    return problems
 
 
 def resolve(data_cfg) -> list[str]:

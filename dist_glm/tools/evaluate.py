@@ -70,7 +70,8 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
 
     data_cfg = dataclasses.replace(data_cfg)  # resolved in place: keep the caller's
     problems = resolve_datasets(data_cfg)
-    problems += check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
+    if not problems:  # an unresolved name would only be reported twice
+        problems = check_data_paths(data_cfg.eval_dataset, "eval_dataset", named=True)
     sets = {} if problems else named_sets(data_cfg.eval_dataset)
     if len(sets) > 1:
         problems.append("eval_dataset: evaluate.py takes one eval set; run it once per set (--eval_dataset=FILE)")
@@ -81,6 +82,8 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
     for key in ("per_device_eval_batch_size", "generation_max_new_tokens"):
         if getattr(args, key) < 1:
             problems.append(f"{key}={getattr(args, key)} must be at least 1")
+    if args.max_eval_samples < 0:
+        problems.append(f"max_eval_samples={args.max_eval_samples} must be 0 (all samples) or a count of samples")
     if problems:
         raise UserError(problems)
     out = Path(args.output_dir) if args.output_dir else art.source / "eval"

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from dist_glm.checkpointing import checkpoints
 from dist_glm.config import Config
-from dist_glm.data.registry import resolve as resolve_datasets
-from dist_glm.data.sources import check_data_paths
+from dist_glm.data.registry import resolve_and_check
 from dist_glm.errors import UserError
 from dist_glm.methods import Method, get_method
 from dist_glm.models.loading import check_attention, check_liger, check_model_path, check_remote_code
@@ -44,9 +43,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     if student_ok:  # the teacher's tokenizer is compared with the student's, so the student's must load
         objective_problems, teacher = check_objective(cfg)
         problems += objective_problems
-    problems += resolve_datasets(cfg.data)  # names, folders and globs become files
-    problems += check_data_paths(cfg.data.dataset, "dataset")
-    problems += check_data_paths(cfg.data.eval_dataset, "eval_dataset", named=True)
+    problems += resolve_and_check(cfg.data)  # names, folders and globs become files, then checked
     ds_config = resume_path = None
     try:
         ds_config = deepspeed_config.build_ds_config(cfg.train, world_size)
