@@ -363,7 +363,10 @@ def check_values(cfg: Config) -> list[str]:
 
 
 def mix_probabilities(spec: str) -> list[float]:
-    return [float(p) for p in spec.split(",") if p.strip()]
+    probs = [float(p) for p in spec.split(",")]  # float("") raises: "0.5,,0.5" drops no entry silently
+    if not all(abs(p) < float("inf") for p in probs):  # nan or inf
+        raise ValueError(spec)
+    return probs
 
 
 def check_mix_probs(d: DataConfig) -> list[str]:
@@ -372,7 +375,7 @@ def check_mix_probs(d: DataConfig) -> list[str]:
     try:
         probs = mix_probabilities(d.mix_probs)
     except ValueError:
-        return [f"mix_probs='{d.mix_probs}' must be comma-separated numbers, one per dataset file, e.g. 0.8,0.2"]
+        return [f"mix_probs='{d.mix_probs}' must be comma-separated finite numbers, one per dataset file, e.g. 0.8,0.2"]
     files = [f for f in d.dataset.split(",") if f.strip()]
     if len(probs) != len(files):
         return [f"mix_probs has {len(probs)} values for {len(files)} dataset files; give one per file, in order"]

@@ -188,7 +188,9 @@ def test_mix_probs_and_named_eval_sets_are_checked():
     for flags, start in (
         (["--mix_probs=0.5"], "mix_probs has 1 values for 2 dataset files"),
         (["--mix_probs=0.5,0.6"], "mix_probs=0.5,0.6 must be non-negative and sum to 1"),
-        (["--mix_probs=a,b"], "mix_probs='a,b' must be comma-separated numbers"),
+        (["--mix_probs=a,b"], "mix_probs='a,b' must be comma-separated finite numbers"),
+        (["--mix_probs=nan,nan"], "mix_probs='nan,nan' must be comma-separated finite numbers"),  # was a ValueError
+        (["--mix_probs=0.5,,0.5"], "mix_probs='0.5,,0.5' must be comma-separated finite numbers"),  # was accepted
     ):
         with pytest.raises(UserError) as err:
             load_config(["--model_name_or_path=m", "--dataset=a.jsonl,b.jsonl", "--output_dir=o", *flags], None)

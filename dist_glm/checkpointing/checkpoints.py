@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from dist_glm.checkpointing import safe_load
-from dist_glm.checkpointing.trainer_state import TrainerState
+from dist_glm.checkpointing.trainer_state import TrainerState, state_file_problem
 from dist_glm.config import save_config
 from dist_glm.errors import UserError
 from dist_glm.runtime import collectives
@@ -57,15 +57,30 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
 
 
 def damage(path: Path) -> str | None:
-    """What is wrong with a checkpoint against its manifest, or None when every file is there at its
-    recorded size (checkpoints written before manifests existed are taken as they are)."""
+    """What is wrong with a checkpoint, or None: its trainer state must parse with the right types, and
+    every file its manifest lists must be there at its recorded size (checkpoints written before
+    manifests existed are taken as they are). Every file a checkpoint is judged by is validated here, so
+    a corrupt one is skipped by `auto` like a truncated one, never a traceback."""
+    state = path / STATE_FILE
+    try:
+        problem = state_file_problem(json.loads(state.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        problem = "not valid JSON"
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem is not None:
+        return f"{state} is unreadable ({problem})"
     manifest = path / MANIFEST_FILE
     if not manifest.is_file():
         return None
     try:
         sizes = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         return f"{manifest} is unreadable"
+    if not isinstance(sizes, dict) or not all(
+        isinstance(n, str) and isinstance(v, int) and not isinstance(v, bool) for n, v in sizes.items()
+    ):
+        return f"{manifest} is unreadable (its files are not a map of names to sizes)"
     for name, size in sizes.items():
         f = path / name
         if not f.is_file():

@@ -48,3 +48,39 @@ class TrainerState:
         if state.best_eval_loss is not None and not math.isfinite(state.best_eval_loss):
             state.best_eval_loss = None
         return state
+
+
+# What a checkpoint's trainer_state.json records besides the state: the layout a resume must match.
+LAYOUT_KEYS = ("world_size", "global_batch", "total_steps")
+
+
+def state_file_problem(saved) -> str | None:
+    """What makes a parsed trainer_state.json unusable (a wrong type anywhere), or None. A resume reads
+    every one of these fields, so a file that fails here counts as damaged, like a truncated one."""
+    if not isinstance(saved, dict):
+        return "not a JSON object"
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def is_number(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    if not is_int(saved.get("global_step")):
+        return f"global_step is {saved.get('global_step')!r}, not a step number"
+    for key in LAYOUT_KEYS:
+        if key in saved and not is_int(saved[key]):
+            return f"{key} is {saved[key]!r}, not a whole number"
+    for f in dataclasses.fields(TrainerState):
+        if f.name not in saved or f.name == "global_step":
+            continue
+        v = saved[f.name]
+        ok = {
+            "recent_losses": isinstance(v, list) and all(is_number(x) for x in v),
+            "best_step": v is None or is_int(v),
+            "best_eval_loss": v is None or is_number(v),
+            "best_metric": v is None or is_number(v),
+        }.get(f.name, is_int(v))
+        if not ok:
+            return f"{f.name} is {v!r}, of the wrong type"
+    return None

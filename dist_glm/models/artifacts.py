@@ -149,7 +149,32 @@ def resolve_artifact(model_name_or_path: str, adapter_name_or_path: str = "") ->
         if problems:
             raise UserError(problems)
         return Artifact(base=model, method="full")
+    check_adapter_base(adapter, model)
     return Artifact(base=model, method=_adapter_method(adapter), adapter=adapter)
+
+
+def _identity(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return f"model_type {config.get('model_type')}, {', '.join(config.get('architectures') or []) or 'no architecture'}"
+
+
+def check_adapter_base(adapter: Path, base: Path) -> None:
+    """An adapter applied to another model than the one it trained on: with other shapes PEFT fails (one
+    line, in load_artifact); with the same shapes (a GLM-4 adapter on a GLM-4-0414 base) it would load
+    and compute nonsense. Where the base its adapter_config.json records is here, its architecture must be
+    the given base's; where it is not (moved, another machine), that cannot be checked and is allowed."""
+    recorded = Path(_recorded_base(adapter) or "")
+    if not str(recorded) or not (recorded / "config.json").is_file() or recorded.resolve() == base.resolve():
+        return
+    try:
+        theirs, mine = _identity(recorded), _identity(base)
+    except (OSError, ValueError):
+        return  # an unreadable config.json is reported when the model loads
+    if theirs != mine:
+        raise UserError(
+            f"adapter_name_or_path='{adapter}' was trained on '{recorded}' ({theirs}) but model_name_or_path="
+            f"'{base}' is {mine}; pass the base it was trained on"
+        )
 
 
 def _checkpoint_artifact(ckpt: Path, base: Path | None) -> Artifact:
@@ -234,7 +259,16 @@ def load_artifact(
         if art.adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, art.adapter)
+            try:
+                model = PeftModel.from_pretrained(model, art.adapter)
+            except RuntimeError as e:  # PEFT's size-mismatch report: dozens of lines for one mistake
+                if "size mismatch" not in str(e):
+                    raise
+                first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), "")
+                raise UserError(
+                    f"adapter_name_or_path='{art.adapter}' does not fit the base '{art.base}' ({first.rstrip('.')}); "
+                    "pass the base model it was trained on"
+                ) from None
     method.after_load(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if (art.base / "generation_config.json").is_file():  # a model built from its config alone lacks it
@@ -255,6 +289,10 @@ def _load_base(path: Path, dtype, device, quantization, dequantize: bool):
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        from dist_glm.models.loading import weights_do_not_fit
+
+        raise weights_do_not_fit(path, e) from None
     if quantization is not None and dequantize:
         model = model.dequantize(dtype=dtype)
     return model

@@ -126,6 +126,42 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
         )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:
+        raise weights_do_not_fit(path, e) from None
+
+
+def weights_do_not_fit(path, error: RuntimeError) -> Exception:
+    """A one-line UserError for a model directory whose config.json disagrees with its weights (transformers
+    raises "You set `ignore_mismatched_sizes` to `False`" and prints the details as a report); any other
+    RuntimeError is returned unchanged, to be raised as the bug it is."""
+    if "ignore_mismatched_sizes" not in str(error) and "size mismatch" not in str(error):
+        return error
+    detail = first_shape_mismatch(Path(path)) or str(error).splitlines()[0]
+    return UserError(
+        f"model_name_or_path='{path}': its config.json does not fit its weights ({detail}); use the config.json "
+        "that was saved with these weights"
+    )
+
+
+def first_shape_mismatch(path: Path) -> str | None:
+    """The first tensor whose shape in the safetensors files differs from the model config.json builds
+    (built on the meta device: nothing is allocated)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    expected = {name: tuple(t.shape) for name, t in built.state_dict().items()}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                saved = tuple(f.get_slice(name).get_shape())
+                if name in expected and expected[name] != saved:
+                    return f"{name} is {list(saved)} in {file.name} but {list(expected[name])} by config.json"
+    return None
 
 
 def check_attention(model_cfg) -> list[str]:

@@ -53,7 +53,16 @@ def read_manifest(path: str) -> dict:
             f"distill_cache='{path}': no {MANIFEST} there; build it first with "
             f"`python launch/distill_cache.py RECIPE --distill_cache={path}` (or finish an interrupted build)"
         )
-    return json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"distill_cache='{path}': {MANIFEST} is not valid JSON ({e}); rebuild the cache") from None
+    need = {"top_k": int, "vocab": int, "rows": int, "teacher_model_name_or_path": str}
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k), t) for k, t in need.items()):
+        raise UserError(
+            f"distill_cache='{path}': {MANIFEST} lacks {', '.join(need)} of the right types; rebuild the cache"
+        )
+    return manifest
 
 
 def _chunk_sums(head_forward, h, targets, teacher_ids, teacher_logits, spec: KDSpec) -> torch.Tensor:

@@ -43,12 +43,47 @@ def check_teacher(cfg, student_tokenizer=None, need_teacher: bool = False) -> tu
             f"{sn:,}{'' if tn != sn else ' with different ids'}; distillation compares the two models token by "
             "token, so the teacher must use the student's tokenizer (pick a teacher of the same GLM family)"
         ], None
+    template_problem = _check_trained_template(cfg, art, teacher_tok, student_tokenizer)
+    if template_problem:
+        return [f"{where}: {template_problem}"], None
     if tt != st:
         return [
             f"{where}: its chat template differs from the student's ({len(tt)} vs {len(st)} characters in "
             "tokenizer_config.json); the teacher must have been trained on the prompts the student sees"
         ], None
     return [], art
+
+
+def _check_trained_template(cfg, art, teacher_tok, student_tok) -> str | None:
+    """A teacher fine-tuned by dist_glm records the chat template it learned (its config.yaml); identical
+    tokenizer files do not make two templates the same prompts. None when they agree or cannot be known."""
+    from transformers import AutoConfig
+
+    from dist_glm.config import load_config
+    from dist_glm.data.template import choose_template
+
+    recorded = art.train_cfg
+    source = art.checkpoint or art.adapter or art.base
+    if recorded is None and (source / "config.yaml").is_file():
+        try:
+            recorded = load_config([str(source / "config.yaml")], default_yaml=None)
+        except UserError:
+            return None  # not a dist_glm recipe after all
+    if recorded is None:
+        return None
+
+    def resolved(name: str, tok, path: str) -> str:
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
+        return choose_template(name, tok, model_type)
+
+    theirs = resolved(recorded.data.template, teacher_tok, str(art.base))
+    ours = resolved(cfg.data.template, student_tok, cfg.model.model_name_or_path)
+    if theirs == ours:
+        return None
+    return (
+        f"it was fine-tuned with template {theirs} (its config.yaml) and the student trains with {ours}; the teacher "
+        "must have been trained on the prompts the student sees (set template to match)"
+    )
 
 
 def per_rank_gib(module) -> float:

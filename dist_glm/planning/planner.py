@@ -257,7 +257,8 @@ def render(tr: Trace, cfg, args: PlanArgs, recipe: str) -> str:
     lines = [
         f"{recipe}: {_count(tr.total_params)} parameters, {tr.trainable_params:,} trainable "
         f"({cfg.method.finetuning_type}), {precision}, micro-batch {t.per_device_train_batch_size} x "
-        f"{cfg.data.cutoff_len} tokens, {n} GPUs x {args.gpu_memory_gb:g} GiB",
+        f"{cfg.data.cutoff_len} tokens, {n} GPUs x {args.gpu_memory_gb:g} GiB"
+        + ("" if args.gpus_per_node else f" ({per_node} per node: gpus_per_node=0 means min(num_gpus, 8))"),
         "",
         f"{unit} per rank | params | grads | optimizer (+step) | buffers | activations GC off / on | head "
         "| total GC off | total GC on | fits | host RAM per node: load / save",
@@ -322,8 +323,8 @@ def check(cfg, args: PlanArgs) -> list[str]:
     problems = [p for p in config.check_values(cfg) if not p.startswith(unread)]
     if args.num_gpus < 1:
         problems.append(f"num_gpus={args.num_gpus} must be at least 1")
-    if not args.gpu_memory_gb > 0:
-        problems.append(f"gpu_memory_gb={args.gpu_memory_gb} must be positive, e.g. 80")
+    if not 0 < args.gpu_memory_gb < 1e6:  # inf and nan included
+        problems.append(f"gpu_memory_gb={args.gpu_memory_gb} must be a GPU's memory in GiB, e.g. 80")
     if not 0 <= args.headroom < 1:
         problems.append(f"headroom={args.headroom} must be in [0, 1), e.g. 0.1")
     if args.gpus_per_node < 0:

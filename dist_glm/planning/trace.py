@@ -69,6 +69,46 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return _FlashLike.apply(query, key, value).transpose(1, 2).contiguous(), None
 
 
+# Far above any real GLM (GLM-5: 78 layers, hidden 6144, vocabulary 154,880): a config beyond these is a
+# typo, and building it, even on the meta device, would take minutes before anything is printed.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1_000,
+    "hidden_size": 65_536,
+    "intermediate_size": 1_048_576,
+    "vocab_size": 4_000_000,
+    "num_attention_heads": 1_024,
+    "num_key_value_heads": 1_024,
+    "n_routed_experts": 4_096,
+    "num_experts": 4_096,
+}
+
+
+def check_sizes(config_file) -> None:
+    """The sizes the planner reads from config.json are positive whole numbers of a buildable model."""
+    import json
+
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config_file}: the top level must be a JSON object")
+    problems = []
+    for key, limit in SIZE_LIMITS.items():
+        if key not in raw or raw[key] is None:
+            continue
+        value = raw[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{config_file}: {key}={json.dumps(value)} must be a positive whole number")
+        elif value > limit:
+            problems.append(
+                f"{config_file}: {key}={value:,} is beyond any real model (the planner accepts up to {limit:,}); "
+                "check the file"
+            )
+    if problems:
+        raise UserError(problems)
+
+
 def build_meta_model(model_cfg, method_cfg_holder):
     """The causal LM on the meta device with the recipe's method applied; UserError when config.json
     is missing or cannot be built."""
@@ -84,6 +124,7 @@ def build_meta_model(model_cfg, method_cfg_holder):
             f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
             "(the planner needs only its config.json)"
         )
+    check_sizes(Path(path) / "config.json")
     AttentionInterface.register(ATTENTION_NAME, _attention)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
