@@ -90,12 +90,14 @@ def train_main(argv: list[str] | None = None) -> None:
     from dist_glm.runtime.preemption import PREEMPTED_EXIT, Preempted
     from dist_glm.training.guard import Diverged
     from dist_glm.training.loop import FinalEvalFailed
+    from dist_glm.training.telemetry import OutputUnwritable
 
     # Preempted: the checkpoint is complete on every rank and the scheduler should requeue the job.
     # FinalEvalFailed: the traceback above says why; the trained model is safe.
     # Diverged: too many non-finite steps in a row; the message names the last good checkpoint.
     # SaveFailed: a checkpoint could not be written (full disk, quota); the message says what is intact.
-    exit_codes = {Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1, Diverged: 1, SaveFailed: 1}
+    # OutputUnwritable: output_dir refused the logs mid-run (read-only); every rank stops, checkpoints intact.
+    exit_codes = {Preempted: PREEMPTED_EXIT, FinalEvalFailed: 1, Diverged: 1, SaveFailed: 1, OutputUnwritable: 1}
     run_command(config.TRAIN, argv, body, parse=False, exit_codes=exit_codes)
 
 

@@ -1,6 +1,7 @@
 """A checkpoint save that hits a full disk (a real tmpfs, 2 ranks under ZeRO-2, each writing its own
 optimizer partition): every rank stops together with one clear message (no rank left in a
-collective), the partial checkpoint is removed, the older one stays intact and resumable."""
+collective), the partial checkpoint is removed, the older one stays intact and resumable. The same for
+output_dir turning read-only mid-run, which rank 0's logs meet first."""
 
 import os
 import shutil
@@ -9,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import base_args, run_train
+from conftest import REPO, base_args, child_env, launch_cmd, run_train
 from dist_glm.checkpointing import checkpoints
 
 FLAGS = dict(save_steps=2, lr_scheduler_type="constant", deepspeed="ds_configs/zero2.json", save_total_limit=0)
@@ -75,3 +76,31 @@ def test_a_failed_torch_save_gives_its_space_back(small_disk):
     checkpoints.release_files(error)
     (small_disk / "a.pt").unlink()
     assert shutil.disk_usage(small_disk).free == 1024**2
+
+
+@pytest.mark.slow
+def test_output_dir_turning_read_only_mid_run_stops_every_rank_together(tmp_path, varlen_data):
+    # The kernel refuses to remount a filesystem read-only while files are open for writing, so the
+    # processes are real and the read-only filesystem is the test shim's (tests/fault_injection): once
+    # checkpoint-2 exists, every open for writing under output_dir fails with EROFS.
+    out = tmp_path / "run"
+    env = dict(
+        child_env(),
+        PYTHONPATH=os.pathsep.join([str(REPO / "tests" / "fault_injection"), os.environ.get("PYTHONPATH", "")]),
+        DIST_GLM_TEST_READ_ONLY=f"{out}:checkpoint-2",
+    )
+    cmd = launch_cmd(2) + base_args(out, varlen_data, max_steps=8, **FLAGS)
+    # A rank left waiting in a collective would hang until the timeout here.
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # One message per rank (the launcher may run the two ranks' stderr together on one line).
+    messages = proc.stderr.split("train.py: error: ")[1:]
+    assert sorted(m.split(":")[0] for m in messages) == ["rank 0", "rank 1"], proc.stderr[-3000:]
+    for m in messages:
+        assert "stopped taking writes" in m and "(metrics.jsonl: Read-only file system)" in m, m
+        assert "checkpoint-2 intact" in m and "--resume_from_checkpoint=auto" in m, m
+    assert checkpoints.damage(out / "checkpoint-2") is None
+
+    proc = run_train(base_args(out, varlen_data, max_steps=8, resume_from_checkpoint="auto", **FLAGS), nprocs=2)
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stdout

@@ -216,6 +216,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
                 record["train/loss_scale"] = loss_scale(engine)
             logger.log(step, record)
             results.update(record)
+            logger.stop_if_unwritable(step, rank)  # collective: a refused log write stops every rank here
 
         # The last step's eval comes after the final export (in finish), so no eval failure can lose the run.
         should_stop = False

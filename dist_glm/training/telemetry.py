@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from dist_glm.runtime import collectives
+
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown hardware (and CPUs) report no MFU rather than
 # a made-up one.
 PEAK_BF16_FLOPS = {
@@ -77,6 +79,10 @@ def run_settings(cfg, world: int, zero_stage: int, total_steps: int) -> dict:
     }
 
 
+class OutputUnwritable(Exception):
+    """output_dir stopped taking writes mid-run; raised on every rank together (exit 1)."""
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a disabled logger so call sites need no rank checks.
 
@@ -87,6 +93,7 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str, enabled: bool, resume_step: int = 0):
         self.enabled, self.resume_step, self.trackers, self._session_end = enabled, resume_step, [], None
+        self.output_dir, self.write_error = output_dir, None  # the first write output_dir refused
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -112,9 +119,29 @@ class MetricsLogger:
         self._scalars(step, values)
         now = time.time()
         clock = {"time": round(now, 3), "elapsed_s": round(self.elapsed_before + now - self.started, 3)}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values, **clock}) + "\n")
+        if self.write_error:
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values, **clock}) + "\n")
+        except OSError as e:  # read-only, full, gone: every rank learns it in stop_if_unwritable
+            self.write_error = f"{self.path.name}: {e.strerror or e}"
         self.writer.flush()
+
+    def stop_if_unwritable(self, step: int, rank: int) -> None:
+        """Collective: rank 0 alone writes the logs, so when output_dir stops taking its writes every rank
+        learns it here and stops together (rank 0 dying alone would leave the others in a collective
+        until the ddp timeout), one line each, as a failed checkpoint save does."""
+        error = collectives.broadcast_object(self.write_error if self.enabled else None)
+        if error:
+            from dist_glm.checkpointing.checkpoints import list_checkpoints
+
+            intact = [p.name for _, p in list_checkpoints(self.output_dir)]
+            raise OutputUnwritable(
+                f"rank {rank}: output_dir='{self.output_dir}' stopped taking writes at step {step} ({error}); "
+                f"{', '.join(intact) + ' intact' if intact else 'no checkpoint yet'}. Make it writable again "
+                "(permissions, space, a read-only mount), then rerun with --resume_from_checkpoint=auto"
+            )
 
     def _scalars(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():

@@ -3,7 +3,8 @@
 DIST_GLM_TEST_STALL_SAVE=PATTERN: the first torch.save to a path containing PATTERN writes half of the
 file's bytes, flushes and fsyncs them, leaves a `.stalled` file beside it and then sleeps, so that a test
 can SIGKILL the process while that file is provably half written (a real save is too quick to hit).
-DIST_GLM_TEST_STALL_NPY=PATTERN: the same for numpy.save (the tokenization cache's arrays)."""
+DIST_GLM_TEST_STALL_NPY=PATTERN: the same for numpy.save (the tokenization cache's arrays).
+DIST_GLM_TEST_READ_ONLY=DIR:NAME: output_dir turning read-only mid-run (below)."""
 
 import io
 import os
@@ -47,3 +48,22 @@ if NPY_PATTERN := os.environ.get("DIST_GLM_TEST_STALL_NPY"):
         _stall_half_written(file, lambda buffer: _np_save(buffer, arr, *args, **kwargs))
 
     np.save = _stalling_np_save
+
+if READ_ONLY := os.environ.get("DIST_GLM_TEST_READ_ONLY"):
+    # DIR:NAME: once DIR/NAME exists (a checkpoint, say), every Python-level open of a file under DIR for
+    # writing fails with EROFS, as on a filesystem remounted read-only mid-run (which the kernel refuses
+    # to do while the run holds files open for writing, so a test cannot do it for real).
+    import builtins
+    import errno
+
+    _dir, _, _after = READ_ONLY.partition(":")
+    _open = builtins.open
+
+    def _read_only_open(file, mode="r", *args, **kwargs):
+        writes = any(c in mode for c in "wax+")
+        inside = isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(_dir + os.sep)
+        if writes and inside and os.path.exists(os.path.join(_dir, _after)):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return _open(file, mode, *args, **kwargs)
+
+    builtins.open = _read_only_open
