@@ -429,6 +429,22 @@ BAD_REQUESTS = [
     ({"max_tokens": 500}, 400, "maximum context length is 512"),
     ({"model": "gpt-4"}, 404, "does not exist"),
     ({"logit_bias": {"9" * 5000: 1}}, 400, "logit_bias maps token ids"),  # int() of it would raise
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400, "a JSON Schema object"),
+    (
+        {
+            "messages": [
+                *user("北京天气"),
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+                {"role": "tool", "tool_call_id": "call_9", "content": "晴"},
+            ]
+        },
+        400,
+        "tool_call_id 'call_9' answers no call",
+    ),
     ({"logit_bias": {"\u00b2": 1}}, 400, "logit_bias maps token ids"),  # a digit to isdigit(), not to int()
     ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages.0: invalid character U+D800"),
 ]

@@ -166,8 +166,17 @@ def _depth(value) -> int:
 def to_messages(req: ChatRequest) -> list[dict]:
     """The messages as plain dicts (text parts joined, developer -> system, tool calls as OpenAI
     writes them), checked for what OpenAI also refuses."""
-    out = []
+    out, call_ids = [], set()
     for i, m in enumerate(req.messages):
+        if m.tool_calls:
+            call_ids = {c.id for c in m.tool_calls if c.id}
+        if m.role == "tool" and m.tool_call_id and call_ids and m.tool_call_id not in call_ids:
+            raise ApiError(
+                400,
+                f"messages.{i}.tool_call_id '{m.tool_call_id}' answers no call of the preceding assistant message "
+                f"(its calls: {', '.join(sorted(call_ids))})",
+                f"messages.{i}.tool_call_id",
+            )
         if m.role == "tool" and not (out and (out[-1].get("tool_calls") or out[-1]["role"] == "tool")):
             raise ApiError(
                 400,

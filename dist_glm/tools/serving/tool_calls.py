@@ -44,6 +44,12 @@ def tool_names(tools: list) -> list[str]:
             raise ToolRequestError(f"tools[{i}]: each tool is {{'type': 'function', 'function': {{...}}}}", "tools")
         if not isinstance(fn.get("name"), str) or not fn["name"].strip() or "\n" in fn["name"]:
             raise ToolRequestError(f"tools[{i}].function.name: a non-empty name on one line is required", "tools")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise ToolRequestError(
+                f"tools[{i}].function.parameters: a JSON Schema object is required (OpenAI's rule), "
+                f"e.g. {{'type': 'object', 'properties': {{}}}}",
+                "tools",
+            )
         names.append(fn["name"])
     if len(set(names)) != len(names):
         raise ToolRequestError("tools: two tools have the same name", "tools")
