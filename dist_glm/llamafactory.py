@@ -12,7 +12,12 @@ _ANY = "*"
 KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
     "stage": {
         "sft": (None, None),
-        _ANY: (None, "stage={value}: dist_glm does supervised fine-tuning (stage: sft) only; remove the key"),
+        "pt": (None, None),  # continued pre-training on text: see translate()
+        _ANY: (
+            None,
+            "stage={value}: dist_glm trains stage sft (supervised) and pt (continued pre-training on text); "
+            "preference stages are not available yet",
+        ),
     },
     "do_train": {
         "true": (None, None),
@@ -39,8 +44,12 @@ KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
         _ANY: ("save_only_model is ignored: checkpoints keep optimizer state so that a resume continues exactly", None),
     },
     "quantization_method": {
+        "bnb": (None, None),
         "bitsandbytes": (None, None),
-        _ANY: (None, "quantization_method={value} is not supported; finetuning_type=qlora quantizes with bitsandbytes"),
+        _ANY: (
+            None,
+            "quantization_method={value} is not supported; dist_glm's QLoRA quantizes with bitsandbytes (bnb)",
+        ),
     },
     "interleave_probs": {
         _ANY: (
@@ -77,3 +86,47 @@ def check(key: str, value) -> tuple[str | None, str | None] | None:
     note, problem = KEYS[key].get(text, KEYS[key].get(_ANY, (None, None)))
     fill = lambda s: s.format(value=value) if s else s  # noqa: E731
     return fill(note), fill(problem)
+
+
+QUANTIZATION_KEYS = ("quantization_bit", "quantization_type", "double_quantization", "quantization_method")
+# finetuning_type -> the one that trains it on a quantized base (LLaMA-Factory: lora + quantization_bit).
+QUANTIZED = {"lora": "qlora", "qlora": "qlora"}
+
+
+def translate(raw: dict) -> tuple[dict, list[str], list[str]]:
+    """What a recipe's keys mean together, where LLaMA-Factory spells a setting with several keys: (our
+    keys to set, notes, problems). `raw` is the recipe and the command line merged, before conversion.
+
+    - `finetuning_type: lora` + `quantization_bit` is QLoRA there (its only spelling): finetuning_type=qlora.
+    - a quantization key beside a method that does not quantize is an error, never ignored in silence.
+    - `stage: pt` is continued pre-training on raw text: dataset_format=text.
+    """
+    sets, notes, problems = {}, [], []
+    method = str(raw.get("finetuning_type") or "lora").lower()
+    given = [k for k in QUANTIZATION_KEYS if raw.get(k) is not None]
+    has_bit = raw.get("quantization_bit") is not None
+    quantized_as = QUANTIZED.get(method)  # the method that trains this one on a quantized base, if any
+    if given and quantized_as is None:
+        problems.append(
+            f"{', '.join(given)}: finetuning_type={method} does not quantize its base, so these would be ignored; "
+            "remove them, or train finetuning_type=lora with quantization_bit=4 (QLoRA)"
+        )
+    elif has_bit and quantized_as != method:
+        sets["finetuning_type"] = quantized_as
+        notes.append(
+            f"finetuning_type={method} with quantization_bit={raw['quantization_bit']} is QLoRA, as in "
+            f"LLaMA-Factory: training finetuning_type={quantized_as}"
+        )
+    elif given and quantized_as != method:
+        problems.append(
+            f"{', '.join(given)} without quantization_bit: QLoRA needs quantization_bit=4 (or 8); "
+            "add it, or remove them"
+        )
+    if str(raw.get("stage") or "").lower() == "pt":
+        asked = str(raw.get("dataset_format") or "auto").lower()
+        if asked not in ("auto", "text"):
+            problems.append(f"stage=pt trains raw text, but dataset_format={asked}; remove one of them")
+        else:
+            sets["dataset_format"] = "text"
+            notes.append("stage=pt: continued pre-training on raw text (dataset_format=text): every token trains")
+    return sets, notes, problems

@@ -167,8 +167,16 @@ def parse_command(argv: list[str], command: Command, notes: list | None = None) 
     if yaml_path is None and not overrides and command.default_yaml is not None:
         yaml_path = str(command.default_yaml)
     layers = [(load_yaml(yaml_path), yaml_path, False)] if yaml_path else []
+    layers.append((overrides, "command line", True))
+    if "finetuning_type" in fields:  # a training recipe: LLaMA-Factory's multi-key spellings mean one thing
+        where = yaml_path or "command line"
+        sets, lf_notes, lf_problems = llamafactory.translate({k: v for m, _, _ in layers for k, v in m.items()})
+        problems += [f"{where}: {p}" for p in lf_problems]
+        if notes is not None:
+            notes += [f"{where}: {n}" for n in lf_notes]
+        layers.append((sets, "LLaMA-Factory's spelling", False))  # last: what the keys mean together
     values: dict[str, dict] = {name: {} for name in command.sections}
-    for mapping, source, from_cli in layers + [(overrides, "command line", True)]:
+    for mapping, source, from_cli in layers:
         for key, raw in mapping.items():
             if key in fields and (from_cli or key not in command.flag_only):
                 section, f = fields[key]

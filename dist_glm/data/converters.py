@@ -252,6 +252,14 @@ def count_empty_turns(conv: dict) -> int:
     )
 
 
+def remap_text(row: dict, mapping: dict) -> dict:
+    """A registered row read as a raw document: LLaMA-Factory's pre-training takes its prompt column."""
+    column = mapping.get("columns", {}).get("prompt", "instruction")
+    if column not in row:
+        raise BadRow(f"missing column '{column}' (columns.prompt in dataset_info.json: the text of stage pt)")
+    return {"text": row[column]}
+
+
 def remap(row: dict, mapping: dict) -> dict:
     """A row of a dataset registered in dataset_info.json (dist_glm.data.registry), in the shape the
     converters read: its columns and role tags renamed to ours."""
@@ -300,7 +308,8 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
         fmt = data_cfg.dataset_format
         mapping = registered.get(path)
         if mapping is not None:  # a dataset_info.json entry: its own column names, read as ours (row by row)
-            fmt = mapping["formatting"]
+            # Raw text (LLaMA-Factory's stage pt) reads the entry's prompt column as the document.
+            fmt = "text" if fmt == "text" else mapping["formatting"]
         if fmt == "auto":
             first = next((r for _, r in rows if not isinstance(r, BadRow)), None)
             fmt = detect_format(first, data_cfg.prompt_column)
@@ -319,7 +328,7 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
                 if not isinstance(row, dict):
                     raise BadRow(f"expected a JSON object, got {type(row).__name__}")
                 if mapping is not None:
-                    row = remap(row, mapping)
+                    row = remap_text(row, mapping) if fmt == "text" else remap(row, mapping)
                 conv = CONVERTERS[fmt](row, data_cfg)
                 if "text" not in conv:  # a conversation, not a raw document
                     check_alternation(conv["messages"])

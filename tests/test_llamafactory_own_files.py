@@ -1,0 +1,88 @@
+"""LLaMA-Factory's own example recipes and demo data (../shared/llamafactory, one LLaMA-Factory commit:
+its SOURCES.md), read from there and edited only where a user must edit them: the model path, the
+template, dataset_dir, output_dir and a short run. QLoRA in their spelling trains QLoRA, stage pt trains
+raw text, and their registry resolves unchanged."""
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, read_metrics, run_train
+from dist_glm.config import collect_config
+from dist_glm.data.converters import load_conversations
+from dist_glm.training.checks import validate_inputs
+
+THEIRS = REPO.parent / "shared" / "llamafactory"
+pytestmark = pytest.mark.skipif(
+    not THEIRS.is_dir() and not os.environ.get("DIST_GLM_REQUIRE_CLUSTER_TESTS"),
+    reason="LLaMA-Factory's files are beside the checkout (../shared/llamafactory) in CI and sessions",
+)
+TINY_0414 = REPO / "assets" / "tiny-glm4-0414"
+
+
+def their_recipe(tmp_path: Path, name: str, **edits) -> str:
+    """examples/<name> with only what a user must change: model, template, dataset_dir, output_dir, length."""
+    recipe = yaml.safe_load((THEIRS / "examples" / name).read_text(encoding="utf-8"))
+    recipe.update(
+        model_name_or_path=str(TINY_0414),
+        template="glm4_0414",
+        dataset_dir=str(THEIRS / "data"),
+        output_dir=str(tmp_path / "out"),
+        **edits,
+    )
+    path = tmp_path / Path(name).name
+    path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return str(path)
+
+
+def test_their_qlora_spelling_trains_qlora(tmp_path):
+    notes = []
+    cfg, problems = collect_config([their_recipe(tmp_path, "train_qlora/qwen3_lora_sft_bnb_npu.yaml")], notes=notes)
+    assert problems == []
+    assert cfg.method.finetuning_type == "qlora" and cfg.method.quantization_bit == 4
+    assert cfg.method.double_quantization is False  # their double_quantization: false is honoured too
+    assert any("finetuning_type=lora with quantization_bit=4 is QLoRA" in n for n in notes), notes
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"finetuning_type": "full"}, "finetuning_type=full does not quantize its base"),
+        ({"quantization_bit": None}, "without quantization_bit: QLoRA needs quantization_bit=4"),
+        ({"quantization_method": "hqq"}, "quantization_method=hqq is not supported"),
+    ],
+)
+def test_a_quantization_key_no_method_uses_is_an_error(tmp_path, extra, message):
+    _, problems = collect_config([their_recipe(tmp_path, "train_qlora/qwen3_lora_sft_bnb_npu.yaml", **extra)])
+    assert any(message in p for p in problems), problems
+
+
+def test_their_pretraining_recipe_trains_raw_text(tmp_path):
+    notes = []
+    cfg, problems = collect_config([their_recipe(tmp_path, "train_lora/qwen3_lora_pretrain.yaml")], notes=notes)
+    cfg.model.train_from_scratch = True  # the tiny model has no weights
+    validate_inputs(cfg, 1, problems)
+    assert cfg.data.dataset_format == "text" and any("stage=pt" in n for n in notes)
+    rows = load_conversations(cfg.data.dataset, cfg.data, [])
+    assert len(rows) > 100 and all(r["text"] and not r["messages"] for r in rows)
+
+
+@pytest.mark.slow
+def test_their_qlora_recipe_runs(tmp_path):
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path / "base"  # QLoRA quantizes pretrained weights: the tiny GLM-4-0414 with (random) ones
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_0414)).save_pretrained(base)
+    for f in TINY_0414.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, base / f.name)
+    recipe = their_recipe(tmp_path, "train_qlora/qwen3_lora_sft_bnb_npu.yaml", max_steps=2, cutoff_len=256)
+    args = [recipe, f"--model_name_or_path={base}", "--disable_tqdm", "--bf16=false"]  # no fast bf16 on this CPU
+    proc = run_train(args, nprocs=None)
+    assert "method=qlora" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(read_metrics(tmp_path / "out", "train/loss")) == [2]
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
