@@ -360,3 +360,33 @@ def test_leading_system_turns_are_one_system_prompt(tmp_path):
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     (conv,) = load_conversations(str(path), DataConfig(), [])
     assert conv["system"] == "简洁\n中文" and [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+
+
+def test_parallel_tool_calls_with_consecutive_tool_results_are_accepted():
+    # Two parallel calls answered by two `tool` messages in a row: the normal shape of parallel tool use.
+    from dist_glm.data.converters import check_alternation, from_openai
+
+    row = {
+        "messages": [
+            {"role": "user", "content": "北京和上海天气"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": '{"city": "北京"}'}},
+                {"type": "function", "function": {"name": "weather", "arguments": '{"city": "上海"}'}},
+            ]},
+            {"role": "tool", "content": "晴"},
+            {"role": "tool", "content": "雨"},
+            {"role": "assistant", "content": "北京晴，上海雨"},
+        ]
+    }  # fmt: skip
+    conv = from_openai(row, None)
+    check_alternation(conv["messages"])
+    assert [m["role"] for m in conv["messages"]] == [
+        "user",
+        "assistant",
+        "assistant",
+        "observation",
+        "observation",
+        "assistant",
+    ]
+    with pytest.raises(Exception, match="does not alternate"):  # a user turn right after a call still does not
+        check_alternation([conv["messages"][0], conv["messages"][1], {"role": "user", "content": "x"}])

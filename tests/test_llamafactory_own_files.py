@@ -86,3 +86,32 @@ def test_their_qlora_recipe_runs(tmp_path):
     assert "method=qlora" in proc.stdout, proc.stdout[-2000:]
     assert sorted(read_metrics(tmp_path / "out", "train/loss")) == [2]
     assert (tmp_path / "out" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["glaive_toolcall_zh_demo", "glaive_toolcall_en_demo"])
+def test_their_tool_call_demo_data_is_read_whole(tmp_path, name):
+    # Rows 198 and 294 of the zh file go human, gpt, observation, gpt: their reader accepts an observation
+    # where a user turn would stand, and so does ours now (it once stopped the whole run).
+    from dist_glm.data.template import IGNORE_INDEX, build_template
+    from dist_glm.models.loading import load_tokenizer
+
+    cfg, problems = collect_config(
+        [f"--dataset={name}", f"--dataset_dir={THEIRS / 'data'}", f"--model_name_or_path={TINY_0414}",
+         f"--output_dir={tmp_path / 'o'}", "--train_from_scratch"]
+    )  # fmt: skip
+    validate_inputs(cfg, 1, problems)
+    rows = load_conversations(cfg.data.dataset, cfg.data, [])
+    assert len(rows) == len(yaml.safe_load((THEIRS / "data" / f"{name}.json").read_text(encoding="utf-8")))
+    tok = load_tokenizer(str(TINY_0414))
+    template = build_template("glm4_0414", tok)
+    odd = [
+        r for r in rows if [m["role"] for m in r["messages"]][:4] == ["user", "assistant", "observation", "assistant"]
+    ]
+    if name.endswith("zh_demo"):
+        assert {r["where"].rsplit(":", 1)[1] for r in odd} >= {"198", "294"}
+    for row in odd:
+        enc = template.encode(row, 4096)
+        observation = row["messages"][2]["content"]
+        start = tok.decode(enc.input_ids).index(observation)
+        trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX])
+        assert observation not in trained and start > 0  # the tool's result is read, never trained

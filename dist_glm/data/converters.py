@@ -202,17 +202,21 @@ CONVERTERS: dict[str, Callable[[dict, object], dict]] = {
 
 
 def check_alternation(messages: list[dict]) -> None:
-    """user -> assistant (a reply or a tool call) -> [observation -> assistant]* -> user ..., ending on
-    an assistant turn, which is what training learns to produce."""
+    """user -> assistant (a reply or a tool call) -> [observation+ -> assistant]* -> user ..., ending on
+    an assistant turn, which is what training learns to produce. Several observations in a row are the
+    results of parallel calls; an observation may also stand where a user turn would (LLaMA-Factory's
+    sharegpt reader accepts it there, and its own glaive tool-call demo data has it)."""
     expected = {"user"}
     for i, m in enumerate(messages):
-        if m["role"] not in expected:
+        if m["role"] not in expected | ({"observation"} if "user" in expected and i else set()):
             raise BadRow(
                 f"turn {i} is '{m['role']}' but expected {' or '.join(sorted(expected))}: the "
                 "conversation does not alternate"
             )
-        if m["role"] in ("user", "observation"):
+        if m["role"] == "user":
             expected = {"assistant"}
+        elif m["role"] == "observation":
+            expected = {"assistant", "observation"}
         elif m.get("tool_call"):
             expected = {"observation", "assistant"}  # several calls may precede the observations
         else:
