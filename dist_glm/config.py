@@ -88,7 +88,7 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = option(
         "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."
     )
-    max_samples: int = option(0, "Use only the first N training rows (0 = all; with mix_probs, of each file).")
+    max_samples: int = option(0, "Use only the first N training rows of each file, as LLaMA-Factory does (0 = all).")
     mix_probs: str = option(
         "",
         "Sample the dataset files with these probabilities (e.g. 0.8,0.2 for new.jsonl,old.jsonl): an epoch is as "

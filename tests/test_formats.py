@@ -390,3 +390,20 @@ def test_parallel_tool_calls_with_consecutive_tool_results_are_accepted():
     ]
     with pytest.raises(Exception, match="does not alternate"):  # a user turn right after a call still does not
         check_alternation([conv["messages"][0], conv["messages"][1], {"role": "user", "content": "x"}])
+
+
+def test_max_samples_caps_each_file_as_llamafactory_does(tmp_path):
+    # identity,alpaca_en_demo at max_samples 1000 trains 1,090 rows there, not 1,000: each file is
+    # capped, not the total; a second large file is never dropped entirely.
+    from dist_glm.config import load_config
+    from dist_glm.data.batching import build_examples
+    from dist_glm.models.loading import load_tokenizer
+
+    files = []
+    for name, n in (("small", 3), ("large", 10), ("larger", 12)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"instruction": f"{name} {i}", "output": "好"}) + "\n" for i in range(n)))
+        files.append(str(path))
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={','.join(files)}", "--output_dir=o"], None)
+    examples, stats = build_examples(cfg.data.dataset, load_tokenizer("assets/tiny-glm4"), cfg.data, "glm4", 5)
+    assert [stats.files[f]["samples"] for f in files] == [3, 5, 5] and len(examples) == 13

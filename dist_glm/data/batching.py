@@ -129,18 +129,17 @@ def build_examples(
     for where in [c["where"] for c in conversations] + [s["where"] for s in stats.skipped]:
         stats.files[where.rsplit(":", 1)[0]]["rows"] += 1
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
+    if max_samples:  # of each file, as LLaMA-Factory caps each dataset: rows past a file's cap are not encoded
+        conversations = _first_of_each_file(conversations, max_samples)
     encoded = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
-    # Lazy when serial: zip stops where max_samples breaks the loop, without encoding the rest.
-    for conv, item in zip(conversations, encoded, strict=False):
+    for conv, item in zip(conversations, encoded, strict=True):
         where = conv["where"]
         source = where.rsplit(":", 1)[0]
         if item[0] == "text":
-            stats.text_samples += len(item[1])
-            stats.files[source]["samples"] += len(item[1])
-            out += item[1]
-            if max_samples and len(out) >= max_samples:
-                out = out[:max_samples]
-                break
+            pieces = item[1][: max_samples - stats.files[source]["samples"]] if max_samples else item[1]
+            stats.text_samples += len(pieces)
+            stats.files[source]["samples"] += len(pieces)
+            out += pieces
             continue
         _, enc, empty_turns = item
         stats.with_empty_turns += empty_turns
@@ -157,10 +156,21 @@ def build_examples(
             continue
         out.append(Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference))
         stats.files[source]["samples"] += 1
-        if max_samples and len(out) >= max_samples:
-            break
     stats.samples = len(out)
     return out, stats
+
+
+def _first_of_each_file(conversations: list[dict], n: int) -> list[dict]:
+    """The first `n` rows of each file, in order (a raw document may still make several samples: those
+    are cut at `n` per file where they are counted)."""
+    taken: dict[str, int] = {}
+    out = []
+    for conv in conversations:
+        source = conv["where"].rsplit(":", 1)[0]
+        if taken.get(source, 0) < n:
+            taken[source] = taken.get(source, 0) + 1
+            out.append(conv)
+    return out
 
 
 def document_pieces(template, tokenizer, text: str, cutoff_len: int) -> list[Example]:
