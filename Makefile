@@ -41,8 +41,10 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(BIN)/python -m dist_glm.runtime.doctor --brief
 	touch $@
 
+# The deepspeed launcher's own default port (29500) may be taken by another job: use MASTER_PORT when
+# given, else a free one. DEMO_ARGS: extra flags (the tests shorten the run with them).
 demo: setup
-	$(BIN)/deepspeed launch/train.py
+	$(BIN)/deepspeed --master_port $${MASTER_PORT:-$$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')} launch/train.py $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

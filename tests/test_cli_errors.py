@@ -3,6 +3,7 @@ and nothing already in output_dir is lost."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,32 @@ def test_existing_checkpoints_are_never_overwritten_silently(tmp_path, varlen_da
     assert proc.returncode == 2 and "already holds checkpoint-2" in proc.stderr
     assert "--resume_from_checkpoint=auto" in proc.stderr
     assert (tmp_path / "checkpoint-2" / "trainer_state.json").is_file()
+
+
+@pytest.mark.slow
+def test_make_demo_gets_past_a_busy_port_and_a_busy_port_is_named(tmp_path):
+    import socket
+
+    from conftest import child_env
+
+    with socket.socket() as busy:  # the deepspeed launcher's default port, held by "another job"
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass  # already held by something else: the same situation
+        busy.listen()
+        env = {k: v for k, v in child_env().items() if k != "MASTER_PORT"}
+        # DEMO_ARGS without a YAML would start from the defaults: name the demo recipe with them.
+        demo_args = f"configs/demo.yaml --max_steps=2 --eval_steps=0 --output_dir={tmp_path / 'demo'}"
+        make = ["make", "demo", f"DEMO_ARGS={demo_args} --predict_with_generate=false --eval_on_start=false"]
+        proc = subprocess.run(make, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert (tmp_path / "demo" / "model.safetensors").is_file()
+
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [deepspeed, "--master_port", "29500", "launch/train.py", "configs/demo.yaml", "--max_steps=1"]
+        proc = subprocess.run(cmd + [f"--output_dir={tmp_path / 'x'}"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode != 0
+        assert "port 29500 (MASTER_PORT) is already in use on this host" in proc.stderr, proc.stderr[-2000:]

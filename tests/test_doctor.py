@@ -35,3 +35,12 @@ def test_report_and_summary_line():
         assert f"\n{name:<14}" in report
     assert "accelerator:" in report and "DeepSpeed op builds:" in report
     assert doctor.summary_line().startswith("environment: torch ")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(monkeypatch):
+    # Every LLaMA-Factory recipe sets bf16: true; on a CPU that emulates it a step takes ~50x longer.
+    monkeypatch.setattr(doctor, "cpu_flags", lambda: {"avx2", "avx512f"})
+    warning = doctor.slow_bf16_warning()
+    assert warning.startswith("WARNING: bf16=true on a CPU without native bf16") and "--bf16=false" in warning
+    monkeypatch.setattr(doctor, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert doctor.slow_bf16_warning() is None

@@ -71,12 +71,15 @@ def test_progress_in_a_log_file_is_a_plain_line_every_n_steps(capsys):
     from dist_glm.training.telemetry import Progress
 
     bar = Progress(total=7, initial=2, enabled=True, every=2)
-    for _ in range(5):
-        bar.update(loss=1.5, lr=1e-3)
+    for step, loss in zip(range(3, 8), (1.0, 2.0, 3.0, 9.0, 5.0), strict=True):
+        bar.update(loss=loss, lr=1e-3, counted=step != 5)  # step 5's update was skipped
     bar.close()
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in lines] == ["4/7", "6/7", "7/7"]
-    assert lines[-1].startswith("[dist_glm] step 7/7 (100%) loss 1.5000 lr 1.00e-03") and "eta 0:00:00" in lines[-1]
+    # The mean over the logging window, as metrics.jsonl records it (steps 3-4, then 6 alone, then 7).
+    assert [float(line.split("loss ")[1].split()[0]) for line in lines] == [1.5, 9.0, 5.0]
+    assert lines[-1].startswith("[dist_glm] step 7/7 (100%) loss 5.0000 (mean of 1 steps, as logged) lr 1.00e-03")
+    assert "s/step (average)" in lines[-1] and "eta 0:00:00" in lines[-1]
     silent = Progress(total=3, initial=0, enabled=False, every=1)
     silent.update(loss=1.0, lr=1e-3)
     assert capsys.readouterr().out == ""

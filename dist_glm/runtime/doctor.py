@@ -84,6 +84,22 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def slow_bf16_warning() -> str | None:
+    """A warning for bf16 training on a CPU without native bf16 arithmetic (AVX512-BF16 or AMX-BF16): it
+    is emulated there, about 50x slower than fp32 (3.7 s against 0.07 s a step on the demo)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    flags = cpu_flags()
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return (
+        "WARNING: bf16=true on a CPU without native bf16 (no AVX512-BF16 or AMX-BF16): bf16 is emulated here, "
+        "about 50x slower than fp32; pass --bf16=false to train in fp32 (recipes written for GPUs set bf16: true)"
+    )
+
+
 def accelerator() -> str:
     import torch
 

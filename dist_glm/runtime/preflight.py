@@ -83,6 +83,14 @@ def rendezvous(rank: int, world: int, timeout_s: int) -> torch.distributed.Store
         )
     except RuntimeError as e:
         cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        waited = timeout_s - max(0.0, deadline - time.monotonic())
+        if rank == 0 and ("EADDRINUSE" in cause or "address already in use" in cause.lower()):
+            raise UserError(
+                f"{_who(rank)}: port {port} (MASTER_PORT) is already in use on this host, so the rendezvous cannot "
+                f"start there; pick a free one: MASTER_PORT=<port> for srun/mpirun/torchrun, --master_port <port> "
+                "for the deepspeed launcher (`make demo` picks a free one itself)",
+                every_rank=True,
+            ) from None
         fix = (
             "another job may hold the port; pick a free MASTER_PORT"
             if rank == 0
@@ -90,7 +98,7 @@ def rendezvous(rank: int, world: int, timeout_s: int) -> torch.distributed.Store
             "is open between the nodes, and that rank 0 started (see its log)"
         )
         raise UserError(
-            f"{_who(rank)}: could not reach the rendezvous at {head} within {timeout_s} s ({cause}); {fix}",
+            f"{_who(rank)}: could not reach the rendezvous at {head} after {waited:.0f} s ({cause}); {fix}",
             every_rank=True,
         ) from None
     store.set(f"preflight/host/{rank}", HOST)

@@ -34,7 +34,7 @@ from dist_glm.models.loading import (
 from dist_glm.objectives import Objective, build_objective
 from dist_glm.runtime import collectives, deepspeed_config, environment
 from dist_glm.runtime.collectives import log
-from dist_glm.runtime.doctor import summary_line
+from dist_glm.runtime.doctor import slow_bf16_warning, summary_line
 from dist_glm.runtime.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
 from dist_glm.training import continued
 from dist_glm.training.checks import Inputs, validate_inputs
@@ -93,6 +93,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     rank, world = environment.init_distributed(t.output_dir, t.preflight_timeout, t.ddp_timeout)
     device = environment.local_device()
     log(summary_line())
+    if t.bf16 and (slow := slow_bf16_warning()):
+        log(slow)
     log(f"world_size={world} config: " + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
 
     continued.prepare_merged_base(cfg)  # merge_adapter: from here on the merge is the model
@@ -205,9 +207,10 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
         micro = prefetch.get(step, step + 1 if step < run.total_steps else None)
         result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)
         state.global_step = step
-        if result.skipped is None and not result.overflow:
+        counted = result.skipped is None and not result.overflow
+        if counted:
             window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0, result.parts)
-        bar.update(result.loss, engine.get_lr()[0])
+        bar.update(result.loss, engine.get_lr()[0], counted)
         note_skipped_step(run, state, guard, logger, step, result)
 
         if (step % t.logging_steps == 0 or step == run.total_steps) and window.steps:

@@ -203,30 +203,41 @@ def final_metrics(results: dict) -> dict[str, float]:
 
 class Progress:
     """Rank 0's progress: tqdm's bar on a terminal; in a log file (Slurm, nohup, a pipe), where the bar's
-    `\r` updates pile up into one unreadable line, a plain line every `every` steps instead."""
+    `\r` updates pile up into one unreadable line, a plain line every `every` steps instead. The loss shown
+    is the mean over the logging window so far, the number metrics.jsonl and TensorBoard record at the
+    window's end (not the last step's alone); s/step is labelled as the average since the start."""
 
     def __init__(self, total: int, initial: int, enabled: bool, every: int):
         self.total, self.step, self.every, self.enabled = total, initial, max(1, every), enabled
         self.started, self.first = time.perf_counter(), initial
+        self.window: list[float] = []  # this logging window's losses
         self.bar = None
         if enabled and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=sys.stdout)
 
-    def update(self, loss: float, lr: float) -> None:
+    def update(self, loss: float, lr: float, counted: bool = True) -> None:
+        """`counted`: the step's update reached the weights (a skipped step is not in the logged mean)."""
         self.step += 1
+        if counted:
+            self.window.append(loss)
+        mean = sum(self.window) / len(self.window) if self.window else float("nan")
+        ends_window = self.step % self.every == 0 or self.step == self.total
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        elif self.enabled and (self.step % self.every == 0 or self.step == self.total):
+            self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+        elif self.enabled and ends_window:
             per_step = (time.perf_counter() - self.started) / (self.step - self.first)
             eta = round(per_step * (self.total - self.step))
             print(
-                f"[dist_glm] step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {loss:.4f} "
-                f"lr {lr:.2e} {per_step:.2f} s/step eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}",
+                f"[dist_glm] step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%) loss {mean:.4f} "
+                f"(mean of {len(self.window)} steps, as logged) lr {lr:.2e} {per_step:.2f} s/step (average) "
+                f"eta {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}",
                 flush=True,
             )
+        if ends_window:
+            self.window = []
 
     def close(self) -> None:
         if self.bar is not None:
