@@ -8,7 +8,7 @@ import pytest
 
 from dist_glm.config import load_config
 from dist_glm.training.continued import adopt_adapter
-from tests.conftest import base_args, read_metrics, run_train
+from tests.conftest import REPO, base_args, read_metrics, run_train
 from tests.test_method_matrix import METHODS
 
 STEPS = 4
@@ -256,3 +256,36 @@ def test_continued_pretraining_on_raw_text_packs_by_default(tmp_path, pretrained
     assert "packing: on, the default for raw text" in proc.stdout
     losses = read_metrics(out, "train/loss")
     assert losses[6] < losses[1], losses
+
+
+def test_an_adapter_says_which_method_continues_it_and_where_its_base_is(tmp_path, monkeypatch):
+    # LLaMA-Factory users continue an adapter without restating finetuning_type; and an adapter trained in
+    # one working directory must find its base from another.
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    from dist_glm.config import ModelConfig
+    from dist_glm.models.loading import load_model
+    from dist_glm.training.continued import adopt_adapter
+
+    monkeypatch.chdir(REPO)
+    base = load_model(ModelConfig(model_name_or_path="assets/tiny-glm4", train_from_scratch=True), {}, torch.float32, 0)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(REPO / "assets" / "tiny-glm4")  # absolute, not "assets/..."
+
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "adapter_config.json").write_text(json.dumps({**PrefixTuningConfig(num_virtual_tokens=4).to_dict()}))
+    recipe = [
+        "--model_name_or_path=assets/tiny-glm4",
+        "--dataset=d",
+        "--output_dir=o",
+        f"--adapter_name_or_path={prefix}",
+    ]
+    cfg = load_config(recipe, None)
+    assert adopt_adapter(cfg) == [] and cfg.method.finetuning_type == "ptuning"  # left at its default: adopted
+    cfg = load_config([*recipe, "--finetuning_type=full"], None)
+    (problem,) = adopt_adapter(cfg)  # said otherwise: a conflict, with both fixes
+    assert "is a ptuning adapter; set finetuning_type=ptuning to continue it, or merge_adapter=true" in problem

@@ -109,6 +109,9 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
     # code may not take the argument at all).
     attn = getattr(model_cfg, "attn_implementation", "sdpa")
     extra = {} if attn == "sdpa" else {"attn_implementation": attn}
+    # What an adapter's adapter_config.json records as its base (PEFT reads it from here): the absolute
+    # path, so that the adapter finds its base from any working directory.
+    config._name_or_path = str(Path(path).resolve())
     if model_cfg.train_from_scratch:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code, **extra)
@@ -121,9 +124,11 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
         if zero_stage(ds_config) != 3:  # ZeRO-3 places (and partitions) the weights itself
             extra["device_map"] = {"": local_device()}
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **extra
         )
+        model.config._name_or_path = config._name_or_path  # from_pretrained set the path as given
+        return model
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
     except RuntimeError as e:

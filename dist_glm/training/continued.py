@@ -20,7 +20,7 @@ from dist_glm.checkpointing import checkpoints, safe_load
 from dist_glm.config import Config, MethodConfig, load_config
 from dist_glm.errors import UserError
 from dist_glm.methods import adapter_method, get_method
-from dist_glm.runtime import collectives, deepspeed_config
+from dist_glm.runtime import collectives, deepspeed_config, environment
 
 ADAPTER_FILE = "adapter_config.json"
 MERGED_BASE = "merged_base"
@@ -55,6 +55,11 @@ def adopt_adapter(cfg: Config) -> list[str]:
     method = get_method(kind)
     if m.merge_adapter:
         return [f"merge_adapter=true: {method.export_refusal}"] if method.export_refusal else []
+    if kind != cfg.method.finetuning_type and cfg.method.finetuning_type == MethodConfig().finetuning_type:
+        # Left at its default: the adapter says which method continues it, as it says its rank and targets.
+        if environment.rank_from_env() == 0:
+            print(f"[dist_glm] note: {where} is a {kind} adapter: continuing it with finetuning_type={kind}")
+        cfg.method.finetuning_type = kind
     if kind != cfg.method.finetuning_type:
         return [
             f"{where} is a {kind} adapter; set finetuning_type={kind} to continue it, or merge_adapter=true to "
