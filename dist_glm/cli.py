@@ -49,11 +49,11 @@ def run_command(command, argv: list[str] | None, body: Callable, parse: bool = T
     parse=False hands `body` the argv instead (training parses it itself, to report the config's problems
     together with those of the files it names). `exit_codes` maps other exception types to an exit code
     (their message printed as one line)."""
-    from dist_glm import config
+    from dist_glm import config, options
 
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(config.help_text(command))
+        print(options.help_text(command))
         return
     start_process()
     try:
@@ -101,7 +101,11 @@ def train_main(argv: list[str] | None = None) -> None:
     run_command(config.TRAIN, argv, body, parse=False, exit_codes=exit_codes)
 
 
-def recipe_config(sections, eval_data: bool = True, output_dir: bool = True):
+# Checks about training alone (evaluation during it): a tool that only reads a recipe's data ignores them.
+TRAINING_ONLY = ("predict_with_generate needs", "eval_steps needs", "early_stopping_patience needs")
+
+
+def recipe_config(sections, eval_data: bool = True, output_dir: bool = True, training: bool = True):
     """A training recipe's Config for a tool that reads one (prepare, distill_cache, distill_generate):
     its values checked, dataset names/folders/globs resolved and the data files checked, all problems
     raised together."""
@@ -110,6 +114,7 @@ def recipe_config(sections, eval_data: bool = True, output_dir: bool = True):
 
     cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
     problems = [p for p in config.check_values(cfg) if output_dir or not p.startswith("output_dir")]
+    problems = [p for p in problems if training or not p.startswith(TRAINING_ONLY)]
     problems += resolve_and_check(cfg.data, eval_data)
     if problems:
         raise UserError(problems)
@@ -135,7 +140,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
         from dist_glm.data.loading import load_datasets, render_trained_spans
         from dist_glm.models.loading import load_tokenizer
 
-        cfg = recipe_config(sections)
+        cfg = recipe_config(sections, training=False)  # tokenizing needs no evaluation settings
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
         samples = load_datasets(cfg, tokenizer).samples
         for i, example in enumerate(samples[: sections["prepare"].show_samples]):

@@ -6,13 +6,13 @@ its own next to its code, and all go through the one loader in dist_glm.options.
 """
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
-from dist_glm import options
 from dist_glm.errors import UserError
 from dist_glm.options import (  # noqa: F401  (re-exported: every command imports its loader from here)
     Command,
@@ -140,8 +140,13 @@ class TrainConfig:
     per_device_eval_batch_size: int = option(8, "Eval micro-batch size per rank.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
     learning_rate: float = option(5e-5, "Peak learning rate.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
-        "linear", "Learning-rate schedule after warmup."
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "cosine_with_min_lr"
+    ] = option("linear", "Learning-rate schedule after warmup (Hugging Face's names).")
+    lr_scheduler_kwargs: str = option(
+        "",
+        'The schedule\'s own arguments (JSON object): {"num_cycles": 2} for cosine_with_restarts, '
+        '{"min_lr_rate": 0.1} or {"min_lr": 1e-6} for cosine_with_min_lr.',
     )
     warmup_ratio: float = option(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
     warmup_steps: int = option(0, "Warmup steps (overrides warmup_ratio).")
@@ -283,20 +288,14 @@ def check_values(cfg: Config) -> list[str]:
     need(bool(m.model_name_or_path), "model_name_or_path is required; set it to a local GLM checkpoint directory")
     need(bool(d.dataset), "dataset is required; set it to one or more comma-separated jsonl/json files")
     need(bool(t.output_dir), "output_dir is required; set it to a directory for checkpoints and the final model")
-    for key in (
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "logging_steps",
-        "generation_max_new_tokens",
-        "preflight_timeout",
-        "ddp_timeout",
-    ):
+    positive = "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps logging_steps"
+    for key in (positive + " generation_max_new_tokens preflight_timeout ddp_timeout").split():
         need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
     for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):
         need(getattr(t, key) >= 0, f"{key}={getattr(t, key)} must be 0 or more")
     need(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be positive")
     need(0 <= t.warmup_ratio < 1, f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    out += check_scheduler_kwargs(t)
     need(t.max_steps == -1 or t.max_steps >= 1, f"max_steps={t.max_steps} must be -1 (use epochs) or at least 1")
     need(t.max_steps >= 1 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1")
     need(t.max_nonfinite_steps >= 0, f"max_nonfinite_steps={t.max_nonfinite_steps} must be 0 (no limit) or more")
@@ -311,9 +310,7 @@ def check_values(cfg: Config) -> list[str]:
     need(t.neftune_noise_alpha >= 0, f"neftune_noise_alpha={t.neftune_noise_alpha} must be 0 (off) or positive, e.g. 5")
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
-    need(
-        d.preprocessing_num_workers >= 1, f"preprocessing_num_workers={d.preprocessing_num_workers} must be at least 1"
-    )
+    need(d.preprocessing_num_workers >= 1, f"preprocessing_num_workers={d.preprocessing_num_workers} must be >= 1")
     need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
     need(
         d.val_size == 0 or (0 < d.val_size < 1) or (d.val_size >= 1 and d.val_size.is_integer()),
@@ -323,10 +320,7 @@ def check_values(cfg: Config) -> list[str]:
         not (d.val_size and d.eval_dataset),
         "val_size and eval_dataset are both set; hold out part of dataset (val_size) or use eval_dataset, not both",
     )
-    need(
-        not (m.merge_adapter and not m.adapter_name_or_path),
-        "merge_adapter=true needs adapter_name_or_path (the adapter to merge); set it",
-    )
+    need(not (m.merge_adapter and not m.adapter_name_or_path), "merge_adapter=true needs adapter_name_or_path")
     need(
         not (t.init_optimizer_state and not t.init_from_checkpoint),
         "init_optimizer_state=true needs init_from_checkpoint (the checkpoint whose moments to take); set it",
@@ -355,10 +349,7 @@ def check_values(cfg: Config) -> list[str]:
         t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
         f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
     )
-    need(
-        not (t.predict_with_generate and not has_eval),
-        "predict_with_generate needs eval_dataset (or val_size); set one",
-    )
+    need(not (t.predict_with_generate and not has_eval), "predict_with_generate needs eval_dataset (or val_size)")
     return out + check_distill(cfg.distill)
 
 
@@ -387,6 +378,21 @@ def check_mix_probs(d: DataConfig) -> list[str]:
 def report_to_names(report_to: str) -> list[str]:
     """report_to's names, lower-cased, once each, in order (a YAML list arrives comma-joined)."""
     return list(dict.fromkeys(n.strip().lower() for n in report_to.split(",") if n.strip()))
+
+
+def check_scheduler_kwargs(t) -> list[str]:
+    """What each schedule takes (get_scheduler would raise deep inside training otherwise)."""
+    takes = {"cosine_with_restarts": {"num_cycles"}, "cosine_with_min_lr": {"min_lr", "min_lr_rate", "num_cycles"}}
+    try:
+        kwargs = json.loads(t.lr_scheduler_kwargs or "{}")
+    except ValueError:
+        kwargs = None
+    allowed = takes.get(t.lr_scheduler_type, set())
+    if not isinstance(kwargs, dict) or set(kwargs) - allowed:
+        return [f"lr_scheduler_kwargs={t.lr_scheduler_kwargs}: {t.lr_scheduler_type} takes {sorted(allowed) or 'none'}"]
+    if t.lr_scheduler_type == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
+        return ['lr_scheduler_type=cosine_with_min_lr needs lr_scheduler_kwargs {"min_lr_rate": 0.1} (or min_lr)']
+    return []
 
 
 def check_distill(d: DistillConfig) -> list[str]:
@@ -421,14 +427,6 @@ TRAIN = Command(
     default_yaml=DEMO_CONFIG,
 )
 TRAIN_KEYS = frozenset(TRAIN.fields())
-
-
-def help_text(command: Command = TRAIN) -> str:
-    return options.help_text(command)
-
-
-def parse_cli(argv: list[str], command: Command = TRAIN):
-    return options.parse_cli(argv, command)
 
 
 def collect_config(

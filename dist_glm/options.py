@@ -96,6 +96,8 @@ def convert(name: str, tp, value, source: str):
             raise ValueError(f"{source}: {name}={value!r} is not a number") from None
     if value is None:
         return ""
+    if isinstance(value, dict):  # a YAML mapping given to a text option holding JSON (lr_scheduler_kwargs)
+        return json.dumps(value)
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     return str(value)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_glm.config import DEMO_CONFIG, help_text, load_config
+from dist_glm.config import DEMO_CONFIG, TRAIN, load_config
 from dist_glm.errors import UserError
+from dist_glm.options import help_text
 from dist_glm.runtime.deepspeed_config import build_ds_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +141,7 @@ def test_ds_config_contradictions_are_errors(tmp_path):
 
 
 def test_help_lists_every_field_with_its_doc():
-    text = help_text()
+    text = help_text(TRAIN)
     assert "--learning_rate=5e-05" in text and "Peak learning rate." in text
     assert str(DEMO_CONFIG.name) in text
 

@@ -195,3 +195,17 @@ def test_prefetcher_builds_the_next_step_ahead_and_hands_out_the_same_batches():
     # Step 1 was built on the spot (nothing ahead yet); steps 2, 3 and 4 in the background thread.
     assert built[0] == (1, threading.current_thread().name)
     assert [s for s, name in built[1:] if name.startswith("collate")] == [2, 3, 4]
+
+
+def test_prepare_tokenizes_a_recipe_whose_evaluation_settings_need_an_eval_set(tmp_path, capsys):
+    # A training recipe with predict_with_generate / eval_steps and no eval set yet: training refuses it,
+    # but tokenizing its training data needs none of that.
+    import json
+
+    from dist_glm import cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"content": "类型#裙", "summary": "红色"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    args = [f"--model_name_or_path={TINY_MODEL}", f"--dataset={data}", f"--output_dir={tmp_path / 'o'}"]
+    cli.prepare_main([*args, "--predict_with_generate=true", "--eval_steps=10", "--show_samples=1"])
+    assert "--- sample 1" in capsys.readouterr().out

@@ -109,3 +109,33 @@ def test_a_failing_final_eval_keeps_the_trained_model(tmp_path, varlen_data, eva
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path)  # complete and loadable
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, lr_at_end",
+    [("cosine_with_restarts", {"num_cycles": 2}, 0.0), ("cosine_with_min_lr", {"min_lr_rate": 0.1}, 0.1)],
+)
+def test_the_hugging_face_schedules_llamafactory_recipes_name(kind, kwargs, lr_at_end):
+    import json
+
+    import torch
+
+    from dist_glm.config import load_config
+    from dist_glm.training.optimizer import build_scheduler
+
+    base = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--learning_rate=1.0"]
+    cfg = load_config([*base, f"--lr_scheduler_type={kind}", f"--lr_scheduler_kwargs={json.dumps(kwargs)}"], None)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(opt, cfg.train, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert rates[0] == 1.0 and abs(opt.param_groups[0]["lr"] - lr_at_end) < 1e-6
+    if kind == "cosine_with_restarts":
+        assert rates[5] > rates[4]  # the restart half way
+    with pytest.raises(Exception, match="needs lr_scheduler_kwargs"):
+        load_config([*base, "--lr_scheduler_type=cosine_with_min_lr"], None)
+    with pytest.raises(Exception, match=r"lr_scheduler_kwargs=.*linear takes none"):
+        load_config([*base, '--lr_scheduler_kwargs={"num_cycles": 2}'], None)

@@ -1,6 +1,7 @@
 """The optimizer and learning-rate schedule, built from the training config alone (a ds config's
 optimizer/scheduler sections are refused in distributed.build_ds_config, so there is one source)."""
 
+import json
 import math
 
 import torch
@@ -39,4 +40,10 @@ def build_scheduler(optimizer, t, total_steps: int):
     from transformers import get_scheduler
 
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
-    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return get_scheduler(
+        t.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=json.loads(t.lr_scheduler_kwargs or "{}"),
+    )
