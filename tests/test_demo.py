@@ -62,6 +62,7 @@ def test_readme_demo_command_learns_and_writes_its_outputs(demo_run):
         "generated_predictions.jsonl",
     ):
         assert (OUT / name).is_file(), name
+    assert (OUT / "model.safetensors").stat().st_mode & 0o777 == 0o644  # as the umask gives, not 0600
     # save_total_limit=2 kept the two newest complete checkpoints.
     assert sorted(p.name for p in OUT.glob("checkpoint-*")) == ["checkpoint-400", "checkpoint-600"]
 

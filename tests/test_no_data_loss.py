@@ -38,6 +38,8 @@ def test_export_never_deletes_its_own_input_named_like_its_staging_dir(tmp_path)
     out = export(ModelArgs(model_name_or_path=str(src)), ExportArgs(export_dir=str(tmp_path / "exp" / "m")))
     assert contents(src) == before
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # Readable by others, as the umask says (transformers writes the weights 0600; the staging dir is 0700).
+    assert out.stat().st_mode & 0o777 == 0o755 and (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["m", "m.tmp"]  # no staging left behind
 
 

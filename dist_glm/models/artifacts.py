@@ -338,7 +338,7 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
     swapped in when complete (dist_glm.runtime.staging): an interrupted write never looks finished, and
     nothing but that staging directory (and `out`, which the caller checked may be replaced) is removed."""
     from dist_glm.models.loading import load_tokenizer
-    from dist_glm.runtime.staging import staged
+    from dist_glm.runtime.staging import as_umask_allows, staged
 
     cpu = torch.device("cpu")
     dtype = resolve_dtype(dtype_name, art, cpu, for_export=True)
@@ -356,6 +356,7 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; an exported model is read by others (serving engines)
+        as_umask_allows(tmp)
     return dtype
 
 

@@ -50,3 +50,14 @@ def unique_temp_file(target: Path) -> Path:
     os.close(fd)
     os.chmod(name, 0o644)  # mkstemp's 0600 would carry over to the renamed file
     return Path(name)
+
+
+def as_umask_allows(directory: Path) -> None:
+    """transformers 5 writes model.safetensors with mode 0600 (a temporary file renamed into place), so a
+    model a serving engine or a colleague should read is private; give its files the mode the user's umask
+    gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in directory.iterdir():
+        if f.is_file() and f.stat().st_mode & 0o777 == 0o600:
+            f.chmod(0o666 & ~umask)

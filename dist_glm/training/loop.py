@@ -36,6 +36,7 @@ from dist_glm.runtime import collectives, deepspeed_config, environment
 from dist_glm.runtime.collectives import log
 from dist_glm.runtime.doctor import slow_bf16_warning, summary_line
 from dist_glm.runtime.preemption import PREEMPTED_EXIT, Preempted, PreemptionWatch, mark_for_requeue
+from dist_glm.runtime.staging import as_umask_allows
 from dist_glm.training import continued
 from dist_glm.training.checks import Inputs, validate_inputs
 from dist_glm.training.evaluation import eval_loss, predict
@@ -397,6 +398,7 @@ def export_final(engine, method, tokenizer, out: Path, model_path: str) -> None:
             if generation is not None:
                 generation.use_cache = True
                 generation.save_pretrained(out)
+        as_umask_allows(out)
     collectives.barrier()
 
 
