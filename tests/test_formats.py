@@ -407,3 +407,19 @@ def test_max_samples_caps_each_file_as_llamafactory_does(tmp_path):
     cfg = load_config(["--model_name_or_path=m", f"--dataset={','.join(files)}", "--output_dir=o"], None)
     examples, stats = build_examples(cfg.data.dataset, load_tokenizer("assets/tiny-glm4"), cfg.data, "glm4", 5)
     assert [stats.files[f]["samples"] for f in files] == [3, 5, 5] and len(examples) == 13
+
+
+def test_every_bad_row_is_counted_and_the_first_ten_are_shown(tmp_path):
+    from dist_glm.config import load_config
+    from dist_glm.data.converters import load_conversations
+    from dist_glm.errors import UserError
+
+    data = tmp_path / "rows.jsonl"
+    good = json.dumps({"instruction": "q", "output": "a"})
+    data.write_text("\n".join([good] + ['{"instruction": "q"}'] * 12 + [good]) + "\n")
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={data}", "--output_dir=o"], None)
+    with pytest.raises(UserError) as err:
+        load_conversations(cfg.data.dataset, cfg.data, [])
+    problems = err.value.problems
+    assert len(problems) == 10 and problems[0].startswith(f"{data}:2: missing field 'output'")
+    assert problems[-1].endswith("(12 bad rows; 2 more: fix them, or set on_invalid: skip to skip them)")

@@ -301,12 +301,15 @@ def remap(row: dict, mapping: dict) -> dict:
     return out
 
 
+SHOWN_BAD_ROWS = 10  # bad rows reported at once (each with its file:line); the count covers them all
+
+
 def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict | None = None) -> list[dict]:
     """All conversations from the comma-separated files in `spec`, in file order. Bad rows raise
     UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}. `formats`
     receives each file's format."""
     registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
-    out = []
+    out, bad = [], []
     for path in split_paths(spec):
         rows = read_rows(path)
         fmt = data_cfg.dataset_format
@@ -339,9 +342,16 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
                     check_text(conv)
             except BadRow as e:
                 if data_cfg.on_invalid != "skip":
-                    raise UserError(f"{where}: {e} (fix the row, or set on_invalid: skip to skip bad rows)") from None
+                    bad.append(f"{where}: {e}")  # all of them counted, the first few shown
+                    continue
                 skipped.append({"where": where, "error": str(e)})
                 continue
             conv["where"] = where
             out.append(conv)
+    if bad:
+        shown = bad[:SHOWN_BAD_ROWS]
+        more = f"; {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+        raise UserError(
+            shown[:-1] + [f"{shown[-1]} ({len(bad)} bad rows{more}: fix them, or set on_invalid: skip to skip them)"]
+        )
     return out

@@ -17,7 +17,7 @@ import torch
 
 from dist_glm.checkpointing import checkpoints
 from dist_glm.checkpointing.trainer_state import TrainerState
-from dist_glm.config import Config, save_config
+from dist_glm.config import SECTIONS, Config, save_config
 from dist_glm.data.batching import GlobalBatchSampler, pad_share, sample_lengths
 from dist_glm.data.loading import load_datasets
 from dist_glm.data.prefetch import Prefetcher, pin_on
@@ -96,7 +96,10 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     log(summary_line())
     if t.bf16 and (slow := slow_bf16_warning()):
         log(slow)
-    log(f"world_size={world} config: " + json.dumps(cfg.to_flat_dict(), ensure_ascii=False))
+    # The settings that differ from the defaults; every one is in output_dir/config.yaml and TensorBoard.
+    defaults = Config(**{name: section() for name, section in SECTIONS.items()}).to_flat_dict()
+    changed = {k: v for k, v in cfg.to_flat_dict().items() if v != defaults.get(k)}
+    log(f"world_size={world}; settings other than the defaults: {json.dumps(changed, ensure_ascii=False)}")
 
     continued.prepare_merged_base(cfg)  # merge_adapter: from here on the merge is the model
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
