@@ -307,13 +307,20 @@ def plan_main(argv: list[str] | None = None) -> None:
     recipe = next((a for a in argv if not a.startswith("--")), "the command line")
 
     def body(sections):
-        from dist_glm.planning.trace import trace
+        from dist_glm.planning.trace import known_config_dir, trace
 
         cfg = config.Config(**{name: sections[name] for name in config.SECTIONS})
-        problems = check(cfg, sections["plan"])
+        args = sections["plan"]
+        problems = check(cfg, args)
+        shipped = known_config_dir(cfg.model.model_name_or_path, args.model)
+        if args.model and shipped is None:
+            problems.append(f"model='{args.model}': no such shipped config in assets/model_configs")
         if problems:
             raise UserError(problems)
-        print(render(trace(cfg), cfg, sections["plan"], recipe))
+        if shipped is not None:
+            print(f"[dist_glm] planning from the shipped config.json of {shipped.name} ({shipped}/config.json)")
+            cfg.model.model_name_or_path = str(shipped)
+        print(render(trace(cfg), cfg, args, recipe))
 
     run_command(plan_command(), argv, body)
 

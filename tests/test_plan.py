@@ -223,3 +223,17 @@ def test_prediction_matches_a_measured_training_peak(tmp_path):
     cfg = recipe(*flags)
     predicted = plan_rows(trace(cfg), cfg, 1)[0].total(gc=False)
     assert abs(measured - predicted) <= 0.15 * measured, (measured, predicted)
+
+
+def test_the_headline_command_runs_out_of_the_box(capsys):
+    # docs/planning.md's first command, on a fresh clone: the recipe names /models/glm-4-9b-chat-hf, which
+    # is not there; the shipped config.json of that model (a fact, no weights) is planned with instead.
+    plan_main(["configs/glm4_9b_full.yaml", "--num_gpus=8", "--gpu_memory_gb=80"])
+    out = capsys.readouterr().out
+    assert "planning from the shipped config.json of glm-4-9b-chat-hf" in out
+    line = next(x for x in out.splitlines() if x.startswith("Recommended:"))
+    assert "left are for the CUDA context, NCCL's buffers and allocator fragmentation" in line
+    assert "of host RAM while the model loads" in line and "no GPU measurement has checked them yet" in line
+    with pytest.raises(SystemExit) as code:
+        plan_main(["configs/glm4_9b_full.yaml", "--model=glm-99"])
+    assert code.value.code == 2 and "model='glm-99': no such shipped config" in capsys.readouterr().err

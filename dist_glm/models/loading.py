@@ -28,7 +28,7 @@ def check_model_path(path: str, from_scratch: bool) -> list[str]:
     if not (p / "config.json").is_file():
         return [
             f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
-            "(download one first, e.g. `huggingface-cli download THUDM/glm-4-9b-chat-hf --local-dir DIR`)"
+            "(download one first, e.g. `hf download THUDM/glm-4-9b-chat-hf --local-dir DIR`)"
         ]
     if not from_scratch and not any((p / f).is_file() for f in WEIGHT_FILES):
         return [

@@ -65,6 +65,10 @@ class PlanArgs:
         "Share of each GPU's memory kept free for what the per-rank bytes leave out: the CUDA context, "
         "NCCL's buffers, the allocator's fragmentation.",
     )
+    model: str = option(
+        "",
+        "Plan for a shipped config.json (assets/model_configs, e.g. glm-4-9b-chat-hf) instead of model_name_or_path.",
+    )
 
 
 @dataclass
@@ -292,9 +296,14 @@ def render(tr: Trace, cfg, args: PlanArgs, recipe: str) -> str:
         )
     else:
         row, gc = choice
+        load, _ = host_bytes(tr, cfg, row, n, per_node)
+        kept = args.gpu_memory_gb * GIB - row.total(gc)
         lines.append(
             f"Recommended: --deepspeed={row.ds_config} --gradient_checkpointing={str(gc).lower()} "
-            f"({gib(row.total(gc))} {unit} per GPU of {args.gpu_memory_gb:g} GiB)"
+            f"({gib(row.total(gc))} {unit} per GPU of {args.gpu_memory_gb:g} GiB; the {gib(kept)} {unit} left are "
+            f"for the CUDA context, NCCL's buffers and allocator fragmentation; the node needs {gib(load)} {unit} "
+            "of host RAM while the model loads). These GPU figures are computed and validated against training "
+            "peaks on CPU only; no GPU measurement has checked them yet."
         )
     return "\n".join(lines)
 

@@ -15,12 +15,23 @@ and head, which is what `_FlashLike` keeps.
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from dist_glm.errors import UserError
 
 ATTENTION_NAME = "dist_glm_plan"
+# Published config.json files of real GLM checkpoints (assets/model_configs/SOURCES.md): facts to plan with.
+KNOWN_CONFIGS = Path(__file__).resolve().parents[2] / "assets" / "model_configs"
+
+
+def known_config_dir(model_name_or_path: str, model: str = "") -> Path | None:
+    """The shipped config of `model`, or of the model `model_name_or_path` names when that is no local
+    directory (`/models/glm-4-9b-chat-hf`, `THUDM/glm-4-9b-chat-hf`); None otherwise."""
+    name = model or (Path(model_name_or_path).name if not Path(model_name_or_path, "config.json").is_file() else "")
+    found = KNOWN_CONFIGS / name if name else None
+    return found if found is not None and (found / "config.json").is_file() else None
 
 
 @dataclass
@@ -112,17 +123,17 @@ def check_sizes(config_file) -> None:
 def build_meta_model(model_cfg, method_cfg_holder):
     """The causal LM on the meta device with the recipe's method applied; UserError when config.json
     is missing or cannot be built."""
-    from pathlib import Path
-
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
     from dist_glm.methods import get_method
 
     path = model_cfg.model_name_or_path
     if not (Path(path) / "config.json").is_file():
+        known = sorted(p.name for p in KNOWN_CONFIGS.iterdir() if (p / "config.json").is_file())
         raise UserError(
-            f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory "
-            "(the planner needs only its config.json)"
+            f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory (the "
+            f"planner needs only its config.json: `hf download REPO config.json --local-dir DIR`), or name a "
+            f"shipped one with --model ({', '.join(known)})"
         )
     check_sizes(Path(path) / "config.json")
     AttentionInterface.register(ATTENTION_NAME, _attention)
