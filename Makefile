@@ -34,11 +34,16 @@ $(VENV)/.installed: setup.py constraints.txt
 		echo "CPU-only machine: installing the CPU build of torch $(TORCH_VERSION)"; \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(BIN)/pip install $(PIN) -e ".[dev]"
+	$(BIN)/pip install $(PIN) -e .
 	@# mpirun launches need mpi4py (rank 0's address is broadcast through MPI); only where MPI exists.
 	@if command -v mpirun >/dev/null 2>&1; then $(BIN)/pip install $(PIN) "mpi4py>=3.1"; fi
 	$(BIN)/python -m dist_glm.runtime.ops
 	$(BIN)/python -m dist_glm.runtime.doctor --brief
+	touch $@
+
+# What the tests add (pytest, ruff, the openai client, wandb, ...): not needed to run the demo.
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/pip install $(PIN) -e ".[dev]"
 	touch $@
 
 # The deepspeed launcher's own default port (29500) may be taken by another job: use MASTER_PORT when
@@ -46,10 +51,10 @@ $(VENV)/.installed: setup.py constraints.txt
 demo: setup
 	$(BIN)/deepspeed --master_port $${MASTER_PORT:-$$($(BIN)/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')} launch/train.py $(DEMO_ARGS)
 
-test: setup
+test: setup $(VENV)/.dev-installed
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -m "not slow"
 
 # The suite against the newest releases of every dependency (setup.py's upper bounds dropped), in its
@@ -66,7 +71,7 @@ doctor: setup
 bench: setup
 	$(BIN)/python launch/benchmark.py $(BENCH_ARGS)
 
-lint: setup
+lint: setup $(VENV)/.dev-installed
 	$(BIN)/ruff check dist_glm launch tests benchmarks
 	$(BIN)/ruff format --check dist_glm launch tests benchmarks
 

@@ -100,6 +100,9 @@ def build_ops() -> list[str]:
         builder = accelerator.create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
             continue
+        # The first build compiles C++ for minutes and prints nothing itself: say what is happening.
+        print(f"DeepSpeed op {builder.NAME}: loading it, or building it once for this environment (minutes "
+              "the first time, seconds after)", flush=True)  # fmt: skip
         builder.load(verbose=False)
         built.append(name)
     return built
