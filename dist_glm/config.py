@@ -388,7 +388,8 @@ def check_scheduler_kwargs(t) -> list[str]:
     except ValueError:
         kwargs = None
     allowed = takes.get(t.lr_scheduler_type, set())
-    if not isinstance(kwargs, dict) or set(kwargs) - allowed:
+    numbers = isinstance(kwargs, dict) and all(type(v) in (int, float) and v >= 0 for v in kwargs.values())
+    if not numbers or set(kwargs) - allowed:
         return [f"lr_scheduler_kwargs={t.lr_scheduler_kwargs}: {t.lr_scheduler_type} takes {sorted(allowed) or 'none'}"]
     if t.lr_scheduler_type == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
         return ['lr_scheduler_type=cosine_with_min_lr needs lr_scheduler_kwargs {"min_lr_rate": 0.1} (or min_lr)']

@@ -170,7 +170,11 @@ def parse_command(argv: list[str], command: Command, notes: list | None = None) 
         yaml_path = str(command.default_yaml)
     layers = [(load_yaml(yaml_path), yaml_path, False)] if yaml_path else []
     layers.append((overrides, "command line", True))
-    if "finetuning_type" in fields:  # a training recipe: LLaMA-Factory's multi-key spellings mean one thing
+    # A training recipe: LLaMA-Factory's multi-key spellings mean one thing. Not in a config.yaml dist_glm
+    # wrote (it dumps every key, preflight_timeout among them, which LLaMA-Factory does not have): there a
+    # `quantization_bit: 4` beside `finetuning_type: lora` is the unused default, not QLoRA.
+    ours = bool(layers) and "preflight_timeout" in layers[0][0]
+    if "finetuning_type" in fields and not ours:
         where = yaml_path or "command line"
         sets, lf_notes, lf_problems = llamafactory.translate({k: v for m, _, _ in layers for k, v in m.items()})
         problems += [f"{where}: {p}" for p in lf_problems]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_glm.checkpointing.checkpoints import STATE_FILE, resolve_resume_path
+from dist_glm.checkpointing.checkpoints import OURS_FILE, STATE_FILE, resolve_resume_path
 from dist_glm.config import load_config, save_config
 from dist_glm.errors import UserError
 from tests.conftest import REPO, TINY_MODEL
@@ -36,6 +36,7 @@ def saved(path: Path, assets: Path = TINY_MODEL) -> Path:
 def checkpoint(out: Path, step: int, state=None, manifest=None) -> Path:
     path = out / f"checkpoint-{step}"
     path.mkdir(parents=True)
+    (path / OURS_FILE).write_text("")  # written by dist_glm
     state = {"global_step": step, "world_size": 1, "global_batch": 4, "total_steps": 10} if state is None else state
     (path / STATE_FILE).write_text(state if isinstance(state, str) else json.dumps(state))
     if manifest is not None:

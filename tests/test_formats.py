@@ -423,3 +423,20 @@ def test_every_bad_row_is_counted_and_the_first_ten_are_shown(tmp_path):
     problems = err.value.problems
     assert len(problems) == 10 and problems[0].startswith(f"{data}:2: missing field 'output'")
     assert problems[-1].endswith("(12 bad rows; 2 more: fix them, or set on_invalid: skip to skip them)")
+
+
+def test_round_templates_refuse_tool_turns_instead_of_pairing_them_by_position():
+    from dist_glm.data.template import build_template
+    from dist_glm.errors import UserError
+    from dist_glm.models.loading import load_tokenizer
+
+    tok = load_tokenizer("assets/tiny-glm4")
+    tok.add_special_tokens({"additional_special_tokens": ["sop"]}, replace_extra_special_tokens=False)
+    conv = {
+        "system": "", "tools": None, "where": "rows.json:7",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                     {"role": "observation", "content": "o"}, {"role": "assistant", "content": "b"}],
+    }  # fmt: skip
+    for name in ("chatglm", "chatglm2"):
+        with pytest.raises(UserError, match=f"rows.json:7: template {name} has no tool calls or tool results"):
+            build_template(name, tok).encode(conv, 256)

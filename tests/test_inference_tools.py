@@ -364,6 +364,7 @@ def user_error_cases(base, prefix, tmp):
     (tmp / "full" / "x").write_text("")
     (tmp / "run" / "checkpoint-3").mkdir(parents=True)
     (tmp / "run" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (tmp / "run" / "checkpoint-3" / ".dist_glm_checkpoint").write_text("")  # dist_glm's marker
     adapter = tmp / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"}))

@@ -155,3 +155,29 @@ def test_a_checkpoint_like_directory_dist_glm_did_not_write_is_never_deleted(tmp
     (problem,) = checkpoints.foreign_leftovers(str(out))  # ours is a leftover a save may replace; the other not
     assert problem.startswith(f"output_dir='{out}': 'checkpoint-4.tmp'")
     assert (foreign / "thesis.tex").read_text() == "keep"
+
+
+def test_a_config_dist_glm_saved_reads_back_as_it_was_written(tmp_path):
+    # save_config writes every key, quantization_bit: 4 among them; read back, a LoRA or full run's config
+    # must stay what it was (not LLaMA-Factory's QLoRA spelling), or checkpoints would load as QLoRA.
+    from dist_glm.config import save_config
+
+    for method in ("lora", "full", "freeze", "ptuning", "qlora"):
+        cfg = recipe(f"--finetuning_type={method}")
+        save_config(cfg, tmp_path / "config.yaml")
+        again = load_config([str(tmp_path / "config.yaml")], default_yaml=None)
+        assert again.method.finetuning_type == method and again.to_flat_dict() == cfg.to_flat_dict()
+
+
+def test_another_trainers_checkpoints_are_never_ours(tmp_path):
+    # HF Trainer's and LLaMA-Factory's checkpoint-N directories also hold a trainer_state.json.
+    from dist_glm.checkpointing import checkpoints
+
+    out = tmp_path / "out"
+    theirs = out / "checkpoint-500"
+    theirs.mkdir(parents=True)
+    (theirs / "trainer_state.json").write_text('{"global_step": 500}')
+    assert not checkpoints.is_ours(theirs) and checkpoints.list_checkpoints(str(out)) == []
+    problems = problems_of(recipe(f"--output_dir={out}"))
+    assert any("'checkpoint-500' was not written by dist_glm" in p for p in problems), problems
+    assert (theirs / "trainer_state.json").is_file()

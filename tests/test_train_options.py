@@ -137,5 +137,7 @@ def test_the_hugging_face_schedules_llamafactory_recipes_name(kind, kwargs, lr_a
         assert rates[5] > rates[4]  # the restart half way
     with pytest.raises(Exception, match="needs lr_scheduler_kwargs"):
         load_config([*base, "--lr_scheduler_type=cosine_with_min_lr"], None)
+    with pytest.raises(Exception, match=r"lr_scheduler_kwargs=.*cosine_with_restarts takes"):
+        load_config([*base, "--lr_scheduler_type=cosine_with_restarts", '--lr_scheduler_kwargs={"num_cycles": "two"}'])
     with pytest.raises(Exception, match=r"lr_scheduler_kwargs=.*linear takes none"):
         load_config([*base, '--lr_scheduler_kwargs={"num_cycles": 2}'], None)

@@ -52,7 +52,11 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in d.iterdir()
+        if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file() and is_ours(p)
+    ]
     return sorted(found)
 
 
@@ -235,22 +239,23 @@ def save_checkpoint(engine, cfg, state: TrainerState, trainable_only: bool, tota
 
 
 def is_ours(path: Path) -> bool:
-    """Whether dist_glm wrote this checkpoint directory (its marker, or for checkpoints from before the
-    marker existed, DeepSpeed's tag folder or a trainer state)."""
-    return (path / OURS_FILE).is_file() or (path / STATE_FILE).is_file() or (path / TAG).is_dir()
+    """Whether dist_glm wrote this checkpoint directory: its marker, or for checkpoints from before the
+    marker existed, its DeepSpeed tag folder. A trainer_state.json alone is not enough: HF Trainer's and
+    LLaMA-Factory's checkpoint-N directories have one too, and are never ours to prune or replace."""
+    return (path / OURS_FILE).is_file() or (path / TAG).is_dir()
 
 
 def foreign_leftovers(output_dir: str) -> list[str]:
-    """Before launch: `checkpoint-N.tmp` directories in output_dir that dist_glm did not write (a save would
-    have to delete them, and never will)."""
+    """Before launch: `checkpoint-N` and `checkpoint-N.tmp` directories in output_dir that dist_glm did not
+    write (a save would have to replace them, and never will)."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
     return [
         f"output_dir='{output_dir}': '{p.name}' was not written by dist_glm, and a checkpoint save would need its "
         "name; move it out of output_dir"
-        for p in sorted(d.glob("checkpoint-*.tmp"))
-        if p.is_dir() and not is_ours(p)
+        for p in sorted(d.glob("checkpoint-*"))
+        if p.is_dir() and (_NAME.match(p.name) or p.name.endswith(".tmp")) and not is_ours(p)
     ]
 
 

@@ -239,6 +239,7 @@ class RoundTextTemplate:
 
     def __init__(self, tokenizer, version: int, train_on_prompt: bool = False):
         self.tok, self.version, self.train_on_prompt = tokenizer, version, train_on_prompt
+        self.name = "chatglm2" if version == 2 else "chatglm"
         self.sep, self.first_round = ("\n\n", 1) if version == 2 else ("\n", 0)
         marks = _ids(tokenizer, ["[gMASK]", "sop" if version == 2 else "<sop>"])
         self.head, self.tail = (marks, []) if version == 2 else ([], marks)
@@ -248,6 +249,13 @@ class RoundTextTemplate:
         return _encode_text(self.tok, s)
 
     def _pairs(self, conv: dict) -> list[tuple[str, str]]:
+        if any(m["role"] == "observation" or m.get("tool_call") for m in conv["messages"]):
+            # Rounds of question and answer have no place for a tool's call or result: pairing what is
+            # left by position would train a user's turn as a reply.
+            raise UserError(
+                f"{conv.get('where', 'a conversation')}: template {self.name} has no tool calls or tool results; "
+                "use template chatglm3, glm4 or glm4_0414 for tool data, or leave these rows out"
+            )
         msgs = [m for m in conv["messages"] if m["role"] in ("user", "assistant")]
         pairs = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, len(msgs) - 1, 2)]
         if conv.get("system") and pairs:

@@ -129,7 +129,7 @@ def build_meta_model(model_cfg, method_cfg_holder):
 
     path = model_cfg.model_name_or_path
     if not (Path(path) / "config.json").is_file():
-        known = sorted(p.name for p in KNOWN_CONFIGS.iterdir() if (p / "config.json").is_file())
+        known = sorted(p.parent.name for p in KNOWN_CONFIGS.glob("*/config.json"))
         raise UserError(
             f"model_name_or_path='{path}': no config.json there; point it at a local checkpoint directory (the "
             f"planner needs only its config.json: `hf download REPO config.json --local-dir DIR`), or name a "

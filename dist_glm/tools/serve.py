@@ -23,7 +23,7 @@ from dist_glm.models.artifacts import ModelArgs
 from dist_glm.tools.serving.api import build_app
 from dist_glm.tools.serving.engine import Engine
 
-log = logging.getLogger("dist_glm.tools.serve")
+log = logging.getLogger("dist_glm.serve")
 API_KEY_ENV = "DIST_GLM_API_KEY"
 
 

@@ -114,19 +114,18 @@ class MetricsLogger:
         self.writer = SummaryWriter(str(runs), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.write_error:
             return
-        self._scalars(step, values)
         now = time.time()
         clock = {"time": round(now, 3), "elapsed_s": round(self.elapsed_before + now - self.started, 3)}
-        if self.write_error:
-            return
-        try:
+        try:  # TensorBoard's writer re-raises its own write errors here too
+            self._scalars(step, values)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **values, **clock}) + "\n")
+            self.writer.flush()
         except OSError as e:  # read-only, full, gone: every rank learns it in stop_if_unwritable
-            self.write_error = f"{self.path.name}: {e.strerror or e}"
-        self.writer.flush()
+            name = Path(e.filename).name if e.filename else self.path.name
+            self.write_error = f"{name}: {e.strerror or e}"
 
     def stop_if_unwritable(self, step: int, rank: int) -> None:
         """Collective: rank 0 alone writes the logs, so when output_dir stops taking its writes every rank

@@ -33,7 +33,7 @@ from dist_glm.tools.serving.protocol import (
 from dist_glm.tools.serving.tool_calls import ToolPlan
 
 # The server's one logger name, shared by its modules, so log lines read as they always have.
-log = logging.getLogger("dist_glm.tools.serve")
+log = logging.getLogger("dist_glm.serve")
 MAX_BODY_BYTES = 8 * 2**20  # a chat request is text: 8 MiB is far above any context window
 
 

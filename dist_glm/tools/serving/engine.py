@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 # The server's one logger name, shared by its modules, so log lines read as they always have.
-log = logging.getLogger("dist_glm.tools.serve")
+log = logging.getLogger("dist_glm.serve")
 
 
 # ---------------------------------------------------------------------------------------------
