@@ -107,7 +107,15 @@ def test_signal_before_time_limit_checkpoints_requeues_and_resumes(slurm_env, tm
     # What `#SBATCH --signal=USR1@180` does before the limit: USR1 to every task of the job step.
     subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm_env, check=True)
     deadline = time.time() + 600
-    while not job_gone(slurm_env, job_id):
+
+    def restarted_and_finished() -> bool:
+        # Read from the job's own log, not from squeue: right after `scontrol requeue` a loaded slurmctld
+        # may show the job as COMPLETED for a while before it turns PENDING again (CI saw it as gone).
+        text = log.read_text() if log.exists() else ""
+        restart = text.find("restart 1")
+        return restart >= 0 and "[slurm] training exited with code" in text[restart:]
+
+    while not (restarted_and_finished() and job_gone(slurm_env, job_id)):
         assert time.time() < deadline, log.read_text()[-4000:]
         # Slurm defers a requeued job's start (BeginTime) by a couple of minutes; here, start it now.
         state = subprocess.run(
