@@ -3,6 +3,11 @@
 The outputs are committed, so nobody needs to run this; it exists so the assets are reproducible
 and reviewable. Usage: python launch/build_demo_assets.py
 
+`--moe` writes the tiny Mixture-of-Experts GLMs (assets/tiny-glm4-moe, tiny-glm4-moe-lite, tiny-glm-moe-dsa):
+each family's real structure (shared expert, sigmoid router with its correction bias, dense first
+layers, MLA, the DSA indexer, the MTP layer count) at hidden size 64 with 8 experts top-2, and the tiny
+BPE vocabulary with the special tokens of GLM-4.5 and later (thinking, XML tool calls) appended.
+
 `--real-vocab DIR` writes a GLM-4-shaped checkpoint directory at GLM-4's real vocabulary instead
 (assets/glm4-real-vocab: GlmForCausalLM, vocab 151,552, the special tokens at their real ids
 151329-151342). Only its config is committed; its 3 MB tokenizer.json is generated (the tests do it
@@ -193,7 +198,86 @@ def build_real_vocab_config(out_dir: Path) -> None:
     GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], do_sample=False).save_pretrained(out_dir)
 
 
+# The added tokens of GLM-4.5 and later, in their tokenizer's order after GLM-4's 14 (SOURCES.md); the first 18
+# of the 36 are special (skipped when decoding), the thinking and tool-call markup are not.
+GLM45_EXTRA_TOKENS = [
+    "<|begin_of_audio|>", "<|end_of_audio|>", "<|begin_of_transcription|>", "<|end_of_transcription|>",
+    "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>", "<think>", "</think>", "<tool_call>", "</tool_call>",
+    "<tool_response>", "</tool_response>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>", "/nothink",
+    "<|begin_of_box|>", "<|end_of_box|>", "<|image|>", "<|video|>",
+]  # fmt: skip
+GLM45_SPECIAL_COUNT = 18
+
+
+def build_moe_tokenizer(out_dir: Path, tiny_dir: Path = ROOT / "assets" / "tiny-glm4") -> int:
+    """The tiny vocabulary with GLM-4.5's added tokens after GLM-4's (ids 714 on)."""
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(tiny_dir / "tokenizer.json"),
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    specials = GLM4_SPECIAL_TOKENS + GLM45_EXTRA_TOKENS
+    fast.add_tokens([AddedToken(t, special=i < GLM45_SPECIAL_COUNT, normalized=False) for i, t in enumerate(specials)])
+    fast.add_special_tokens({"additional_special_tokens": specials[1:GLM45_SPECIAL_COUNT]})
+    fast.save_pretrained(out_dir)
+    return len(fast)
+
+
+def build_moe_configs() -> None:
+    """Tiny glm4_moe (GLM-4.5/4.6/4.7), glm4_moe_lite (GLM-4.7-Flash) and glm_moe_dsa (GLM-5.x)."""
+    from transformers import GenerationConfig, Glm4MoeConfig, Glm4MoeLiteConfig, GlmMoeDsaConfig
+
+    first = ROOT / "assets" / "tiny-glm4-moe"
+    vocab_size = build_moe_tokenizer(first)
+    tok_files = {f.name: f.read_bytes() for f in first.iterdir()}
+    ids = {
+        t: (GLM4_SPECIAL_TOKENS + GLM45_EXTRA_TOKENS).index(t) + 700
+        for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+    }
+    eos = list(ids.values())
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+        max_position_embeddings=512, pad_token_id=ids["<|endoftext|>"], eos_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    mla = dict(q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+    configs = {
+        # GLM-4.5: GQA with qk-norm and partial RoPE, the first layer dense, one MTP layer kept in the checkpoint.
+        "tiny-glm4-moe": Glm4MoeConfig(
+            **common, num_hidden_layers=3, num_key_value_heads=2, head_dim=16, first_k_dense_replace=1,
+            use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
+        ),
+        # GLM-4.7-Flash: multi-latent attention, the first layer dense.
+        "tiny-glm4-moe-lite": Glm4MoeLiteConfig(
+            **common, **mla, num_hidden_layers=3, num_key_value_heads=4, routed_scaling_factor=1.8,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+        # GLM-5: MLA plus DeepSeek sparse attention's indexer, the first layer dense.
+        "tiny-glm-moe-dsa": GlmMoeDsaConfig(
+            **common, **mla, num_hidden_layers=3, num_key_value_heads=4, routed_scaling_factor=2.5, head_dim=8,
+            index_topk=16, index_head_dim=16, index_n_heads=2, first_k_dense_replace=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    }  # fmt: skip
+    for name, config in configs.items():
+        out = ROOT / "assets" / name
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(out)
+        GenerationConfig(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"], do_sample=False).save_pretrained(out)
+        for fname, data in tok_files.items():
+            if fname.startswith("tokenizer") or fname == "special_tokens_map.json":
+                (out / fname).write_bytes(data)
+
+
 def main() -> None:
+    if "--moe" in sys.argv:
+        build_moe_configs()
+        print("wrote the tiny MoE GLMs to assets/tiny-glm4-moe, tiny-glm4-moe-lite, tiny-glm-moe-dsa")
+        return
     if "--tool-data" in sys.argv:  # only the tool-calling demo's rows (they never enter the tokenizer)
         build_tool_data(ROOT / "data" / "tool_demo")
         return

@@ -19,6 +19,7 @@ LAYERS = (
     "errors",
     "llamafactory",
     "options",
+    "value_checks",
     "config",
     "runtime",
     "methods",
@@ -108,7 +109,8 @@ def test_the_ground_floor_imports_nothing_upward():
     graph = import_graph()
     assert graph["dist_glm.errors"] == set()
     assert graph["dist_glm.options"] == {"dist_glm.errors", "dist_glm.llamafactory"}
-    assert graph["dist_glm.config"] == {"dist_glm.errors", "dist_glm.options"}
+    assert graph["dist_glm.value_checks"] == set()
+    assert graph["dist_glm.config"] == {"dist_glm.errors", "dist_glm.options", "dist_glm.value_checks"}
     assert graph["dist_glm.llamafactory"] == set()
     assert graph["dist_glm.runtime.doctor"] == set()  # runs before anything else is known to work
     assert graph["dist_glm.runtime.supervise"] == set()  # stdlib only: it outlives the ranks it supervises

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from dist_glm.errors import UserError
 
 IGNORE_INDEX = -100
+# The MoE GLMs (GLM-4.5 onward): `auto` must not give them GLM-4's format.
+THINKING_ERA_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm5_next")
 TEMPLATES = ("auto", "glm4", "glm4_0414", "chatglm3", "chatglm2", "chatglm")
 # The identity sentence of glm-4-9b-chat's own chat_template (tokenizer_config.json) before the tool list.
 # THUDM's demo code writes "GLM-4" in its place; the checkpoint's template, which users render with, says ChatGLM.
@@ -61,6 +63,12 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
     original ChatGLM-6B."""
     if name != "auto":
         return name
+    if model_type in THINKING_ERA_MODEL_TYPES:
+        raise UserError(
+            f"template=auto: model_type {model_type} (GLM-4.5 and later) chats in the thinking-era format (<think>, "
+            "XML tool calls), which dist_glm does not write yet; set template=glm4_0414 to train in GLM-4-0414's "
+            "format (which this model did not see in training), or wait for the GLM-4.5 templates"
+        )
     if model_type == "chatglm":
         known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
         return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"

@@ -1,7 +1,7 @@
 """LoRA: frozen base weights plus trained low-rank adapters; the artifact is a PEFT adapter."""
 
 from dist_glm.errors import UserError
-from dist_glm.methods import full
+from dist_glm.methods import full, lora_targets
 
 trainable_only = True  # in checkpoints
 export_trainable_only = True  # the adapter (and modules_to_save) only
@@ -9,7 +9,7 @@ is_adapter = True
 can_pack = True
 export_refusal = None  # export.py merges it into its base
 # PEFT's own shorthand, and LLaMA-Factory's spelling of it.
-ALL_LINEAR = ("all-linear", "all")
+ALL_LINEAR = lora_targets.ALL_LINEAR
 # Written beside a LoRA adapter that trained against a quantized base (dist_glm.methods.qlora).
 QUANTIZED_BASE_FILE = "quantization_config.json"
 
@@ -33,13 +33,14 @@ def check_config(cfg) -> list[str]:
     if names is None:
         return []  # no config.json to read; check_model_path reports that
     out = []
-    for key, wanted in (("lora_target", [] if targets == "all-linear" else targets), ("lora_modules_to_save", extra)):
+    named = [] if targets == "all-linear" else [t for t in targets if t not in lora_targets.KINDS + ALL_LINEAR]
+    for key, wanted in (("lora_target", named), ("lora_modules_to_save", extra)):
         unknown = [w for w in wanted if w not in names]
         if unknown:
             linear = ", ".join(sorted(names))
             out.append(
                 f"{key}: {', '.join(unknown)} is not a module name in {cfg.model.model_name_or_path}; use "
-                f"comma-separated names from: {linear} (or lora_target=all-linear)"
+                f"comma-separated names from: {linear}, or kinds ({', '.join(lora_targets.KINDS)}), or all"
             )
     return out
 
@@ -68,20 +69,27 @@ def make_trainable(model, cfg):
     from peft import LoraConfig, get_peft_model
 
     m = cfg.method
-    target = target_modules(m)
-    extra = [s.strip() for s in m.lora_modules_to_save.split(",") if s.strip()] or None
+    extra = [s.strip() for s in m.lora_modules_to_save.split(",") if s.strip()]
+    # By kind on MoE models (and wherever a kind is named); PEFT's own all-linear on dense ones.
+    resolved = lora_targets.peft_targets(model, m.lora_target)
+    targets = {"target_modules": target_modules(m)} if resolved is None else dict(resolved)
+    extra += targets.pop("modules_to_save", [])
+    if not targets.get("target_modules") and not targets.get("target_parameters"):
+        has = ", ".join(k for k, names in lora_targets.classify(model).items() if names)
+        raise UserError(f"lora_target={m.lora_target}: this model has nothing of that kind; it has: {has}")
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=m.lora_rank,
         lora_alpha=m.lora_alpha,
         lora_dropout=m.lora_dropout,
-        target_modules=target,
+        **targets,
         use_rslora=m.use_rslora,  # scale alpha / sqrt(r) instead of alpha / r
         use_dora=m.use_dora,  # weight-decomposed LoRA
-        modules_to_save=extra,  # trained in full next to the adapter, e.g. embed_tokens, lm_head
+        modules_to_save=extra or None,  # trained in full next to the adapter, e.g. embed_tokens, lm_head
     )
     try:
-        return get_peft_model(model, lora_config)
+        with lora_targets.native_targets(model):
+            return get_peft_model(model, lora_config)
     except ValueError as e:  # PEFT names the target modules it could not find
         raise UserError(f"lora_target/lora_modules_to_save: {str(e).splitlines()[0]}") from None
 
@@ -127,4 +135,5 @@ def adapter_settings(adapter_dir) -> dict:
 def continue_adapter(model, adapter_dir, cfg):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    with lora_targets.native_targets(model):
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)

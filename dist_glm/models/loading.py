@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dist_glm.errors import UserError
+from dist_glm.models import moe
 
 # Keeps the HfDeepSpeedConfig alive while the model loads (ZeRO-3 partitions weights during
 # from_pretrained only while such an object exists).
@@ -105,6 +106,7 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
     check_remote_code(path, model_cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
+    moe.configure(config, model_cfg)
     # sdpa is transformers' own choice for GLM; asked for explicitly only when it is another one (remote
     # code may not take the argument at all).
     attn = getattr(model_cfg, "attn_implementation", "sdpa")

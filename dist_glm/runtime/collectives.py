@@ -101,4 +101,12 @@ def gather_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str
                     out[name] = param.detach().cpu().clone()
         elif main:
             out[name] = param.detach().cpu().clone()
+    if not trainable_only and main:
+        # Persistent buffers belong to the model as much as its weights: the MoE GLMs' routers keep their
+        # trained e_score_correction_bias in one, and a model saved without it routes differently.
+        # ZeRO-3 does not partition buffers, so every rank holds them whole.
+        for prefix, sub in module.named_modules():
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf is not None and name not in sub._non_persistent_buffers_set:
+                    out[f"{prefix}.{name}" if prefix else name] = buf.detach().cpu().clone()
     return out

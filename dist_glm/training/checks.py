@@ -11,6 +11,7 @@ from dist_glm.config import Config
 from dist_glm.data.registry import resolve_and_check
 from dist_glm.errors import UserError
 from dist_glm.methods import Method, get_method
+from dist_glm.models import moe
 from dist_glm.models.loading import check_attention, check_liger, check_model_path, check_remote_code
 from dist_glm.objectives import check_objective
 from dist_glm.runtime import deepspeed_config, environment
@@ -49,7 +50,9 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         ds_config = deepspeed_config.build_ds_config(cfg.train, world_size)
     except UserError as e:
         problems += e.problems
-    problems += check_attention(cfg.model) + check_liger(cfg.model) + check_fp16_here(cfg.train)
+    problems += (
+        check_attention(cfg.model) + check_liger(cfg.model) + check_fp16_here(cfg.train) + moe.check_model(cfg.model)
+    )
     problems += adopt_adapter(cfg)  # first: the adapter's rank and targets are what the method checks
     problems += check_init(cfg, world_size)
     method = get_method(cfg.method.finetuning_type)

@@ -23,6 +23,7 @@ from dist_glm.data.loading import load_datasets
 from dist_glm.data.prefetch import Prefetcher, pin_on
 from dist_glm.errors import UserError
 from dist_glm.methods import Method, count_parameters
+from dist_glm.models import moe
 from dist_glm.models.loading import (
     add_neftune,
     apply_liger,
@@ -82,6 +83,7 @@ class Run:
     eos_ids: list[int]
     num_params: int
     objective: Objective  # what the loss is (dist_glm.objectives)
+    routing: moe.RoutingStats  # tokens per expert (empty for a dense model)
     resume_path: Path | None
     resume_tag: str
 
@@ -133,6 +135,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     if t.neftune_noise_alpha:
         add_neftune(model, t.neftune_noise_alpha)
     continued.load_init_weights(model, cfg, method, resumed=resume_path is not None)
+    for line in moe.prepare(model, deepspeed_config.zero_stage(ds_config), cfg.model.experts_implementation):
+        log(line)
     trainable, total = count_parameters(model)
     log(
         f"method={cfg.method.finetuning_type} trainable params {trainable:,} / {total:,} "
@@ -163,6 +167,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         eos_ids=generation_eos_ids(cfg.model.model_name_or_path, tokenizer),
         num_params=total,
         objective=objective,
+        routing=moe.RoutingStats(engine.module),
         resume_path=resume_path,
         resume_tag=resume_tag,
     )
@@ -209,7 +214,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
     for step in range(start_step + 1, run.total_steps + 1):
         t0 = time.perf_counter()
         micro = prefetch.get(step, step + 1 if step < run.total_steps else None)
-        result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective)
+        result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective, run.routing)
         state.global_step = step
         counted = result.skipped is None and not result.overflow
         if counted:
@@ -221,6 +226,7 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
             record = window.flush(engine.get_lr()[0], epoch=step / run.sampler.steps_per_epoch)
             if engine.fp16_enabled():
                 record["train/loss_scale"] = loss_scale(engine)
+            record.update(run.routing.flush(collectives.all_reduce_sum))  # collective, where the model has routers
             logger.log(step, record)
             results.update(record)
             logger.stop_if_unwritable(step, rank)  # collective: a refused log write stops every rank here

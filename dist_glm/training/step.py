@@ -22,7 +22,7 @@ class StepResult:
 
 
 def train_step(
-    engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard, objective
+    engine, micro_batches: list[dict], world_size: int, device, clip: float | None, guard, objective, routing=None
 ) -> StepResult:
     """One optimizer step over this rank's micro-batches. `clip` is set when this loop clips instead of
     the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm. `objective`
@@ -40,7 +40,11 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if routing:  # an MoE model counts tokens per expert in this forward (not in recomputes, not in eval)
+            routing.set_batch(batch["token_mask"])
         loss_sum, parts = objective.loss_sums(engine, batch)
+        if routing:
+            routing.set_batch(None)
         local_loss_sum += loss_sum.detach()  # stays on the device: one transfer per step, below
         if parts:
             local_parts += torch.stack([parts[name].detach() for name in objective.parts])

@@ -1,0 +1,150 @@
+"""Mixture-of-Experts GLMs: GLM-4.5/4.6/4.7 (`glm4_moe`), GLM-4.7-Flash (`glm4_moe_lite`) and GLM-5.x
+(`glm_moe_dsa`), loaded natively by transformers 5. Everything MoE-specific that training needs is here:
+how the experts compute, what ZeRO-3 must know about them, and the routing the metrics report. For a
+dense GLM every function here is a no-op, so the loop calls them unconditionally.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from dist_glm.methods.lora_targets import describe, is_router
+
+MOE_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa")
+REFUSED_MODEL_TYPES = {
+    "glm5_next": (
+        "GLM-5.3-Flash (glm5_next) is a multimodal model (Glm5NextForConditionalGeneration) with hyper-connections "
+        "and linear attention; dist_glm trains its causal-LM GLMs only, so use GLM-5/5.1/5.2 (glm_moe_dsa), "
+        "GLM-4.7-Flash (glm4_moe_lite) or GLM-4.5/4.6/4.7 (glm4_moe)"
+    ),
+}
+
+
+def model_type_of(path: str) -> str | None:
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("model_type") if f.is_file() else None
+    except (OSError, ValueError):
+        return None  # an unreadable config.json is reported where the model loads
+
+
+def check_model(model_cfg) -> list[str]:
+    """Before anything loads: model types dist_glm refuses, with the reason."""
+    model_type = model_type_of(model_cfg.model_name_or_path)
+    if model_type in REFUSED_MODEL_TYPES:
+        return [f"model_name_or_path='{model_cfg.model_name_or_path}': {REFUSED_MODEL_TYPES[model_type]}"]
+    return []
+
+
+def configure(config, model_cfg) -> None:
+    """How the routed experts compute, set on the config before the model is built. grouped_mm (one
+    grouped matmul over all experts) is transformers' default and runs everywhere; batched_mm gathers
+    each token's experts; eager loops over the experts that received tokens."""
+    if getattr(config, "model_type", None) in MOE_MODEL_TYPES:
+        config._experts_implementation = model_cfg.experts_implementation
+
+
+def moe_blocks(model) -> list[torch.nn.Module]:
+    """The MoE blocks (router + routed experts + shared expert), each the parent of one router."""
+    return [m for m in model.modules() if is_router(getattr(m, "gate", None)) and hasattr(m, "experts")]
+
+
+def prepare(model, zero_stage: int, experts_implementation: str) -> list[str]:
+    """After the method made the model trainable, before deepspeed.initialize: under ZeRO-3 each MoE
+    block becomes a leaf module (its parameters are gathered together on entry). Without that, a per-expert
+    loop (eager) hangs at the first step on 2 ranks: ranks route to different experts, so their parameter
+    fetch orders diverge and the collectives mismatch. grouped_mm does not hang, but the leaf costs it
+    nothing (it gathers every expert anyway). Returns the lines to log; none for a dense model."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return []
+    classes = sorted({type(b) for b in blocks}, key=lambda c: c.__name__)
+    lines = [
+        f"MoE: {len(blocks)} MoE layers, {blocks[0].gate.num_experts} routed experts top-{blocks[0].gate.top_k}; "
+        f"experts_implementation={experts_implementation}"
+    ]
+    if zero_stage == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+        lines[0] += f"; ZeRO-3 leaf modules: {', '.join(c.__name__ for c in classes)}"
+    lines.append(f"MoE: {describe(model)}")
+    return lines
+
+
+class RoutingStats:
+    """Tokens per routed expert, per MoE layer, summed over the micro-batches of the logging window and
+    over all ranks at logging time (one all-reduce of one tensor), plus the router's mean top-k score
+    (the sigmoid score of the chosen experts, before normalisation and routed_scaling_factor: after
+    them every token's weights sum to the same constant). Padding positions are not counted.
+
+    Only the training forward between `set_batch(mask)` and `set_batch(None)` counts: evaluation, and
+    the recomputed forward of gradient checkpointing (during backward), do not."""
+
+    def __init__(self, model):
+        named = [(name, m) for name, m in model.named_modules() if is_router(m)]
+        self.routers = [m for _, m in named]
+        # The decoder layer each router sits in (its metrics' name); the router's ordinal otherwise.
+        self.layers = [int(g[1]) if (g := re.search(r"layers\.(\d+)\.", n)) else i for i, (n, _) in enumerate(named)]
+        self.mask = None  # the current micro-batch's non-pad mask, flattened; None outside a training forward
+        self.counts = None
+        self.weight_sums = None
+        if not self.routers:
+            return
+        n = self.routers[0].num_experts
+        self.counts = torch.zeros(len(self.routers), n, dtype=torch.float64)
+        self.weight_sums = torch.zeros(len(self.routers), 2, dtype=torch.float64)  # (sum of top-k weights, tokens)
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(self._hook(i))
+
+    def __bool__(self) -> bool:
+        return bool(self.routers)
+
+    def set_batch(self, attention_mask) -> None:
+        self.mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
+
+    def _hook(self, i: int):
+        def record(module, inputs, output):
+            if self.mask is None or not module.training or not isinstance(output, tuple) or len(output) != 3:
+                return
+            logits, _, indices = output
+            with torch.no_grad():
+                if self.mask.numel() == indices.shape[0]:
+                    mask = self.mask.to(indices.device)
+                    indices, logits = indices[mask], logits[mask]
+                n = self.counts.shape[1]
+                self.counts[i] += torch.bincount(indices.reshape(-1).long().cpu(), minlength=n).double()
+                chosen = logits.float().sigmoid().gather(1, indices.long())
+                self.weight_sums[i, 0] += chosen.mean(dim=-1).sum().item()
+                self.weight_sums[i, 1] += chosen.shape[0]
+
+        return record
+
+    def flush(self, all_reduce_sum) -> dict[str, float]:
+        """Metrics of the window since the last flush (global over ranks), then reset. `all_reduce_sum`
+        returns a CPU tensor summed over ranks; every rank calls this at the same steps."""
+        if not self.routers:
+            return {}
+        both = all_reduce_sum(torch.cat([self.counts, self.weight_sums], dim=1))
+        n = self.counts.shape[1]
+        counts, sums = both[:, :n], both[:, n:]
+        self.counts.zero_()
+        self.weight_sums.zero_()
+        out = {}
+        for layer, c, s in zip(self.layers, counts, sums, strict=True):
+            if c.sum() == 0:
+                continue
+            mean = c.mean()
+            tag = f"routing/layer{layer:02d}"
+            out[f"{tag}/tokens_per_expert_min"] = c.min().item()
+            out[f"{tag}/tokens_per_expert_max"] = c.max().item()
+            out[f"{tag}/tokens_per_expert_cv"] = (c.std(unbiased=False) / mean).item()
+            out[f"{tag}/experts_without_tokens"] = int((c == 0).sum().item())
+            out[f"{tag}/mean_topk_score"] = (s[0] / s[1]).item() if s[1] else 0.0
+        if out:
+            cvs = [v for k, v in out.items() if k.endswith("_cv")]
+            out["routing/tokens_per_expert_cv_max"] = max(cvs)
+            out["routing/experts_without_tokens"] = sum(v for k, v in out.items() if k.endswith("without_tokens"))
+        return out

@@ -1,0 +1,67 @@
+"""Checks of one option group's values each (scheduler arguments, dataset mixing, distillation, trackers),
+kept apart from config.py so that the typed sections stay readable; config.check_values gathers them."""
+
+import json
+
+
+def mix_probabilities(spec: str) -> list[float]:
+    probs = [float(p) for p in spec.split(",")]  # float("") raises: "0.5,,0.5" drops no entry silently
+    if not all(abs(p) < float("inf") for p in probs):  # nan or inf
+        raise ValueError(spec)
+    return probs
+
+
+def check_mix_probs(d) -> list[str]:
+    if not d.mix_probs:
+        return []
+    try:
+        probs = mix_probabilities(d.mix_probs)
+    except ValueError:
+        return [f"mix_probs='{d.mix_probs}' must be comma-separated finite numbers, one per dataset file, e.g. 0.8,0.2"]
+    files = [f for f in d.dataset.split(",") if f.strip()]
+    if len(probs) != len(files):
+        return [f"mix_probs has {len(probs)} values for {len(files)} dataset files; give one per file, in order"]
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1) > 1e-6:
+        return [f"mix_probs={d.mix_probs} must be non-negative and sum to 1 (it sums to {sum(probs):g})"]
+    return []
+
+
+def report_to_names(report_to: str) -> list[str]:
+    """report_to's names, lower-cased, once each, in order (a YAML list arrives comma-joined)."""
+    return list(dict.fromkeys(n.strip().lower() for n in report_to.split(",") if n.strip()))
+
+
+def check_scheduler_kwargs(t) -> list[str]:
+    """What each schedule takes (get_scheduler would raise deep inside training otherwise)."""
+    takes = {"cosine_with_restarts": {"num_cycles"}, "cosine_with_min_lr": {"min_lr", "min_lr_rate", "num_cycles"}}
+    try:
+        kwargs = json.loads(t.lr_scheduler_kwargs or "{}")
+    except ValueError:
+        kwargs = None
+    allowed = takes.get(t.lr_scheduler_type, set())
+    numbers = isinstance(kwargs, dict) and all(type(v) in (int, float) and v >= 0 for v in kwargs.values())
+    if not numbers or set(kwargs) - allowed:
+        return [f"lr_scheduler_kwargs={t.lr_scheduler_kwargs}: {t.lr_scheduler_type} takes {sorted(allowed) or 'none'}"]
+    if t.lr_scheduler_type == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"} & set(kwargs):
+        return ['lr_scheduler_type=cosine_with_min_lr needs lr_scheduler_kwargs {"min_lr_rate": 0.1} (or min_lr)']
+    return []
+
+
+def check_distill(d) -> list[str]:
+    out = []
+    if not d.enabled:
+        if d.teacher_adapter_name_or_path:
+            out.append("teacher_adapter_name_or_path needs teacher_model_name_or_path (the teacher's base); set it")
+        return out
+    if d.distill_top_k < 1:
+        out.append(f"distill_top_k={d.distill_top_k} must be at least 1 (e.g. 64)")
+    if not 0 <= d.distill_alpha <= 1:
+        out.append(f"distill_alpha={d.distill_alpha} must be in [0, 1] (1 = KD only, 0 = cross-entropy only)")
+    if not d.distill_temperature > 0:
+        out.append(f"distill_temperature={d.distill_temperature} must be positive, e.g. 1 or 2")
+    if d.distill_loss == "jsd" and not 0 < d.distill_jsd_beta < 1:
+        out.append(
+            f"distill_jsd_beta={d.distill_jsd_beta} must be in (0, 1); beta 0 and 1 are "
+            "distill_loss=forward_kl and reverse_kl"
+        )
+    return out
