@@ -259,8 +259,11 @@ def load_artifact(
         if art.adapter is not None:
             from peft import PeftModel
 
+            from dist_glm.methods.lora_targets import native_targets
+
             try:
-                model = PeftModel.from_pretrained(model, art.adapter)
+                with native_targets(model):  # an MoE adapter keeps the targets it was trained with
+                    model = PeftModel.from_pretrained(model, art.adapter)
             except RuntimeError as e:  # PEFT's size-mismatch report: dozens of lines for one mistake
                 if "size mismatch" not in str(e):
                     raise
@@ -338,6 +341,7 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
     swapped in when complete (dist_glm.runtime.staging): an interrupted write never looks finished, and
     nothing but that staging directory (and `out`, which the caller checked may be replaced) is removed."""
     from dist_glm.models.loading import load_tokenizer
+    from dist_glm.models.moe import carry_unloaded_tensors
     from dist_glm.runtime.staging import as_umask_allows, staged
 
     cpu = torch.device("cpu")
@@ -355,6 +359,8 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
+        if carried := carry_unloaded_tensors(art.base, tmp):
+            print(f"[dist_glm] {carried}", flush=True)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; an exported model is read by others (serving engines)
         as_umask_allows(tmp)
     return dtype

@@ -148,3 +148,63 @@ class RoutingStats:
             out["routing/tokens_per_expert_cv_max"] = max(cvs)
             out["routing/experts_without_tokens"] = sum(v for k, v in out.items() if k.endswith("without_tokens"))
         return out
+
+
+EXTRA_FILE = "model-extra-layers.safetensors"
+
+
+def unloaded_layer_tensors(source: Path) -> dict[str, str]:
+    """Tensors of `source` (a model directory) in decoder layers beyond num_hidden_layers, which
+    transformers does not load: GLM-4.5's multi-token-prediction (MTP) layer, which serving engines use
+    for speculative decoding. Maps each name to the file that holds it."""
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    layers = config.get("num_hidden_layers")
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        where = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+    elif (source / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(source / "model.safetensors"), framework="pt") as f:
+            where = dict.fromkeys(f.keys(), "model.safetensors")
+    else:
+        return {}
+    pattern = re.compile(r"^model\.layers\.(\d+)\.")
+    return {
+        k: v for k, v in where.items() if (m := pattern.match(k)) and isinstance(layers, int) and int(m[1]) >= layers
+    }
+
+
+def carry_unloaded_tensors(source, out: Path) -> str | None:
+    """Copy the tensors transformers did not load (`unloaded_layer_tensors`) from `source` into `out`
+    unchanged (same bytes, same dtype), in their own file, listed in out's index (written if `out` has a
+    single model.safetensors), so an exported model keeps everything its checkpoint had. Returns a line
+    to log, or None when there was nothing to carry."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    source = Path(source)
+    extra = unloaded_layer_tensors(source)
+    if not extra or Path(out).resolve() == source.resolve():
+        return None
+    tensors = {}
+    for file in sorted(set(extra.values())):
+        with safe_open(str(source / file), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in extra if extra[k] == file})
+    save_file(tensors, str(out / EXTRA_FILE), metadata={"format": "pt"})
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    else:
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            spec = {"metadata": {}, "weight_map": dict.fromkeys(f.keys(), "model.safetensors")}
+    spec["weight_map"].update(dict.fromkeys(tensors, EXTRA_FILE))
+    index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    layers = sorted({int(k.split(".")[2]) for k in tensors})
+    return (
+        f"kept {len(tensors)} tensors of layer(s) {', '.join(map(str, layers))} that transformers does not load "
+        f"(the multi-token-prediction layer) unchanged in {EXTRA_FILE}"
+    )

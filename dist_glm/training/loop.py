@@ -407,6 +407,8 @@ def export_final(engine, method, tokenizer, out: Path, model_path: str) -> None:
             if generation is not None:
                 generation.use_cache = True
                 generation.save_pretrained(out)
+            if carried := moe.carry_unloaded_tensors(model_path, out):
+                log(carried)
         as_umask_allows(out)
     collectives.barrier()
 
