@@ -130,6 +130,9 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         apply_liger(model)
     torch.manual_seed(t.seed)  # adapter init is identical on every rank and in every run
     model = continued.prepare_trainable(model, method, cfg)
+    # from_pretrained returns a model in eval mode: without this, LoRA dropout, NEFTune and the routing
+    # metrics (all active in training mode only) were silently off for every pretrained base.
+    model.train()
     if t.gradient_checkpointing:  # after make_trainable: PEFT refuses to add a prefix to a checkpointed model
         enable_gradient_checkpointing(model)
     if t.neftune_noise_alpha:
