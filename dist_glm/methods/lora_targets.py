@@ -48,7 +48,11 @@ def classify(model) -> dict[str, list[str]]:
             kind = "shared_experts" if "shared_experts" in parts else "attention" if "self_attn" in parts else "mlp"
             out[kind].append(name)
         elif parts[-1] == "experts":
-            out["experts"] += [f"{name}.{p}" for p, t in module.named_parameters(recurse=False) if t.dim() == 3]
+            # ZeRO-3 partitions parameters while they load (shape [0]); ds_shape keeps the real one.
+            three_d = [
+                p for p, t in module.named_parameters(recurse=False) if len(getattr(t, "ds_shape", t.shape)) == 3
+            ]
+            out["experts"] += [f"{name}.{p}" for p in three_d]
     return out
 
 
