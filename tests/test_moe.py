@@ -185,6 +185,15 @@ def test_routing_counts_real_tokens_of_training_forwards_only():
     )
 
 
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "glm_moe_dsa"])
+def test_ptuning_on_multi_latent_attention_is_refused_up_front(family):
+    from dist_glm.methods import ptuning
+
+    cfg = Config()
+    cfg.model.model_name_or_path = str(REPO / "assets" / FAMILIES[family])
+    assert "multi-latent attention" in ptuning.check_config(cfg)[0]
+
+
 def test_template_auto_and_glm5_next_are_refused_with_the_reason(tmp_path):
     from dist_glm.data.template import choose_template
 
@@ -305,7 +314,8 @@ def test_glm4_moe_full_same_losses_routing_and_export_on_1_and_2_ranks_zero3_eag
 def test_glm4_moe_lite_lora_on_experts_zero3_two_ranks_resumes_exactly(tmp_path, varlen_data, moe_checkpoints):
     ckpt = moe_checkpoints["glm4_moe_lite"]
     common = dict(finetuning_type="lora", lora_target="all", per_device_train_batch_size=2, learning_rate=2e-2,
-                  deepspeed="ds_configs/zero3.json", lr_scheduler_type="constant_with_warmup", save_steps=3)  # fmt: skip
+                  deepspeed="ds_configs/zero3.json", lr_scheduler_type="constant_with_warmup",
+                  save_steps=3)  # fmt: skip
     straight, split, one = tmp_path / "straight", tmp_path / "split", tmp_path / "one"
     proc = run_train(moe_args(straight, varlen_data, ckpt, **common), nprocs=2)
     single = {k: v for k, v in common.items() if k not in ("deepspeed", "save_steps", "per_device_train_batch_size")}
@@ -331,3 +341,17 @@ def test_glm_moe_dsa_full_zero2_two_ranks_match_one(tmp_path, varlen_data, moe_c
         moe_args(two, varlen_data, ckpt, per_device_train_batch_size=2, deepspeed="ds_configs/zero2.json"), nprocs=2
     )
     assert_same(read_metrics(two, "train/loss"), read_metrics(one, "train/loss"))
+
+
+@pytest.mark.slow
+def test_freeze_qlora_and_ptuning_train_a_glm4_moe(tmp_path, varlen_data, moe_checkpoints):
+    ckpt = moe_checkpoints["glm4_moe"]
+    for method in ("freeze", "qlora", "ptuning"):
+        out = tmp_path / method
+        proc = run_train(moe_args(out, varlen_data, ckpt, finetuning_type=method, max_steps=2), nprocs=None)
+        losses = read_metrics(out, "train/loss")
+        assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values()), method
+        if method == "qlora":
+            assert "the routed experts (98,304 parameters) stay in torch.float32" in proc.stdout
+        if method == "freeze":  # the last 2 layers, MoE ones: their experts, shared expert and router train
+            assert "experts 98,304" in proc.stdout and "router 1,024" in proc.stdout

@@ -32,6 +32,27 @@ def check_config(cfg) -> list[str]:
             "packing=true with finetuning_type=ptuning: packed samples would share one prefix attention "
             "window; set packing=false (or use lora, which packs)"
         ]
+    return check_attention_kind(cfg.model)
+
+
+def check_attention_kind(model_cfg) -> list[str]:
+    """A prefix is per-layer keys and values of one shape; multi-latent attention (GLM-4.7-Flash, GLM-5:
+    `kv_lora_rank` in config.json) has keys and values of different head sizes from a compressed latent,
+    which PEFT's prefix does not produce. Refused before anything loads."""
+    import json
+    from pathlib import Path
+
+    f = Path(model_cfg.model_name_or_path) / "config.json"
+    try:
+        config = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        return []  # reported where the model loads
+    if config.get("kv_lora_rank"):
+        return [
+            f"finetuning_type=ptuning: model_type {config.get('model_type')} uses multi-latent attention (keys and "
+            "values of different sizes, from a compressed latent), where a P-tuning v2 prefix does not fit; use "
+            "finetuning_type=lora"
+        ]
     return []
 
 

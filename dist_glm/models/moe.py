@@ -71,6 +71,14 @@ def prepare(model, zero_stage: int, experts_implementation: str) -> list[str]:
         set_z3_leaf_modules(model, classes)
         lines[0] += f"; ZeRO-3 leaf modules: {', '.join(c.__name__ for c in classes)}"
     lines.append(f"MoE: {describe(model)}")
+    if any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules()):
+        # bitsandbytes quantizes nn.Linear layers; it has no quantized 3-D parameter for the routed experts.
+        experts = [p for b in blocks for p in b.experts.parameters() if len(getattr(p, "ds_shape", p.shape)) == 3]
+        n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in experts)
+        lines.append(
+            f"MoE: bitsandbytes quantized the Linear layers; the routed experts ({n:,} parameters) stay in "
+            f"{experts[0].dtype} (bitsandbytes has no quantized 3-D weights), so QLoRA saves less memory here"
+        )
     return lines
 
 
