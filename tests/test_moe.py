@@ -311,24 +311,25 @@ def test_glm4_moe_full_same_losses_routing_and_export_on_1_and_2_ranks_zero3_eag
 
 
 @pytest.mark.slow
-def test_glm4_moe_lite_lora_on_experts_zero3_two_ranks_resumes_exactly(tmp_path, varlen_data, moe_checkpoints):
+def test_glm4_moe_lite_lora_on_experts_zero3_two_ranks_stopped_and_resumed_equals_one_rank(
+    tmp_path, varlen_data, moe_checkpoints
+):
+    """LoRA on every kind (routed experts included) under ZeRO-3 on 2 ranks, stopped at step 3 and resumed:
+    the loss curve of one uninterrupted process with the same global batch."""
     ckpt = moe_checkpoints["glm4_moe_lite"]
-    common = dict(finetuning_type="lora", lora_target="all", per_device_train_batch_size=2, learning_rate=2e-2,
-                  deepspeed="ds_configs/zero3.json", lr_scheduler_type="constant_with_warmup",
-                  save_steps=3)  # fmt: skip
-    straight, split, one = tmp_path / "straight", tmp_path / "split", tmp_path / "one"
-    proc = run_train(moe_args(straight, varlen_data, ckpt, **common), nprocs=2)
-    single = {k: v for k, v in common.items() if k not in ("deepspeed", "save_steps", "per_device_train_batch_size")}
-    run_train(moe_args(one, varlen_data, ckpt, **single), nprocs=None)
-    assert_same(read_metrics(straight, "train/loss"), read_metrics(one, "train/loss"))
+    common = dict(
+        finetuning_type="lora", lora_target="all", learning_rate=2e-2, lr_scheduler_type="constant_with_warmup"
+    )
+    split, one = tmp_path / "split", tmp_path / "one"
+    two_ranks = dict(common, deepspeed="ds_configs/zero3.json", per_device_train_batch_size=2, save_steps=3)
+    proc = run_train(moe_args(split, varlen_data, ckpt, **two_ranks, max_steps=3), nprocs=2)
     assert ", experts " in proc.stdout.split("trainable by kind:")[1].split("\n")[0]
-    run_train(moe_args(split, varlen_data, ckpt, **{**common, "max_steps": 3}), nprocs=2)
-    run_train(moe_args(split, varlen_data, ckpt, **common, resume_from_checkpoint=split / "checkpoint-3"), nprocs=2)
-    want, got = read_metrics(straight, "train/loss"), read_metrics(split, "train/loss")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert max(abs(got[s] - want[s]) for s in want) < 1e-6
+    run_train(moe_args(split, varlen_data, ckpt, **two_ranks, resume_from_checkpoint=split / "checkpoint-3"), nprocs=2)
+    run_train(moe_args(one, varlen_data, ckpt, **common), nprocs=None)
+    want = read_metrics(one, "train/loss")
+    assert_same(read_metrics(split, "train/loss"), want)
     assert want[STEPS] < want[1]
-    config = json.loads((straight / "adapter_config.json").read_text())
+    config = json.loads((split / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
 
 
@@ -344,14 +345,12 @@ def test_glm_moe_dsa_full_zero2_two_ranks_match_one(tmp_path, varlen_data, moe_c
 
 
 @pytest.mark.slow
-def test_freeze_qlora_and_ptuning_train_a_glm4_moe(tmp_path, varlen_data, moe_checkpoints):
+def test_qlora_and_ptuning_train_a_glm4_moe(tmp_path, varlen_data, moe_checkpoints):
     ckpt = moe_checkpoints["glm4_moe"]
-    for method in ("freeze", "qlora", "ptuning"):
+    for method in ("qlora", "ptuning"):
         out = tmp_path / method
         proc = run_train(moe_args(out, varlen_data, ckpt, finetuning_type=method, max_steps=2), nprocs=None)
         losses = read_metrics(out, "train/loss")
         assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values()), method
         if method == "qlora":
             assert "the routed experts (98,304 parameters) stay in torch.float32" in proc.stdout
-        if method == "freeze":  # the last 2 layers, MoE ones: their experts, shared expert and router train
-            assert "experts 98,304" in proc.stdout and "router 1,024" in proc.stdout
