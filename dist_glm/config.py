@@ -145,6 +145,9 @@ class TrainConfig:
     output_dir: str = option("", "Where checkpoints, logs, metrics and the final model go.")
     overwrite_output_dir: bool = option(False, "Allow starting fresh in an output_dir that holds checkpoints.")
     deepspeed: str = option("", "DeepSpeed JSON config (e.g. ds_configs/zero3.json); empty = ZeRO-0.")
+    expert_parallel_size: int = option(
+        1, "MoE GLMs: hold each routed expert on 1/N of the ranks (DeepSpeed AutoEP expert parallelism); 1 = off."
+    )
     per_device_train_batch_size: int = option(1, "Micro-batch size per rank.")
     per_device_eval_batch_size: int = option(8, "Eval micro-batch size per rank.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")

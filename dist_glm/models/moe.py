@@ -117,8 +117,13 @@ class RoutingStats:
         def record(module, inputs, output):
             if self.mask is None or not module.training or not isinstance(output, tuple) or len(output) != 3:
                 return
-            logits, _, indices = output
             with torch.no_grad():
+                if hasattr(module, "route_scale"):
+                    # DeepSpeed AutoEP's router (expert parallelism) returns (weights, indices, counts) and
+                    # no logits; its gate is the same Linear, so the logits are recomputed (one small matmul).
+                    indices, logits = output[1], module.gate(inputs[0])
+                else:  # transformers' GLM routers: (logits, weights, indices)
+                    logits, indices = output[0], output[2]
                 if self.mask.numel() == indices.shape[0]:
                     mask = self.mask.to(indices.device)
                     indices, logits = indices[mask], logits[mask]
@@ -216,3 +221,50 @@ def carry_unloaded_tensors(source, out: Path) -> str | None:
         f"kept {len(tensors)} tensors of layer(s) {', '.join(map(str, layers))} that transformers does not load "
         f"(the multi-token-prediction layer) unchanged in {EXTRA_FILE}"
     )
+
+
+def expert_parallel_layers(module) -> list[tuple[str, torch.nn.Module]]:
+    """DeepSpeed AutoEP's replacements of the MoE blocks (each holds 1/ep_size of the routed experts)."""
+    return [(name, m) for name, m in module.named_modules() if hasattr(m, "expert_placement_descriptor")]
+
+
+def gather_expert_parallel(module, state_dict: dict) -> dict:
+    """Collective. `state_dict` (rank 0's gathered parameters, others' {}) with every AutoEP layer put
+    back into transformers' names and shapes: each rank's local experts all-gathered over its expert
+    group and placed by DeepSpeed's own placement map, `experts.w1`/`w3`/`w2` (E_local, ...) back to
+    `experts.gate_up_proj` (E, 2I, H: gate rows, then up rows) and `experts.down_proj`, and the router's
+    `router.gate.weight` / `router.e_score_correction_bias` back to `gate.*`. A model without expert
+    parallelism is returned unchanged."""
+    from contextlib import nullcontext
+
+    import deepspeed
+    from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
+
+    from dist_glm.runtime import collectives
+
+    main = collectives.is_main_process()
+    for prefix, layer in expert_parallel_layers(module):
+        full = {}
+        for w in ("w1", "w2", "w3"):
+            p = getattr(layer.experts, w)
+            gather = (
+                deepspeed.zero.GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else nullcontext()
+            )
+            with gather:
+                local = p.detach().float().clone()
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else local.device
+            parts = [torch.empty_like(local, device=device) for _ in range(layer.ep_size)]
+            torch.distributed.all_gather(parts, local.to(device), group=layer.ep_group)
+            out = torch.empty(layer.num_experts, *local.shape[1:])
+            for rank, part in enumerate(parts):
+                out[list(autoep_experts_for_rank(layer.expert_placement_descriptor, rank))] = part.cpu()
+            full[w] = out.to(p.dtype)
+        if not main:
+            continue
+        for key in [k for k in state_dict if k.startswith(f"{prefix}.experts.") or k.startswith(f"{prefix}.router.")]:
+            value = state_dict.pop(key)
+            if key.startswith(f"{prefix}.router."):
+                state_dict[f"{prefix}.gate." + key.removeprefix(f"{prefix}.router.").removeprefix("gate.")] = value
+        state_dict[f"{prefix}.experts.gate_up_proj"] = torch.cat([full["w1"], full["w3"]], dim=1)
+        state_dict[f"{prefix}.experts.down_proj"] = full["w2"]
+    return state_dict

@@ -39,6 +39,35 @@ def is_offload(ds_config: dict) -> bool:
     return z.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
+# DeepSpeed AutoEP has no GLM preset; GLM-4.5's and GLM-5's MoE blocks have DeepSeek-V3's structure (sigmoid
+# router with e_score_correction_bias and group-limited top-k, fused 3-D experts under `mlp.experts`, one
+# shared expert), and its top-k, scaling and normalisation are read from the model's config.json.
+GLM_AUTOEP_PRESET = "deepseek_v3"
+
+
+def expert_parallel_size(ds_config: dict) -> int:
+    section = ds_config.get("expert_parallel") or {}
+    return int(section.get("autoep_size", 1)) if section.get("enabled") else 1
+
+
+def add_expert_parallel(ds: dict, size: int, world_size: int, where: str) -> list[str]:
+    """expert_parallel_size as DeepSpeed AutoEP's section; a section already in the user's JSON is
+    passed through when it agrees."""
+    given = ds.get("expert_parallel")
+    if given is not None and given.get("enabled") and size not in (1, given.get("autoep_size")):
+        return [
+            f"{where}: expert_parallel.autoep_size={given.get('autoep_size')} contradicts expert_parallel_size={size}"
+        ]
+    if given is None and size > 1:
+        ds["expert_parallel"] = given = {"enabled": True, "autoep_size": size, "preset_model": GLM_AUTOEP_PRESET}
+    ep = expert_parallel_size(ds)
+    if ep < 1 or world_size % ep:
+        return [f"expert_parallel_size={ep} must divide the number of ranks ({world_size})"]
+    if given is not None and given.get("enabled"):
+        given.setdefault("preset_model", GLM_AUTOEP_PRESET)
+    return []
+
+
 def build_ds_config(train_cfg, world_size: int) -> dict:
     """Read the user's ds config and fill every "auto" from the training config.
 
@@ -105,6 +134,7 @@ def build_ds_config(train_cfg, world_size: int) -> dict:
         )
     if is_offload(ds) and stage == 0:
         problems.append(f"{where}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
+    problems += add_expert_parallel(ds, train_cfg.expert_parallel_size, world_size, where)
     # Per-bucket sizes left as "auto" get DeepSpeed's own defaults.
     z = ds.setdefault("zero_optimization", {"stage": 0})
     for key in [k for k, v in z.items() if v == "auto"]:

@@ -42,7 +42,7 @@ from dist_glm.training import continued
 from dist_glm.training.checks import Inputs, validate_inputs
 from dist_glm.training.evaluation import eval_loss, predict
 from dist_glm.training.guard import StepGuard
-from dist_glm.training.optimizer import build_optimizer, build_scheduler
+from dist_glm.training.optimizer import build_optimizer, build_scheduler, expert_parallel_optimizer
 from dist_glm.training.step import StepResult, loss_scale, takes_over_clipping, train_step
 from dist_glm.training.telemetry import (
     MetricsLogger,
@@ -147,8 +147,13 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         f"{len(train_examples)} train / {sum(map(len, eval_sets.values()))} eval samples; "
         f"{total_steps} steps of {sampler.global_batch} samples"
     )
-    optimizer = build_optimizer(model, t, deepspeed_config.is_offload(ds_config))
-    scheduler = build_scheduler(optimizer, t, total_steps)
+    offload = deepspeed_config.is_offload(ds_config)
+    if deepspeed_config.expert_parallel_size(ds_config) > 1:  # built by DeepSpeed once AutoEP replaced the experts
+        optimizer = expert_parallel_optimizer(t, offload)
+        scheduler = lambda opt: build_scheduler(opt, t, total_steps)  # noqa: E731
+    else:
+        optimizer = build_optimizer(model, t, offload)
+        scheduler = build_scheduler(optimizer, t, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     continued.load_init_optimizer(engine, cfg, method, resumed=resume_path is not None)
     objective = build_objective(cfg, ds_config, device, tokenizer, engine.module, inputs.teacher)
@@ -395,6 +400,7 @@ def export_final(engine, method, tokenizer, out: Path, model_path: str) -> None:
     from transformers import GenerationConfig
 
     state_dict = collectives.gather_state_dict(engine.module, trainable_only=method.export_trainable_only)
+    state_dict = moe.gather_expert_parallel(engine.module, state_dict)  # collective; the HF names back
     if collectives.is_main_process():
         model = engine.module
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

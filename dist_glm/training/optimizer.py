@@ -9,13 +9,31 @@ import torch
 
 def build_optimizer(model, t, offload: bool):
     """AdamW; biases and norm weights (1-D tensors) get no weight decay, as in HF and GLM's recipes."""
+    return optimizer_for(model.parameters(), t, offload)
+
+
+def expert_parallel_optimizer(t, offload: bool):
+    """The optimizer as DeepSpeed takes it under expert parallelism: a callable, because AutoEP replaces
+    the MoE blocks (and their parameters) inside deepspeed.initialize, and with the experts' parameters in
+    their own groups, which ZeRO-1/2 need to reduce them over the expert-data-parallel ranks only."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return lambda params: optimizer_for(params, t, offload, split_params_into_different_moe_groups_for_optimizer)
+
+
+def optimizer_for(params, t, offload: bool, regroup=None):
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             # Under ZeRO-3 a parameter's local shape is a placeholder; ds_shape is the real one.
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": t.weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
+    if regroup is not None:
+        groups = regroup(groups)
     betas = (t.adam_beta1, t.adam_beta2)
     if offload:
         # ZeRO-Offload steps the optimizer on the CPU; DeepSpeed's vectorised CPU Adam is the one it supports.
