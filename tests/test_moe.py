@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO, base_args, read_metrics, run_train
+from conftest import REPO, base_args, read_metrics, run_script, run_train
 from dist_glm.config import Config
 from dist_glm.errors import UserError
 from dist_glm.methods import lora, lora_targets
@@ -354,3 +354,55 @@ def test_qlora_and_ptuning_train_a_glm4_moe(tmp_path, varlen_data, moe_checkpoin
         assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values()), method
         if method == "qlora":
             assert "the routed experts (98,304 parameters) stay in torch.float32" in proc.stdout
+
+
+def test_expert_parallel_is_refused_where_it_cannot_run(pretrained_tiny):
+    from dist_glm.methods import get_method
+
+    model = Config().model
+    model.model_name_or_path = str(REPO / "assets" / FAMILIES["glm4_moe"])
+    assert "adapters attach to" in moe.check_expert_parallel(model, 2, get_method("lora"))[0]
+    assert "must divide the model's 8 routed experts" in moe.check_expert_parallel(model, 3, get_method("full"))[0]
+    assert moe.check_expert_parallel(model, 2, get_method("full")) == []
+    model.model_name_or_path = str(pretrained_tiny)
+    assert "has no routed experts" in moe.check_expert_parallel(model, 2, get_method("full"))[0]
+
+
+@pytest.mark.slow
+def test_expert_parallel_two_ranks_matches_one_rank_resumes_and_exports(tmp_path, varlen_data, moe_checkpoints):
+    """DeepSpeed AutoEP with 4 of the 8 experts on each of 2 ranks, under ZeRO-2, stopped at step 2 and
+    resumed: the losses, routing metrics and final model of one process with the same global batch; the
+    step-2 checkpoint exports to transformers' layout equal to the plain one. (ZeRO-0 and ZeRO-3 gave the
+    same by hand, docs/moe.md; left out of CI for time.)"""
+    ckpt = moe_checkpoints["glm4_moe"]
+    common = dict(max_steps=4, lr_scheduler_type="constant_with_warmup")
+    one, ep2 = tmp_path / "one", tmp_path / "ep_zero2"
+    run_train(moe_args(one, varlen_data, ckpt, **common, save_steps=2), nprocs=None)
+    ep = dict(common, per_device_train_batch_size=2, expert_parallel_size=2)
+    z2 = dict(ep, deepspeed="ds_configs/zero2.json", save_steps=2)
+    proc = run_train(moe_args(ep2, varlen_data, ckpt, **{**z2, "max_steps": 2}), nprocs=2)
+    assert "expert parallelism: each rank holds 4 of them (DeepSpeed AutoEP over 2 ranks)" in proc.stdout
+    run_train(moe_args(ep2, varlen_data, ckpt, **z2, resume_from_checkpoint=ep2 / "checkpoint-2"), nprocs=2)
+    want, want_model = read_metrics(one, "train/loss"), load_file(one / "model.safetensors")
+    for out in (ep2,):
+        got = read_metrics(out, "train/loss")
+        assert sorted(got) == [1, 2, 3, 4] and max(abs(got[s] - want[s]) for s in want) < TOL, (out.name, got, want)
+        r1, r2 = routing(one), routing(out)
+        assert all(r2[s][k] == pytest.approx(v, rel=1e-6) for s in r1 for k, v in r1[s].items())
+        model = load_file(out / "model.safetensors")  # gathered back from the ranks' experts
+        assert model.keys() == want_model.keys()
+        for name in want_model:
+            torch.testing.assert_close(model[name], want_model[name], atol=1e-4, rtol=1e-3, msg=name)
+    # The step-2 checkpoints, exported: the expert-parallel one (its experts in 8 files) equals the plain one.
+    exports = {}
+    for name, ckpt_dir in (("ep", ep2 / "checkpoint-2"), ("one", one / "checkpoint-2")):
+        proc = run_script(
+            "export.py", [f"--model_name_or_path={ckpt_dir}", f"--export_dir={tmp_path / (name + '_export')}"]
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        exports[name] = {
+            k: v for f in (tmp_path / (name + "_export")).glob("*.safetensors") for k, v in load_file(f).items()
+        }
+    assert exports["ep"].keys() == exports["one"].keys() >= want_model.keys()
+    for name, value in exports["one"].items():
+        torch.testing.assert_close(exports["ep"][name], value, atol=1e-4, rtol=1e-3, msg=name)

@@ -38,6 +38,29 @@ def check_model(model_cfg) -> list[str]:
     return []
 
 
+def check_expert_parallel(model_cfg, ep_size: int, method) -> list[str]:
+    """Before anything loads: expert parallelism needs an MoE GLM whose expert count it divides, and a
+    method that trains the model's own weights (AutoEP replaces the MoE blocks that an adapter attaches to)."""
+    if ep_size <= 1:
+        return []
+    f = Path(model_cfg.model_name_or_path) / "config.json"
+    try:
+        config = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+    except (OSError, ValueError):
+        return []  # reported where the model loads
+    where = f"expert_parallel_size={ep_size}"
+    if config.get("model_type") not in MOE_MODEL_TYPES:
+        return [f"{where}: model_type {config.get('model_type')} has no routed experts; remove expert_parallel_size"]
+    if config.get("n_routed_experts", 0) % ep_size:
+        return [f"{where} must divide the model's {config.get('n_routed_experts')} routed experts"]
+    if method.is_adapter:
+        return [
+            f"{where} trains full or freeze: DeepSpeed AutoEP replaces the MoE blocks that adapters attach to; "
+            "for LoRA on an MoE GLM use ZeRO-3 (--deepspeed=ds_configs/zero3.json) without expert_parallel_size"
+        ]
+    return []
+
+
 def configure(config, model_cfg) -> None:
     """How the routed experts compute, set on the config before the model is built. grouped_mm (one
     grouped matmul over all experts) is transformers' default and runs everywhere; batched_mm gathers
@@ -51,7 +74,7 @@ def moe_blocks(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if is_router(getattr(m, "gate", None)) and hasattr(m, "experts")]
 
 
-def prepare(model, zero_stage: int, experts_implementation: str) -> list[str]:
+def prepare(model, zero_stage: int, experts_implementation: str, ep_size: int = 1) -> list[str]:
     """After the method made the model trainable, before deepspeed.initialize: under ZeRO-3 each MoE
     block becomes a leaf module (its parameters are gathered together on entry). Without that, a per-expert
     loop (eager) hangs at the first step on 2 ranks: ranks route to different experts, so their parameter
@@ -65,7 +88,12 @@ def prepare(model, zero_stage: int, experts_implementation: str) -> list[str]:
         f"MoE: {len(blocks)} MoE layers, {blocks[0].gate.num_experts} routed experts top-{blocks[0].gate.top_k}; "
         f"experts_implementation={experts_implementation}"
     ]
-    if zero_stage == 3:
+    if ep_size > 1:
+        lines[0] += (
+            f"; expert parallelism: each rank holds {blocks[0].gate.num_experts // ep_size} of them "
+            f"(DeepSpeed AutoEP over {ep_size} ranks)"
+        )
+    elif zero_stage == 3:
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, classes)
@@ -240,6 +268,7 @@ def gather_expert_parallel(module, state_dict: dict) -> dict:
     import deepspeed
     from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
 
+    from dist_glm.checkpointing.weights import to_transformers_names
     from dist_glm.runtime import collectives
 
     main = collectives.is_main_process()
@@ -259,12 +288,6 @@ def gather_expert_parallel(module, state_dict: dict) -> dict:
             for rank, part in enumerate(parts):
                 out[list(autoep_experts_for_rank(layer.expert_placement_descriptor, rank))] = part.cpu()
             full[w] = out.to(p.dtype)
-        if not main:
-            continue
-        for key in [k for k in state_dict if k.startswith(f"{prefix}.experts.") or k.startswith(f"{prefix}.router.")]:
-            value = state_dict.pop(key)
-            if key.startswith(f"{prefix}.router."):
-                state_dict[f"{prefix}.gate." + key.removeprefix(f"{prefix}.router.").removeprefix("gate.")] = value
-        state_dict[f"{prefix}.experts.gate_up_proj"] = torch.cat([full["w1"], full["w3"]], dim=1)
-        state_dict[f"{prefix}.experts.down_proj"] = full["w2"]
+        if main:
+            state_dict = to_transformers_names(state_dict, prefix, full)
     return state_dict

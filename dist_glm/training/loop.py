@@ -138,7 +138,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
     if t.neftune_noise_alpha:
         add_neftune(model, t.neftune_noise_alpha)
     continued.load_init_weights(model, cfg, method, resumed=resume_path is not None)
-    for line in moe.prepare(model, deepspeed_config.zero_stage(ds_config), cfg.model.experts_implementation):
+    ep_size = deepspeed_config.expert_parallel_size(ds_config)
+    for line in moe.prepare(model, deepspeed_config.zero_stage(ds_config), cfg.model.experts_implementation, ep_size):
         log(line)
     trainable, total = count_parameters(model)
     log(
@@ -148,7 +149,7 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
         f"{total_steps} steps of {sampler.global_batch} samples"
     )
     offload = deepspeed_config.is_offload(ds_config)
-    if deepspeed_config.expert_parallel_size(ds_config) > 1:  # built by DeepSpeed once AutoEP replaced the experts
+    if ep_size > 1:  # built by DeepSpeed once AutoEP replaced the experts
         optimizer = expert_parallel_optimizer(t, offload)
         scheduler = lambda opt: build_scheduler(opt, t, total_steps)  # noqa: E731
     else:
