@@ -145,6 +145,11 @@ class TrainConfig:
     output_dir: str = option("", "Where checkpoints, logs, metrics and the final model go.")
     overwrite_output_dir: bool = option(False, "Allow starting fresh in an output_dir that holds checkpoints.")
     deepspeed: str = option("", "DeepSpeed JSON config (e.g. ds_configs/zero3.json); empty = ZeRO-0.")
+    router_bias_update_rate: float = option(
+        0.0,
+        "MoE GLMs: auxiliary-loss-free balancing, each step e_score_correction_bias += rate x sign(mean - load) "
+        "per expert over the global batch (DeepSeek-V3's rule, e.g. 0.001); 0 = off, the bias stays as loaded.",
+    )
     expert_parallel_size: int = option(
         1, "MoE GLMs: hold each routed expert on 1/N of the ranks (DeepSpeed AutoEP expert parallelism); 1 = off."
     )
@@ -320,6 +325,7 @@ def check_values(cfg: Config) -> list[str]:
     need(t.fp16_hysteresis >= 1, f"fp16_hysteresis={t.fp16_hysteresis} must be at least 1")
     need(t.fp16_min_loss_scale > 0, f"fp16_min_loss_scale={t.fp16_min_loss_scale} must be positive")
     need(t.neftune_noise_alpha >= 0, f"neftune_noise_alpha={t.neftune_noise_alpha} must be 0 (off) or positive, e.g. 5")
+    need(t.router_bias_update_rate >= 0, f"router_bias_update_rate={t.router_bias_update_rate} must be 0 (off) or more")
     need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
     need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
     need(d.preprocessing_num_workers >= 1, f"preprocessing_num_workers={d.preprocessing_num_workers} must be >= 1")

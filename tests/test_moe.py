@@ -194,6 +194,27 @@ def test_ptuning_on_multi_latent_attention_is_refused_up_front(family):
     assert "multi-latent attention" in ptuning.check_config(cfg)[0]
 
 
+def test_router_bias_moves_towards_balance_by_the_rate():
+    model = build("glm4_moe").train()
+    stats = moe.RoutingStats(model)
+    stats.set_batch(torch.ones(2, 12, dtype=torch.bool))
+    model(input_ids=torch.randint(0, 700, (2, 12)))
+    stats.set_batch(None)
+    load = stats.step_counts.clone()
+    before = [r.e_score_correction_bias.clone() for r in stats.routers]
+    stats.update_biases(0.01, lambda t: t)
+    for router, old, counts in zip(stats.routers, before, load, strict=True):
+        step = router.e_score_correction_bias - old
+        assert torch.allclose(step, 0.01 * torch.sign(counts.mean() - counts).float())  # under-loaded up, over-loaded down
+    assert stats.step_counts.sum() == 0
+    from dist_glm.methods import get_method
+
+    model_cfg = Config().model
+    model_cfg.model_name_or_path = str(REPO / "assets" / FAMILIES["glm4_moe"])
+    assert "adapter does not save" in moe.check_router_bias_update(model_cfg, 0.01, get_method("lora"))[0]
+    assert moe.check_router_bias_update(model_cfg, 0.01, get_method("full")) == []
+
+
 def test_template_auto_and_glm5_next_are_refused_with_the_reason(tmp_path):
     from dist_glm.data.template import choose_template
 
@@ -281,13 +302,18 @@ def test_glm4_moe_full_same_losses_routing_and_export_on_1_and_2_ranks_zero3_eag
     different experts: without leaf modules this hangs at step 1) == 1 rank x 2 x accumulation 2."""
     ckpt = moe_checkpoints["glm4_moe"]
     one, two, acc = tmp_path / "one", tmp_path / "two", tmp_path / "acc"
-    run_train(moe_args(one, varlen_data, ckpt), nprocs=None)
+    bias = 0.01  # router_bias_update_rate: balanced from the global batch's counts, so the same on every split
+    run_train(moe_args(one, varlen_data, ckpt, router_bias_update_rate=bias), nprocs=None)
     proc = run_train(
         moe_args(two, varlen_data, ckpt, per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json",
-                 experts_implementation="eager"),
+                 experts_implementation="eager", router_bias_update_rate=bias),
         nprocs=2, timeout=300,
     )  # fmt: skip
-    run_train(moe_args(acc, varlen_data, ckpt, per_device_train_batch_size=2, gradient_accumulation_steps=2), nprocs=1)
+    run_train(
+        moe_args(acc, varlen_data, ckpt, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                 router_bias_update_rate=bias),
+        nprocs=1,
+    )  # fmt: skip
     assert "ZeRO-3 leaf modules: Glm4MoeMoE" in proc.stdout
     assert "MTP" not in proc.stdout or "multi-token-prediction" in proc.stdout
     want = read_metrics(one, "train/loss")
@@ -303,6 +329,8 @@ def test_glm4_moe_full_same_losses_routing_and_export_on_1_and_2_ranks_zero3_eag
     # The ZeRO-3 export equals the single-process one, keeps the router bias and carries the MTP layer.
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys() and "model.layers.1.mlp.gate.e_score_correction_bias" in a
+    moved = a["model.layers.1.mlp.gate.e_score_correction_bias"] - torch.linspace(-0.05, 0.05, 8)
+    assert moved.abs().max() > 0.005  # 6 steps of +-0.01 moved it
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-4, rtol=1e-3, msg=name)
     assert load_file(two / moe.EXTRA_FILE).keys() == {
@@ -375,7 +403,7 @@ def test_expert_parallel_two_ranks_matches_one_rank_resumes_and_exports(tmp_path
     step-2 checkpoint exports to transformers' layout equal to the plain one. (ZeRO-0 and ZeRO-3 gave the
     same by hand, docs/moe.md; left out of CI for time.)"""
     ckpt = moe_checkpoints["glm4_moe"]
-    common = dict(max_steps=4, lr_scheduler_type="constant_with_warmup")
+    common = dict(max_steps=4, lr_scheduler_type="constant_with_warmup", router_bias_update_rate=0.01)
     one, ep2 = tmp_path / "one", tmp_path / "ep_zero2"
     run_train(moe_args(one, varlen_data, ckpt, **common, save_steps=2), nprocs=None)
     ep = dict(common, per_device_train_batch_size=2, expert_parallel_size=2)

@@ -61,6 +61,21 @@ def check_expert_parallel(model_cfg, ep_size: int, method) -> list[str]:
     return []
 
 
+def check_router_bias_update(model_cfg, rate: float, method) -> list[str]:
+    """router_bias_update_rate needs routers with a correction bias, and an artifact that keeps it."""
+    if rate <= 0:
+        return []
+    model_type = model_type_of(model_cfg.model_name_or_path)
+    if model_type not in MOE_MODEL_TYPES:
+        return [f"router_bias_update_rate: model_type {model_type} has no router bias; remove it"]
+    if method.is_adapter:
+        return [
+            "router_bias_update_rate changes the routers' e_score_correction_bias, which an adapter does not "
+            "save; use finetuning_type=full or freeze, or drop router_bias_update_rate"
+        ]
+    return []
+
+
 def configure(config, model_cfg) -> None:
     """How the routed experts compute, set on the config before the model is built. grouped_mm (one
     grouped matmul over all experts) is transformers' default and runs everywhere; batched_mm gathers
@@ -131,6 +146,7 @@ class RoutingStats:
             return
         n = self.routers[0].num_experts
         self.counts = torch.zeros(len(self.routers), n, dtype=torch.float64)
+        self.step_counts = torch.zeros(len(self.routers), n, dtype=torch.float64)  # this step's, for the bias
         self.weight_sums = torch.zeros(len(self.routers), 2, dtype=torch.float64)  # (sum of top-k weights, tokens)
         for i, router in enumerate(self.routers):
             router.register_forward_hook(self._hook(i))
@@ -156,12 +172,30 @@ class RoutingStats:
                     mask = self.mask.to(indices.device)
                     indices, logits = indices[mask], logits[mask]
                 n = self.counts.shape[1]
-                self.counts[i] += torch.bincount(indices.reshape(-1).long().cpu(), minlength=n).double()
+                counts = torch.bincount(indices.reshape(-1).long().cpu(), minlength=n).double()
+                self.counts[i] += counts
+                self.step_counts[i] += counts
                 chosen = logits.float().sigmoid().gather(1, indices.long())
                 self.weight_sums[i, 0] += chosen.mean(dim=-1).sum().item()
                 self.weight_sums[i, 1] += chosen.shape[0]
 
         return record
+
+    def update_biases(self, rate: float, all_reduce_sum) -> None:
+        """Auxiliary-loss-free load balancing (DeepSeek-V3, used by GLM-4.5): after each optimizer step,
+        every router's e_score_correction_bias moves by `rate` towards balance, +rate for an expert that got
+        fewer tokens than the mean over the step's global batch, -rate for one that got more. Collective
+        (one all-reduce); every rank applies the same update to its copy (ZeRO-3 does not partition
+        buffers), and checkpoints and the saved model carry the bias."""
+        if not self.routers:
+            return
+        if rate > 0:
+            load = all_reduce_sum(self.step_counts)
+            for router, counts in zip(self.routers, load, strict=True):
+                if counts.sum() > 0:  # a router that did not run (PEFT's spare copy) keeps its bias
+                    bias = router.e_score_correction_bias
+                    bias.add_((rate * torch.sign(counts.mean() - counts)).to(bias.device, bias.dtype))
+        self.step_counts.zero_()
 
     def flush(self, all_reduce_sum) -> dict[str, float]:
         """Metrics of the window since the last flush (global over ranks), then reset. `all_reduce_sum`

@@ -59,6 +59,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
     problems += method.check_config(cfg)
     if ds_config is not None:
         problems += moe.check_expert_parallel(cfg.model, deepspeed_config.expert_parallel_size(ds_config), method)
+    problems += moe.check_router_bias_update(cfg.model, cfg.train.router_bias_update_rate, method)
     t = cfg.train
     problems += check_output_dir(t.output_dir) + checkpoints.foreign_leftovers(t.output_dir)
     problems += check_apart_from_inputs(cfg)

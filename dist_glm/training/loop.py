@@ -226,6 +226,8 @@ def train(cfg: Config, inputs: Inputs | None = None) -> dict:
         result = train_step(engine, micro, run.world, run.device, clip, guard, run.objective, run.routing)
         state.global_step = step
         counted = result.skipped is None and not result.overflow
+        # Collective where the model has routers and the rate is set; a step that was not applied moves no bias.
+        run.routing.update_biases(t.router_bias_update_rate if counted else 0.0, collectives.all_reduce_sum)
         if counted:
             window.add(result.loss, result.grad_norm, result.nonpad_tokens, time.perf_counter() - t0, result.parts)
         bar.update(result.loss, engine.get_lr()[0], counted)
