@@ -434,3 +434,11 @@ def test_expert_parallel_two_ranks_matches_one_rank_resumes_and_exports(tmp_path
     assert exports["ep"].keys() == exports["one"].keys() >= want_model.keys()
     for name, value in exports["one"].items():
         torch.testing.assert_close(exports["ep"][name], value, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_chat_without_a_chat_template_says_where_to_get_it(moe_checkpoints):
+    from dist_glm.tools.chat import ChatArgs, ChatSession
+    from dist_glm.models.artifacts import ModelArgs
+
+    with pytest.raises(UserError, match="has no chat_template; copy chat_template.jinja"):
+        ChatSession(ModelArgs(model_name_or_path=str(moe_checkpoints["glm4_moe"])), ChatArgs())

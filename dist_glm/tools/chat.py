@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_glm.config import Command, option
+from dist_glm.errors import UserError
 from dist_glm.models.artifacts import (
     ModelArgs,
     generation_eos_ids_of,
@@ -64,6 +65,11 @@ class ChatSession:
         art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
         self.args, self.device = args, environment.local_device()
         self.tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
+        if not self.tokenizer.chat_template:  # chat renders with the checkpoint's own template
+            raise UserError(
+                f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer in {art.tokenizer_dir} has no "
+                "chat_template; copy chat_template.jinja (or tokenizer_config.json) from the original checkpoint there"
+            )
         self.model = load_artifact(art, resolve_dtype(model_args.dtype, art, self.device), self.device)
         self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
         self.source = art.source
