@@ -205,7 +205,9 @@ def test_router_bias_moves_towards_balance_by_the_rate():
     stats.update_biases(0.01, lambda t: t)
     for router, old, counts in zip(stats.routers, before, load, strict=True):
         step = router.e_score_correction_bias - old
-        assert torch.allclose(step, 0.01 * torch.sign(counts.mean() - counts).float())  # under-loaded up, over-loaded down
+        assert torch.allclose(
+            step, 0.01 * torch.sign(counts.mean() - counts).float()
+        )  # under-loaded up, over-loaded down
     assert stats.step_counts.sum() == 0
     from dist_glm.methods import get_method
 
@@ -437,8 +439,40 @@ def test_expert_parallel_two_ranks_matches_one_rank_resumes_and_exports(tmp_path
 
 
 def test_chat_without_a_chat_template_says_where_to_get_it(moe_checkpoints):
-    from dist_glm.tools.chat import ChatArgs, ChatSession
     from dist_glm.models.artifacts import ModelArgs
+    from dist_glm.tools.chat import ChatArgs, ChatSession
 
     with pytest.raises(UserError, match="has no chat_template; copy chat_template.jinja"):
         ChatSession(ModelArgs(model_name_or_path=str(moe_checkpoints["glm4_moe"])), ChatArgs())
+
+
+@pytest.mark.slow
+def test_planner_counts_active_parameters_and_plans_expert_parallelism():
+    full = run_script(
+        "plan.py",
+        [
+            "--model=GLM-4.5-Air",
+            "--model_name_or_path=/models/GLM-4.5-Air",
+            "--finetuning_type=full",
+            "--bf16=true",
+            "--num_gpus=32",
+        ],
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    # GLM-4.5-Air: 106B parameters, 12B active (the model card; here with the embedding and head counted).
+    assert "107B parameters (13.4B active per token: 128 routed experts, top-8;" in full.stdout
+    ep_row = next(line for line in full.stdout.splitlines() if line.startswith("| zero2 + EP=32 |"))
+    zero2_row = next(line for line in full.stdout.splitlines() if line.startswith("| zero2 |"))
+    assert float(ep_row.split("|")[2]) < float(zero2_row.split("|")[2]) / 9  # 1/32 of the experts' weights
+    lora = run_script(
+        "plan.py",
+        [
+            "--model=GLM-4.7-Flash",
+            "--model_name_or_path=/models/GLM-4.7-Flash",
+            "--finetuning_type=lora",
+            "--bf16=true",
+            "--num_gpus=8",
+        ],
+    )
+    assert lora.returncode == 0 and "EP=" not in lora.stdout  # adapters do not take expert parallelism
+    assert "active per token: 64 routed experts, top-4" in lora.stdout

@@ -140,10 +140,17 @@ class Row:
     buffers: int
     act: Activations
     host_per_rank: int  # what offload keeps in host RAM, per rank
+    expert_parallel: int = 1  # ranks each routed expert is spread over (DeepSpeed AutoEP); 1 = none
 
     @property
     def name(self) -> str:
-        return self.ds_config.rsplit("/", 1)[-1].removesuffix(".json")
+        name = self.ds_config.rsplit("/", 1)[-1].removesuffix(".json")
+        return name + (f" + EP={self.expert_parallel}" if self.expert_parallel > 1 else "")
+
+    @property
+    def flags(self) -> str:
+        ep = f" --expert_parallel_size={self.expert_parallel}" if self.expert_parallel > 1 else ""
+        return f"--deepspeed={self.ds_config}{ep}"
 
     @property
     def states(self) -> int:
@@ -198,7 +205,32 @@ def plan_rows(tr: Trace, cfg, num_gpus: int) -> list[Row]:
                 host_per_rank=int(host),
             )
         )
+    ep = expert_parallel_size(tr, cfg, n)
+    if ep > 1:
+        rows.insert(
+            3, expert_parallel_row(tr, cfg, n, ep, next(r for r in rows if r.stage == 2 and not r.offload_optimizer))
+        )
     return rows
+
+
+def expert_parallel_size(tr: Trace, cfg, num_gpus: int) -> int:
+    """The expert parallelism worth planning: the largest N dividing both the GPUs and the experts, for
+    the methods that take it (full, freeze; adapters are refused with it)."""
+    from dist_glm.methods import get_method
+
+    if not tr.experts or get_method(cfg.method.finetuning_type).is_adapter:
+        return 1
+    return max(n for n in range(1, num_gpus + 1) if num_gpus % n == 0 and tr.experts % n == 0)
+
+
+def expert_parallel_row(tr: Trace, cfg, n: int, ep: int, zero2: Row) -> Row:
+    """ZeRO-2 with the routed experts spread over `ep` ranks (DeepSpeed AutoEP): a rank holds 1/ep of the
+    experts' weights; gradients and optimizer states are partitioned as at ZeRO-2 (the experts' over the
+    n/ep ranks that hold the same experts, which is again 1/n of them per rank)."""
+    import dataclasses
+
+    kept = tr.expert_params * dtype_bytes(cfg) * (1 - 1 / ep)
+    return dataclasses.replace(zero2, params=int(zero2.params - kept), expert_parallel=ep)
 
 
 def host_bytes(tr: Trace, cfg, row: Row, num_gpus: int, ranks_per_node: int) -> tuple[int, int]:
@@ -258,8 +290,14 @@ def render(tr: Trace, cfg, args: PlanArgs, recipe: str) -> str:
     t = cfg.train
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     current = cfg.train.deepspeed.rsplit("/", 1)[-1].removesuffix(".json") or "zero0"
+    moe = (
+        f" ({_count(tr.active_params)} active per token: {tr.experts} routed experts, top-{tr.top_k}; the routed "
+        f"experts are {100 * tr.expert_params / tr.total_params:.0f}% of the weights)"
+        if tr.experts
+        else ""
+    )
     lines = [
-        f"{recipe}: {_count(tr.total_params)} parameters, {tr.trainable_params:,} trainable "
+        f"{recipe}: {_count(tr.total_params)} parameters{moe}, {tr.trainable_params:,} trainable "
         f"({cfg.method.finetuning_type}), {precision}, micro-batch {t.per_device_train_batch_size} x "
         f"{cfg.data.cutoff_len} tokens, {n} GPUs x {args.gpu_memory_gb:g} GiB"
         + ("" if args.gpus_per_node else f" ({per_node} per node: gpus_per_node=0 means min(num_gpus, 8))"),
@@ -299,7 +337,7 @@ def render(tr: Trace, cfg, args: PlanArgs, recipe: str) -> str:
         load, _ = host_bytes(tr, cfg, row, n, per_node)
         kept = args.gpu_memory_gb * GIB - row.total(gc)
         lines.append(
-            f"Recommended: --deepspeed={row.ds_config} --gradient_checkpointing={str(gc).lower()} "
+            f"Recommended: {row.flags} --gradient_checkpointing={str(gc).lower()} "
             f"({gib(row.total(gc))} {unit} per GPU of {args.gpu_memory_gb:g} GiB; the {gib(kept)} {unit} left are "
             f"for the CUDA context, NCCL's buffers and allocator fragmentation; the node needs {gib(load)} {unit} "
             "of host RAM while the model loads). These GPU figures are computed and validated against training "

@@ -14,6 +14,7 @@ flash kernel on CPU) never build; they keep q, k, v, the output and one fp32 log
 and head, which is what `_FlashLike` keeps.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,19 @@ class Trace:
     layer_input_bytes: int = 0  # one layer's input hidden states (what gradient checkpointing keeps)
     hidden_size: int = 0
     vocab_size: int = 0
+    # Mixture-of-Experts GLMs (0 for a dense one): the routed experts' parameters (all layers), the experts
+    # per MoE layer and how many each token uses.
+    expert_params: int = 0
+    experts: int = 0
+    top_k: int = 0
+    trainable_expert_params: int = 0
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token goes through: all but the routed experts it is not sent to."""
+        return self.total_params - (
+            self.expert_params - self.expert_params * self.top_k // self.experts if self.experts else 0
+        )
 
 
 class _FlashLike(torch.autograd.Function):
@@ -192,7 +206,13 @@ def count_parameters(model, quantized_base: bool) -> dict:
         # in 4/8 bits (the LoRA layers wrap them, so the frozen `base_layer` is what gets quantized).
         if quantized_base and isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
             quantized += sum(p.numel() for p in own if not p.requires_grad and p.dim() == 2)
+    experts = [(m, p) for m in model.modules() if type(m).__name__.endswith("Experts") for p in m.parameters()]
+    routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and hasattr(m, "top_k")]
     return {
+        "expert_params": sum(p.numel() for _, p in experts if p.dim() == 3),
+        "trainable_expert_params": sum(p.numel() for _, p in experts if p.requires_grad),
+        "experts": routers[0].num_experts if routers else 0,
+        "top_k": routers[0].top_k if routers else 0,
         "total_params": total,
         "trainable_params": trainable,
         "quantized_params": quantized,
@@ -200,6 +220,24 @@ def count_parameters(model, quantized_base: bool) -> dict:
         "largest_trainable_params": largest_trainable,
         "small_params": small,
     }
+
+
+@contextmanager
+def _autocast_off_on_meta():
+    """PEFT's LoRA on 3-D expert weights opens `torch.autocast(device_type=<the weight's device>,
+    enabled=False)`, which torch refuses for the meta device; disabled autocast does nothing, so while
+    tracing it is opened for the CPU instead."""
+    real = torch.autocast
+
+    class Autocast(real):
+        def __init__(self, device_type, *args, **kwargs):
+            super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+    torch.autocast = Autocast
+    try:
+        yield
+    finally:
+        torch.autocast = real
 
 
 def trace(cfg) -> Trace:
@@ -234,7 +272,7 @@ def trace(cfg) -> Trace:
     lm.to(dtype)  # activations are in the training dtype (QLoRA computes in it too)
     params = {_storage_key(p) for p in model.parameters()}  # after .to(): weights are not activations
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast_off_on_meta():
             backbone = getattr(lm, lm.base_model_prefix, None) or lm.model
             backbone(input_ids=ids, use_cache=False)
     except (RuntimeError, NotImplementedError, TypeError) as e:
