@@ -78,8 +78,8 @@ class DataConfig:
     )
     prompt_column: str = option("content", "AdvertiseGen prompt column.")
     response_column: str = option("summary", "AdvertiseGen response column.")
-    template: Literal["auto", "glm4", "glm4_0414", "chatglm3", "chatglm2", "chatglm"] = option(
-        "auto", "Chat template (auto: from the model type)."
+    template: Literal["auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "chatglm3", "chatglm2", "chatglm"] = option(
+        "auto", "Chat template (auto: the checkpoint's own chat_template matched to ours, else from the model type)."
     )
     cutoff_len: int = option(1024, "Maximum tokens per sample; the response keeps at least half.")
     packing: bool | None = option(

@@ -217,11 +217,14 @@ def test_router_bias_moves_towards_balance_by_the_rate():
     assert moe.check_router_bias_update(model_cfg, 0.01, get_method("full")) == []
 
 
-def test_template_auto_and_glm5_next_are_refused_with_the_reason(tmp_path):
+def test_template_auto_picks_the_thinking_formats_and_glm5_next_is_refused_with_the_reason(tmp_path):
+    from transformers import AutoTokenizer
+
     from dist_glm.data.template import choose_template
 
-    with pytest.raises(UserError, match="template=auto: model_type glm4_moe .* set template=glm4_0414"):
-        choose_template("auto", None, "glm4_moe")
+    tok = AutoTokenizer.from_pretrained(REPO / "assets" / FAMILIES["glm4_moe"])  # no chat_template: by model type
+    assert choose_template("auto", tok, "glm4_moe") == "glm4_5"
+    assert choose_template("auto", tok, "glm4_moe_lite") == choose_template("auto", tok, "glm_moe_dsa") == "glm4_7"
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm5_next"}))
     cfg = Config()
     cfg.model.model_name_or_path = str(tmp_path)
@@ -279,7 +282,7 @@ TOL = 2e-5
 
 def moe_args(out, data, checkpoint, **kw):
     settings = dict(
-        model_name_or_path=checkpoint, train_from_scratch=False, template="glm4_0414", max_steps=STEPS,
+        model_name_or_path=checkpoint, train_from_scratch=False, template="auto", max_steps=STEPS,
         learning_rate=5e-3, cutoff_len=64, finetuning_type="full",
     )  # fmt: skip
     return base_args(out, data, **{**settings, **kw})

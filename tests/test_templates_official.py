@@ -78,3 +78,42 @@ def test_chatglm3_tool_call_is_a_python_block():
         "```python\ntool_call(location='beijing', unit='celsius')\n```"
     )
     assert python_tool_call("not json") == "```python\nnot json\n```"
+
+
+# ---- GLM-4.5 onward: glm4_5 (GLM-4.5/4.6) and glm4_7 (GLM-4.7, GLM-4.7-Flash, GLM-5) --------------------------
+MOE_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny-glm4-moe"
+
+
+@pytest.fixture(scope="module")
+def moe_tokenizer():
+    return AutoTokenizer.from_pretrained(MOE_TOKENIZER)
+
+
+@pytest.mark.parametrize("template,name", cases("glm4_5") + cases("glm4_7"))
+def test_thinking_formats_equal_the_official_rendering(moe_tokenizer, template, name):
+    """The row (OpenAI messages, as a user's data file holds it) through our converter and template gives the
+    official template's text and ids exactly, plus the role token that ends the last turn; labels train each
+    assistant turn the model saw as it is (its reasoning shown, or none) up to the role token after it."""
+    from dist_glm.data.converters import from_openai
+
+    ref = references(template)[name]
+    enc = build_template(template, moe_tokenizer).encode(from_openai(ref["row"], None), cutoff_len=4096)
+    assert moe_tokenizer.decode(enc.input_ids[:-1]) == ref["text"]
+    assert enc.input_ids == ref["input_ids"]
+    assert enc.labels == ref["labels"]
+
+
+def test_the_thinking_renderings_cover_the_cases_that_matter():
+    wanted = {
+        "plain", "multi_turn", "system", "empty_system", "whitespace", "reasoning_last", "reasoning_history",
+        "think_in_content", "thinking_off", "tools_with_system", "tools_without_system", "tool_call_last",
+        "content_parts",
+    }  # fmt: skip
+    assert wanted <= set(references("glm4_5"))
+    assert wanted | {"clear_thinking_false"} <= set(references("glm4_7"))
+    several = references("glm4_5")["tools_with_system"]["text"]
+    assert several.count("<tool_call>get_") == 3 and "<arg_value>[8, 12]</arg_value>" in several
+    assert "<arg_value>true</arg_value>" in several and '{"unit": "c", "lang": null}' in several
+    hidden = references("glm4_7")["reasoning_history"]
+    assert "add again" in hidden["text"] and "<think>add</think>" not in hidden["text"]
+    assert "<think>add</think>" in references("glm4_7")["clear_thinking_false"]["text"]

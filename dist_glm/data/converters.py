@@ -2,7 +2,11 @@
 
 A conversation is `{"system": str, "tools": list | None, "messages": [...]}` where each message has a
 `role` (`user`, `assistant`, `observation`) and `content`; an assistant message that calls a tool
-also has `tool_call = {"name": str, "arguments": str}`.
+also has `tool_call = {"name": str, "arguments": str}`. An assistant turn that calls several tools is
+one message per call, the second and later marked `same_turn` (the formats of GLM-4.5 onward write them
+in one turn; GLM-4's write one turn each). An assistant message may carry `reasoning` (OpenAI's
+`reasoning_content`); a conversation may carry `enable_thinking` / `clear_thinking` (booleans, as the
+row gives them) for the thinking-era templates.
 
 Formats (detected per file from its first row, or forced with `dataset_format`):
 - alpaca: `instruction`, `input`, `output`, optional `system`, `history` ([[query, reply], ...]);
@@ -126,11 +130,20 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
         if role not in roles:
             raise BadRow(f"{key}[{i}]: unknown role {role!r}; expected one of {', '.join(sorted(roles))}")
         role = roles[role]
-        content = turn.get(text_key)
+        content = _visible_text(turn.get(text_key))
+        reasoning = turn.get("reasoning_content", turn.get("reasoning"))
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise BadRow(f"{key}[{i}].reasoning_content must be a string, got {type(reasoning).__name__}")
+        extra = {"reasoning": reasoning} if reasoning is not None and role == "assistant" else {}
         if role == "assistant" and turn.get("tool_calls"):  # OpenAI: an assistant turn that calls tools
-            for call in turn["tool_calls"]:
+            for n, call in enumerate(turn["tool_calls"]):
                 fn = call.get("function", call) if isinstance(call, dict) else call
-                messages.append({"role": "assistant", "content": "", "tool_call": _tool_call(fn)})
+                # The turn's text and reasoning go with its first call (the GLM-4 formats write calls only).
+                first = {"content": content if isinstance(content, str) else "", **extra} if n == 0 else {}
+                messages.append(
+                    {"role": "assistant", "content": "", **first, "tool_call": _tool_call(fn)}
+                    | ({"same_turn": True} if n else {})
+                )
             continue
         if role == "function_call":
             messages.append({"role": "assistant", "content": "", "tool_call": _tool_call(content)})
@@ -155,12 +168,27 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
             if turn.get("tools"):  # ChatGLM3 keeps tools on the system turn
                 row = {**row, "tools": turn["tools"]}
             continue
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **extra})
+    switches = {k: row[k] for k in ("enable_thinking", "clear_thinking") if isinstance(row.get(k), bool)}
+    if any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system" for t in turns):
+        switches["system_turn"] = True  # an empty system turn still renders `<|system|>` in GLM-4.5's formats
     return {
         "system": system or _str(row, "system", required=False),
         "tools": _tools(row.get("tools")),
         "messages": messages,
+        **switches,
     }
+
+
+def _visible_text(content):
+    """OpenAI's content given as a list of parts: their text, joined (as the GLM chat templates do)."""
+    if isinstance(content, list) and all(isinstance(p, str | dict) for p in content):
+        return "".join(
+            p if isinstance(p, str) else str(p.get("text", ""))
+            for p in content
+            if isinstance(p, str) or p.get("type", "text") == "text"
+        )
+    return content
 
 
 def from_sharegpt(row: dict, cfg) -> dict:

@@ -25,7 +25,7 @@ from dist_glm.data.batching import DataStats, Example, build_examples
 from dist_glm.data.sources import split_paths
 from dist_glm.errors import UserError
 
-CACHE_VERSION = 7  # bump whenever the tokenized output or the cached fields change
+CACHE_VERSION = 8  # bump whenever the tokenized output or the cached fields change
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

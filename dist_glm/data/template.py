@@ -35,7 +35,7 @@ from dist_glm.errors import UserError
 IGNORE_INDEX = -100
 # The MoE GLMs (GLM-4.5 onward): `auto` must not give them GLM-4's format.
 THINKING_ERA_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm5_next")
-TEMPLATES = ("auto", "glm4", "glm4_0414", "chatglm3", "chatglm2", "chatglm")
+TEMPLATES = ("auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "chatglm3", "chatglm2", "chatglm")
 # The identity sentence of glm-4-9b-chat's own chat_template (tokenizer_config.json) before the tool list.
 # THUDM's demo code writes "GLM-4" in its place; the checkpoint's template, which users render with, says ChatGLM.
 GLM4_TOOL_IDENTITY = (
@@ -64,11 +64,14 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
     if name != "auto":
         return name
     if model_type in THINKING_ERA_MODEL_TYPES:
-        raise UserError(
-            f"template=auto: model_type {model_type} (GLM-4.5 and later) chats in the thinking-era format (<think>, "
-            "XML tool calls), which dist_glm does not write yet; set template=glm4_0414 to train in GLM-4-0414's "
-            "format (which this model did not see in training), or wait for the GLM-4.5 templates"
-        )
+        # GLM-4.6 and GLM-4.7 share model_type glm4_moe: the checkpoint's own chat_template decides; the
+        # model type only where there is none (GLM-4.7-Flash and GLM-5 write the compact format).
+        matching = [
+            f for f in ("glm4_7", "glm4_5") if chat_template_mismatch(build_template(f, tokenizer), tokenizer) is None
+        ]
+        if getattr(tokenizer, "chat_template", None) and matching:
+            return matching[0]
+        return "glm4_5" if model_type == "glm4_moe" else "glm4_7"
     if model_type == "chatglm":
         known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
         return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"
@@ -341,6 +344,10 @@ def _fit(
 
 
 def build_template(name: str, tokenizer, mask_history: bool = False, train_on_prompt: bool = False):
+    from dist_glm.data.thinking import FORMATS, ThinkingTemplate
+
+    if name in FORMATS:
+        return ThinkingTemplate(tokenizer, name, mask_history, train_on_prompt)
     if name in ("chatglm2", "chatglm"):
         return RoundTextTemplate(tokenizer, 2 if name == "chatglm2" else 1, train_on_prompt)
     return RoleTokenTemplate(tokenizer, name, mask_history, train_on_prompt)

@@ -1,0 +1,196 @@
+"""The chat formats of GLM-4.5 onward, with thinking and XML tool calls.
+
+- `glm4_5`: GLM-4.5, GLM-4.5-Air, GLM-4.6. A newline after every role token; an assistant turn is
+  `\\n<think>{reasoning}</think>` (or `\\n<think></think>`), `\\n{answer}`, then each tool call as
+  `\\n<tool_call>{name}\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n...</tool_call>`; tool results
+  `\\n<tool_response>\\n{result}\\n</tool_response>` under one `<|observation|>`; thinking switched off
+  appends `/nothink` to each user turn. Generation prompt `<|assistant|>` (`<|assistant|>\\n<think></think>`
+  with thinking off).
+- `glm4_7`: GLM-4.7, GLM-4.7-Flash, GLM-5. No newlines after role tokens; an empty thought is `</think>`
+  alone; calls `<tool_call>{name}<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`; results
+  `<tool_response>{result}</tool_response>`; `clear_thinking=false` keeps earlier turns' reasoning.
+  Generation prompt `<|assistant|><think>` (`<|assistant|></think>` with thinking off).
+
+Both keep reasoning only for the assistant turns after the last user turn (unless clear_thinking is
+false on glm4_7); reasoning comes from the message's `reasoning` or is split out of `<think>...</think>`
+in its content, as the official templates do. Argument values that are not strings are written as JSON.
+tests/data/official_renderings/ holds the official templates' renderings these must equal.
+
+What is trained: every assistant turn whose text is the one the model saw (its reasoning shown, or it had
+none), from just after `<|assistant|>` to the role token that ends it (`<|user|>` or `<|observation|>`,
+appended after the last turn). An earlier assistant turn whose reasoning the format hides is not trained,
+so the model is never taught to answer without the thought it had; the log counts such turns.
+"""
+
+import json
+
+from dist_glm.data.template import IGNORE_INDEX, Encoded, _encode_text, _fit, _ids
+from dist_glm.errors import UserError
+
+FORMATS = ("glm4_5", "glm4_7")
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+)
+TOOLS_OUTRO = (
+    "</tools>\n\nFor each function call, output the function name and arguments within the following XML format:\n"
+)
+CALL_EXAMPLE = {
+    "glm4_5": "<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
+    "<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>",
+    "glm4_7": "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>"
+    "<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>",
+}
+
+
+def split_reasoning(message: dict) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message: `reasoning` if given, else `<think>...</think>` split
+    out of the content (what precedes `</think>`, after the last `<think>`)."""
+    content = message.get("content") or ""
+    if isinstance(message.get("reasoning"), str):
+        return message["reasoning"], content
+    if "</think>" in content:
+        head, _, _ = content.partition("</think>")
+        return head.rstrip("\n").split("<think>")[-1].lstrip("\n"), content.split("</think>")[-1].lstrip("\n")
+    return "", content
+
+
+class ThinkingTemplate:
+    def __init__(self, tokenizer, name: str, mask_history: bool = False, train_on_prompt: bool = False):
+        self.tok, self.name = tokenizer, name
+        self.mask_history, self.train_on_prompt = mask_history, train_on_prompt
+        self.nl = "\n" if name == "glm4_5" else ""  # after a role token
+        self.prefix = _ids(tokenizer, ["[gMASK]", "<sop>"])
+        self.document_prefix = self.prefix
+        roles = ("system", "user", "assistant", "observation")
+        self.role_ids = dict(zip(roles, _ids(tokenizer, [f"<|{r}|>" for r in roles]), strict=True))
+
+    # ---- text of each part -----------------------------------------------------------------------
+    def _system_texts(self, conv: dict) -> list[str]:
+        out = []
+        if conv.get("tools"):
+            lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in conv["tools"])
+            out.append("\n" + TOOLS_INTRO + lines + TOOLS_OUTRO + CALL_EXAMPLE[self.name])
+        if conv.get("system") or conv.get("system_turn"):
+            out.append(self.nl + conv.get("system", ""))
+        return out
+
+    def _user_text(self, content: str, conv: dict) -> str:
+        off = self.name == "glm4_5" and conv.get("enable_thinking") is False and not content.endswith("/nothink")
+        return self.nl + content + ("/nothink" if off else "")
+
+    def _call_text(self, call: dict) -> str:
+        try:
+            args = json.loads(call["arguments"]) if call["arguments"].strip() else {}
+        except json.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):
+            raise UserError(
+                f"template={self.name}: the arguments of a call to {call['name']!r} are not a JSON object "
+                f"({call['arguments'][:60]!r}); the GLM-4.5 formats write arguments key by key"
+            )
+        sep = self.nl
+        parts = [f"{sep}<tool_call>{call['name']}{sep}"]
+        for k, v in args.items():
+            value = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+            parts.append(f"<arg_key>{k}</arg_key>{sep}<arg_value>{value}</arg_value>{sep}")
+        return "".join(parts) + "</tool_call>"
+
+    def _assistant_text(self, turn: list[dict], shows_reasoning: bool) -> tuple[str, bool]:
+        """(text after <|assistant|>, whether the reasoning the turn had is shown)."""
+        reasoning, answer = split_reasoning(turn[0])
+        shown = shows_reasoning and bool(reasoning)
+        if self.name == "glm4_5":
+            text = f"\n<think>{reasoning.strip()}</think>" if shown else "\n<think></think>"
+            text += f"\n{answer.strip()}" if answer.strip() else ""
+        else:
+            text = f"<think>{reasoning.strip()}</think>" if shown else "</think>"
+            text += answer.strip()
+        text += "".join(self._call_text(m["tool_call"]) for m in turn if m.get("tool_call"))
+        return text, shown or not reasoning
+
+    # ---- turns -----------------------------------------------------------------------------------
+    def _turns(self, conv: dict) -> list[tuple[str, list[dict]]]:
+        """Messages grouped into turns: an assistant turn with all its calls, consecutive tool results."""
+        turns: list[tuple[str, list[dict]]] = []
+        for m in conv["messages"]:
+            same = turns and (
+                (m["role"] == "assistant" and m.get("same_turn") and turns[-1][0] == "assistant")
+                or (m["role"] == "observation" and turns[-1][0] == "observation")
+            )
+            if same:
+                turns[-1][1].append(m)
+            else:
+                turns.append((m["role"], [m]))
+        return turns
+
+    def _pieces(self, conv: dict) -> list[tuple[str, str, bool]]:
+        """(role, body text, trainable) per turn, the system turns included; trainable marks an assistant
+        turn shown as the model saw it."""
+        turns = self._turns(conv)
+        last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+        keep_all = self.name == "glm4_7" and conv.get("clear_thinking") is False
+        out = [("system", text, False) for text in self._system_texts(conv)]
+        for i, (role, msgs) in enumerate(turns):
+            if role == "user":
+                out.append(("user", self._user_text(msgs[0]["content"], conv), False))
+            elif role == "observation":
+                sep = "\n" if self.name == "glm4_5" else ""
+                body = "".join(f"{sep}<tool_response>{sep}{m['content']}{sep}</tool_response>" for m in msgs)
+                out.append(("observation", body, False))
+            else:
+                text, faithful = self._assistant_text(msgs, keep_all or i > last_user)
+                out.append(("assistant", text, faithful))
+        return out
+
+    def generation_prompt(self, conv: dict) -> list[int]:
+        off = conv.get("enable_thinking") is False
+        tail = ("\n<think></think>" if off else "") if self.name == "glm4_5" else ("</think>" if off else "<think>")
+        return [self.role_ids["assistant"]] + _encode_text(self.tok, tail)
+
+    def encode_prompt(self, conv: dict) -> list[int]:
+        ids = list(self.prefix)
+        for role, body, _ in self._pieces(conv):
+            ids += [self.role_ids[role]] + _encode_text(self.tok, body)
+        return ids + self.generation_prompt(conv)
+
+    def encode(self, conv: dict, cutoff_len: int) -> Encoded:
+        pieces = self._pieces(conv)
+        replies = [i for i, (role, _, _) in enumerate(pieces) if role == "assistant"]
+        head_end = next(i for i, (role, _, _) in enumerate(pieces) if role != "system")
+        head = list(self.prefix)
+        for role, body, _ in pieces[:head_end]:
+            head += [self.role_ids[role]] + _encode_text(self.tok, body)
+        head_labels = list(head) if self.train_on_prompt else [IGNORE_INDEX] * len(head)
+        head_labels[: len(self.prefix)] = [IGNORE_INDEX] * len(self.prefix)
+        rounds, ids, labels, prev_trained = [], [], [], False
+        for i in range(head_end, len(pieces)):
+            role, body, faithful = pieces[i]
+            header, body_ids = [self.role_ids[role]], _encode_text(self.tok, body)
+            trained = role == "assistant" and faithful and (not self.mask_history or i == replies[-1])
+            header_label = header if (prev_trained or self.train_on_prompt) else [IGNORE_INDEX]
+            body_label = body_ids if (trained or self.train_on_prompt) else [IGNORE_INDEX] * len(body_ids)
+            reply_start = len(ids) + 1
+            ids, labels, prev_trained = ids + header + body_ids, labels + header_label + body_label, trained
+            if role == "assistant":
+                rounds.append((ids, labels, reply_start))
+                ids, labels = [], []
+        last_turn = self._turns(conv)[-1][1]
+        end = self.role_ids["observation" if any(m.get("tool_call") for m in last_turn) else "user"]
+        r_ids, r_labels, r_start = rounds[-1]
+        rounds[-1] = (
+            r_ids + [end],
+            r_labels + [end if (prev_trained or self.train_on_prompt) else IGNORE_INDEX],
+            r_start,
+        )
+        input_ids, out_labels, truncated, lost = _fit(head, head_labels, rounds, cutoff_len, header_len=1)
+        last = max(i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant" and not m.get("same_turn"))
+        prompt = self.encode_prompt({**conv, "messages": conv["messages"][:last]})
+        reasoning, answer = split_reasoning(conv["messages"][last])
+        calls = [m["tool_call"] for m in conv["messages"][last:] if m.get("tool_call")]
+        reference = answer.strip() or "".join(self._call_text(c) for c in calls).strip()
+        return Encoded(input_ids, out_labels, prompt, reference, truncated, lost)
+
+    def hidden_reasoning_turns(self, conv: dict) -> int:
+        """Assistant turns whose reasoning the format hides (not trained)."""
+        return sum(1 for role, _, faithful in self._pieces(conv) if role == "assistant" and not faithful)
