@@ -170,7 +170,7 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
             continue
         messages.append({"role": role, "content": content, **extra})
     switches = {k: row[k] for k in ("enable_thinking", "clear_thinking") if isinstance(row.get(k), bool)}
-    if any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system" for t in turns):
+    if not system and any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system" for t in turns):
         switches["system_turn"] = True  # an empty system turn still renders `<|system|>` in GLM-4.5's formats
     return {
         "system": system or _str(row, "system", required=False),

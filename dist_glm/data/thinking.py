@@ -24,7 +24,7 @@ so the model is never taught to answer without the thought it had; the log count
 
 import json
 
-from dist_glm.data.template import IGNORE_INDEX, Encoded, _encode_text, _fit, _ids
+from dist_glm.data.encoding import IGNORE_INDEX, Encoded, _encode_text, _fit, _ids
 from dist_glm.errors import UserError
 
 FORMATS = ("glm4_5", "glm4_7")
