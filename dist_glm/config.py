@@ -93,6 +93,12 @@ class DataConfig:
         "the same samples on any number of ranks, so the numbers do not depend on the split.",
     )
     mask_history: bool = option(False, "Train on the last assistant turn only (default: every assistant turn).")
+    reasoning_history: Literal["expand", "keep", "drop"] = option(
+        "expand",
+        "glm4_5/glm4_7: an earlier turn's reasoning, which the format hides: expand = one more sample per "
+        "such round, so each thought trains as the model saw it; keep = render it (glm4_7's clear_thinking=false); "
+        "drop = do not train those turns.",
+    )
     train_on_prompt: bool = option(False, "Also train on prompt tokens (system, user, observation).")
     on_invalid: Literal["error", "skip"] = option(
         "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."

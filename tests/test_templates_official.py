@@ -117,3 +117,33 @@ def test_the_thinking_renderings_cover_the_cases_that_matter():
     hidden = references("glm4_7")["reasoning_history"]
     assert "add again" in hidden["text"] and "<think>add</think>" not in hidden["text"]
     assert "<think>add</think>" in references("glm4_7")["clear_thinking_false"]["text"]
+
+
+@pytest.mark.parametrize("template", ["glm4_5", "glm4_7"])
+def test_earlier_reasoning_is_trained_once_in_a_sample_of_its_own(moe_tokenizer, template):
+    """reasoning_history=expand (the default): a round whose reasoning the format hides in the full
+    conversation gets a sample of its own, cut after it, where that reasoning is shown and trained; the
+    full conversation then trains the rest. Every assistant turn is trained exactly once."""
+    from dist_glm.data.converters import from_openai
+
+    conv = from_openai(references(template)["reasoning_history"]["row"], None)
+    t = build_template(template, moe_tokenizer)
+    samples = t.expand(conv)
+    assert len(samples) == 2 and samples[0]["messages"] == conv["messages"][:2]
+    trained = []
+    for s in samples:
+        enc = t.encode(s, 4096)
+        trained.append(
+            moe_tokenizer.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != -100])
+        )
+    nl = "\n" if template == "glm4_5" else ""
+    assert trained == [f"{nl}<think>add</think>{nl}2<|user|>", f"{nl}<think>add again</think>{nl}4<|user|>"]
+    assert build_template(template, moe_tokenizer, reasoning_history="drop").expand(conv) == [conv]
+    if template == "glm4_7":  # keep: every turn's reasoning rendered (clear_thinking false), all trained
+        kept = build_template(template, moe_tokenizer, reasoning_history="keep").expand(conv)
+        assert kept[0]["clear_thinking"] is False
+    else:
+        from dist_glm.errors import UserError
+
+        with pytest.raises(UserError, match="only GLM-4.7's format has"):
+            build_template(template, moe_tokenizer, reasoning_history="keep")

@@ -34,6 +34,7 @@ class DataStats:
     text_samples: int = 0  # samples from raw documents (dataset_format text)
     files: dict = field(default_factory=dict)  # path -> {"format", "rows", "samples"}
     lost: dict = field(default_factory=dict)  # what truncation cost: kind -> [count, first few file:line]
+    expanded: int = 0  # extra samples for earlier rounds whose reasoning the format hides (reasoning_history)
 
     def note_lost(self, kind: str, where: str) -> None:
         count, first = self.lost.get(kind, [0, []])
@@ -52,6 +53,7 @@ class DataStats:
             {k: [self.lost.get(k, [0, []])[0] + other.lost.get(k, [0, []])[0],
                  (self.lost.get(k, [0, []])[1] + other.lost.get(k, [0, []])[1])[:3]]
              for k in {**self.lost, **other.lost}},
+            self.expanded + other.expanded,
         )  # fmt: skip
 
     def summary(self, name: str) -> str:
@@ -77,6 +79,13 @@ class DataStats:
             if lost
             else ""
         )
+        expanded = (
+            f"; {self.expanded} more samples for earlier rounds whose reasoning the chat format hides "
+            "(reasoning_history=expand: each thought trained once, as the model saw it)"
+            if self.expanded
+            else ""
+        )
+        lost = expanded + lost
         return (
             f"{name}: {self.rows} rows -> {self.samples} samples; "
             f"{self.truncated} truncated to cutoff_len, {self.dropped_no_labels} dropped with no trainable "
@@ -121,7 +130,10 @@ def _encode_parallel(template, tokenizer, conversations: list[dict], cutoff_len:
 def build_examples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
 ) -> tuple[list[Example], DataStats]:
-    template = build_template(template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt)
+    template = build_template(
+        template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt,
+        getattr(data_cfg, "reasoning_history", "expand"),
+    )  # fmt: skip
     stats, out, formats = DataStats(), [], {}
     conversations = load_conversations(spec, data_cfg, stats.skipped, formats)
     stats.rows = len(conversations) + len(stats.skipped)
@@ -131,6 +143,9 @@ def build_examples(
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
     if max_samples:  # of each file, as LLaMA-Factory caps each dataset: rows past a file's cap are not encoded
         conversations = _first_of_each_file(conversations, max_samples)
+    rows = len(conversations)
+    conversations = [c for conv in conversations for c in template.expand(conv)]
+    stats.expanded = len(conversations) - rows
     encoded = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
     for conv, item in zip(conversations, encoded, strict=True):
         where = conv["where"]

@@ -102,6 +102,9 @@ class RoleTokenTemplate:
     def _text(self, s: str) -> list[int]:
         return _encode_text(self.tok, s)
 
+    def expand(self, conv: dict) -> list[dict]:
+        return [conv]  # these formats show every turn as it was trained
+
     def _system_turns(self, system: str, tools: list | None) -> list[str]:
         """The texts of the <|system|> turns: the tool list (its own turn on GLM-4, appended to the
         system text on ChatGLM3), then the user's system prompt."""
@@ -229,6 +232,9 @@ class RoundTextTemplate:
         self.head, self.tail = (marks, []) if version == 2 else ([], marks)
         self.document_prefix = marks
 
+    def expand(self, conv: dict) -> list[dict]:
+        return [conv]
+
     def _text(self, s: str) -> list[int]:
         return _encode_text(self.tok, s)
 
@@ -282,9 +288,11 @@ class RoundTextTemplate:
         return Encoded(ids, labels, generation_prompt, pairs[-1][1], truncated or first > 0, lost)
 
 
-def build_template(name: str, tokenizer, mask_history: bool = False, train_on_prompt: bool = False):
+def build_template(
+    name: str, tokenizer, mask_history: bool = False, train_on_prompt: bool = False, reasoning_history: str = "expand"
+):
     if name in FORMATS:
-        return ThinkingTemplate(tokenizer, name, mask_history, train_on_prompt)
+        return ThinkingTemplate(tokenizer, name, mask_history, train_on_prompt, reasoning_history)
     if name in ("chatglm2", "chatglm"):
         return RoundTextTemplate(tokenizer, 2 if name == "chatglm2" else 1, train_on_prompt)
     return RoleTokenTemplate(tokenizer, name, mask_history, train_on_prompt)

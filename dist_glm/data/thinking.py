@@ -56,8 +56,20 @@ def split_reasoning(message: dict) -> tuple[str, str]:
 
 
 class ThinkingTemplate:
-    def __init__(self, tokenizer, name: str, mask_history: bool = False, train_on_prompt: bool = False):
-        self.tok, self.name = tokenizer, name
+    def __init__(
+        self,
+        tokenizer,
+        name: str,
+        mask_history: bool = False,
+        train_on_prompt: bool = False,
+        reasoning_history="expand",
+    ):
+        self.tok, self.name, self.reasoning_history = tokenizer, name, reasoning_history
+        if reasoning_history == "keep" and name != "glm4_7":
+            raise UserError(
+                f"reasoning_history=keep renders earlier turns' reasoning, which only GLM-4.7's format has "
+                f"(clear_thinking=false); with template={name} use expand (the default) or drop"
+            )
         self.mask_history, self.train_on_prompt = mask_history, train_on_prompt
         self.nl = "\n" if name == "glm4_5" else ""  # after a role token
         self.prefix = _ids(tokenizer, ["[gMASK]", "<sop>"])
@@ -109,11 +121,31 @@ class ThinkingTemplate:
         text += "".join(self._call_text(m["tool_call"]) for m in turn if m.get("tool_call"))
         return text, shown or not reasoning
 
+    def expand(self, conv: dict) -> list[dict]:
+        """The samples one conversation trains as (reasoning_history): `expand` adds, for each earlier round
+        (a user turn and the replies up to the next user turn) with an assistant turn whose reasoning the
+        format hides, the conversation cut after that round, training that round only: there it is the last
+        round and its reasoning is shown. `keep` renders every turn's reasoning (GLM-4.7's clear_thinking
+        false); `drop` leaves such turns untrained."""
+        if self.reasoning_history == "keep":
+            return [{**conv, "clear_thinking": False}]
+        if self.reasoning_history == "drop" or not self.hidden_reasoning_turns(conv):
+            return [conv]
+        messages = conv["messages"]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        extra = []
+        for start, end in zip(users, users[1:], strict=False):
+            round_conv = {**conv, "messages": messages[:end], "train_from": start}
+            if any(start <= i < end for i in self._hidden(conv)):
+                extra.append(round_conv)
+        return extra + [conv]
+
     # ---- turns -----------------------------------------------------------------------------------
-    def _turns(self, conv: dict) -> list[tuple[str, list[dict]]]:
-        """Messages grouped into turns: an assistant turn with all its calls, consecutive tool results."""
-        turns: list[tuple[str, list[dict]]] = []
-        for m in conv["messages"]:
+    def _turns(self, conv: dict) -> list[tuple[str, list[dict], int]]:
+        """Messages grouped into turns (role, messages, index of the first): an assistant turn with all its
+        calls, consecutive tool results."""
+        turns: list[tuple[str, list[dict], int]] = []
+        for i, m in enumerate(conv["messages"]):
             same = turns and (
                 (m["role"] == "assistant" and m.get("same_turn") and turns[-1][0] == "assistant")
                 or (m["role"] == "observation" and turns[-1][0] == "observation")
@@ -121,27 +153,31 @@ class ThinkingTemplate:
             if same:
                 turns[-1][1].append(m)
             else:
-                turns.append((m["role"], [m]))
+                turns.append((m["role"], [m], i))
         return turns
 
-    def _pieces(self, conv: dict) -> list[tuple[str, str, bool]]:
-        """(role, body text, trainable) per turn, the system turns included; trainable marks an assistant
-        turn shown as the model saw it."""
+    def _pieces(self, conv: dict) -> list[tuple[str, str, bool, int]]:
+        """(role, body text, trainable, first message index) per turn, the system turns included (index -1);
+        trainable marks an assistant turn shown as the model saw it."""
         turns = self._turns(conv)
-        last_user = max((i for i, (role, _) in enumerate(turns) if role == "user"), default=-1)
+        last_user = max((i for i, (role, _, _) in enumerate(turns) if role == "user"), default=-1)
         keep_all = self.name == "glm4_7" and conv.get("clear_thinking") is False
-        out = [("system", text, False) for text in self._system_texts(conv)]
-        for i, (role, msgs) in enumerate(turns):
+        out = [("system", text, False, -1) for text in self._system_texts(conv)]
+        for i, (role, msgs, first) in enumerate(turns):
             if role == "user":
-                out.append(("user", self._user_text(msgs[0]["content"], conv), False))
+                out.append(("user", self._user_text(msgs[0]["content"], conv), False, first))
             elif role == "observation":
                 sep = "\n" if self.name == "glm4_5" else ""
                 body = "".join(f"{sep}<tool_response>{sep}{m['content']}{sep}</tool_response>" for m in msgs)
-                out.append(("observation", body, False))
+                out.append(("observation", body, False, first))
             else:
                 text, faithful = self._assistant_text(msgs, keep_all or i > last_user)
-                out.append(("assistant", text, faithful))
+                out.append(("assistant", text, faithful, first))
         return out
+
+    def _hidden(self, conv: dict) -> list[int]:
+        """First message indices of the assistant turns whose reasoning the format hides."""
+        return [first for role, _, faithful, first in self._pieces(conv) if role == "assistant" and not faithful]
 
     def generation_prompt(self, conv: dict) -> list[int]:
         off = conv.get("enable_thinking") is False
@@ -150,24 +186,26 @@ class ThinkingTemplate:
 
     def encode_prompt(self, conv: dict) -> list[int]:
         ids = list(self.prefix)
-        for role, body, _ in self._pieces(conv):
+        for role, body, _, _ in self._pieces(conv):
             ids += [self.role_ids[role]] + _encode_text(self.tok, body)
         return ids + self.generation_prompt(conv)
 
     def encode(self, conv: dict, cutoff_len: int) -> Encoded:
         pieces = self._pieces(conv)
-        replies = [i for i, (role, _, _) in enumerate(pieces) if role == "assistant"]
-        head_end = next(i for i, (role, _, _) in enumerate(pieces) if role != "system")
+        replies = [i for i, piece in enumerate(pieces) if piece[0] == "assistant"]
+        head_end = next(i for i, piece in enumerate(pieces) if piece[0] != "system")
+        train_from = conv.get("train_from", 0)  # an expanded round trains its own turns only (expand)
         head = list(self.prefix)
-        for role, body, _ in pieces[:head_end]:
+        for role, body, _, _ in pieces[:head_end]:
             head += [self.role_ids[role]] + _encode_text(self.tok, body)
         head_labels = list(head) if self.train_on_prompt else [IGNORE_INDEX] * len(head)
         head_labels[: len(self.prefix)] = [IGNORE_INDEX] * len(self.prefix)
         rounds, ids, labels, prev_trained = [], [], [], False
         for i in range(head_end, len(pieces)):
-            role, body, faithful = pieces[i]
+            role, body, faithful, first = pieces[i]
             header, body_ids = [self.role_ids[role]], _encode_text(self.tok, body)
-            trained = role == "assistant" and faithful and (not self.mask_history or i == replies[-1])
+            trained = role == "assistant" and faithful and first >= train_from
+            trained = trained and (not self.mask_history or i == replies[-1])
             header_label = header if (prev_trained or self.train_on_prompt) else [IGNORE_INDEX]
             body_label = body_ids if (trained or self.train_on_prompt) else [IGNORE_INDEX] * len(body_ids)
             reply_start = len(ids) + 1
@@ -192,5 +230,5 @@ class ThinkingTemplate:
         return Encoded(input_ids, out_labels, prompt, reference, truncated, lost)
 
     def hidden_reasoning_turns(self, conv: dict) -> int:
-        """Assistant turns whose reasoning the format hides (not trained)."""
-        return sum(1 for role, _, faithful in self._pieces(conv) if role == "assistant" and not faithful)
+        """Assistant turns whose reasoning the format hides (not trained in this conversation)."""
+        return len(self._hidden(conv))
