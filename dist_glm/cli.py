@@ -8,6 +8,7 @@ and turning a user's mistake (UserError) into one line per problem and exit code
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from dist_glm.errors import EXIT_USER_ERROR, UserError
 
@@ -132,7 +133,7 @@ def prepare_main(argv: list[str] | None = None) -> None:
     command = dataclasses.replace(
         config.TRAIN,
         prog="prepare.py",
-        usage="prepare.py CONFIG.yaml [--show_samples=N] [--key=value ...]",
+        usage="prepare.py CONFIG.yaml [--show_samples=N] [--dump_samples=FILE.jsonl] [--key=value ...]",
         sections={**config.TRAIN.sections, "prepare": (PrepareArgs, None)},
     )
 
@@ -140,13 +141,34 @@ def prepare_main(argv: list[str] | None = None) -> None:
         from dist_glm.data.loading import load_datasets, render_trained_spans
         from dist_glm.models.loading import load_tokenizer
 
-        cfg = recipe_config(sections, training=False)  # tokenizing needs no evaluation settings
+        cfg = recipe_config(sections, output_dir=False, training=False)  # tokenizing needs neither
+        dump = sections["prepare"].dump_samples
+        if dump and Path(dump).exists():
+            raise UserError(f"dump_samples='{dump}' already exists; name a new file (nothing is overwritten)")
+        if dump and not Path(dump).resolve().parent.is_dir():
+            raise UserError(f"dump_samples='{dump}': its folder does not exist; create it or name another file")
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
         samples = load_datasets(cfg, tokenizer).samples
         for i, example in enumerate(samples[: sections["prepare"].show_samples]):
             print(f"\n--- sample {i + 1} " + render_trained_spans(example, tokenizer), flush=True)
+        if dump:
+            write_samples(samples, tokenizer, Path(dump))
+            print(f"[dist_glm] wrote {len(samples)} samples to {dump}", flush=True)
 
     run_command(command, argv, body)
+
+
+def write_samples(samples, tokenizer, path) -> None:
+    """One JSON object per sample, written beside `path` and renamed into place when complete."""
+    import json
+
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for example in samples:
+            ids, labels = [int(i) for i in example.input_ids], [int(x) for x in example.labels]
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            f.write(json.dumps({"text": text, "input_ids": ids, "labels": labels}, ensure_ascii=False) + "\n")
+    tmp.rename(path)
 
 
 def distill_cache_main(argv: list[str] | None = None) -> None:

@@ -147,3 +147,25 @@ def test_earlier_reasoning_is_trained_once_in_a_sample_of_its_own(moe_tokenizer,
 
         with pytest.raises(UserError, match="only GLM-4.7's format has"):
             build_template(template, moe_tokenizer, reasoning_history="keep")
+
+
+def test_prepare_dumps_every_sample_for_review_and_never_overwrites(tmp_path, capsys):
+    """prepare.py --dump_samples=FILE: one object per training sample, in dataset order, with the exact text
+    the ids encode (special tokens included) and the labels; an existing FILE is refused, not overwritten."""
+    from dist_glm.cli import prepare_main
+
+    rows = [references("glm4_5")[name]["row"] for name in ("reasoning_history", "tools_with_system")]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    dump = tmp_path / "dump.jsonl"
+    argv = [f"--model_name_or_path={MOE_TOKENIZER}", f"--dataset={data}", f"--dump_samples={dump}"]
+    prepare_main(argv + [f"--data_cache_dir={tmp_path / 'cache'}"])
+    dumped = [json.loads(line) for line in dump.read_text(encoding="utf-8").splitlines()]
+    assert len(dumped) == 3  # the first row's earlier thought got a sample of its own
+    assert dumped[1]["text"] == references("glm4_5")["reasoning_history"]["text"] + "<|user|>"  # the ending token
+    assert dumped[2]["input_ids"] == references("glm4_5")["tools_with_system"]["input_ids"]
+    assert dumped[2]["labels"] == references("glm4_5")["tools_with_system"]["labels"]
+    before = dump.read_bytes()
+    with pytest.raises(SystemExit):
+        prepare_main(argv)
+    assert "already exists" in capsys.readouterr().err and dump.read_bytes() == before

@@ -18,6 +18,11 @@ TRAINED_OPEN, TRAINED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧: rare in any data, s
 
 @dataclass
 class PrepareArgs:
+    dump_samples: str = option(
+        "",
+        "Write every training sample to this new .jsonl file, in dataset order: text (decoded with its special "
+        "tokens), input_ids and labels, to diff against a reference rendering.",
+    )
     show_samples: int = option(
         0,
         f"Print the first N tokenized training samples with the trained spans marked {TRAINED_OPEN}...{TRAINED_CLOSE}.",
@@ -33,10 +38,11 @@ def recipe_template(cfg, tokenizer) -> str:
     model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
     template = choose_template(cfg.data.template, tokenizer, model_type)
     mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
-    collectives.log(
-        f"chat template: {template}"
-        + (f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)")
-    )
+    if not getattr(tokenizer, "chat_template", None):
+        how = f" (the checkpoint has no chat_template to compare with; {cfg.data.template}: model_type {model_type})"
+    else:
+        how = f"; WARNING: {mismatch}" if mismatch else " (agrees with the tokenizer's own chat_template)"
+    collectives.log(f"chat template: {template}{how}")
     return template
 
 
