@@ -169,3 +169,13 @@ def test_prepare_dumps_every_sample_for_review_and_never_overwrites(tmp_path, ca
     with pytest.raises(SystemExit):
         prepare_main(argv)
     assert "already exists" in capsys.readouterr().err and dump.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["<think>half a thought", "answer</think>", "<think>a</think><think>b</think>x"])
+def test_broken_reasoning_markup_is_a_bad_row(content):
+    from dist_glm.data.converters import from_openai
+    from dist_glm.data.sources import BadRow
+
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
+    with pytest.raises(BadRow, match=r"messages\[1\]: the reply's reasoning markup is broken"):
+        from_openai(row, None)

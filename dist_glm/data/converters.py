@@ -168,6 +168,8 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
             if turn.get("tools"):  # ChatGLM3 keeps tools on the system turn
                 row = {**row, "tools": turn["tools"]}
             continue
+        if role == "assistant":
+            check_think_tags(content, f"{key}[{i}]")
         messages.append({"role": role, "content": content, **extra})
     switches = {k: row[k] for k in ("enable_thinking", "clear_thinking") if isinstance(row.get(k), bool)}
     if not system and any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system" for t in turns):
@@ -178,6 +180,17 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
         "messages": messages,
         **switches,
     }
+
+
+def check_think_tags(content: str, where: str) -> None:
+    """Reasoning written into the content must be one `<think>...</think>` before the answer; an unclosed
+    `<think>` or a stray `</think>` would train the model on half a thought."""
+    opened, closed = content.count("<think>"), content.count("</think>")
+    if opened != closed or opened > 1 or (closed and content.index("</think>") < content.index("<think>")):
+        raise BadRow(
+            f"{where}: the reply's reasoning markup is broken ({opened} <think>, {closed} </think>); write the thought "
+            "as one <think>...</think> before the answer, or put it in reasoning_content"
+        )
 
 
 def _visible_text(content):
