@@ -164,7 +164,7 @@ class RoleTokenTemplate:
             return self._turn(m["role"], *self._call_text(m["tool_call"]))
         return self._turn(m["role"], "", m["content"])
 
-    def call_header_ids(self, name: str) -> list[int]:
+    def call_header_ids(self, name: str, conv: dict | None = None) -> list[int]:
         """What follows the assistant header in a call to tool `name`, up to its arguments (a reply
         prefilled with it can only be that call)."""
         metadata, _ = self._call_text({"name": name, "arguments": ""})

@@ -184,6 +184,14 @@ class ThinkingTemplate:
         tail = ("\n<think></think>" if off else "") if self.name == "glm4_5" else ("</think>" if off else "<think>")
         return [self.role_ids["assistant"]] + _encode_text(self.tok, tail)
 
+    def call_header_ids(self, name: str, conv: dict | None = None) -> list[int]:
+        """What follows the generation prompt in a reply that must call tool `name`, up to its arguments: an
+        empty thought (when the prompt did not close one already), then the call's opening."""
+        off = (conv or {}).get("enable_thinking") is False
+        if self.name == "glm4_5":
+            return _encode_text(self.tok, ("" if off else "\n<think></think>") + f"\n<tool_call>{name}")
+        return _encode_text(self.tok, ("" if off else "</think>") + f"<tool_call>{name}")
+
     def encode_prompt(self, conv: dict) -> list[int]:
         ids = list(self.prefix)
         for role, body, _, _ in self._pieces(conv):

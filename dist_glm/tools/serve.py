@@ -133,11 +133,12 @@ def load_engine(model_args: ModelArgs, args: ServeArgs) -> tuple[Engine, int]:
 
 def serving_template(model_args: ModelArgs, name: str, model_type: str, tokenizer):
     """The training template requests are rendered with, so a served model sees what it was trained on:
-    `auto` takes the template recorded in the training output's config.yaml, else the model type's.
-    None (plain chats through the tokenizer's chat_template, no tool calls) for a tokenizer without GLM's
-    special tokens or a text-round model (ChatGLM2/6B)."""
+    `auto` takes the template recorded in the training output's config.yaml, else the one `auto` picks in
+    training (the GLM-4.5-onward formats by the checkpoint's chat_template). None (plain chats through the
+    tokenizer's chat_template, no tool calls) for a tokenizer without GLM's special tokens or a text-round
+    model (ChatGLM2/6B)."""
     from dist_glm.config import load_config
-    from dist_glm.data.template import RoleTokenTemplate, build_template, chat_template_mismatch, choose_template
+    from dist_glm.data.template import RoundTextTemplate, build_template, chat_template_mismatch, choose_template
 
     source = Path(model_args.adapter_name_or_path or model_args.model_name_or_path) / "config.yaml"
     if name == "auto" and source.is_file():
@@ -152,7 +153,7 @@ def serving_template(model_args: ModelArgs, name: str, model_type: str, tokenize
             raise UserError(f"template='{name}': {e}") from None
         log.warning("rendering requests with the tokenizer's chat_template (no tool calls): %s", e)
         return None
-    if not isinstance(template, RoleTokenTemplate):
+    if isinstance(template, RoundTextTemplate):  # ChatGLM2/6B: plain chats through the tokenizer's template
         return None
     mismatch = chat_template_mismatch(template, tokenizer)
     if mismatch:

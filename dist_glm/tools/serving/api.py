@@ -58,6 +58,12 @@ class Completions:
             conv = tool_calls.conversation(messages, req.tools if tool_plan.names else None)
         except tool_calls.ToolRequestError as e:
             raise ApiError(400, str(e), e.param) from None
+        switches = req.chat_template_kwargs or {}
+        for key in ("enable_thinking", "clear_thinking"):
+            if key in switches and not isinstance(switches[key], bool):
+                raise ApiError(400, f"chat_template_kwargs.{key} must be true or false", f"chat_template_kwargs.{key}")
+            if key in switches:
+                conv[key] = switches[key]
         try:  # tokenizing a long prompt takes a while: keep it off the event loop
             if self.engine.template is not None:
                 prompt_ids = await run_in_threadpool(self.engine.encode_conversation, conv, tool_plan.forced)
@@ -72,6 +78,7 @@ class Completions:
         except Exception as e:  # a chat template may reject a conversation (raise_exception in jinja)
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
         job = build_job(req, prompt_ids, self.engine, self.max_model_len, must_call=tool_plan.required)
+        job.make_reply = reply_parser(self.engine.template_name, tool_plan, conv, req.tools)
         try:
             self.engine.submit(job)
         except QueueFull:
@@ -100,7 +107,7 @@ class Completions:
             watcher.cancel()
             job.cancelled.set()  # no effect once finished; stops the generation if this task was cancelled
             del self.replying[job.id]
-        answer = tool_calls.ToolReply(tool_plan)
+        answer = job.make_reply()
         answer.feed("".join(pieces), job.reply.opened_with_newline if job.reply else None)
         answer.finish()
         choice = {
@@ -125,7 +132,7 @@ class Completions:
         def choice(delta: dict, reason=None) -> list:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
 
-        answer = tool_calls.ToolReply(tool_plan)
+        answer = job.make_reply()
         watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
         self.replying[job.id] = job
         try:
@@ -155,6 +162,17 @@ class Completions:
             watcher.cancel()
             job.cancelled.set()
             del self.replying[job.id]
+
+
+def reply_parser(template: str | None, tool_plan: ToolPlan, conv: dict, tools: list | None):
+    """What sorts a reply's text into the response: GLM-4.5 onward's reasoning, answer and XML calls, or
+    GLM-4's answer or call."""
+    if template in tool_calls.THINKING_TEMPLATES:
+        from dist_glm.tools.serving.thinking_replies import ThinkingReply
+
+        thinking = conv.get("enable_thinking") is not False
+        return lambda: ThinkingReply(tool_plan, template, thinking, tools)
+    return lambda: tool_calls.ToolReply(tool_plan)
 
 
 def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str = ""):

@@ -140,6 +140,7 @@ class Job:
     reply: ReplyText | None = None
     rng: torch.Generator | None = None
     largest_batch: int = 0
+    make_reply: object = None  # builds the reply parser (dist_glm.tools.serving.api.reply_parser)
 
     def send(self, kind: str, value) -> None:
         # The only way the worker talks to the event loop: never blocks, never waits on the client.
@@ -244,7 +245,7 @@ class Engine:
         """A conversation (the training data's shape) rendered as training renders it, up to the
         assistant header; with `call`, also that tool's name line, so the reply is the call's arguments."""
         ids = self.template.encode_prompt(conv)
-        return ids + self.template.call_header_ids(call) if call else ids
+        return ids + self.template.call_header_ids(call, conv) if call else ids
 
     def not_a_call(self) -> list[int]:
         """Token ids that cannot start a tool call: those whose text starts with a newline, and the

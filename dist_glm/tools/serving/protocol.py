@@ -39,6 +39,7 @@ class Message(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's thought (GLM-4.5 onward), as vLLM and SGLang take it
 
 
 class StreamOptions(BaseModel):
@@ -66,6 +67,8 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
+    # vLLM's and SGLang's way to pass the chat template's switches: enable_thinking, clear_thinking.
+    chat_template_kwargs: dict | None = None
     response_format: dict | None = None
     user: str | None = None
 
@@ -191,6 +194,8 @@ def to_messages(req: ChatRequest) -> list[dict]:
         message = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.tool_calls:
             message["tool_calls"] = [{"function": c.function.model_dump()} for c in m.tool_calls]
+        if m.reasoning_content is not None and m.role == "assistant":
+            message["reasoning_content"] = m.reasoning_content
         out.append(message)
     return out
 

@@ -17,7 +17,8 @@ from dist_glm.data.converters import from_openai
 from dist_glm.data.sources import BadRow
 
 # Templates whose reply format this module parses (ChatGLM3 writes a python block; ChatGLM2/6B have no tools).
-TOOL_TEMPLATES = ("glm4", "glm4_0414")
+TOOL_TEMPLATES = ("glm4", "glm4_0414", "glm4_5", "glm4_7")
+THINKING_TEMPLATES = ("glm4_5", "glm4_7")  # their replies are read by dist_glm.tools.serving.thinking_replies
 
 
 class ToolRequestError(ValueError):
@@ -75,6 +76,12 @@ def plan(tools: list | None, tool_choice, template: str | None) -> ToolPlan:
     if choice == "auto":
         return ToolPlan(frozenset(names))
     if choice == "required":
+        if len(names) > 1 and template in THINKING_TEMPLATES:
+            raise ToolRequestError(
+                "tool_choice 'required' with several tools: this server cannot yet make a GLM-4.5-format reply start "
+                "with some call; name the tool ({'type': 'function', 'function': {'name': ...}}) or use 'auto'",
+                "tool_choice",
+            )
         return ToolPlan(frozenset(names), forced=names[0] if len(names) == 1 else None, required=len(names) > 1)
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     name = fn.get("name") if isinstance(fn, dict) else None
