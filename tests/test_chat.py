@@ -66,3 +66,12 @@ def test_a_generation_error_ends_the_chat_with_its_reason(pretrained_tiny, monke
     assert not worker.is_alive(), "chat hung after a generation error"
     assert outcome.get("code") == 2
     assert "chat.py: error: generation failed: ValueError: boom" in capsys.readouterr().err
+
+
+def test_a_thinking_reply_shows_its_thought_apart_from_the_answer():
+    from dist_glm.tools.chat import show_thinking
+
+    pieces = ["<think>", "先想", "一下", "</think>", "答案"]  # <think> and </think> are single tokens
+    assert "".join(map(show_thinking, pieces)) == "[thinking] 先想一下\n[answer] 答案"
+    assert show_thinking("<think></think>\n答案") == "\n答案"  # an empty thought is not shown
+    assert show_thinking("GLM-4 的回答") == "GLM-4 的回答"

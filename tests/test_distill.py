@@ -405,3 +405,26 @@ def test_sequence_level_distillation_writes_the_teachers_greedy_answers_and_resu
         base_args(student, out, model_name_or_path=STUDENT, max_steps=4, per_device_train_batch_size=2), nprocs=None
     )
     assert len(read_metrics(student, "train/loss")) == 4
+
+
+def test_a_thinking_teachers_reply_keeps_its_reasoning_and_reads_back_the_same():
+    from dist_glm.data.converters import from_openai
+    from dist_glm.tools.distill_generate import teacher_reply, to_openai
+
+    # glm4_7's prompt ends with <think>: the generated text starts inside the thought.
+    assert teacher_reply("想一想</think>三度") == {"role": "assistant", "content": "三度", "reasoning": "想一想"}
+    assert teacher_reply("\n<think>想</think>\n三度")["reasoning"] == "想"
+    assert teacher_reply("三度") == {"role": "assistant", "content": "三度"}
+    row = {
+        "messages": [
+            {"role": "user", "content": "北京和上海?"},
+            {"role": "assistant", "content": "查", "reasoning_content": "两个城市", "tool_calls": [
+                {"type": "function", "function": {"name": "w", "arguments": '{"city": "北京"}'}},
+                {"type": "function", "function": {"name": "w", "arguments": '{"city": "上海"}'}}]},
+            {"role": "tool", "content": "晴"},
+            {"role": "tool", "content": "雨"},
+            {"role": "assistant", "content": "晴和雨", "reasoning_content": "汇总"},
+        ]
+    }  # fmt: skip
+    conv = from_openai(row, None)
+    assert from_openai(json.loads(json.dumps(to_openai(conv))), None) == conv

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_glm.config import Command, option
+from dist_glm.data.thinking import split_reasoning
 from dist_glm.errors import UserError
 from dist_glm.models.artifacts import (
     ModelArgs,
@@ -139,13 +140,26 @@ class ChatSession:
             if piece and not started:  # GLM starts a reply with the newline after <|assistant|>
                 piece, started = piece.removeprefix("\n"), True
             text += piece
-            if piece:
+            if piece := show_thinking(piece):
                 yield piece
         worker.join()
         if failure:
             raise GenerationFailed(f"generation failed: {type(failure[0]).__name__}: {str(failure[0]).splitlines()[0]}")
         if not stop.is_set():
-            self.history += [{"role": "user", "content": query}, {"role": "assistant", "content": text}]
+            # A GLM-4.5-onward reply's thought goes back as reasoning_content, as its chat template expects.
+            reasoning, answer = split_reasoning({"content": text})
+            message = {"role": "assistant", "content": answer.strip() if reasoning else text}
+            if reasoning.strip():
+                message["reasoning_content"] = reasoning.strip()
+            self.history += [{"role": "user", "content": query}, message]
+
+
+def show_thinking(piece: str) -> str:
+    """A streamed piece as the terminal shows it: a GLM-4.5-onward thought marked [thinking], the answer
+    after it [answer]; an empty thought not at all. <think> and </think> are single tokens, so a piece
+    never holds half of one."""
+    piece = piece.replace("<think></think>", "").replace("<think>", "[thinking] ")
+    return piece.replace("</think>", "\n[answer] ")
 
 
 def chat_loop(session) -> None:

@@ -32,17 +32,36 @@ def to_openai(conv: dict) -> dict:
     """A conversation (dist_glm.data.converters) as an OpenAI `messages` row, which reads back to it."""
     messages = [{"role": "system", "content": conv["system"]}] if conv.get("system") else []
     for m in conv["messages"]:
+        reasoning = {"reasoning_content": m["reasoning"]} if m.get("reasoning") is not None else {}
         if m.get("tool_call"):
             call = {"type": "function", "function": m["tool_call"]}
-            messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if m.get("same_turn") and messages and messages[-1].get("tool_calls"):
+                messages[-1]["tool_calls"].append(call)  # one turn that calls several tools
+            else:
+                messages.append(
+                    {"role": "assistant", "content": m.get("content", ""), **reasoning, "tool_calls": [call]}
+                )
         elif m["role"] == "observation":
             messages.append({"role": "tool", "content": m["content"]})
         else:
-            messages.append({"role": m["role"], "content": m["content"]})
+            messages.append({"role": m["role"], "content": m["content"], **reasoning})
     row = {"messages": messages}
     if conv.get("tools"):
         row["tools"] = conv["tools"]
     return row
+
+
+def teacher_reply(text: str) -> dict:
+    """The teacher's generated reply as an assistant message: a thinking teacher's thought (GLM-4.5 onward;
+    glm4_7's prompt already opened it with <think>) goes to `reasoning`, written out as reasoning_content."""
+    from dist_glm.data.thinking import split_reasoning
+
+    if "</think>" in text and "<think>" not in text:
+        text = "<think>" + text  # the prompt's own <think> (glm4_7)
+    if "</think>" not in text:
+        return {"role": "assistant", "content": text}
+    reasoning, answer = split_reasoning({"content": text})
+    return {"role": "assistant", "content": answer.strip(), "reasoning": reasoning.strip()}
 
 
 def _complete_rows(path: Path) -> int:
@@ -115,7 +134,7 @@ def generate_dataset(cfg, args: GenerateArgs) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a", encoding="utf-8") as f:
                 for (conv, last), reply in zip(rows[start : start + step], replies, strict=True):
-                    answered = {**conv, "messages": conv["messages"][:last] + [{"role": "assistant", "content": reply}]}
+                    answered = {**conv, "messages": conv["messages"][:last] + [teacher_reply(reply)]}
                     row = to_openai(answered)
                     row["distilled"] = {
                         "teacher": d.teacher_model_name_or_path,
