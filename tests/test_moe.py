@@ -479,3 +479,22 @@ def test_planner_counts_active_parameters_and_plans_expert_parallelism():
     )
     assert lora.returncode == 0 and "EP=" not in lora.stdout  # adapters do not take expert parallelism
     assert "active per token: 64 routed experts, top-4" in lora.stdout
+
+
+@pytest.mark.slow
+def test_an_adapter_on_the_experts_continues_training(tmp_path, varlen_data, moe_checkpoints):
+    """adapter_name_or_path= an MoE LoRA output: its saved targets (a pattern plus the experts' parameters)
+    are adopted and the same adapter trains on, experts included."""
+    ckpt = moe_checkpoints["glm4_moe"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train(moe_args(first, varlen_data, ckpt, finetuning_type="lora", max_steps=2), nprocs=None)
+    proc = run_train(
+        moe_args(second, varlen_data, ckpt, finetuning_type="lora", max_steps=2, adapter_name_or_path=first),
+        nprocs=None,
+    )
+    assert "continuing the lora adapter" in proc.stdout and ", experts " in proc.stdout
+    saved = json.loads((second / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    before, after = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if "experts" in k)

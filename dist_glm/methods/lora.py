@@ -33,7 +33,10 @@ def check_config(cfg) -> list[str]:
     if names is None:
         return []  # no config.json to read; check_model_path reports that
     out = []
+    # A pattern (^...$) is what dist_glm saved for an MoE adapter (lora_targets.layer_pattern), adopted when
+    # the adapter is continued; PEFT matches it against the model when the adapter loads.
     named = [] if targets == "all-linear" else [t for t in targets if t not in lora_targets.KINDS + ALL_LINEAR]
+    named = [t for t in named if not t.startswith("^")]
     for key, wanted in (("lora_target", named), ("lora_modules_to_save", extra)):
         unknown = [w for w in wanted if w not in names]
         if unknown:
