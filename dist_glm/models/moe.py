@@ -22,12 +22,17 @@ REFUSED_MODEL_TYPES = {
 }
 
 
-def model_type_of(path: str) -> str | None:
+def config_of(path: str) -> dict:
+    """A checkpoint's config.json, or {} (a missing or unreadable one is reported where the model loads)."""
     f = Path(path) / "config.json"
     try:
-        return json.loads(f.read_text(encoding="utf-8")).get("model_type") if f.is_file() else None
+        return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
     except (OSError, ValueError):
-        return None  # an unreadable config.json is reported where the model loads
+        return {}
+
+
+def model_type_of(path: str) -> str | None:
+    return config_of(path).get("model_type")
 
 
 def check_model(model_cfg) -> list[str]:
@@ -43,10 +48,8 @@ def check_expert_parallel(model_cfg, ep_size: int, method) -> list[str]:
     method that trains the model's own weights (AutoEP replaces the MoE blocks that an adapter attaches to)."""
     if ep_size <= 1:
         return []
-    f = Path(model_cfg.model_name_or_path) / "config.json"
-    try:
-        config = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (OSError, ValueError):
+    config = config_of(model_cfg.model_name_or_path)
+    if not config:
         return []  # reported where the model loads
     where = f"expert_parallel_size={ep_size}"
     if config.get("model_type") not in MOE_MODEL_TYPES:
