@@ -8,6 +8,12 @@ each family's real structure (shared expert, sigmoid router with its correction 
 layers, MLA, the DSA indexer, the MTP layer count) at hidden size 64 with 8 experts top-2, and the tiny
 BPE vocabulary with the special tokens of GLM-4.5 and later (thinking, XML tool calls) appended.
 
+`--chatglm` writes the published ChatGLM layouts at a tiny size (assets/tiny-chatglm2, tiny-chatglm3,
+tiny-glm-4-9b-chat): THUDM's config.json and tokenizer_config.json with the dimensions shrunk (the `auto_map`
+to the checkpoint's own Python kept, that Python absent: dist_glm never runs it), and a tokenizer.model
+in the published format: sentencepiece with ChatGLM2/3's settings trained on the demo data, or the tiny
+BPE vocabulary written as tiktoken ranks for glm-4-9b-chat. The published values are in SOURCES.md.
+
 `--real-vocab DIR` writes a GLM-4-shaped checkpoint directory at GLM-4's real vocabulary instead
 (assets/glm4-real-vocab: GlmForCausalLM, vocab 151,552, the special tokens at their real ids
 151329-151342). Only its config is committed; its 3 MB tokenizer.json is generated (the tests do it
@@ -101,6 +107,16 @@ def build_tool_data(out_dir: Path) -> None:
     with open(out_dir / "train.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def demo_corpus(data_dir: Path) -> list[str]:
+    corpus = []
+    for name in ("train.jsonl", "dev.jsonl"):
+        for line in open(data_dir / name, encoding="utf-8"):
+            row = json.loads(line)
+            corpus += [row["content"], row["summary"]]
+    # Some English and punctuation so that user text outside the demo domain still tokenizes sensibly.
+    return corpus + ["The quick brown fox jumps over the lazy dog. 0123456789 !?,.;:()[]{}<>\"'-_/\\@#$%^&*+=~`|"] * 20
 
 
 def build_tokenizer(out_dir: Path, corpus: list[str]) -> int:
@@ -273,7 +289,111 @@ def build_moe_configs() -> None:
                 (out / fname).write_bytes(data)
 
 
+# The ChatGLM configs as THUDM published them (SOURCES.md), minus the dimensions the tiny assets shrink.
+CHATGLM_AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+}
+CHATGLM_COMMON = {
+    "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True, "fp32_residual_connection": False, "hidden_dropout": 0.0,
+    "multi_query_attention": True, "original_rope": True, "post_layer_norm": True, "rmsnorm": True,
+    "use_cache": True, "tie_word_embeddings": False,
+}  # fmt: skip
+CHATGLM_TINY = {
+    "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "kv_channels": 16, "multi_query_group_num": 2,
+    "ffn_hidden_size": 96,
+}  # fmt: skip
+
+
+def build_chatglm_sentencepiece(out_file: Path, corpus: list[str]) -> None:
+    """ChatGLM2/3's tokenizer.model settings (SOURCES.md): BPE, <unk> <s> </s> at 0-2, the 256 byte pieces
+    next, digits split, a dummy prefix, whitespace kept; 900 pieces here instead of 64789."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=900,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+    )  # fmt: skip
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_bytes(model.getvalue())
+
+
+def build_chatglm_assets(corpus: list[str]) -> None:
+    for name, version, seq_length in (("chatglm2", "4.27.1", 32768), ("chatglm3", "4.30.2", 8192)):
+        out = ROOT / "assets" / f"tiny-{name}"
+        build_chatglm_sentencepiece(out / "tokenizer.model", corpus)
+        config = {
+            "_name_or_path": f"THUDM/{name}-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+            "auto_map": CHATGLM_AUTO_MAP, **CHATGLM_COMMON, **CHATGLM_TINY, "layernorm_epsilon": 1e-05,
+            "padded_vocab_size": 1024, "seq_length": seq_length, "torch_dtype": "float16",
+            "transformers_version": version, "eos_token_id": 2, "pad_token_id": 0,
+        }  # fmt: skip
+        tokenizer_config = {
+            "name_or_path": f"THUDM/{name}-6b", "remove_space": False, "do_lower_case": False,
+            "tokenizer_class": "ChatGLMTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+        }  # fmt: skip
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    build_glm4_chat_layout(ROOT / "assets" / "tiny-glm-4-9b-chat")
+
+
+def build_glm4_chat_layout(out: Path, tiny_dir: Path = ROOT / "assets" / "tiny-glm4") -> None:
+    """glm-4-9b-chat as published: tokenizer.model holds tiktoken ranks (`base64(bytes) rank` lines); the
+    tokenizer numbers its 14 special tokens after them. The tiny BPE's pieces are the ranks here (their ids
+    follow merge order, which is what a rank means to tiktoken)."""
+    import base64
+
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spec = json.loads((tiny_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
+    lines = [base64.b64encode(bytes(byte_of[c] for c in piece)).decode() + f" {rank}" for piece, rank in ranks]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    first = len(ranks)
+    eos = [first + GLM4_SPECIAL_TOKENS.index(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]
+    config = {
+        "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+        "auto_map": CHATGLM_AUTO_MAP, **CHATGLM_COMMON, **CHATGLM_TINY, "num_hidden_layers": CHATGLM_TINY["num_layers"],
+        "layernorm_epsilon": 1.5625e-07, "rope_ratio": 500, "padded_vocab_size": 768, "seq_length": 131072,
+        "torch_dtype": "bfloat16", "transformers_version": "4.30.2", "eos_token_id": eos, "pad_token_id": eos[0],
+    }  # fmt: skip
+    added = {
+        str(first + k): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                         "special": True}
+        for k, t in enumerate(GLM4_SPECIAL_TOKENS)
+    }  # fmt: skip
+    tokenizer_config = {
+        "added_tokens_decoder": added, "additional_special_tokens": GLM4_SPECIAL_TOKENS[1:],
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+        "chat_template": GLM4_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "do_lower_case": False,
+        "eos_token": "<|endoftext|>", "model_max_length": 128000, "pad_token": "<|endoftext|>",
+        "padding_side": "left", "remove_space": False, "tokenizer_class": "ChatGLM4Tokenizer",
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+    generation = {"eos_token_id": eos, "pad_token_id": eos[0], "do_sample": True, "temperature": 0.8, "top_p": 0.8}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
 def main() -> None:
+    if "--chatglm" in sys.argv:
+        build_chatglm_assets(demo_corpus(ROOT / "data" / "advertisegen_demo"))
+        print("wrote the tiny published ChatGLM layouts to assets/tiny-chatglm2, tiny-chatglm3, tiny-glm-4-9b-chat")
+        return
     if "--moe" in sys.argv:
         build_moe_configs()
         print("wrote the tiny MoE GLMs to assets/tiny-glm4-moe, tiny-glm4-moe-lite, tiny-glm-moe-dsa")
@@ -289,13 +409,7 @@ def main() -> None:
         return
     data_dir = ROOT / "data" / "advertisegen_demo"
     build_data(data_dir)
-    corpus = []
-    for name in ("train.jsonl", "dev.jsonl"):
-        for line in open(data_dir / name, encoding="utf-8"):
-            row = json.loads(line)
-            corpus += [row["content"], row["summary"]]
-    # Some English and punctuation so that user text outside the demo domain still tokenizes sensibly.
-    corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 !?,.;:()[]{}<>\"'-_/\\@#$%^&*+=~`|"] * 20
+    corpus = demo_corpus(data_dir)
     tok_dir = ROOT / "assets" / "tiny-glm4"
     vocab_size = build_tokenizer(tok_dir, corpus)
     build_model_configs(vocab_size, tok_dir)

@@ -57,23 +57,22 @@ def test_native_layouts_load_and_pick_their_template(tmp_path, name, architectur
     assert chat_template_mismatch(build_template(template, tok), tok) is None
 
 
-def test_remote_code_layout_needs_trust_remote_code(tmp_path):
-    """The ChatGLM2/3 layout: config.json and tokenizer_config.json point at the checkpoint's own code."""
-    out = tmp_path / "chatglm3-6b"
+def test_unknown_remote_code_layout_needs_trust_remote_code(tmp_path):
+    """A layout dist_glm does not translate (here a made-up one) keeps pointing at its own code: refused
+    until trust_remote_code is set. (THUDM's ChatGLM2/3 and glm-4-9b-chat layouts load without it:
+    tests/test_chatglm_layouts.py.)"""
+    out = tmp_path / "someglm-6b"
     out.mkdir()
-    auto_map = {
-        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-    }
+    auto_map = {"AutoConfig": "configuration_someglm.SomeConfig", "AutoModel": "modeling_someglm.SomeModel"}
     (out / "config.json").write_text(
-        json.dumps({"model_type": "chatglm", "architectures": ["ChatGLMModel"], "auto_map": auto_map})
+        json.dumps({"model_type": "someglm", "architectures": ["SomeModel"], "auto_map": auto_map})
     )
     (out / "tokenizer_config.json").write_text(
-        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}})
+        json.dumps({"auto_map": {"AutoTokenizer": ["tokenization_someglm.SomeTokenizer", None]}})
     )
     with pytest.raises(
         UserError,
-        match=r"chatglm3-6b'.*needs its own code.*trust_remote_code is off by default.*set trust_remote_code=true",
+        match=r"someglm-6b'.*needs its own code.*trust_remote_code is off by default.*set trust_remote_code=true",
     ):
         load_tokenizer(str(out))
     cfg = SimpleNamespace(model_name_or_path=str(out), trust_remote_code=False, train_from_scratch=True)

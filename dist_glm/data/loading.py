@@ -32,10 +32,10 @@ class PrepareArgs:
 def recipe_template(cfg, tokenizer) -> str:
     """The template name for the recipe's model (`template: auto` from its model type), checked against
     the tokenizer's own chat_template and logged."""
-    from transformers import AutoConfig
-
     path = cfg.model.model_name_or_path
-    model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
+    # The model type as config.json gives it ("chatglm" for THUDM's published ChatGLM layouts, whose tokenizer
+    # tells them apart), read without transformers: remote-code configs need no code for this.
+    model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
     template = choose_template(cfg.data.template, tokenizer, model_type)
     mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
     if not getattr(tokenizer, "chat_template", None):

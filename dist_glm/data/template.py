@@ -60,8 +60,12 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
         if getattr(tokenizer, "chat_template", None) and matching:
             return matching[0]
         return "glm4_5" if model_type == "glm4_moe" else "glm4_7"
-    if model_type == "chatglm":
-        known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
+    known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
+    # ChatGLM2/3's tokenizers name the start token `sop` (GLM-4's is `<sop>`), also once dist_glm has saved a model
+    # trained from them in the native layout (model_type glm).
+    if model_type == "chatglm" or (model_type == "glm" and "sop" in known):
+        if "<sop>" in known and "sop" not in known and "<|user|>" in known:
+            return "glm4"  # glm-4-9b-chat as THUDM published it (model_type chatglm, GLM-4's tokens)
         return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"
     return "glm4_0414" if model_type == "glm4" else "glm4"
 

@@ -20,6 +20,15 @@ def target_modules(m) -> str | list[str]:
     return [t.strip() for t in m.lora_target.split(",") if t.strip()]
 
 
+# THUDM's ChatGLM2/3 module names (their LoRA recipes' lora_target) and what they are in GlmForCausalLM.
+CHATGLM_MODULES = {
+    "query_key_value": "q_proj,k_proj,v_proj",
+    "dense": "o_proj",
+    "dense_h_to_4h": "gate_up_proj",
+    "dense_4h_to_h": "down_proj",
+}
+
+
 def check_config(cfg) -> list[str]:
     """lora_target and lora_modules_to_save against the model's module names, from its config.json alone
     (the model is built on the meta device: no weights load), so a typo fails in a second, not after the
@@ -37,6 +46,12 @@ def check_config(cfg) -> list[str]:
     # the adapter is continued; PEFT matches it against the model when the adapter loads.
     named = [] if targets == "all-linear" else [t for t in targets if t not in lora_targets.KINDS + ALL_LINEAR]
     named = [t for t in named if not t.startswith("^")]
+    if chatglm_names := [t for t in named if t in CHATGLM_MODULES and t not in names]:
+        native = ", ".join(f"{t} -> {CHATGLM_MODULES[t]}" for t in chatglm_names)
+        return [
+            f"lora_target: {', '.join(chatglm_names)} is how THUDM's code names the module; "
+            f"{cfg.model.model_name_or_path} loads as GlmForCausalLM, where that is {native}"
+        ]
     for key, wanted in (("lora_target", named), ("lora_modules_to_save", extra)):
         unknown = [w for w in wanted if w not in names]
         if unknown:
@@ -50,16 +65,22 @@ def check_config(cfg) -> list[str]:
 
 def module_names(model_cfg) -> set[str] | None:
     """The last component of every submodule name (q_proj, mlp, lm_head, ...), built on the meta device."""
+    import json
     from pathlib import Path
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GlmConfig
 
     path = model_cfg.model_name_or_path
     if not (Path(path) / "config.json").is_file():
         return None
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        if json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type") == "chatglm":
+            # A published ChatGLM2/3 / glm-4-9b-chat layout loads as GlmForCausalLM (models/chatglm.py): its module
+            # names are GLM's, whatever the sizes.
+            config = GlmConfig(num_hidden_layers=1)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError):

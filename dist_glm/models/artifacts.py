@@ -209,9 +209,9 @@ def resolve_dtype(name: str, art: Artifact, device: torch.device, for_export: bo
         return DTYPES[name]  # one of config.Dtype's choices
     if not for_export and device.type == "cpu":
         return torch.float32
-    from transformers import AutoConfig
+    from dist_glm.models.loading import load_config
 
-    own = getattr(AutoConfig.from_pretrained(art.base), "dtype", None)
+    own = getattr(load_config(art.base), "dtype", None)
     own = getattr(torch, own, None) if isinstance(own, str) else own
     return own if own in DTYPES.values() else torch.float32
 
@@ -284,12 +284,10 @@ def load_artifact(
 
 
 def _load_base(path: Path, dtype, device, quantization, dequantize: bool):
-    from transformers import AutoModelForCausalLM
+    from dist_glm.models.loading import from_pretrained
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization, device_map={"": device}
-        )
+        model = from_pretrained(path, dtype=dtype, quantization_config=quantization, device_map={"": device})
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
     except RuntimeError as e:

@@ -1,8 +1,10 @@
 """Loading GLM checkpoints and tokenizers; GLM-specific quirks are kept here.
 
-Supported by path: GLM-4 (`GlmForCausalLM`, e.g. glm-4-9b-chat-hf), GLM-4-0414 (`Glm4ForCausalLM`)
-natively, and the ChatGLM line through `trust_remote_code`. Nothing is downloaded: a checkpoint is a
-local directory.
+Supported by path: GLM-4 (`GlmForCausalLM`, e.g. glm-4-9b-chat-hf), GLM-4-0414 (`Glm4ForCausalLM`) and the
+MoE GLMs natively; ChatGLM2-6B, ChatGLM3-6B and glm-4-9b-chat in THUDM's published layouts translated on load
+(models/chatglm.py, their own code is never run); other remote-code layouts through `trust_remote_code`.
+Nothing is downloaded: a checkpoint is a local directory. Every command reads a model's config, tokenizer
+and weights through load_config, load_tokenizer and from_pretrained here.
 """
 
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dist_glm.errors import UserError
-from dist_glm.models import moe
+from dist_glm.models import chatglm, moe
 
 # Keeps the HfDeepSpeedConfig alive while the model loads (ZeRO-3 partitions weights during
 # from_pretrained only while such an object exists).
@@ -47,20 +49,64 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
 
     if trust_remote_code:
         return
+    layout = chatglm.detect(path)
+    if layout is not None:
+        chatglm.check_supported(layout)  # a known layout loads without its code, or says why not
+        return
     for name in ("config.json", "tokenizer_config.json"):
         f = Path(path) / name
         if f.is_file() and json.loads(f.read_text(encoding="utf-8")).get("auto_map"):
             raise UserError(
                 f"model_name_or_path='{path}': this checkpoint needs its own code ({name} has an auto_map, as "
-                "the remote-code ChatGLM2/ChatGLM3 layouts do), and trust_remote_code is off by default; set "
+                "remote-code layouts do), and trust_remote_code is off by default; set "
                 "trust_remote_code=true if you trust the code in that directory, or use a native checkpoint "
                 "(e.g. glm-4-9b-chat-hf)"
             )
 
 
+def load_config(path, trust_remote_code: bool = False):
+    """The model config of a checkpoint directory; a published ChatGLM layout's as GlmConfig."""
+    from transformers import AutoConfig
+
+    layout = chatglm.detect(path)
+    if layout is not None:
+        return chatglm.native_config(layout)
+    check_remote_code(str(path), trust_remote_code)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def from_pretrained(path, config=None, trust_remote_code: bool = False, **kwargs):
+    """AutoModelForCausalLM.from_pretrained; a published ChatGLM layout is read into GlmForCausalLM, its
+    weights renamed and split while they load (no converted copy is written anywhere)."""
+    from transformers import AutoModelForCausalLM, GlmForCausalLM
+
+    layout = chatglm.detect(path)
+    if layout is None:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
+    config = config if config is not None else chatglm.native_config(layout)
+    with chatglm.conversions_for(GlmForCausalLM, config):
+        model = GlmForCausalLM.from_pretrained(path, config=config, **kwargs)
+    chatglm.forget_conversions(model)
+    return model
+
+
+def describe_layout(path) -> str | None:
+    """The start-up line for a translated layout, None for native checkpoints."""
+    layout = chatglm.detect(path)
+    if layout is None:
+        return None
+    return (
+        f"{layout.name} layout (THUDM's published files): loaded as GlmForCausalLM with its weights renamed on "
+        "load and a tokenizer built from tokenizer.model; the checkpoint's own Python is not run"
+    )
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    layout = chatglm.detect(path)
+    if layout is not None:
+        return chatglm.build_tokenizer(layout)
     check_remote_code(path, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
@@ -96,15 +142,14 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
     zero.Init crashes in transformers' _init_weights, so it is not attempted.
     """
     global _hf_ds_config
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from dist_glm.runtime.deepspeed_config import zero_stage
     from dist_glm.runtime.environment import local_device
 
     path = model_cfg.model_name_or_path
-    check_remote_code(path, model_cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    config = load_config(path, model_cfg.trust_remote_code)
     config.use_cache = False  # the KV cache is useless in training and breaks gradient checkpointing
     moe.configure(config, model_cfg)
     # sdpa is transformers' own choice for GLM; asked for explicitly only when it is another one (remote
@@ -126,9 +171,8 @@ def load_model(model_cfg, ds_config: dict, dtype: torch.dtype, seed: int, quanti
         if zero_stage(ds_config) != 3:  # ZeRO-3 places (and partitions) the weights itself
             extra["device_map"] = {"": local_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **extra
-        )
+        trust = model_cfg.trust_remote_code
+        model = from_pretrained(path, config=config, dtype=dtype, trust_remote_code=trust, **extra)
         model.config._name_or_path = config._name_or_path  # from_pretrained set the path as given
         return model
     except (OSError, ValueError) as e:
@@ -154,13 +198,13 @@ def first_shape_mismatch(path: Path) -> str | None:
     """The first tensor whose shape in the safetensors files differs from the model config.json builds
     (built on the meta device: nothing is allocated)."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not files or chatglm.detect(path) is not None:  # other names on disk than in the model
         return None
     with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        built = AutoModelForCausalLM.from_config(load_config(path))
     expected = {name: tuple(t.shape) for name, t in built.state_dict().items()}
     for file in files:
         with safe_open(str(file), framework="pt") as f:

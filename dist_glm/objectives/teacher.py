@@ -57,10 +57,9 @@ def check_teacher(cfg, student_tokenizer=None, need_teacher: bool = False) -> tu
 def _check_trained_template(cfg, art, teacher_tok, student_tok) -> str | None:
     """A teacher fine-tuned by dist_glm records the chat template it learned (its config.yaml); identical
     tokenizer files do not make two templates the same prompts. None when they agree or cannot be known."""
-    from transformers import AutoConfig
-
     from dist_glm.config import load_config
     from dist_glm.data.template import choose_template
+    from dist_glm.models.loading import load_config as load_model_config
 
     recorded = art.train_cfg
     source = art.checkpoint or art.adapter or art.base
@@ -73,7 +72,7 @@ def _check_trained_template(cfg, art, teacher_tok, student_tok) -> str | None:
         return None
 
     def resolved(name: str, tok, path: str) -> str:
-        model_type = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).model_type
+        model_type = load_model_config(path, cfg.model.trust_remote_code).model_type
         return choose_template(name, tok, model_type)
 
     theirs = resolved(recorded.data.template, teacher_tok, str(art.base))

@@ -137,9 +137,10 @@ def check_sizes(config_file) -> None:
 def build_meta_model(model_cfg, method_cfg_holder):
     """The causal LM on the meta device with the recipe's method applied; UserError when config.json
     is missing or cannot be built."""
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
+    from transformers import AttentionInterface, AutoModelForCausalLM
 
     from dist_glm.methods import get_method
+    from dist_glm.models.loading import load_config
 
     path = model_cfg.model_name_or_path
     if not (Path(path) / "config.json").is_file():
@@ -152,7 +153,7 @@ def build_meta_model(model_cfg, method_cfg_holder):
     check_sizes(Path(path) / "config.json")
     AttentionInterface.register(ATTENTION_NAME, _attention)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        config = load_config(path, model_cfg.trust_remote_code)
         config.use_cache = False
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)

@@ -66,11 +66,20 @@ class ChatSession:
         art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
         self.args, self.device = args, environment.local_device()
         self.tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
-        if not self.tokenizer.chat_template:  # chat renders with the checkpoint's own template
-            raise UserError(
-                f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer in {art.tokenizer_dir} has no "
-                "chat_template; copy chat_template.jinja (or tokenizer_config.json) from the original checkpoint there"
-            )
+        self.template = None  # chat renders with the checkpoint's own chat_template, except:
+        if not self.tokenizer.chat_template:
+            from dist_glm.data.template import build_template, choose_template
+
+            # ChatGLM2/3 published no usable chat_template (ChatGLM3 encodes each message on its own, which a text
+            # template cannot say); their prompts are built the way their own chat() builds them.
+            name = choose_template("auto", self.tokenizer, "glm")
+            if name not in ("chatglm2", "chatglm3"):
+                raise UserError(
+                    f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer in {art.tokenizer_dir} has "
+                    "no chat_template; copy chat_template.jinja (or tokenizer_config.json) from the original "
+                    "checkpoint there"
+                )
+            self.template = build_template(name, self.tokenizer)
         self.model = load_artifact(art, resolve_dtype(model_args.dtype, art, self.device), self.device)
         self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
         self.source = art.source
@@ -80,6 +89,10 @@ class ChatSession:
         self.history = []
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        if self.template is not None:
+            system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+            turns = [m for m in messages if m["role"] != "system"]
+            return self.template.encode_prompt({"system": system, "tools": None, "messages": turns})
         enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(enc["input_ids"])
 

@@ -113,13 +113,13 @@ def load_engine(model_args: ModelArgs, args: ServeArgs) -> tuple[Engine, int]:
             f"model_name_or_path='{model_args.model_name_or_path}': no tokenizer_config.json there or in its base"
         )
     tokenizer = load_tokenizer(tokenizer_dir, model_args.trust_remote_code)
-    if not tokenizer.chat_template:
-        raise UserError(f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer has no chat template")
     limit = int(getattr(base.config, "max_position_embeddings", 0) or 0)
     if args.max_model_len and limit and args.max_model_len > limit:
         raise UserError(f"max_model_len={args.max_model_len}: the model was built for at most {limit} positions")
     max_model_len = args.max_model_len or limit or 4096
     template = serving_template(model_args, args.template, base.config.model_type, tokenizer)
+    if template is None and not tokenizer.chat_template:
+        raise UserError(f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer has no chat template")
     eos_ids = generation_eos_ids(model, tokenizer)
     engine = Engine(model, tokenizer, eos_ids, args.max_batch_size, args.max_queue_size, template)
     # One token through the whole path now: a broken checkpoint fails at start-up, not on the first request.
@@ -153,8 +153,10 @@ def serving_template(model_args: ModelArgs, name: str, model_type: str, tokenize
             raise UserError(f"template='{name}': {e}") from None
         log.warning("rendering requests with the tokenizer's chat_template (no tool calls): %s", e)
         return None
-    if isinstance(template, RoundTextTemplate):  # ChatGLM2/6B: plain chats through the tokenizer's template
-        return None
+    if isinstance(template, RoundTextTemplate):
+        # ChatGLM2/6B: plain chats through the tokenizer's chat_template; their own prompt builder where there
+        # is none (THUDM's published ChatGLM2 tokenizer has none).
+        return None if tokenizer.chat_template else template
     mismatch = chat_template_mismatch(template, tokenizer)
     if mismatch:
         log.warning("requests are rendered with the training template %s; %s", template.name, mismatch)

@@ -27,6 +27,7 @@ from dist_glm.models import moe
 from dist_glm.models.loading import (
     add_neftune,
     apply_liger,
+    describe_layout,
     enable_gradient_checkpointing,
     generation_eos_ids,
     load_model,
@@ -105,6 +106,8 @@ def setup(cfg: Config, inputs: Inputs) -> Run:
 
     continued.prepare_merged_base(cfg)  # merge_adapter: from here on the merge is the model
     tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+    if layout := describe_layout(cfg.model.model_name_or_path):
+        log(layout)
     data = load_datasets(cfg, tokenizer, inputs.method.can_pack)
     train_examples, eval_sets = data.train, data.eval_sets
     mbs, gas = t.per_device_train_batch_size, t.gradient_accumulation_steps

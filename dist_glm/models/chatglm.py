@@ -1,0 +1,307 @@
+"""The ChatGLM line in the layouts THUDM published (config.json with an `auto_map` to the checkpoint's own
+Python), loaded without running that Python.
+
+ChatGLM2-6B, ChatGLM3-6B (with their -base and -32k variants) and glm-4-9b-chat (not -hf) are GLM-4's
+architecture under other names: one fused query/key/value matrix over grouped ("multi-query") keys, rotary
+embeddings on the first half of each head in interleaved pairs with base 10000 * rope_ratio, RMSNorm, a
+SwiGLU MLP whose fused matrix is [gate; up], an untied output layer over a vocabulary padded past the
+tokenizer's. They load as transformers' native `GlmForCausalLM`: the config is translated here and the
+weights are renamed and split while transformers reads them (its conversion mapping), so ZeRO-3
+partitioning, quantization and dtype handling stay transformers' own. Everything written afterwards
+(checkpoints, exports) is the native layout, which every tool loads.
+
+The tokenizer is built from the checkpoint's `tokenizer.model` (sentencepiece for ChatGLM2/3, tiktoken ranks
+for glm-4-9b-chat) with every special token at the id THUDM's tokenizer gives it. What THUDM's code does
+was established once from that code and is kept as facts, with reference outputs, in tests/data/chatglm/.
+
+ChatGLM-6B (the first one) is another architecture (2-D positions, GeLU, scaled residuals) and is refused
+here with the reason.
+"""
+
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_glm.errors import UserError
+
+# ChatGLM2/3's sentencepiece model has no special tokens of its own; their tokenizer numbers these after it.
+CHATGLM2_SPECIAL = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+CHATGLM3_SPECIAL = CHATGLM2_SPECIAL + ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# glm-4-9b-chat numbers these after its tiktoken ranks (the same 14 as glm-4-9b-chat-hf's tokenizer.json).
+GLM4_SPECIAL = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+]  # fmt: skip
+# glm-4-9b-chat's pre-tokenizer pattern (its tokenization_chatglm.py), as tiktoken reads it.
+GLM4_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+    r"\s+(?!\S)|\s+"
+)
+LAYOUTS = ("chatglm2", "chatglm3", "glm4chat", "chatglm")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A checkpoint directory in one of THUDM's published ChatGLM layouts."""
+
+    name: str  # one of LAYOUTS
+    path: Path
+    config: dict  # config.json as published
+
+
+def detect(path) -> Layout | None:
+    """The ChatGLM layout of a checkpoint directory, None for anything else (native layouts included)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("model_type") != "chatglm":
+        return None
+    if "multi_query_group_num" not in config and "padded_vocab_size" not in config:
+        return Layout("chatglm", Path(path), config)
+    if _is_tiktoken(Path(path) / "tokenizer.model") or config.get("padded_vocab_size") == 151552:
+        return Layout("glm4chat", Path(path), config)
+    return Layout("chatglm3" if _says_chatglm3(Path(path), config) else "chatglm2", Path(path), config)
+
+
+def _is_tiktoken(file: Path) -> bool:
+    """tiktoken ranks are text lines `<base64 bytes> <rank>`; a sentencepiece model is a binary protobuf."""
+    if not file.is_file():
+        return False
+    with open(file, "rb") as f:
+        head = f.read(256).split(b"\n", 1)[0]
+    return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head) is not None
+
+
+def _says_chatglm3(path: Path, config: dict) -> bool:
+    """ChatGLM2 and ChatGLM3 share config keys and sentencepiece model; only ChatGLM3's tokenizer knows the
+    role tokens. Its tokenization_chatglm.py is read as text (never run); the published name decides
+    when that file is gone."""
+    code = path / "tokenization_chatglm.py"
+    if code.is_file():
+        return "<|observation|>" in code.read_text(encoding="utf-8", errors="replace")
+    names = [config.get("_name_or_path", "")]
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.is_file():
+        names.append(str(json.loads(tok_config.read_text(encoding="utf-8")).get("name_or_path", "")))
+    return any("chatglm3" in str(n).lower() for n in names)
+
+
+def check_supported(layout: Layout) -> None:
+    """Refuse what this translation does not reproduce, before anything loads."""
+    where = f"model_name_or_path='{layout.path}'"
+    if layout.name == "chatglm":
+        raise UserError(
+            f"{where}: ChatGLM-6B (the first ChatGLM, 2-D position encoding) is not loadable yet: its architecture "
+            "is not GLM-4's and transformers 5 has no native class for it; ChatGLM2-6B, ChatGLM3-6B and "
+            "glm-4-9b-chat load by path"
+        )
+    c = layout.config
+    unsupported = {
+        "quantization_bit": (c.get("quantization_bit") or 0) != 0,  # THUDM's int4/int8 packed weights
+        "pre_seq_len": c.get("pre_seq_len") is not None,  # a P-tuning v2 prefix saved into the config
+        "apply_residual_connection_post_layernorm": bool(c.get("apply_residual_connection_post_layernorm")),
+        "add_bias_linear": bool(c.get("add_bias_linear")),
+        "rmsnorm": c.get("rmsnorm", True) is not True,
+        "post_layer_norm": c.get("post_layer_norm", True) is not True,
+        "original_rope": c.get("original_rope", True) is not True,
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise UserError(
+            f"{where}/config.json: {bad[0]}={c.get(bad[0])!r} is not a published ChatGLM2/ChatGLM3/glm-4-9b-chat "
+            "setting dist_glm reproduces; use the full-precision checkpoint as THUDM published it"
+        )
+
+
+def native_config(layout: Layout):
+    """The GlmConfig that computes what THUDM's ChatGLMModel computes with `layout.config`."""
+    from transformers import GlmConfig
+
+    check_supported(layout)
+    c = layout.config
+    heads = c["num_attention_heads"]
+    head_dim = c.get("kv_channels") or c["hidden_size"] // heads
+    config = GlmConfig(
+        vocab_size=c["padded_vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["ffn_hidden_size"],
+        num_hidden_layers=c["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=c["multi_query_group_num"] if c.get("multi_query_attention") else heads,
+        head_dim=head_dim,
+        max_position_embeddings=c.get("seq_length", 8192),
+        rms_norm_eps=c.get("layernorm_epsilon", 1e-5),
+        # Rotary on half of each head, base 10000 scaled by rope_ratio (ChatGLM3-32k: 50, glm-4-9b-chat: 500).
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0 * float(c.get("rope_ratio", 1)),
+            "partial_rotary_factor": 0.5,
+        },
+        attention_bias=bool(c.get("add_qkv_bias", False)),
+        attention_dropout=float(c.get("attention_dropout", 0.0)),
+        tie_word_embeddings=False,
+        pad_token_id=c.get("pad_token_id"),
+        eos_token_id=c.get("eos_token_id"),
+        bos_token_id=None,
+    )
+    dtype = c.get("torch_dtype") or c.get("dtype")
+    if dtype:
+        config.dtype = dtype
+    return config
+
+
+def weight_conversions(config) -> list:
+    """How the published weight names become GlmForCausalLM's: renamings, then the fused query/key/value
+    matrix split into its three blocks (queries for every head, then keys, then values of each group)."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    layer = r"transformer\.encoder\.layers\.(\d+)\."
+    renames = [
+        (r"transformer\.embedding\.word_embeddings", "model.embed_tokens"),
+        (layer + r"input_layernorm", r"model.layers.\1.input_layernorm"),
+        (layer + r"post_attention_layernorm", r"model.layers.\1.post_attention_layernorm"),
+        (layer + r"self_attention\.query_key_value", r"model.layers.\1.self_attn.query_key_value"),
+        (layer + r"self_attention\.dense", r"model.layers.\1.self_attn.o_proj"),
+        (layer + r"mlp\.dense_h_to_4h", r"model.layers.\1.mlp.gate_up_proj"),
+        (layer + r"mlp\.dense_4h_to_h", r"model.layers.\1.mlp.down_proj"),
+        (r"transformer\.encoder\.final_layernorm", "model.norm"),
+        (r"transformer\.output_layer", "lm_head"),
+    ]
+    return [WeightRenaming(source, target) for source, target in renames] + [
+        WeightConverter(
+            source_patterns="self_attn.query_key_value",
+            target_patterns=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            operations=[_split_qkv_op(config)],
+        )
+    ]
+
+
+def _split_qkv_op(config):
+    from transformers.core_model_loading import Concatenate, ConversionOps
+
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+
+    class SplitQueryKeyValue(ConversionOps):
+        """[q; k; v] along dim 0 at the sizes the config gives (not the parameters' shapes, which ZeRO-3 has
+        already partitioned to nothing when this runs)."""
+
+        def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+            (tensors,) = input_dict.values()
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            parts = torch.split(tensor, [q, kv, kv], dim=0)
+            return {target: part.contiguous() for target, part in zip(target_patterns, parts, strict=True)}
+
+        @property
+        def reverse_op(self):
+            return Concatenate(0)
+
+    return SplitQueryKeyValue()
+
+
+@contextmanager
+def conversions_for(model_class, config):
+    """While loading: transformers applies `weight_conversions` to `model_class` (looked up by class name).
+    Restored afterwards, so a native glm checkpoint loaded later is read as it is."""
+    from transformers import conversion_mapping
+
+    name = model_class.__name__
+    previous = conversion_mapping.get_checkpoint_conversion_mapping(name)
+    was_user = name in conversion_mapping.USER_REGISTERED_MAPPINGS
+    conversion_mapping.register_checkpoint_conversion_mapping(name, weight_conversions(config), overwrite=True)
+    # The rotary inverse frequencies saved with the weights are recomputed from the config.
+    ignored = model_class._keys_to_ignore_on_load_unexpected
+    model_class._keys_to_ignore_on_load_unexpected = [*(ignored or []), r"rotary_pos_emb\.inv_freq"]
+    try:
+        yield
+    finally:
+        model_class._keys_to_ignore_on_load_unexpected = ignored
+        cache = conversion_mapping._checkpoint_conversion_mapping_cache
+        if previous is None:
+            cache.pop(name, None)
+        else:
+            cache[name] = previous
+        if not was_user:
+            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(name)
+
+
+def forget_conversions(model) -> None:
+    """The loaded model saves in the native layout: transformers would otherwise reverse the renaming on
+    save_pretrained and write ChatGLM names under a GlmForCausalLM config."""
+    for module in model.modules():
+        if hasattr(module, "_weight_conversions"):
+            module._weight_conversions = []
+
+
+def build_tokenizer(layout: Layout):
+    """A fast tokenizer from the checkpoint's tokenizer.model, special tokens at THUDM's ids."""
+    check_supported(layout)
+    model_file = layout.path / "tokenizer.model"
+    if not model_file.is_file():
+        raise UserError(
+            f"model_name_or_path='{layout.path}': no tokenizer.model there; the {layout.name} layout keeps its "
+            "vocabulary in that file: copy it from the published checkpoint"
+        )
+    if layout.name == "glm4chat":
+        tokenizer = _tiktoken_tokenizer(model_file)
+        # glm-4-9b-chat finds its special tokens in text, so its chat_template renders through this tokenizer.
+        tok_config = layout.path / "tokenizer_config.json"
+        if tok_config.is_file():
+            template = json.loads(tok_config.read_text(encoding="utf-8")).get("chat_template")
+            tokenizer.chat_template = template if isinstance(template, str) else None
+        return tokenizer
+    return _sentencepiece_tokenizer(model_file, CHATGLM3_SPECIAL if layout.name == "chatglm3" else CHATGLM2_SPECIAL)
+
+
+def _sentencepiece_tokenizer(model_file: Path, specials: list[str]):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    model_pb2 = import_protobuf()
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    # transformers' own sentencepiece translation: it follows the model's normalizer and trainer settings.
+    spec = json.loads(SpmConverter.build_tokenizer_from_spm_proto(proto, vocab).to_str())
+    # The special tokens join the vocabulary after the pieces, not the added tokens: THUDM's tokenizer never
+    # finds them in text (encode_special_tokens is off), so "sophisticated" keeps its `sop` and a user's
+    # "<|user|>" stays text. The templates ask for them by name.
+    spec["model"]["vocab"] = {**vocab, **{t: len(vocab) + k for k, t in enumerate(specials)}}
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece
+    eos = proto.pieces[proto.trainer_spec.eos_id].piece
+    # THUDM's ChatGLM2/3 tokenizer pads with <unk> (id 0) on the left and ends text with </s>.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        unk_token=unk,
+        eos_token=eos,
+        pad_token=unk,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _tiktoken_tokenizer(model_file: Path):
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(model_file), pattern=GLM4_PATTERN).converted()
+    first = backend.get_vocab_size()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIAL])
+    assert all(backend.token_to_id(t) == first + k for k, t in enumerate(GLM4_SPECIAL))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
