@@ -1,0 +1,233 @@
+"""THUDM's published ChatGLM layouts (dist_glm/models/chatglm.py), loaded without their code and checked
+against that code's own numbers: logits THUDM's modeling_chatglm.py computed once on tiny weights made by a
+fixed recipe (tests/data/chatglm/, SOURCES.md), reproduced here by writing the same weights under the
+published names and loading them through dist_glm. The tokenizers are checked against sentencepiece /
+tiktoken themselves and against THUDM's tokenizer outputs; training, evaluation, chat, serving and export
+run on checkpoint directories shaped like the published ones, whose Python files raise if anything runs them.
+"""
+
+import base64
+import json
+import random
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from dist_glm.errors import UserError
+from dist_glm.models import chatglm
+from dist_glm.models.loading import from_pretrained, load_config, load_tokenizer
+
+DATA = REPO / "tests" / "data" / "chatglm"
+ASSETS = {
+    "chatglm2": REPO / "assets" / "tiny-chatglm2",
+    "chatglm3": REPO / "assets" / "tiny-chatglm3",
+    "chatglm3_32k": REPO / "assets" / "tiny-chatglm3",
+    "glm4chat": REPO / "assets" / "tiny-glm-4-9b-chat",
+}
+# Stand-ins for the checkpoint's own Python: importing any of them fails the test. ChatGLM3's
+# tokenization_chatglm.py names its role tokens, as THUDM's does (dist_glm reads that file as text, never runs
+# it, to tell ChatGLM3 from ChatGLM2).
+TRAP = 'raise RuntimeError("dist_glm ran {}")\n'
+ROLE_TOKENS = 'ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]\n'
+CODE_FILES = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
+
+
+def reference(layout: str) -> dict:
+    return json.loads((DATA / f"{layout}.json").read_text(encoding="utf-8"))
+
+
+def recipe_weights(shapes: dict) -> dict[str, torch.Tensor]:
+    """The weights the references were computed with (SOURCES.md): per tensor name, a generator seeded with
+    the name's CRC-32; norm weights 1 + 0.1 N(0,1), biases 0.1 N(0,1), everything else 0.05 N(0,1)."""
+    out = {}
+    for name in sorted(shapes):
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        t = torch.randn(shapes[name], generator=g, dtype=torch.float32)
+        if t.dim() == 1 and name.endswith("weight"):
+            t = 1 + 0.1 * t
+        elif name.endswith("bias"):
+            t = 0.1 * t
+        else:
+            t = 0.05 * t
+        out[name] = t
+    return out
+
+
+def published_checkpoint(tmp_path, layout: str, config: dict | None = None, shards: int = 1):
+    """A directory as THUDM published the layout: config.json, tokenizer files, the three Python files (traps
+    here), and the recipe's weights under the published names, as pytorch_model*.bin (ChatGLM2/3) or
+    model.safetensors (glm-4-9b-chat), sharded with an index when `shards` > 1."""
+    ref = reference(layout)
+    out = tmp_path / layout
+    shutil.copytree(ASSETS[layout], out)
+    config = config or dict(ref["tiny_config"])
+    if layout == "glm4chat":  # the reference kept the real ids (151329...); this vocabulary has them lower
+        asset = json.loads((ASSETS[layout] / "config.json").read_text())
+        config.update(eos_token_id=asset["eos_token_id"], pad_token_id=asset["pad_token_id"])
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for name in CODE_FILES:
+        roles = ROLE_TOKENS if layout.startswith("chatglm3") and name.startswith("tokenization") else ""
+        (out / name).write_text(roles + TRAP.format(name))
+    weights = recipe_weights(ref["state_dict_shapes"])
+    # THUDM saved the rotary inverse frequencies with the weights; they are recomputed, so any value does.
+    weights.update({name: torch.zeros(4) for name in ref["derived"]})
+    names = sorted(weights)
+    if layout == "glm4chat":
+        from safetensors.torch import save_file
+
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    if shards == 1:
+        torch.save(weights, out / "pytorch_model.bin")
+        return out
+    index = {}
+    for k in range(shards):
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = names[k::shards]
+        torch.save({n: weights[n] for n in part}, out / file)
+        index.update(dict.fromkeys(part, file))
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return out
+
+
+def unpack(logits: dict) -> tuple[np.ndarray, np.ndarray]:
+    head = np.frombuffer(base64.b64decode(logits["first_256_columns_f32_b64"]), dtype="<f4")
+    return head.reshape(logits["shape"]), np.asarray(logits["logsumexp_all_columns"])
+
+
+@pytest.mark.parametrize("layout", ["chatglm2", "chatglm3", "chatglm3_32k", "glm4chat"])
+def test_logits_equal_thudm_code(tmp_path, layout):
+    """fp32, every position of every case: the first 256 logits to 1e-5 and the log-sum-exp over the whole
+    padded vocabulary to 1e-4 (it was kept to 6 decimals)."""
+    ref = reference(layout)
+    path = published_checkpoint(tmp_path, layout, shards=2 if layout == "chatglm3" else 1)
+    assert chatglm.detect(path).name == layout.removesuffix("_32k")
+    model = from_pretrained(str(path), dtype=torch.float32).eval()
+    assert type(model).__name__ == "GlmForCausalLM"
+    for case in ref["cases"]:
+        ids = torch.tensor(case["input_ids"])
+        kwargs = {"attention_mask": torch.tensor(case["attention_mask"])}
+        if case["position_ids"] is not None:
+            kwargs["position_ids"] = torch.tensor(case["position_ids"])
+        with torch.no_grad():
+            logits = model(ids, **kwargs).logits.double()
+        if case.get("logits_of") == "non-pad positions":
+            logits = logits[:, kwargs["attention_mask"][0].tolist().index(1) :]
+        head, lse = unpack(case["logits"])
+        assert np.abs(logits[..., :256].numpy() - head).max() < 1e-5, (layout, case["name"])
+        assert np.abs(torch.logsumexp(logits, -1).numpy() - lse).max() < 1e-4, (layout, case["name"])
+
+
+def test_rope_ratio_and_sizes_become_glm_config():
+    c = load_config(ASSETS["glm4chat"])
+    published = json.loads((ASSETS["glm4chat"] / "config.json").read_text())
+    assert (c.model_type, c.num_key_value_heads, c.head_dim, c.vocab_size) == ("glm", 2, 16, 768)
+    assert c.rope_parameters["rope_theta"] == 10000 * published["rope_ratio"] == 5_000_000
+    assert c.rope_parameters["partial_rotary_factor"] == 0.5 and c.intermediate_size == published["ffn_hidden_size"]
+    assert c.rms_norm_eps == published["layernorm_epsilon"] and c.eos_token_id == published["eos_token_id"]
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"quantization_bit": 4}, "quantization_bit"),
+        ({"pre_seq_len": 128}, "pre_seq_len"),
+        ({"rmsnorm": False}, "rmsnorm"),
+    ],
+)
+def test_settings_it_does_not_reproduce_are_refused(tmp_path, change, field):
+    out = tmp_path / "chatglm3-6b"
+    shutil.copytree(ASSETS["chatglm3"], out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match=rf"config.json: {field}=.*not a published .* setting dist_glm reproduces"):
+        load_config(out)
+
+
+def test_first_chatglm_is_refused_with_the_reason(tmp_path):
+    out = tmp_path / "chatglm-6b"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(reference("chatglm")["tiny_config"]))
+    with pytest.raises(UserError, match="ChatGLM-6B .* not loadable yet"):
+        load_config(out)
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def sample_texts() -> list[str]:
+    rng = random.Random(0)
+    alphabet = "ab Z你好世界连衣裙\n\t19 ,.!?😀'sThe▁<|>/"
+    fixed = [
+        "这款红色连衣裙", "\n", " ", "  x", "hello  world\n\nx", "a\tb", "0123456789", "It's 3.14!", "emoji 😀",
+        "def f(x):\n    return x**2\n", "sophisticated sop eop", "<|user|> in text", "[gMASK] in text", "▁lead",
+    ]  # fmt: skip
+    return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
+
+
+@pytest.mark.parametrize("layout", ["chatglm2", "chatglm3"])
+def test_sentencepiece_tokenizer_encodes_as_sentencepiece_does(layout):
+    """Ordinary text, special-token names included (THUDM's tokenizer never finds them in text:
+    "sophisticated" keeps its `sop`)."""
+    import sentencepiece as spm
+
+    tok = load_tokenizer(str(ASSETS[layout]))
+    sp = spm.SentencePieceProcessor(model_file=str(ASSETS[layout] / "tokenizer.model"))
+    for text in sample_texts():
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids), text
+    specials = chatglm.CHATGLM3_SPECIAL if layout == "chatglm3" else chatglm.CHATGLM2_SPECIAL
+    assert tok.convert_tokens_to_ids(specials) == list(range(sp.get_piece_size(), sp.get_piece_size() + len(specials)))
+    assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (sp.eos_id(), sp.unk_id(), "left")
+
+
+def test_tiktoken_tokenizer_encodes_as_tiktoken_does():
+    """glm-4-9b-chat: tiktoken over the published pattern; its 14 special tokens after the ranks, found in text
+    (THUDM registered them as added tokens)."""
+    import tiktoken
+
+    ranks = {}
+    for line in (ASSETS["glm4chat"] / "tokenizer.model").read_text().splitlines():
+        piece, rank = line.split()
+        ranks[base64.b64decode(piece)] = int(rank)
+    enc = tiktoken.Encoding(name="glm4", pat_str=chatglm.GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    tok = load_tokenizer(str(ASSETS["glm4chat"]))
+    for text in sample_texts():
+        if "<|" in text or "[gMASK]" in text:
+            continue
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == enc.encode(text) and tok.decode(ids) == text, text
+    first = len(ranks)
+    assert tok.convert_tokens_to_ids(chatglm.GLM4_SPECIAL) == list(range(first, first + 14))
+    assert tok.encode("<|user|>\nx", add_special_tokens=False)[0] == first + 7
+    assert tok.chat_template  # from its tokenizer_config.json
+
+
+def test_layouts_pick_their_templates():
+    from dist_glm.data.template import choose_template
+
+    expected = {"chatglm2": "chatglm2", "chatglm3": "chatglm3", "glm4chat": "glm4"}
+    for layout, template in expected.items():
+        tok = load_tokenizer(str(ASSETS[layout]))
+        assert choose_template("auto", tok, "chatglm") == template
+        assert choose_template("auto", tok, "glm") == template  # as saved after training, native layout
+
+
+def test_lora_target_in_thudm_names_is_answered_with_glm_names():
+    from types import SimpleNamespace
+
+    from dist_glm.methods import lora
+
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(model_name_or_path=str(ASSETS["chatglm3"]), trust_remote_code=False),
+        method=SimpleNamespace(lora_target="query_key_value,dense", lora_modules_to_save=""),
+    )
+    (problem,) = lora.check_config(cfg)
+    assert "query_key_value -> q_proj,k_proj,v_proj" in problem and "dense -> o_proj" in problem
+    cfg.method.lora_target = "q_proj,v_proj,gate_up_proj"
+    assert lora.check_config(cfg) == []
