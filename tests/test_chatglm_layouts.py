@@ -10,13 +10,15 @@ import base64
 import json
 import random
 import shutil
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, child_env, run_script, train_one_and_two_ranks
 from dist_glm.errors import UserError
 from dist_glm.models import chatglm
 from dist_glm.models.loading import from_pretrained, load_config, load_tokenizer
@@ -231,3 +233,83 @@ def test_lora_target_in_thudm_names_is_answered_with_glm_names():
     assert "query_key_value -> q_proj,k_proj,v_proj" in problem and "dense -> o_proj" in problem
     cfg.method.lora_target = "q_proj,v_proj,gate_up_proj"
     assert lora.check_config(cfg) == []
+
+
+# ---------------------------------------------------------------- training and the tools
+
+
+def greedy(model, prompt_ids: list[int], eos: list[int], tokens: int) -> list[int]:
+    out = model.generate(
+        input_ids=torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.slow
+def test_published_chatglm3_trains_on_two_zero3_ranks_and_every_tool_loads_the_result(tmp_path, varlen_data):
+    """LoRA from a ChatGLM3-6B directory as THUDM published it (its Python files raise if run): 2 ranks under
+    ZeRO-3, where every rank loads only its partition through the renaming, give the single process's losses;
+    then evaluate, export (merged, native layout), chat and serve load the adapter on that directory."""
+    from test_serve import NAME, Server  # the OpenAI-compatible server as its own tests drive it
+    from transformers import AutoModelForCausalLM
+
+    from dist_glm.data.template import build_template
+    from dist_glm.models.artifacts import load_for_inference
+
+    base = published_checkpoint(
+        tmp_path, "chatglm3", config=json.loads((ASSETS["chatglm3"] / "config.json").read_text())
+    )
+    settings = dict(
+        model_name_or_path=base, train_from_scratch=False, finetuning_type="lora", learning_rate=1e-2, max_steps=4
+    )
+    one, two, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero3", **settings)
+    assert "chatglm3 layout (THUDM's published files): loaded as GlmForCausalLM" in stdout
+    assert "chat template: chatglm3" in stdout
+    assert sorted(b) == [1, 2, 3, 4] and max(abs(a[s] - b[s]) for s in a) < 2e-5, (a, b)
+
+    adapter = ["--model_name_or_path=" + str(base), f"--adapter_name_or_path={two}"]
+    proc = run_script(
+        "evaluate.py",
+        [*adapter, f"--eval_dataset={varlen_data}", "--max_eval_samples=4", f"--output_dir={tmp_path / 'eval'}"],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval_results.json").read_text())["eval/samples"] == 4
+
+    merged = tmp_path / "merged"
+    proc = run_script("export.py", [*adapter, f"--export_dir={merged}", "--dtype=float32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["GlmForCausalLM"]
+    assert chatglm.detect(merged) is None  # the native layout, loaded by anything that reads transformers models
+    tok = load_tokenizer(str(merged))
+    trained = load_for_inference(str(base), str(two))
+    native = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    conv = {"system": "", "tools": None, "messages": [{"role": "user", "content": "类型#裙*颜色#红色"}]}
+    prompt = build_template("chatglm3", tok).encode_prompt(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            native(torch.tensor([prompt])).logits, trained(torch.tensor([prompt])).logits, atol=1e-5, rtol=1e-5
+        )
+    eos = [tok.eos_token_id, *tok.convert_tokens_to_ids(["<|user|>", "<|observation|>"])]
+    expected = tok.decode(greedy(trained, prompt, eos, 8), skip_special_tokens=True)
+
+    chat = subprocess.run(
+        [sys.executable, "launch/chat.py", *adapter, "--max_new_tokens=8"],
+        input="类型#裙*颜色#红色\n",
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-3000:]
+    assert chat.stdout.split("Assistant: ", 1)[1].split("\n\nUser:")[0] == expected.strip("\n")
+
+    server = Server(two, tmp_path / "server.log")
+    try:
+        reply = server.client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "类型#裙*颜色#红色"}], max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].message.content == expected.strip("\n")
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
