@@ -166,7 +166,7 @@ def sample_texts() -> list[str]:
     alphabet = "ab Z你好世界连衣裙\n\t19 ,.!?😀'sThe▁<|>/"
     fixed = [
         "这款红色连衣裙", "\n", " ", "  x", "hello  world\n\nx", "a\tb", "0123456789", "It's 3.14!", "emoji 😀",
-        "def f(x):\n    return x**2\n", "sophisticated sop eop", "<|user|> in text", "[gMASK] in text", "▁lead",
+        "def f(x):\n    return x**2\n", "sophisticated sop eop", "<|user|> in text", "[gMASK] in text", "▁lead", "</s> <unk> <s>",
     ]  # fmt: skip
     return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
 
@@ -200,7 +200,7 @@ def test_tiktoken_tokenizer_encodes_as_tiktoken_does():
     enc = tiktoken.Encoding(name="glm4", pat_str=chatglm.GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={})
     tok = load_tokenizer(str(ASSETS["glm4chat"]))
     for text in sample_texts():
-        if "<|" in text or "[gMASK]" in text:
+        if "<|" in text or "[gMASK]" in text or "</s>" in text:
             continue
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == enc.encode(text) and tok.decode(ids) == text, text
@@ -208,6 +208,75 @@ def test_tiktoken_tokenizer_encodes_as_tiktoken_does():
     assert tok.convert_tokens_to_ids(chatglm.GLM4_SPECIAL) == list(range(first, first + 14))
     assert tok.encode("<|user|>\nx", add_special_tokens=False)[0] == first + 7
     assert tok.chat_template  # from its tokenizer_config.json
+
+
+def thudm_tokenization(layout: str) -> dict:
+    ref = json.loads((DATA / f"tokenization_{layout}.json").read_text(encoding="utf-8"))
+    import hashlib
+
+    asset = ASSETS[layout] / "tokenizer.model"
+    assert hashlib.sha256(asset.read_bytes()).hexdigest() == ref["tokenizer_file_sha256"], "the asset changed"
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["chatglm2", "chatglm3", "glm4chat"])
+def test_tokenizer_gives_thudm_tokenizers_ids(layout):
+    """THUDM's own tokenizer class on the same tokenizer.model (tests/data/chatglm/tokenization_*.json):
+    ids of 22 strings, special-token ids, the [gMASK] sop prefix, padding."""
+    ref, tok = thudm_tokenization(layout), load_tokenizer(str(ASSETS[layout]))
+    for s in ref["strings"]:
+        assert tok.encode(s["text"], add_special_tokens=False) == s["encode_no_special"], s["text"]
+        assert tok.decode(s["encode_no_special"]) == s["decode_no_special"], s["text"]
+    named = {k: v for k, v in ref["special_ids"].items() if k not in ("<bos>", "<eos>", "<pad>")}
+    assert tok.convert_tokens_to_ids(list(named)) == list(named.values())
+    assert (tok.pad_token_id, tok.padding_side) == (ref["pad_token_id"], ref["padding_side"])
+    assert tok.eos_token_id == ref["eos_token_id"] or layout == "glm4chat"  # THUDM's glm4 class names none
+
+
+def test_chatglm3_prompts_equal_build_chat_input():
+    from dist_glm.data.template import build_template
+
+    ref, tok = thudm_tokenization("chatglm3"), load_tokenizer(str(ASSETS["chatglm3"]))
+    template = build_template("chatglm3", tok)
+    for name, case in ref["chat"].items():
+        if not name.startswith("build_chat_input"):
+            continue
+        history = case.get("history", [])
+        system = next((m for m in history if m["role"] == "system"), {})
+        messages = []
+        for m in history:
+            if m["role"] == "assistant" and m.get("metadata"):  # a tool call: its arguments, as data holds them
+                call = {"name": m["metadata"], "arguments": json.dumps({"city": "北京"}, ensure_ascii=False)}
+                messages.append({"role": "assistant", "content": "", "tool_call": call})
+            elif m["role"] != "system":
+                messages.append({"role": m["role"], "content": m["content"]})
+        messages.append({"role": case.get("role", "user"), "content": case["query"]})
+        conv = {"system": system.get("content", ""), "tools": system.get("tools"), "messages": messages}
+        assert template.encode_prompt(conv) == case["input_ids"][0], name
+
+
+def test_chatglm2_prompts_equal_its_build_prompt():
+    from dist_glm.data.template import build_template
+
+    ref, tok = thudm_tokenization("chatglm2"), load_tokenizer(str(ASSETS["chatglm2"]))
+    template = build_template("chatglm2", tok)
+    for name in ("first_round", "third_round"):
+        case = ref["chat"][name]
+        messages = [{"role": r, "content": c} for q, a in case["history"] for r, c in (("user", q), ("assistant", a))]
+        conv = {"system": "", "tools": None, "messages": messages + [{"role": "user", "content": case["query"]}]}
+        ids = case["input_ids"][0] if isinstance(case["input_ids"][0], list) else case["input_ids"]
+        assert template.encode_prompt(conv) == ids, name
+
+
+def test_glm4_chat_prompts_equal_its_apply_chat_template():
+    from dist_glm.data.template import build_template
+
+    ref, tok = thudm_tokenization("glm4chat"), load_tokenizer(str(ASSETS["glm4chat"]))
+    case = ref["chat"]["system_user_assistant|add_generation_prompt=True"]
+    system, *messages = case["messages"]
+    conv = {"system": system["content"], "tools": None, "messages": messages}
+    ids = case["input_ids"][0] if isinstance(case["input_ids"][0], list) else case["input_ids"]
+    assert build_template("glm4", tok).encode_prompt(conv) == ids
 
 
 def test_layouts_pick_their_templates():

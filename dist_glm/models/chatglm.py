@@ -276,17 +276,16 @@ def _sentencepiece_tokenizer(model_file: Path, specials: list[str]):
     # finds them in text (encode_special_tokens is off), so "sophisticated" keeps its `sop` and a user's
     # "<|user|>" stays text. The templates ask for them by name.
     spec["model"]["vocab"] = {**vocab, **{t: len(vocab) + k for k, t in enumerate(specials)}}
-    unk = proto.pieces[proto.trainer_spec.unk_id].piece
-    eos = proto.pieces[proto.trainer_spec.eos_id].piece
-    # THUDM's ChatGLM2/3 tokenizer pads with <unk> (id 0) on the left and ends text with </s>.
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        unk_token=unk,
-        eos_token=eos,
-        pad_token=unk,
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)), padding_side="left", clean_up_tokenization_spaces=False
     )
+    # THUDM's ChatGLM2/3 tokenizer pads with <unk> (id 0) on the left and ends text with </s>. Named after
+    # construction, so that they are not added tokens either: sentencepiece reads "</s>" in text as text.
+    # (A copy saved with save_pretrained and loaded again does find them in text: transformers registers a
+    # loaded tokenizer's eos/unk/pad as added tokens.)
+    tokenizer.unk_token = tokenizer.pad_token = proto.pieces[proto.trainer_spec.unk_id].piece
+    tokenizer.eos_token = proto.pieces[proto.trainer_spec.eos_id].piece
+    return tokenizer
 
 
 def _tiktoken_tokenizer(model_file: Path):
