@@ -23,6 +23,11 @@ REQUIREMENTS = [
     "bitsandbytes>=0.45,<0.51",  # QLoRA; ships CPU and CUDA kernels
     "datasets>=3.0,<5.3",  # csv and parquet input
     "tokenizers>=0.21,<0.24",
+    # THUDM's published ChatGLM layouts keep their vocabulary in tokenizer.model (models/chatglm.py): sentencepiece
+    # (ChatGLM2/3) read through protobuf, tiktoken ranks (glm-4-9b-chat).
+    "sentencepiece>=0.2,<0.3",
+    "protobuf>=4",
+    "tiktoken>=0.7,<0.15",
     "safetensors>=0.4,<0.9",
     "tensorboard>=2.15",
     "matplotlib>=3.7",  # plot_loss and launch/plot.py (Agg backend, no display needed)
@@ -41,7 +46,7 @@ if os.environ.get("DIST_GLM_LATEST"):
 setup(
     name="dist_glm",
     version="0.1.0",
-    description="DeepSpeed-based distributed fine-tuning for GLM-4, GLM-4-0414 and ChatGLM",
+    description="DeepSpeed-based distributed fine-tuning for the GLM family (GLM-4, GLM-4-0414, MoE GLMs, ChatGLM2/3)",
     python_requires=">=3.10",
     packages=find_packages(include=["dist_glm", "dist_glm.*"]),
     install_requires=REQUIREMENTS,

@@ -42,7 +42,11 @@ TRACKERS, LOCAL_ONLY = ("wandb", "swanlab"), ("tensorboard", "none")  # report_t
 class ModelConfig:
     model_name_or_path: str = option("", "Local directory of a GLM checkpoint (config.json + weights + tokenizer).")
     train_from_scratch: bool = option(False, "Initialise weights randomly from the checkpoint's config (seeded).")
-    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    trust_remote_code: bool = option(
+        False,
+        "Run the checkpoint's own modelling code: remote-code layouts dist_glm does not translate "
+        "(ChatGLM2/3 and glm-4-9b-chat as THUDM published them load without it).",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = option(
         "sdpa", "Attention kernel: sdpa (PyTorch's), eager, or flash_attention_2 (needs flash-attn and a CUDA GPU)."
     )

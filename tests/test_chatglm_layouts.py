@@ -166,7 +166,8 @@ def sample_texts() -> list[str]:
     alphabet = "ab Z你好世界连衣裙\n\t19 ,.!?😀'sThe▁<|>/"
     fixed = [
         "这款红色连衣裙", "\n", " ", "  x", "hello  world\n\nx", "a\tb", "0123456789", "It's 3.14!", "emoji 😀",
-        "def f(x):\n    return x**2\n", "sophisticated sop eop", "<|user|> in text", "[gMASK] in text", "▁lead", "</s> <unk> <s>",
+        "def f(x):\n    return x**2\n", "sophisticated sop eop", "<|user|> in text", "[gMASK] in text", "▁lead",
+        "</s> <unk> <s>",
     ]  # fmt: skip
     return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(200)]
 

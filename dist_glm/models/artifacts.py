@@ -37,7 +37,11 @@ class ModelArgs:
 
     model_name_or_path: str = option("", f"The trained result: {ARTIFACT_KINDS}; or the base model of an adapter.")
     adapter_name_or_path: str = option("", "A LoRA/QLoRA adapter or P-tuning v2 prefix to apply to model_name_or_path.")
-    trust_remote_code: bool = option(False, "Allow the checkpoint's own modelling code (ChatGLM-6B/2/3).")
+    trust_remote_code: bool = option(
+        False,
+        "Run the checkpoint's own modelling code: remote-code layouts dist_glm does not translate "
+        "(ChatGLM2/3 and glm-4-9b-chat as THUDM published them load without it).",
+    )
     dtype: Dtype = option(
         "auto",
         "auto: the model's own dtype on a GPU, float32 on CPU (export: its own dtype; serve: bfloat16 on a GPU).",
