@@ -124,6 +124,26 @@ def test_logits_equal_thudm_code(tmp_path, layout):
         assert np.abs(torch.logsumexp(logits, -1).numpy() - lse).max() < 1e-4, (layout, case["name"])
 
 
+def test_weights_go_back_to_the_published_names_bit_for_bit(tmp_path):
+    """What export_layout=original writes: loaded and mapped back, every published tensor is the same bytes."""
+    ref = reference("glm4chat")
+    model = from_pretrained(str(published_checkpoint(tmp_path, "glm4chat")), dtype=torch.float32)
+    back = chatglm.original_state_dict(model.state_dict())
+    expected = recipe_weights(ref["state_dict_shapes"])
+    assert sorted(back) == sorted(expected)
+    assert all(torch.equal(back[name], expected[name]) for name in expected)
+
+
+def test_original_layout_export_needs_a_published_base(pretrained_tiny, tmp_path):
+    from dist_glm.models.artifacts import ModelArgs
+    from dist_glm.tools.export import ExportArgs, export
+
+    args = ExportArgs(export_dir=str(tmp_path / "out"), export_layout="original")
+    with pytest.raises(UserError, match="export_layout=original: .* not trained from one of THUDM's published"):
+        export(ModelArgs(model_name_or_path=str(pretrained_tiny)), args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rope_ratio_and_sizes_become_glm_config():
     c = load_config(ASSETS["glm4chat"])
     published = json.loads((ASSETS["glm4chat"] / "config.json").read_text())
@@ -358,6 +378,22 @@ def test_published_chatglm3_trains_on_two_zero3_ranks_and_every_tool_loads_the_r
     with torch.no_grad():
         torch.testing.assert_close(
             native(torch.tensor([prompt])).logits, trained(torch.tensor([prompt])).logits, atol=1e-5, rtol=1e-5
+        )
+    # The published layout again: THUDM's names and files, read back through the same translation.
+    original = tmp_path / "original"
+    proc = run_script(
+        "export.py", [*adapter, f"--export_dir={original}", "--dtype=float32", "--export_layout=original"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert chatglm.detect(original).name == "chatglm3" and (original / "modeling_chatglm.py").is_file()
+    assert (
+        json.loads((original / "config.json").read_text())["auto_map"]
+        == json.loads((base / "config.json").read_text())["auto_map"]
+    )
+    round_trip = from_pretrained(str(original), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            round_trip(torch.tensor([prompt])).logits, native(torch.tensor([prompt])).logits, atol=0, rtol=0
         )
     eos = [tok.eos_token_id, *tok.convert_tokens_to_ids(["<|user|>", "<|observation|>"])]
     expected = tok.decode(greedy(trained, prompt, eos, 8), skip_special_tokens=True)

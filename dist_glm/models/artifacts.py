@@ -337,9 +337,12 @@ def _load_checkpoint(art: Artifact, method, dtype, device, dequantize: bool):
     return model
 
 
-def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: bool, max_shard_size: str = "5GB"):
+def write_merged(
+    art: Artifact, dtype_name: str, out: Path, trust_remote_code: bool, max_shard_size: str = "5GB", original=None
+):
     """A plain HF model of `art` in `out` (an adapter merged into its de-quantized base, a checkpoint
-    consolidated), on the CPU; returns the dtype written. Staged in a fresh directory beside `out` and
+    consolidated), on the CPU; returns the dtype written. `original`: the base's published ChatGLM layout
+    (models/chatglm.py), to write that layout instead of transformers' own. Staged in a fresh directory beside `out` and
     swapped in when complete (dist_glm.runtime.staging): an interrupted write never looks finished, and
     nothing but that staging directory (and `out`, which the caller checked may be replaced) is removed."""
     from dist_glm.models.loading import load_tokenizer
@@ -357,10 +360,15 @@ def write_merged(art: Artifact, dtype_name: str, out: Path, trust_remote_code: b
         del model.config.quantization_config
     tokenizer = load_tokenizer(str(art.tokenizer_dir), trust_remote_code)
     with staged(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
+        if original is not None:
+            from dist_glm.models.chatglm import write_original
+
+            write_original(model, original, tmp, dtype, max_shard_size)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            tokenizer.save_pretrained(tmp)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(tmp)
         if carried := carry_unloaded_tensors(art.base, tmp):
             print(f"[dist_glm] {carried}", flush=True)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; an exported model is read by others (serving engines)

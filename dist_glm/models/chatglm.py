@@ -158,24 +158,35 @@ def native_config(layout: Layout):
     return config
 
 
+# (published name, GlmForCausalLM name) of every weight; {i} is the layer index. The fused query/key/value matrix
+# keeps a name of its own on the way in and is split into q_proj, k_proj, v_proj (and fused again on the way out).
+NAMES = [
+    ("transformer.embedding.word_embeddings", "model.embed_tokens"),
+    ("transformer.encoder.layers.{i}.input_layernorm", "model.layers.{i}.input_layernorm"),
+    ("transformer.encoder.layers.{i}.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm"),
+    ("transformer.encoder.layers.{i}.self_attention.query_key_value", "model.layers.{i}.self_attn.query_key_value"),
+    ("transformer.encoder.layers.{i}.self_attention.dense", "model.layers.{i}.self_attn.o_proj"),
+    ("transformer.encoder.layers.{i}.mlp.dense_h_to_4h", "model.layers.{i}.mlp.gate_up_proj"),
+    ("transformer.encoder.layers.{i}.mlp.dense_4h_to_h", "model.layers.{i}.mlp.down_proj"),
+    ("transformer.encoder.final_layernorm", "model.norm"),
+    ("transformer.output_layer", "lm_head"),
+]
+
+
+def _pattern(name: str) -> str:
+    return re.escape(name).replace(re.escape("{i}"), r"(\d+)")
+
+
+def _replacement(name: str) -> str:
+    return name.replace("{i}", r"\1")
+
+
 def weight_conversions(config) -> list:
     """How the published weight names become GlmForCausalLM's: renamings, then the fused query/key/value
     matrix split into its three blocks (queries for every head, then keys, then values of each group)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-    layer = r"transformer\.encoder\.layers\.(\d+)\."
-    renames = [
-        (r"transformer\.embedding\.word_embeddings", "model.embed_tokens"),
-        (layer + r"input_layernorm", r"model.layers.\1.input_layernorm"),
-        (layer + r"post_attention_layernorm", r"model.layers.\1.post_attention_layernorm"),
-        (layer + r"self_attention\.query_key_value", r"model.layers.\1.self_attn.query_key_value"),
-        (layer + r"self_attention\.dense", r"model.layers.\1.self_attn.o_proj"),
-        (layer + r"mlp\.dense_h_to_4h", r"model.layers.\1.mlp.gate_up_proj"),
-        (layer + r"mlp\.dense_4h_to_h", r"model.layers.\1.mlp.down_proj"),
-        (r"transformer\.encoder\.final_layernorm", "model.norm"),
-        (r"transformer\.output_layer", "lm_head"),
-    ]
-    return [WeightRenaming(source, target) for source, target in renames] + [
+    return [WeightRenaming(_pattern(published), _replacement(native)) for published, native in NAMES] + [
         WeightConverter(
             source_patterns="self_attn.query_key_value",
             target_patterns=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -239,6 +250,52 @@ def forget_conversions(model) -> None:
     for module in model.modules():
         if hasattr(module, "_weight_conversions"):
             module._weight_conversions = []
+
+
+def original_state_dict(state_dict: dict) -> dict:
+    """GlmForCausalLM's weights under the published names, the query/key/value blocks fused again: the inverse
+    of `weight_conversions` (tensors are shared, not copied, except the fused ones)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        fused = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", name)
+        if fused and fused.group(2) != "q":
+            continue  # fused with q_proj's block
+        if fused:
+            layer, _, kind = fused.groups()
+            name = f"model.layers.{layer}.self_attn.query_key_value.{kind}"
+            tensor = torch.cat([state_dict[f"model.layers.{layer}.self_attn.{p}_proj.{kind}"] for p in "qkv"])
+        for published, native in NAMES:
+            if re.match(_pattern(native) + r"\.", name):
+                out[re.sub(_pattern(native), _replacement(published), name, count=1)] = tensor
+                break
+        else:
+            raise ValueError(f"{name}: no place for it in the published ChatGLM layout")
+    return out
+
+
+# What the published directory holds besides weights: copied as they are into an export in its layout.
+PUBLISHED_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")  # fmt: skip
+
+
+def write_original(model, layout: Layout, out: Path, dtype: torch.dtype, max_shard_size: str) -> None:
+    """`model` (GlmForCausalLM) in `layout`'s published form in `out`: THUDM's weight names (safetensors,
+    sharded with an index like the published checkpoints), and the source directory's config.json (dtype
+    updated), tokenizer files and own *.py files, so THUDM's code, demos and converters read it as before."""
+    import shutil
+
+    from huggingface_hub import save_torch_state_dict
+
+    weights = original_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    save_torch_state_dict(weights, str(out), max_shard_size=max_shard_size)
+    for name in PUBLISHED_FILES:
+        if (layout.path / name).is_file():
+            shutil.copyfile(layout.path / name, out / name)
+    for code in layout.path.glob("*.py"):
+        shutil.copyfile(code, out / code.name)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def build_tokenizer(layout: Layout):

@@ -9,6 +9,8 @@ or bitsandbytes.
   saw in training.
 - A training checkpoint (any method but ptuning, any ZeRO stage, ZeRO-3 included): consolidated from
   every rank's partition (fp32 master weights), merged when it holds an adapter.
+- `export_layout=original` writes a model trained from THUDM's published ChatGLM2/ChatGLM3/glm-4-9b-chat
+  directory back in that layout (dist_glm/models/chatglm.py `write_original`).
 - P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
   of any weight, so no plain HF model can carry it. Use the prefix as it is (chat.py, evaluate.py,
   `dist_glm.models.artifacts.load_for_inference`).
@@ -16,10 +18,12 @@ or bitsandbytes.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from dist_glm.config import Command, option
 from dist_glm.errors import UserError
 from dist_glm.methods import get_method
+from dist_glm.models import chatglm
 from dist_glm.models.artifacts import ModelArgs, resolve_artifact, write_merged
 
 
@@ -28,6 +32,12 @@ class ExportArgs:
     export_dir: str = option("", "Directory for the exported HF model.")
     overwrite_export_dir: bool = option(False, "Replace export_dir if it is not empty.")
     max_shard_size: str = option("5GB", "Largest safetensors file; bigger models are split into shards.")
+    export_layout: Literal["native", "original"] = option(
+        "native",
+        "native: transformers' own layout (GlmForCausalLM). original: for a model trained from THUDM's published "
+        "ChatGLM2/ChatGLM3/glm-4-9b-chat directory, that layout again: THUDM's weight names, that directory's "
+        "config.json, tokenizer files and *.py files (THUDM's demos and chatglm.cpp-style converters read it).",
+    )
 
 
 EXPORT = Command(
@@ -66,17 +76,42 @@ def check_shard_size(value: str) -> list[str]:
     return [f"max_shard_size='{value}' is not a size; use a whole number with a unit, e.g. 500MB, 5GB, 2GiB"]
 
 
+def published_layout(art) -> chatglm.Layout | None:
+    """The published ChatGLM directory `art` was trained from: its base (an adapter's), or the model its
+    training recipe names (a full or freeze run, whose base is the trained model itself)."""
+    from dist_glm.config import load_config
+
+    layout = chatglm.detect(art.base)
+    recipe = art.train_cfg
+    if layout is None and recipe is None and (art.source / "config.yaml").is_file():
+        try:
+            recipe = load_config([str(art.source / "config.yaml")], default_yaml=None)
+        except UserError:
+            return None  # not a recipe this version reads: no published layout to go back to
+    if layout is None and recipe is not None:
+        layout = chatglm.detect(recipe.model.model_name_or_path)
+    return layout
+
+
 def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     """Write the merged / consolidated model to `args.export_dir`; returns that path."""
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
     method = get_method(art.method)
     problems = [method.export_refusal] if method.export_refusal else []
     problems += check_export_dir(args, [p for p in (art.base, art.adapter, art.checkpoint) if p is not None])
+    layout = published_layout(art)
+    if args.export_layout == "original" and layout is None:
+        problems.append(
+            f"export_layout=original: '{art.source}' was not trained from one of THUDM's published ChatGLM2/"
+            "ChatGLM3/glm-4-9b-chat directories, whose layout it would write; use export_layout=native"
+        )
     if problems:
         raise UserError(problems)
 
     out = Path(args.export_dir)
-    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size)
+    original = layout if args.export_layout == "original" else None
+    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size, original)
     what = f"{art.method} adapter merged into its base" if method.is_adapter else "model"
-    print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}) to {out}", flush=True)
+    how = f", {original.name} layout as THUDM published it" if original else ""
+    print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}{how}) to {out}", flush=True)
     return out
