@@ -124,6 +124,40 @@ def test_logits_equal_thudm_code(tmp_path, layout):
         assert np.abs(torch.logsumexp(logits, -1).numpy() - lse).max() < 1e-4, (layout, case["name"])
 
 
+def test_ptuning_prefix_is_thudms_p_tuning_v2_in_training_and_generation(tmp_path):
+    """THUDM's ChatGLM3 code with a P-tuning v2 prefix (pre_seq_len 4, no projection) computed these logits and
+    this greedy continuation. dist_glm's ptuning with the same prefix vectors: the same logits (the text's
+    positions start at 0 after the prefix, as there), and generate() continues the same way, the prefix
+    attended to from the first step, with and without left padding."""
+    from types import SimpleNamespace
+
+    from dist_glm.methods import ptuning
+
+    ref = reference("chatglm3")["ptuning"]
+    model = from_pretrained(str(published_checkpoint(tmp_path, "chatglm3")), dtype=torch.float32)
+    cfg = SimpleNamespace(method=SimpleNamespace(pre_seq_len=4, prefix_projection=False, prefix_hidden_size=64))
+    peft_model = ptuning.make_trainable(model, cfg)
+    prefix = recipe_weights({ref["prefix_weight"]: ref["prefix_shape"]})[ref["prefix_weight"]]
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.copy_(prefix)
+    peft_model.eval()
+    ids = torch.tensor(ref["input_ids"])
+    with torch.no_grad():
+        logits = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double()
+    head, lse = unpack(ref["logits"])
+    assert np.abs(logits[..., :256].numpy() - head).max() < 1e-5
+    assert np.abs(torch.logsumexp(logits, -1).numpy() - lse).max() < 1e-4
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids[:1]], 1)
+    for prompt in (ids[:1], padded):
+        mask = (torch.arange(prompt.shape[1]) >= prompt.shape[1] - 12).long()[None]
+        with torch.no_grad():
+            out = peft_model.generate(
+                input_ids=prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=[10**6],
+                pad_token_id=0,
+            )  # fmt: skip
+        assert out[0, prompt.shape[1] :].tolist() == ref["greedy_continuation_of_row_0"]
+
+
 def test_weights_go_back_to_the_published_names_bit_for_bit(tmp_path):
     """What export_layout=original writes: loaded and mapped back, every published tensor is the same bytes."""
     ref = reference("glm4chat")

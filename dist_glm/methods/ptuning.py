@@ -2,6 +2,12 @@
 prepended to the attention of every layer, optionally produced by a two-layer MLP
 (`prefix_projection`). Built on PEFT prefix tuning; the base model is frozen.
 
+As in THUDM's own P-tuning v2 (ChatGLM2/3, glm-4-9b-chat), the text's positions start at 0 after the prefix:
+the prefix keys carry no rotary position, so a query at position p sees them the same way whatever came
+before. PEFT would number the text after the prefix (p + pre_seq_len) and drops position ids given to it;
+`prefix_as_thudm` restores THUDM's numbering, in training and in generation (tests/test_chatglm_layouts.py
+compares with THUDM's code).
+
 The artifact is the prefix alone (PEFT's `prompt_embeddings`: pre_seq_len x layers x 2 x kv width,
 KB-MB), reloadable with `PeftModel.from_pretrained(base, out_dir)`.
 """
@@ -23,7 +29,42 @@ export_refusal = (
 )
 quantization_config = full.quantization_config
 inference_quantization = full.inference_quantization
-after_load = full.after_load
+
+
+def after_load(model) -> None:
+    prefix_as_thudm(model)
+
+
+def prefix_as_thudm(peft_model) -> None:
+    """What THUDM's P-tuning v2 does, on PEFT's prefix: the text's positions start at 0 after the prefix, in
+    training and in generation; and in generation the prefix is really attended to (transformers 5 generates
+    with its own `cache=` argument, which wins over the prefix PEFT passes as `past_key_values`: the prefix
+    was silently ignored). A forward pre-hook on the base model, so every caller (the training step, PEFT's
+    forward, generate) goes through it."""
+    n = peft_model.peft_config["default"].num_virtual_tokens
+
+    def with_prefix(module, args, kwargs):
+        cache, prefix = kwargs.get("cache"), kwargs.get("past_key_values")
+        if cache is not None and prefix is not None:
+            kwargs.pop("past_key_values")
+            if cache.get_seq_length() == 0:  # generation's first step: the prefix goes in first
+                for layer_idx, layer in enumerate(prefix.layers):
+                    cache.update(layer.keys, layer.values, layer_idx)
+        if kwargs.get("position_ids") is not None:
+            # Only generation gives them (PEFT drops any given to its forward), counted by transformers over the
+            # attention mask PEFT has extended with the prefix's columns: n too many.
+            kwargs["position_ids"] = (kwargs["position_ids"] - n).clamp(min=0)
+            return args, kwargs
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if inputs is None and args:
+            inputs = args[0]
+        mask = kwargs.get("attention_mask")
+        if inputs is not None and mask is not None and mask.dim() == 2:
+            seen = mask[:, n:].long().cumsum(-1)  # the prefix's columns come first
+            kwargs["position_ids"] = (seen - 1).clamp(min=0)[:, -inputs.shape[1] :]
+        return args, kwargs
+
+    peft_model.get_base_model().register_forward_pre_hook(with_prefix, with_kwargs=True)
 
 
 def check_config(cfg) -> list[str]:
@@ -114,6 +155,7 @@ def make_trainable(model, cfg):
     for module in peft_model.modules():
         if hasattr(module, "_can_checkpoint_with_cache"):
             module._can_checkpoint_with_cache = True  # the cache is read-only during training (read_only)
+    prefix_as_thudm(peft_model)
     return peft_model
 
 
