@@ -389,7 +389,75 @@ def build_glm4_chat_layout(out: Path, tiny_dir: Path = ROOT / "assets" / "tiny-g
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
+def build_chatglm6b_assets(corpus: list[str]) -> None:
+    """ChatGLM-6B (the first ChatGLM) as THUDM published it, at a tiny size (assets/tiny-chatglm-6b): its
+    config.json and tokenizer_config.json with the dimensions shrunk, and an ice_text.model in the published
+    format (tests/data/chatglm/SOURCES.md): Unigram, nmt_nfkc, extra whitespace removed, a dummy prefix, digits
+    split, `<unk> <s> </s> <pad> <n>` at 0-4; after the trained pieces, as in the published file, the control
+    pieces `[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK>`, the user-defined `<|tab|>` and
+    `<|blank_2|>`..`<|blank_80|>`, then the 256 byte pieces, with byte fallback on. 200 trained pieces here
+    instead of 130000, so `[MASK]` is 200 and the file holds 544 pieces (the published one 130344). Every
+    printable ASCII character has a piece, as in the published file (the demo text lacks most capitals)."""
+    import io
+    import string
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    out = ROOT / "assets" / "tiny-chatglm-6b"
+    out.mkdir(parents=True, exist_ok=True)
+    trained = 200
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="unigram", vocab_size=trained,
+        character_coverage=0.9999, split_digits=True, user_defined_symbols=["<n>"], pad_id=3, byte_fallback=False,
+        required_chars=string.ascii_letters + string.digits + string.punctuation,
+        normalization_rule_name="nmt_nfkc", add_dummy_prefix=True, remove_extra_whitespaces=True,
+        max_sentencepiece_length=16, num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+    )  # fmt: skip
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    # Byte pieces are appended rather than trained in (training would put them at ids 5-260), as in the published file.
+    control = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+    user_defined = ["<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
+    for pieces, kind in ((control, pb.ModelProto.SentencePiece.CONTROL),
+                         (user_defined, pb.ModelProto.SentencePiece.USER_DEFINED),
+                         ([f"<0x{b:02X}>" for b in range(256)], pb.ModelProto.SentencePiece.BYTE)):  # fmt: skip
+        for piece in pieces:
+            proto.pieces.add(piece=piece, score=0.0, type=kind)
+    proto.trainer_spec.byte_fallback = True
+    (out / "ice_text.model").write_bytes(proto.SerializeToString())
+    ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+    config = {
+        "_name_or_path": "THUDM/chatglm-6b", "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
+        "bos_token_id": ids["<sop>"], "eos_token_id": ids["<eop>"], "mask_token_id": ids["[MASK]"],
+        "gmask_token_id": ids["[gMASK]"], "pad_token_id": ids["<pad>"], "hidden_size": 64, "inner_hidden_size": 128,
+        "layernorm_epsilon": 1e-05, "max_sequence_length": 2048, "model_type": "chatglm", "num_attention_heads": 4,
+        "num_layers": 2, "position_encoding_2d": True, "torch_dtype": "float16", "transformers_version": "4.23.1",
+        "use_cache": True,
+        # The published embedding has 184 rows past the tokenizer's 130344 pieces; the tiny one 32.
+        "vocab_size": len(proto.pieces) + 32,
+    }  # fmt: skip
+    tokenizer_config = {
+        "name_or_path": "THUDM/chatglm-6b", "bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>",
+        "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
+        "remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer", "num_image_tokens": 0,
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
 def main() -> None:
+    if "--chatglm6b" in sys.argv:
+        build_chatglm6b_assets(demo_corpus(ROOT / "data" / "advertisegen_demo"))
+        print("wrote the tiny published ChatGLM-6B layout to assets/tiny-chatglm-6b")
+        return
     if "--chatglm" in sys.argv:
         build_chatglm_assets(demo_corpus(ROOT / "data" / "advertisegen_demo"))
         print("wrote the tiny published ChatGLM layouts to assets/tiny-chatglm2, tiny-chatglm3, tiny-glm-4-9b-chat")

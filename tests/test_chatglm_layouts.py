@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, child_env, run_script, train_one_and_two_ranks
+from conftest import REPO, base_args, child_env, run_script, run_train, train_one_and_two_ranks
 from dist_glm.errors import UserError
 from dist_glm.models import chatglm
 from dist_glm.models.loading import from_pretrained, load_config, load_tokenizer
@@ -156,6 +156,26 @@ def test_ptuning_prefix_is_thudms_p_tuning_v2_in_training_and_generation(tmp_pat
                 pad_token_id=0,
             )  # fmt: skip
         assert out[0, prompt.shape[1] :].tolist() == ref["greedy_continuation_of_row_0"]
+
+
+def test_qlora_base_quantizes_the_published_weights_as_it_would_the_native_ones(tmp_path):
+    """bitsandbytes quantizes what the renaming and the query/key/value split produce: 4-bit from the published
+    layout equals 4-bit from the same weights saved natively."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = published_checkpoint(tmp_path, "chatglm3")
+    four_bit = dict(
+        dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        device_map={"": "cpu"},
+    )
+    published = from_pretrained(str(path), **four_bit)
+    assert type(published.model.layers[0].self_attn.k_proj).__name__ == "Linear4bit"
+    from_pretrained(str(path), dtype=torch.float32).save_pretrained(tmp_path / "native")
+    native = AutoModelForCausalLM.from_pretrained(tmp_path / "native", **four_bit)
+    ids = torch.tensor(reference("chatglm3")["cases"][0]["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(published(ids).logits, native(ids).logits)
 
 
 def test_weights_go_back_to_the_published_names_bit_for_bit(tmp_path):
@@ -453,3 +473,52 @@ def test_published_chatglm3_trains_on_two_zero3_ranks_and_every_tool_loads_the_r
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_ptuning_on_published_glm4_chat_exports_thudms_p_tuning_checkpoint(tmp_path, varlen_data):
+    """P-tuning v2 from a glm-4-9b-chat directory as published; export_layout=original writes THUDM's P-tuning
+    checkpoint: pytorch_model.bin with transformer.prefix_encoder.embedding.weight (pre_seq_len x layers x 2 x
+    groups x head size) and config.json with pre_seq_len. That tensor, used the way THUDM's PrefixEncoder
+    (no projection) uses it, gives the trained model's logits; dist_glm's tools take the directory too."""
+    from types import SimpleNamespace
+
+    from dist_glm.methods import ptuning
+    from dist_glm.models.artifacts import load_for_inference
+
+    base = published_checkpoint(tmp_path, "glm4chat")
+    config = json.loads((base / "config.json").read_text())
+    out = tmp_path / "ptuning"
+    settings = dict(
+        model_name_or_path=base, train_from_scratch=False, finetuning_type="ptuning", pre_seq_len=4,
+        prefix_projection=True, prefix_hidden_size=32, learning_rate=1e-2, max_steps=3,
+    )  # fmt: skip
+    proc = run_train(base_args(out, varlen_data, **settings), nprocs=None)
+    assert "glm4chat layout (THUDM's published files)" in proc.stdout and "chat template: glm4" in proc.stdout
+
+    exported = tmp_path / "thudm-ptuning"
+    adapter = [f"--model_name_or_path={base}", f"--adapter_name_or_path={out}", "--dtype=float32"]
+    proc = run_script("export.py", [*adapter, f"--export_dir={exported}", "--export_layout=original"])
+    assert proc.returncode == 0 and "P-tuning v2 checkpoint" in proc.stdout, proc.stderr[-3000:]
+    saved = torch.load(exported / "pytorch_model.bin")
+    assert list(saved) == ["transformer.prefix_encoder.embedding.weight"]
+    written = json.loads((exported / "config.json").read_text())
+    layers, groups, head = config["num_layers"], config["multi_query_group_num"], config["kv_channels"]
+    assert saved["transformer.prefix_encoder.embedding.weight"].shape == (4, layers * 2 * groups * head)
+    assert (written["pre_seq_len"], written["prefix_projection"]) == (4, False)
+    assert written["auto_map"] == config["auto_map"] and (exported / "modeling_chatglm.py").is_file()
+
+    trained = load_for_inference(str(base), str(out))
+    thudm = ptuning.make_trainable(
+        from_pretrained(str(base), dtype=torch.float32),
+        SimpleNamespace(method=SimpleNamespace(pre_seq_len=4, prefix_projection=False, prefix_hidden_size=32)),
+    )
+    with torch.no_grad():
+        thudm.prompt_encoder["default"].embedding.weight.copy_(saved["transformer.prefix_encoder.embedding.weight"])
+    thudm.eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+    with torch.no_grad():
+        expected = trained(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(thudm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, expected)
+        again = load_for_inference(str(base), str(exported))  # the export is also a dist_glm adapter
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, expected)

@@ -51,6 +51,10 @@ class Method(Protocol):
     def after_load(self, model) -> None:
         """Adjust a model loaded for inference."""
 
+    def published_tensors(self, adapter_dir: Path) -> dict | None:
+        """For export_layout=original: the tensors this method's adapter is in THUDM's published ChatGLM form,
+        written alone (P-tuning v2's prefix encoder); None: the model is merged and written whole."""
+
 
 METHODS: dict[str, ModuleType] = {"full": full, "freeze": freeze, "lora": lora, "qlora": qlora, "ptuning": ptuning}
 

@@ -60,5 +60,6 @@ quantization_config = full.quantization_config
 owns_adapter = full.owns_adapter
 inference_quantization = full.inference_quantization
 after_load = full.after_load
+published_tensors = full.published_tensors
 adapter_settings = full.adapter_settings
 continue_adapter = full.continue_adapter

@@ -38,6 +38,10 @@ def after_load(model) -> None:
     """Nothing to adjust on a loaded model."""
 
 
+def published_tensors(adapter_dir) -> None:
+    return None  # the model itself is what gets written
+
+
 def adapter_settings(adapter_dir) -> dict:
     return {}  # a whole model is continued as model_name_or_path, never as an adapter
 

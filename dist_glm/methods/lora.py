@@ -128,6 +128,7 @@ def save_artifact(model, state_dict: dict, tokenizer, out_dir) -> None:
 quantization_config = full.quantization_config
 inference_quantization = full.inference_quantization
 after_load = full.after_load
+published_tensors = full.published_tensors
 
 
 def owns_adapter(adapter_dir, adapter_config: dict) -> bool:

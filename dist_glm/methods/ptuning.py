@@ -35,6 +35,18 @@ def after_load(model) -> None:
     prefix_as_thudm(model)
 
 
+def published_tensors(adapter_dir) -> dict:
+    """THUDM's P-tuning v2 checkpoint holds the prefix encoder; without projection its embedding is the prefix
+    itself, laid out as this artifact's (tokens x layers x key/value x groups x head size), so the saved prefix
+    (the encoder's output, whatever projection trained it) is that embedding."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    prefix = load_file(Path(adapter_dir) / "adapter_model.safetensors")["prompt_embeddings"]
+    return {"transformer.prefix_encoder.embedding.weight": prefix}
+
+
 def prefix_as_thudm(peft_model) -> None:
     """What THUDM's P-tuning v2 does, on PEFT's prefix: the text's positions start at 0 after the prefix, in
     training and in generation; and in generation the prefix is really attended to (transformers 5 generates

@@ -88,6 +88,7 @@ def make_trainable(model, cfg, attach=lora.make_trainable):
 
 
 adapter_settings = lora.adapter_settings
+published_tensors = lora.published_tensors
 
 
 def continue_adapter(model, adapter_dir, cfg):

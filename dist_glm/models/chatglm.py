@@ -298,6 +298,36 @@ def write_original(model, layout: Layout, out: Path, dtype: torch.dtype, max_sha
     (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def write_published_adapter(tensors: dict, layout: Layout, out: Path, dtype_name: str, adapter: Path) -> torch.dtype:
+    """A P-tuning v2 checkpoint as THUDM's recipes write it and THUDM's code reads it: `pytorch_model.bin` with
+    the `transformer.prefix_encoder.*` tensors, and the base's config.json with `pre_seq_len` set (and
+    `prefix_projection` false: the prefix is stored as it is), beside the base's tokenizer and *.py files. The
+    adapter's own files come along, so dist_glm's tools take the directory as that adapter too. Staged and
+    swapped in like every export. Returns the dtype written (auto: the base's)."""
+    import shutil
+
+    from dist_glm.runtime.staging import as_umask_allows, staged
+
+    config = json.loads((layout.path / "config.json").read_text(encoding="utf-8"))
+    name = config.get("torch_dtype") if dtype_name == "auto" else dtype_name
+    dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+    (prefix,) = (t for k, t in tensors.items() if k.endswith("embedding.weight"))
+    with staged(out) as tmp:
+        torch.save({k: t.to(dtype).contiguous() for k, t in tensors.items()}, tmp / "pytorch_model.bin")
+        for file in PUBLISHED_FILES[1:]:
+            if (layout.path / file).is_file():
+                shutil.copyfile(layout.path / file, tmp / file)
+        for code in layout.path.glob("*.py"):
+            shutil.copyfile(code, tmp / code.name)
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(adapter / file, tmp / file)
+        config.update(pre_seq_len=int(prefix.shape[0]), prefix_projection=False, torch_dtype=str(dtype)[6:])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.chmod(0o755)
+        as_umask_allows(tmp)
+    return dtype
+
+
 def build_tokenizer(layout: Layout):
     """A fast tokenizer from the checkpoint's tokenizer.model, special tokens at THUDM's ids."""
     check_supported(layout)

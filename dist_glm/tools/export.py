@@ -10,8 +10,9 @@ or bitsandbytes.
 - A training checkpoint (any method but ptuning, any ZeRO stage, ZeRO-3 included): consolidated from
   every rank's partition (fp32 master weights), merged when it holds an adapter.
 - `export_layout=original` writes a model trained from THUDM's published ChatGLM2/ChatGLM3/glm-4-9b-chat
-  directory back in that layout (dist_glm/models/chatglm.py `write_original`).
-- P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
+  directory back in that layout (dist_glm/models/chatglm.py `write_original`); a P-tuning v2 prefix on such
+  a directory becomes THUDM's P-tuning checkpoint (`transformer.prefix_encoder`, `pre_seq_len` in config.json).
+- Otherwise P-tuning v2 is refused: a prefix is extra key/value vectors in every layer's attention, not a change
   of any weight, so no plain HF model can carry it. Use the prefix as it is (chat.py, evaluate.py,
   `dist_glm.models.artifacts.load_for_inference`).
 """
@@ -97,9 +98,11 @@ def export(model_args: ModelArgs, args: ExportArgs) -> Path:
     """Write the merged / consolidated model to `args.export_dir`; returns that path."""
     art = resolve_artifact(model_args.model_name_or_path, model_args.adapter_name_or_path)
     method = get_method(art.method)
-    problems = [method.export_refusal] if method.export_refusal else []
+    layout = published_layout(art) if args.export_layout == "original" else None
+    # In THUDM's layout, some adapters are written as they are (P-tuning v2's prefix encoder), not merged.
+    alone = method.published_tensors(art.adapter) if layout is not None and art.adapter is not None else None
+    problems = [method.export_refusal] if method.export_refusal and alone is None else []
     problems += check_export_dir(args, [p for p in (art.base, art.adapter, art.checkpoint) if p is not None])
-    layout = published_layout(art)
     if args.export_layout == "original" and layout is None:
         problems.append(
             f"export_layout=original: '{art.source}' was not trained from one of THUDM's published ChatGLM2/"
@@ -109,9 +112,13 @@ def export(model_args: ModelArgs, args: ExportArgs) -> Path:
         raise UserError(problems)
 
     out = Path(args.export_dir)
-    original = layout if args.export_layout == "original" else None
-    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size, original)
+    if alone is not None:
+        dtype = chatglm.write_published_adapter(alone, layout, out, model_args.dtype, art.adapter)
+        what = f"{layout.name} P-tuning v2 checkpoint, {str(dtype).removeprefix('torch.')}"
+        print(f"[dist_glm] exported {art.source} ({what}) to {out}", flush=True)
+        return out
+    dtype = write_merged(art, model_args.dtype, out, model_args.trust_remote_code, args.max_shard_size, layout)
     what = f"{art.method} adapter merged into its base" if method.is_adapter else "model"
-    how = f", {original.name} layout as THUDM published it" if original else ""
+    how = f", {layout.name} layout as THUDM published it" if layout else ""
     print(f"[dist_glm] exported {art.source} ({what}, {str(dtype).removeprefix('torch.')}{how}) to {out}", flush=True)
     return out
