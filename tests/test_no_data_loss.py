@@ -181,3 +181,18 @@ def test_another_trainers_checkpoints_are_never_ours(tmp_path):
     problems = problems_of(recipe(f"--output_dir={out}"))
     assert any("'checkpoint-500' was not written by dist_glm" in p for p in problems), problems
     assert (theirs / "trainer_state.json").is_file()
+
+
+def test_evaluate_never_writes_into_a_model_dist_glm_did_not_train(pretrained_tiny, eval_data):
+    """<model>/eval is the default only for dist_glm's own outputs (they hold config.yaml); a downloaded model
+    gets nothing written into it: output_dir is asked for before anything loads."""
+    from dist_glm.config import DataConfig
+    from dist_glm.models.artifacts import ModelArgs
+    from dist_glm.tools.evaluate import EvaluateArgs, evaluate_artifact
+
+    before = sorted(p.name for p in pretrained_tiny.iterdir())
+    with pytest.raises(UserError, match=r"output_dir is required here: .* is not a dist_glm training output"):
+        evaluate_artifact(
+            ModelArgs(model_name_or_path=str(pretrained_tiny)), EvaluateArgs(), DataConfig(eval_dataset=str(eval_data))
+        )
+    assert sorted(p.name for p in pretrained_tiny.iterdir()) == before

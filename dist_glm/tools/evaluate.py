@@ -22,7 +22,9 @@ from dist_glm.training.evaluation import eval_loss, predict
 @dataclass
 class EvaluateArgs:
     output_dir: str = option(
-        "", "Where eval_results.json and generated_predictions.jsonl go (default: <model>/eval; never a recipe's)."
+        "",
+        "Where eval_results.json and generated_predictions.jsonl go (default: <model>/eval for a model dist_glm "
+        "trained; required for any other; never a recipe's).",
     )
     per_device_eval_batch_size: int = option(8, "Samples per forward pass and per generate call.")
     predict_with_generate: bool = option(True, "Also generate a reply per sample and report ROUGE/BLEU/exact match.")
@@ -84,6 +86,13 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
             problems.append(f"{key}={getattr(args, key)} must be at least 1")
     if args.max_eval_samples < 0:
         problems.append(f"max_eval_samples={args.max_eval_samples} must be 0 (all samples) or a count of samples")
+    if not args.output_dir and not (art.source / "config.yaml").is_file():
+        # <model>/eval is for dist_glm's own training outputs; any other model directory is the user's, and a
+        # command never writes into the model it reads.
+        problems.append(
+            f"output_dir is required here: '{art.source}' is not a dist_glm training output, and the results are "
+            "not written into a model directory someone else made; pass --output_dir=DIR"
+        )
     if problems:
         raise UserError(problems)
     out = Path(args.output_dir) if args.output_dir else art.source / "eval"
