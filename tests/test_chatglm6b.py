@@ -19,9 +19,10 @@ from conftest import REPO
 from dist_glm.models.chatglm6b import (
     ChatGLM6BConfig,
     ChatGLM6BForCausalLM,
-    _visible_keys,
     chatglm6b_positions,
     published_config,
+    register_auto_classes,
+    visible_keys,
 )
 from dist_glm.models.chatglm6b_tokenizer import build_chatglm6b_tokenizer
 
@@ -89,7 +90,7 @@ def test_logits_equal_thudm_code(reference_model):
         assert positions.tolist() == case["position_ids"]
         real = torch.ones_like(ids, dtype=torch.bool)
         hidden_by_thudm = torch.tensor(case["attention_mask"], dtype=torch.bool)  # True = masked out
-        assert torch.equal(_visible_keys(context, sample, real, real[:, :0]), ~hidden_by_thudm)
+        assert torch.equal(visible_keys(context, sample, real, real[:, :0]), ~hidden_by_thudm)
         with torch.no_grad():
             assert_logits_equal_reference(reference_model(ids).logits, case["logits"])
             given = reference_model(ids, position_ids=torch.tensor(case["position_ids"])).logits
@@ -166,7 +167,7 @@ def test_positions_of_packed_samples(tokenizer):
     positions, context, sample = chatglm6b_positions(ids, config, sample_positions=local)
     assert positions.tolist() == [[[0, 1, 1, 1, 1, 0, 1, 2, 2, 2, 0, 1], [0, 0, 1, 2, 3, 0, 0, 0, 1, 2, 0, 0]]]
     assert context.int().tolist() == [[1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0]]
-    visible = _visible_keys(context, sample, torch.ones_like(context), context[:, :0])[0, 0]
+    visible = visible_keys(context, sample, torch.ones_like(context), context[:, :0])[0, 0]
     assert not visible[:5, 5:].any() and not visible[5:, :5].any()  # samples never see each other
     assert visible[0, 1] and not visible[2, 3]  # context both ways, the reply causal
 
@@ -264,7 +265,7 @@ def test_tokenizer_special_tokens_and_padding(tokenizer, asset_model):
     positions, context, sample = chatglm6b_positions(batch["input_ids"], asset_model.config, batch["attention_mask"])
     expected = torch.tensor(thudm["position_ids"])
     assert torch.equal(positions.permute(0, 2, 1)[real], expected.permute(0, 2, 1)[real])
-    visible = _visible_keys(context, sample, real, real[:, :0])[:, 0]
+    visible = visible_keys(context, sample, real, real[:, :0])[:, 0]
     hidden_by_thudm = torch.tensor(thudm["attention_mask"])[:, 0]
     for row in range(len(real)):  # a real token's row; THUDM hides everything from pads' rows
         keys = real[row]
@@ -318,8 +319,58 @@ def test_training_smoke_and_save_round_trip(tmp_path, tokenizer):
     assert losses[-1] < losses[0] - 0.1, losses
     model.save_pretrained(tmp_path / "saved")
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     assert set(saved) == set(reference("chatglm")["state_dict_shapes"])
-    loaded = ChatGLM6BForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    register_auto_classes()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert type(loaded) is ChatGLM6BForCausalLM
     assert all(torch.equal(t, loaded.state_dict()[n]) for n, t in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_published_chatglm6b_trains_on_two_zero3_ranks_and_serves(tmp_path, varlen_data):
+    """LoRA from a ChatGLM-6B directory as THUDM published it (its Python files raise if run): 2 ranks under
+    ZeRO-3 give the single process's losses, and the OpenAI-compatible server answers as greedy generation
+    with the `chatglm` template does."""
+    from test_chatglm_layouts import CODE_FILES, TRAP
+    from test_serve import NAME, Server
+
+    from conftest import train_one_and_two_ranks
+    from dist_glm.data.template import build_template
+    from dist_glm.models.artifacts import load_for_inference
+    from dist_glm.models.loading import load_tokenizer
+
+    base = tmp_path / "chatglm-6b"
+    shutil.copytree(ASSET, base)
+    published_directory(base, json.loads((ASSET / "config.json").read_text()))
+    for name in CODE_FILES:
+        (base / name).write_text(TRAP.format(name))
+    settings = dict(
+        model_name_or_path=base, train_from_scratch=False, finetuning_type="lora", learning_rate=1e-2, max_steps=4
+    )
+    one, two, a, b, stdout = train_one_and_two_ranks(tmp_path, varlen_data, "zero3", **settings)
+    assert "loaded into dist_glm's own ChatGLM-6B" in stdout and "chat template: chatglm " in stdout
+    assert sorted(b) == [1, 2, 3, 4] and max(abs(a[s] - b[s]) for s in a) < 2e-5, (a, b)
+
+    tok = load_tokenizer(str(base))
+    model = load_for_inference(str(base), str(two))
+    conv = {"system": "", "tools": None, "messages": [{"role": "user", "content": "类型#裙*颜色#红色"}]}
+    prompt = build_template("chatglm", tok).encode_prompt(conv)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[tok.eos_token_id]
+        )
+    expected = tok.decode(out[0, len(prompt) :], skip_special_tokens=True)
+    server = Server(two, tmp_path / "server.log")
+    try:
+        reply = server.client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "类型#裙*颜色#红色"}], max_tokens=8, temperature=0
+        )
+        # This tiny model writes stray bytes; the server holds back a byte that could start a character and
+        # renders it differently from one decode() of the whole reply, so U+FFFD is left out of the comparison.
+        assert reply.choices[0].message.content.replace("\ufffd", "").strip() == expected.replace("\ufffd", "").strip()
+    finally:
+        server.proc.terminate()
+        server.proc.wait(timeout=30)

@@ -224,11 +224,12 @@ def test_settings_it_does_not_reproduce_are_refused(tmp_path, change, field):
         load_config(out)
 
 
-def test_first_chatglm_is_refused_with_the_reason(tmp_path):
-    out = tmp_path / "chatglm-6b"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(reference("chatglm")["tiny_config"]))
-    with pytest.raises(UserError, match="ChatGLM-6B .* not loadable yet"):
+def test_first_chatglm_quantized_is_refused_with_the_reason(tmp_path):
+    out = tmp_path / "chatglm-6b-int4"
+    shutil.copytree(REPO / "assets" / "tiny-chatglm-6b", out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "quantization_bit": 4}))
+    with pytest.raises(UserError, match=r"config.json: quantization_bit=4 is not a published ChatGLM-6B"):
         load_config(out)
 
 

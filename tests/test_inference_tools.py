@@ -365,12 +365,14 @@ def user_error_cases(base, prefix, tmp):
     (tmp / "run" / "checkpoint-3").mkdir(parents=True)
     (tmp / "run" / "checkpoint-3" / "trainer_state.json").write_text("{}")
     (tmp / "run" / "checkpoint-3" / ".dist_glm_checkpoint").write_text("")  # dist_glm's marker
+    (tmp / "e.jsonl").write_text('{"content": "a", "summary": "b"}\n')
     adapter = tmp / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "b"}))
     return [
         ("evaluate", ["--model_name_or_path=/no/such/dir", "--eval_dataset=e.jsonl"], r"no such directory"),
-        ("evaluate", [f"--model_name_or_path={base}"], r"eval_dataset is required"),
+        ("evaluate", [f"--model_name_or_path={base}", f"--output_dir={tmp / 'eval'}"], r"eval_dataset is required"),
+        ("evaluate", [f"--model_name_or_path={base}", f"--eval_dataset={tmp / 'e.jsonl'}"], r"output_dir is required"),
         ("evaluate", ["--eval_datset=e.jsonl"], r"unknown key 'eval_datset'; did you mean 'eval_dataset'\?"),
         ("evaluate", [f"--model_name_or_path={tmp / 'run'}"], r"no final model .* e\.g\. .*checkpoint-3"),
         ("chat", [f"--adapter_name_or_path={adapter}"], r"needs its base model: pass --model_name_or_path=BASE"),

@@ -63,7 +63,8 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
     known = set(tokenizer.get_vocab()) | set(getattr(tokenizer, "special_tokens", {}))
     # ChatGLM2/3's tokenizers name the start token `sop` (GLM-4's is `<sop>`), also once dist_glm has saved a model
     # trained from them in the native layout (model_type glm).
-    if model_type == "chatglm" or (model_type == "glm" and "sop" in known):
+    # chatglm6b_dist_glm: a ChatGLM-6B dist_glm trained and saved (models/chatglm6b.py).
+    if model_type in ("chatglm", "chatglm6b_dist_glm") or (model_type == "glm" and "sop" in known):
         if "<sop>" in known and "sop" not in known and "<|user|>" in known:
             return "glm4"  # glm-4-9b-chat as THUDM published it (model_type chatglm, GLM-4's tokens)
         return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"

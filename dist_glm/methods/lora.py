@@ -75,7 +75,10 @@ def module_names(model_cfg) -> set[str] | None:
     if not (Path(path) / "config.json").is_file():
         return None
     try:
-        if json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type") == "chatglm":
+        published = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        if published.get("model_type") == "chatglm" and "position_encoding_2d" in published:
+            return None  # ChatGLM-6B: dist_glm's own class (THUDM's module names), checked when it loads
+        if published.get("model_type") == "chatglm":
             # A published ChatGLM2/3 / glm-4-9b-chat layout loads as GlmForCausalLM (models/chatglm.py): its module
             # names are GLM's, whatever the sizes.
             config = GlmConfig(num_hidden_layers=1)

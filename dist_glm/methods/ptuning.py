@@ -64,8 +64,10 @@ def prefix_as_thudm(peft_model) -> None:
                     cache.update(layer.keys, layer.values, layer_idx)
         if kwargs.get("position_ids") is not None:
             # Only generation gives them (PEFT drops any given to its forward), counted by transformers over the
-            # attention mask PEFT has extended with the prefix's columns: n too many.
-            kwargs["position_ids"] = (kwargs["position_ids"] - n).clamp(min=0)
+            # attention mask PEFT has extended with the prefix's columns: n too many. (ChatGLM-6B's generation
+            # gives its own 2-D positions, counted from the ids alone: B x 2 x T, left as they are.)
+            if kwargs["position_ids"].dim() == 2:
+                kwargs["position_ids"] = (kwargs["position_ids"] - n).clamp(min=0)
             return args, kwargs
         inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         if inputs is None and args:

@@ -14,8 +14,9 @@ The tokenizer is built from the checkpoint's `tokenizer.model` (sentencepiece fo
 for glm-4-9b-chat) with every special token at the id THUDM's tokenizer gives it. What THUDM's code does
 was established once from that code and is kept as facts, with reference outputs, in tests/data/chatglm/.
 
-ChatGLM-6B (the first one) is another architecture (2-D positions, GeLU, scaled residuals) and is refused
-here with the reason.
+ChatGLM-6B (the first one) is another architecture (2-D positions, GeLU, scaled residuals): it loads into
+dist_glm's own implementation of it (models/chatglm6b.py), under THUDM's weight names, with its tokenizer
+(models/chatglm6b_tokenizer.py).
 """
 
 import json
@@ -97,27 +98,26 @@ def _says_chatglm3(path: Path, config: dict) -> bool:
 def check_supported(layout: Layout) -> None:
     """Refuse what this translation does not reproduce, before anything loads."""
     where = f"model_name_or_path='{layout.path}'"
-    if layout.name == "chatglm":
-        raise UserError(
-            f"{where}: ChatGLM-6B (the first ChatGLM, 2-D position encoding) is not loadable yet: its architecture "
-            "is not GLM-4's and transformers 5 has no native class for it; ChatGLM2-6B, ChatGLM3-6B and "
-            "glm-4-9b-chat load by path"
-        )
     c = layout.config
     unsupported = {
         "quantization_bit": (c.get("quantization_bit") or 0) != 0,  # THUDM's int4/int8 packed weights
         "pre_seq_len": c.get("pre_seq_len") is not None,  # a P-tuning v2 prefix saved into the config
-        "apply_residual_connection_post_layernorm": bool(c.get("apply_residual_connection_post_layernorm")),
-        "add_bias_linear": bool(c.get("add_bias_linear")),
-        "rmsnorm": c.get("rmsnorm", True) is not True,
-        "post_layer_norm": c.get("post_layer_norm", True) is not True,
-        "original_rope": c.get("original_rope", True) is not True,
     }
+    if layout.name == "chatglm":  # ChatGLM-6B: models/chatglm6b.py
+        unsupported["position_encoding_2d"] = c.get("position_encoding_2d", True) is not True
+    else:
+        unsupported.update({
+            "apply_residual_connection_post_layernorm": bool(c.get("apply_residual_connection_post_layernorm")),
+            "add_bias_linear": bool(c.get("add_bias_linear")),
+            "rmsnorm": c.get("rmsnorm", True) is not True,
+            "post_layer_norm": c.get("post_layer_norm", True) is not True,
+            "original_rope": c.get("original_rope", True) is not True,
+        })  # fmt: skip
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise UserError(
-            f"{where}/config.json: {bad[0]}={c.get(bad[0])!r} is not a published ChatGLM2/ChatGLM3/glm-4-9b-chat "
-            "setting dist_glm reproduces; use the full-precision checkpoint as THUDM published it"
+            f"{where}/config.json: {bad[0]}={c.get(bad[0])!r} is not a published ChatGLM-6B/ChatGLM2/ChatGLM3/"
+            "glm-4-9b-chat setting dist_glm reproduces; use the full-precision checkpoint as THUDM published it"
         )
 
 
@@ -331,6 +331,8 @@ def write_published_adapter(tensors: dict, layout: Layout, out: Path, dtype_name
 def build_tokenizer(layout: Layout):
     """A fast tokenizer from the checkpoint's tokenizer.model, special tokens at THUDM's ids."""
     check_supported(layout)
+    if layout.name == "chatglm":
+        return _chatglm6b_tokenizer(layout)
     model_file = layout.path / "tokenizer.model"
     if not model_file.is_file():
         raise UserError(
@@ -346,6 +348,20 @@ def build_tokenizer(layout: Layout):
             tokenizer.chat_template = template if isinstance(template, str) else None
         return tokenizer
     return _sentencepiece_tokenizer(model_file, CHATGLM3_SPECIAL if layout.name == "chatglm3" else CHATGLM2_SPECIAL)
+
+
+def _chatglm6b_tokenizer(layout: Layout):
+    from dist_glm.models.chatglm6b_tokenizer import VOCAB_FILE, build_chatglm6b_tokenizer
+
+    if not (layout.path / VOCAB_FILE).is_file():
+        raise UserError(
+            f"model_name_or_path='{layout.path}': no {VOCAB_FILE} there; ChatGLM-6B keeps its vocabulary in that "
+            "file: copy it from the published checkpoint"
+        )
+    try:
+        return build_chatglm6b_tokenizer(layout.path)
+    except ValueError as e:  # its ids disagree with config.json's, or it is not ChatGLM-6B's vocabulary
+        raise UserError(f"model_name_or_path='{layout.path}': {str(e).splitlines()[0]}") from None
 
 
 def _sentencepiece_tokenizer(model_file: Path, specials: list[str]):

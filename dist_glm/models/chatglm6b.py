@@ -88,6 +88,16 @@ class ChatGLM6BConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
 
+def register_auto_classes() -> None:
+    """Lets AutoConfig and AutoModelForCausalLM load what ChatGLM6BForCausalLM saved (model_type
+    chatglm6b_dist_glm, THUDM's weight names); a published directory (model_type chatglm) goes through
+    `published_config` instead."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(ChatGLM6BConfig.model_type, ChatGLM6BConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ChatGLM6BConfig, ChatGLM6BForCausalLM, exist_ok=True)
+
+
 def published_config(path) -> ChatGLM6BConfig:
     """The config of a ChatGLM-6B directory as THUDM published it (its config.json, minus the keys that point
     at THUDM's Python)."""
@@ -131,7 +141,7 @@ def chatglm6b_positions(input_ids, config, attention_mask=None, sample_positions
     return torch.stack([position, block], dim=1), context, sample
 
 
-def _visible_keys(context, sample, real, past_real):
+def visible_keys(context, sample, real, past_real):
     """B x 1 x T x (past + T), True where a query may attend: keys already in the cache (a prefix, or the
     generation so far) when real; within the chunk, keys of the same sample that are real and either earlier
     (causal) or context (both directions). Every query sees itself, so no row is empty."""
@@ -261,6 +271,11 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape[1] != past + length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} tokens, but the cache holds {past} and input_ids "
+                f"{length}: the mask must cover both (a prefix's columns included, e.g. P-tuning's)"
+            )
         real = attention_mask > 0
         if position_ids is not None and position_ids.dim() == 3:  # THUDM's own [position, block position]
             positions = position_ids
@@ -268,7 +283,7 @@ class ChatGLM6BModel(ChatGLM6BPreTrainedModel):
         else:  # none, or dist_glm's packed per-sample positions (B x T)
             positions, context, sample = chatglm6b_positions(input_ids, self.config, attention_mask, position_ids)
         hidden = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        visible = _visible_keys(context, sample, real[:, past:], real[:, :past])
+        visible = visible_keys(context, sample, real[:, past:], real[:, :past])
         rotary = _rotary(positions, self.config.hidden_size // self.config.num_attention_heads, hidden.dtype)
         states = []
         for layer in self.layers:

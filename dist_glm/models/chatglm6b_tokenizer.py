@@ -16,9 +16,14 @@ What THUDM's tokenizer does (kept as facts with reference outputs in tests/data/
   at the start are dropped), then `<n>`, `<|tab|>` and `<|blank_N|>` are turned back into whitespace.
 
 Built on transformers' own sentencepiece translation (`SpmConverter.build_tokenizer_from_spm_proto`), with
-the replacements above as normalizer and decoder steps. One difference by design: THUDM's `_pad` also
-returns a 2-D position array and a square attention mask; this tokenizer returns the plain 2-D padding
-mask, and ChatGLM6BForCausalLM computes positions and the prefix mask from the ids.
+the replacements above as normalizer and decoder steps. Differences from THUDM's class:
+- By design: THUDM's `_pad` also returns a 2-D position array and a square attention mask; this tokenizer
+  returns the plain 2-D padding mask, and ChatGLM6BForCausalLM computes positions and the prefix mask from
+  the ids.
+- transformers' fast tokenizers treat an empty second text as no pair: `tok("x", "")` ends after `<sop>`,
+  THUDM's adds `<eop>`.
+- A run of byte pieces that is not valid UTF-8 (only model output produces one) decodes to one U+FFFD per
+  byte; sentencepiece keeps the valid bytes of the run.
 """
 
 import json

@@ -69,10 +69,32 @@ def load_config(path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     layout = chatglm.detect(path)
+    if layout is not None and layout.name == "chatglm":
+        return chatglm6b_config(layout)
     if layout is not None:
         return chatglm.native_config(layout)
     check_remote_code(str(path), trust_remote_code)
+    register_own_classes()
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def register_own_classes() -> None:
+    """What dist_glm saved of its own model classes (ChatGLM-6B, model_type chatglm6b_dist_glm) loads through
+    transformers' Auto classes."""
+    from dist_glm.models.chatglm6b import register_auto_classes
+
+    register_auto_classes()
+
+
+def chatglm6b_config(layout):
+    from dist_glm.models.chatglm6b import published_config
+
+    chatglm.check_supported(layout)
+    register_own_classes()  # so that AutoModelForCausalLM.from_config builds it (from scratch, the planner)
+    try:
+        return published_config(layout.path)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model_name_or_path='{layout.path}'/config.json: {str(e).splitlines()[0]}") from None
 
 
 def from_pretrained(path, config=None, trust_remote_code: bool = False, **kwargs):
@@ -82,7 +104,13 @@ def from_pretrained(path, config=None, trust_remote_code: bool = False, **kwargs
 
     layout = chatglm.detect(path)
     if layout is None:
+        register_own_classes()
         return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
+    if layout.name == "chatglm":  # dist_glm's own ChatGLM-6B reads THUDM's names as they are
+        from dist_glm.models.chatglm6b import ChatGLM6BForCausalLM
+
+        config = config if config is not None else chatglm6b_config(layout)
+        return ChatGLM6BForCausalLM.from_pretrained(path, config=config, **kwargs)
     config = config if config is not None else chatglm.native_config(layout)
     with chatglm.conversions_for(GlmForCausalLM, config):
         model = GlmForCausalLM.from_pretrained(path, config=config, **kwargs)
@@ -95,6 +123,12 @@ def describe_layout(path) -> str | None:
     layout = chatglm.detect(path)
     if layout is None:
         return None
+    if layout.name == "chatglm":
+        return (
+            "chatglm layout (THUDM's published ChatGLM-6B files): loaded into dist_glm's own ChatGLM-6B "
+            "(models/chatglm6b.py) under THUDM's weight names, tokenizer built from ice_text.model; the checkpoint's "
+            "own Python is not run"
+        )
     return (
         f"{layout.name} layout (THUDM's published files): loaded as GlmForCausalLM with its weights renamed on "
         "load and a tokenizer built from tokenizer.model; the checkpoint's own Python is not run"
@@ -108,6 +142,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if layout is not None:
         return chatglm.build_tokenizer(layout)
     check_remote_code(path, trust_remote_code)
+    register_own_classes()  # AutoTokenizer reads config.json's model_type too
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         # GLM tokenizers pad with <|endoftext|>; fall back to EOS for any that lack a pad token.

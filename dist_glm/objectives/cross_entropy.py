@@ -37,9 +37,10 @@ def _causal_lm(model):
 
 
 def has_native_head(model) -> bool:
-    """Transformers' own GLM classes compute `lm_head(hidden)` on batch-first hidden states; remote-code
-    ChatGLM2/3 models are sequence-first and transpose the logits afterwards, so they take the plain path."""
-    return type(_causal_lm(model)).__module__.startswith("transformers.")
+    """Transformers' own GLM classes and dist_glm's ChatGLM-6B compute `lm_head(hidden)` on batch-first hidden
+    states; remote-code models (THUDM's ChatGLM2/3 code is sequence-first and transposes the logits afterwards)
+    take the plain path."""
+    return type(_causal_lm(model)).__module__.startswith(("transformers.", "dist_glm.models."))
 
 
 def _chunk_loss_sum(head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,13 @@ class ChatSession:
         self.template = None  # chat renders with the checkpoint's own chat_template, except:
         if not self.tokenizer.chat_template:
             from dist_glm.data.template import build_template, choose_template
+            from dist_glm.models.loading import load_config
 
-            # ChatGLM2/3 published no usable chat_template (ChatGLM3 encodes each message on its own, which a text
-            # template cannot say); their prompts are built the way their own chat() builds them.
-            name = choose_template("auto", self.tokenizer, "glm")
-            if name not in ("chatglm2", "chatglm3"):
+            # The ChatGLM line published no usable chat_template (ChatGLM3 encodes each message on its own, which a
+            # text template cannot say); their prompts are built the way their own chat() builds them.
+            model_type = load_config(str(art.base), model_args.trust_remote_code).model_type
+            name = choose_template("auto", self.tokenizer, model_type)
+            if name not in ("chatglm2", "chatglm3", "chatglm"):
                 raise UserError(
                     f"model_name_or_path='{model_args.model_name_or_path}': the tokenizer in {art.tokenizer_dir} has "
                     "no chat_template; copy chat_template.jinja (or tokenizer_config.json) from the original "
