@@ -374,3 +374,31 @@ def test_published_chatglm6b_trains_on_two_zero3_ranks_and_serves(tmp_path, varl
     finally:
         server.proc.terminate()
         server.proc.wait(timeout=30)
+
+
+def test_export_in_thudms_layout_writes_the_published_directory_back(tmp_path):
+    """export_layout=original on a published ChatGLM-6B directory: THUDM's names and values, its config.json
+    (auto_map kept) and its own files, readable again as the same model."""
+    from safetensors.torch import load_file
+
+    from dist_glm.models.artifacts import ModelArgs
+    from dist_glm.tools.export import ExportArgs, export
+
+    base = tmp_path / "chatglm-6b"
+    shutil.copytree(ASSET, base)
+    published_directory(base, json.loads((ASSET / "config.json").read_text()))
+    (base / "modeling_chatglm.py").write_text('raise RuntimeError("ran it")\n')
+    out = tmp_path / "out"
+    export(
+        ModelArgs(model_name_or_path=str(base), dtype="float32"),
+        ExportArgs(export_dir=str(out), export_layout="original"),
+    )
+    written = {}
+    for shard in out.glob("*.safetensors"):
+        written.update(load_file(shard))
+    original = torch.load(base / "pytorch_model.bin")
+    assert sorted(written) == sorted(k for k in original if not k.endswith("inv_freq"))
+    assert all(torch.equal(written[k], original[k]) for k in written)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == json.loads((ASSET / "config.json").read_text())["auto_map"]
+    assert (out / "ice_text.model").is_file() and (out / "modeling_chatglm.py").is_file()

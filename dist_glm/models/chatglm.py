@@ -274,8 +274,8 @@ def original_state_dict(state_dict: dict) -> dict:
 
 
 # What the published directory holds besides weights: copied as they are into an export in its layout.
-PUBLISHED_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json")  # fmt: skip
+PUBLISHED_FILES = ("config.json", "generation_config.json", "tokenizer.model", "ice_text.model",
+                   "tokenizer_config.json", "special_tokens_map.json")  # fmt: skip
 
 
 def write_original(model, layout: Layout, out: Path, dtype: torch.dtype, max_shard_size: str) -> None:
@@ -286,7 +286,9 @@ def write_original(model, layout: Layout, out: Path, dtype: torch.dtype, max_sha
 
     from huggingface_hub import save_torch_state_dict
 
-    weights = original_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()})
+    weights = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    if layout.name != "chatglm":  # dist_glm's ChatGLM-6B already holds THUDM's names
+        weights = original_state_dict(weights)
     save_torch_state_dict(weights, str(out), max_shard_size=max_shard_size)
     for name in PUBLISHED_FILES:
         if (layout.path / name).is_file():
