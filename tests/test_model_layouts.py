@@ -117,3 +117,44 @@ def test_real_vocab_model_renders_real_special_ids_and_trains(real_vocab_dir):
     labels = torch.tensor([enc.labels])
     loss = model(input_ids=ids, labels=labels).loss
     assert torch.isfinite(loss) and (labels != IGNORE_INDEX).sum() > 0
+
+
+def _remote_code_checkpoint(tmp_path, pretrained_tiny):
+    """A checkpoint whose config.json points at its own Python (written here: GLM-4 under another
+    model_type), with the tiny GLM's weights and tokenizer: a layout dist_glm does not know."""
+    out = tmp_path / "someglm"
+    shutil.copytree(pretrained_tiny, out)
+    (out / "configuration_someglm.py").write_text(
+        "from transformers import GlmConfig\n\n\nclass SomeGlmConfig(GlmConfig):\n    model_type = 'someglm'\n"
+    )
+    (out / "modeling_someglm.py").write_text(
+        "from transformers import GlmForCausalLM\n\nfrom .configuration_someglm import SomeGlmConfig\n\n\n"
+        "class SomeGlmForCausalLM(GlmForCausalLM):\n    config_class = SomeGlmConfig\n"
+    )
+    config = json.loads((out / "config.json").read_text())
+    auto_map = {
+        "AutoConfig": "configuration_someglm.SomeGlmConfig",
+        "AutoModelForCausalLM": "modeling_someglm.SomeGlmForCausalLM",
+    }
+    config.update(model_type="someglm", architectures=["SomeGlmForCausalLM"], auto_map=auto_map)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_trust_remote_code_is_honoured_by_every_tool(tmp_path, pretrained_tiny):
+    """trust_remote_code=true runs a checkpoint's own code where the tools load (dtype resolution, the one
+    loader of artifacts evaluate and serve use, chat, export), as it does in training; without it they refuse."""
+    from dist_glm.models.artifacts import ModelArgs, load_artifact, resolve_artifact, resolve_dtype
+    from dist_glm.tools.chat import ChatArgs, ChatSession
+    from dist_glm.tools.export import ExportArgs, export
+
+    path = _remote_code_checkpoint(tmp_path, pretrained_tiny)
+    art = resolve_artifact(str(path))
+    with pytest.raises(UserError, match="trust_remote_code=true"):
+        resolve_dtype("auto", art, torch.device("cpu"), for_export=True)
+    assert resolve_dtype("auto", art, torch.device("cpu"), for_export=True, trust_remote_code=True) == torch.float32
+    assert type(load_artifact(art, torch.float32, "cpu", trust_remote_code=True)).__name__ == "SomeGlmForCausalLM"
+    trusted = ModelArgs(model_name_or_path=str(path), trust_remote_code=True)
+    assert type(ChatSession(trusted, ChatArgs(max_new_tokens=2)).model).__name__ == "SomeGlmForCausalLM"
+    export(trusted, ExportArgs(export_dir=str(tmp_path / "export")))
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "someglm"

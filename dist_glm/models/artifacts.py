@@ -206,7 +206,9 @@ def _checkpoint_artifact(ckpt: Path, base: Path | None) -> Artifact:
 # ---------------------------------------------------------------- loading
 
 
-def resolve_dtype(name: str, art: Artifact, device: torch.device, for_export: bool = False) -> torch.dtype:
+def resolve_dtype(
+    name: str, art: Artifact, device: torch.device, for_export: bool = False, trust_remote_code: bool = False
+) -> torch.dtype:
     """'auto': the base model's own dtype (its config.json) when exporting or on a GPU; float32 on CPU,
     where half-precision matmuls are slow, and for a config that names none."""
     if name != "auto":
@@ -215,7 +217,7 @@ def resolve_dtype(name: str, art: Artifact, device: torch.device, for_export: bo
         return torch.float32
     from dist_glm.models.loading import load_config
 
-    own = getattr(load_config(art.base), "dtype", None)
+    own = getattr(load_config(art.base, trust_remote_code), "dtype", None)
     own = getattr(torch, own, None) if isinstance(own, str) else own
     return own if own in DTYPES.values() else torch.float32
 
@@ -227,11 +229,13 @@ def load_for_inference(
     *,
     device: torch.device | str | None = None,
     dequantize: bool = False,
+    trust_remote_code: bool = False,
 ):
     """The model in eval mode, from any artifact (see the module docstring). `device` defaults to this
     process's accelerator (the CPU without one). `dequantize`: a QLoRA base is rebuilt quantized, exactly
     as trained, then turned back into ordinary weights of `dtype` (what export merges into)."""
-    return load_artifact(resolve_artifact(model_name_or_path, adapter_name_or_path), dtype, device, dequantize)
+    art = resolve_artifact(model_name_or_path, adapter_name_or_path)
+    return load_artifact(art, dtype, device, dequantize, trust_remote_code=trust_remote_code)
 
 
 def load_artifact(
@@ -259,7 +263,7 @@ def load_artifact(
             base_cfg = ModelConfig(model_name_or_path=str(art.base), trust_remote_code=trust_remote_code)
             model = load_model(base_cfg, partition_with, dtype, 0, quantization)  # partitioned while it loads
         else:
-            model = _load_base(art.base, dtype, device, quantization, dequantize)
+            model = _load_base(art.base, dtype, device, quantization, dequantize, trust_remote_code)
         if art.adapter is not None:
             from peft import PeftModel
 
@@ -287,11 +291,17 @@ def load_artifact(
     return model.eval()
 
 
-def _load_base(path: Path, dtype, device, quantization, dequantize: bool):
+def _load_base(path: Path, dtype, device, quantization, dequantize: bool, trust_remote_code: bool = False):
     from dist_glm.models.loading import from_pretrained
 
     try:
-        model = from_pretrained(path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+        model = from_pretrained(
+            path,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": device},
+            trust_remote_code=trust_remote_code,
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"model_name_or_path='{path}': could not load weights ({str(e).splitlines()[0]})") from None
     except RuntimeError as e:
@@ -350,8 +360,8 @@ def write_merged(
     from dist_glm.runtime.staging import as_umask_allows, staged
 
     cpu = torch.device("cpu")
-    dtype = resolve_dtype(dtype_name, art, cpu, for_export=True)
-    model = load_artifact(art, dtype, cpu, dequantize=True)
+    dtype = resolve_dtype(dtype_name, art, cpu, for_export=True, trust_remote_code=trust_remote_code)
+    model = load_artifact(art, dtype, cpu, dequantize=True, trust_remote_code=trust_remote_code)
     if hasattr(model, "merge_and_unload"):  # a PeftModel: fold the adapter into the base weights
         model = model.merge_and_unload()
     model = model.to(dtype)

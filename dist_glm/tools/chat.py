@@ -82,7 +82,9 @@ class ChatSession:
                     "checkpoint there"
                 )
             self.template = build_template(name, self.tokenizer)
-        self.model = load_artifact(art, resolve_dtype(model_args.dtype, art, self.device), self.device)
+        trust = model_args.trust_remote_code
+        dtype = resolve_dtype(model_args.dtype, art, self.device, trust_remote_code=trust)
+        self.model = load_artifact(art, dtype, self.device, trust_remote_code=trust)
         self.eos_ids = generation_eos_ids_of(self.model, self.tokenizer)
         self.source = art.source
         self.history: list[dict] = []

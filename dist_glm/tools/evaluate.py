@@ -99,9 +99,9 @@ def evaluate_artifact(model_args: ModelArgs, args: EvaluateArgs, data_cfg: DataC
 
     rank, world = environment.init_distributed()
     device = environment.local_device()
-    dtype = resolve_dtype(model_args.dtype, art, device)
+    dtype = resolve_dtype(model_args.dtype, art, device, trust_remote_code=model_args.trust_remote_code)
     tokenizer = load_tokenizer(str(art.tokenizer_dir), model_args.trust_remote_code)
-    model = load_artifact(art, dtype, device)
+    model = load_artifact(art, dtype, device, trust_remote_code=model_args.trust_remote_code)
     collectives.log(
         f"loaded {art.source} ({art.method}, {str(dtype).removeprefix('torch.')}) on {device}, {world} rank(s)"
     )

@@ -102,7 +102,12 @@ def load_engine(model_args: ModelArgs, args: ServeArgs) -> tuple[Engine, int]:
         dtype = getattr(torch, model_args.dtype)
     else:
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    model = load_for_inference(model_args.model_name_or_path, model_args.adapter_name_or_path, dtype=dtype)
+    model = load_for_inference(
+        model_args.model_name_or_path,
+        model_args.adapter_name_or_path,
+        dtype=dtype,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     if not any(getattr(model, a, False) for a in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit")):
         model.to(device)  # bitsandbytes places quantized weights itself; .to() is refused for them
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
