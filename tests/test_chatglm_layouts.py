@@ -523,3 +523,47 @@ def test_ptuning_on_published_glm4_chat_exports_thudms_p_tuning_checkpoint(tmp_p
         torch.testing.assert_close(thudm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, expected)
         again = load_for_inference(str(base), str(exported))  # the export is also a dist_glm adapter
         torch.testing.assert_close(again(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout,method",
+    [("chatglm", "ptuning"), ("chatglm2", "ptuning"), ("chatglm3", "ptuning"), ("chatglm", "full"),
+     ("chatglm", "freeze"), ("chatglm", "qlora")],
+)  # fmt: skip
+def test_thudm_advertisegen_recipe_runs_on_each_published_layout(tmp_path, varlen_data, eval_data, layout, method):
+    """configs/chatglm_ptuning_advertisegen.yaml (THUDM's P-tuning v2 AdvertiseGen recipe) from a directory as
+    THUDM published each model, and ChatGLM-6B (dist_glm's own class) with the other methods: it trains,
+    evaluates with generation at the end, and writes its artifact."""
+    if layout == "chatglm":
+        from test_chatglm6b import ASSET, published_directory
+
+        base = tmp_path / "chatglm-6b"
+        shutil.copytree(ASSET, base)
+        published_directory(base, json.loads((ASSET / "config.json").read_text()))
+    else:
+        config = json.loads((ASSETS[layout] / "config.json").read_text())
+        base = published_checkpoint(tmp_path, layout, config={**reference(layout)["tiny_config"], **config})
+    out = tmp_path / "out"
+    overrides = {
+        "model_name_or_path": base, "dataset": varlen_data, "eval_dataset": eval_data, "output_dir": out,
+        "finetuning_type": method, "pre_seq_len": 8, "gradient_accumulation_steps": 2, "max_steps": 2,
+        "eval_steps": 2, "save_steps": 0, "generation_max_new_tokens": 8, "disable_tqdm": True,
+    }  # fmt: skip
+    if method != "ptuning":
+        del overrides["pre_seq_len"]
+        overrides["learning_rate"] = 1e-3
+    if method == "freeze":
+        overrides["freeze_trainable_layers"] = 1
+    if method == "qlora":
+        overrides["quantization_bit"] = 4
+    args = [str(REPO / "configs" / "chatglm_ptuning_advertisegen.yaml")] + [f"--{k}={v}" for k, v in overrides.items()]
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", *args], cwd=REPO, env=child_env(), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{layout} layout" in proc.stdout and f"method={method}" in proc.stdout
+    assert "eval at step 2:" in proc.stdout and "rouge-1=" in proc.stdout
+    artifact = "adapter_model.safetensors" if method in ("ptuning", "qlora") else "model.safetensors"
+    assert (out / artifact).is_file()
