@@ -39,6 +39,7 @@ REQUIREMENTS = [
     "fastapi>=0.110",  # launch/serve.py: the OpenAI-compatible API
     "uvicorn>=0.29",
     "pydantic>=2",
+    "jsonschema>=4.18,<5",  # serve.py --tool_call_arguments=validate: a call's arguments against its tool's schema
 ]
 if os.environ.get("DIST_GLM_LATEST"):
     REQUIREMENTS = [re.sub(r",<[^,;\s]+", "", r) for r in REQUIREMENTS]

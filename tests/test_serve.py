@@ -153,9 +153,9 @@ def tool(name: str) -> dict:
     return {"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
 
 
-def replay(plan: tool_calls.ToolPlan, pieces: list[str], opened_with_newline: bool | None):
+def replay(plan: tool_calls.ToolPlan, pieces: list[str], opened_with_newline: bool | None, schemas=None):
     """Feed a reply piece by piece as the stream does; return (deltas, the whole message, finish reason)."""
-    reply = tool_calls.ToolReply(plan)
+    reply = tool_calls.ToolReply(plan, schemas)
     deltas = reply.opening_deltas()
     for piece in pieces:
         deltas += reply.feed(piece, opened_with_newline)
@@ -194,6 +194,44 @@ def test_tool_reply_tells_a_call_from_an_answer_as_the_text_arrives():
     # Without tools nothing is parsed.
     _, message, _ = replay(tool_calls.plan(None, None, "glm4"), ["check_stock\n{}"], opened_with_newline=False)
     assert message == {"role": "assistant", "content": "check_stock\n{}"}
+
+
+def test_validated_tool_calls_are_sent_whole_and_only_when_their_schema_accepts_them():
+    """tool_call_arguments=validate: a call streams nothing until it is complete; JSON its tool's parameters
+    schema accepts goes out as the call (header, then the arguments in one piece); anything else comes back as
+    the text GLM wrote, with `invalid_tool_call` (name, arguments, why) and finish_reason stop."""
+    size = {"type": "object", "properties": {"尺码": {"type": "string"}}, "required": ["尺码"]}
+    tools = [tool("check_stock"), {"type": "function", "function": {"name": "get_size", "parameters": size}}]
+    plan, schemas = tool_calls.plan(tools, "auto", "glm4"), tool_calls.checked_schemas(tools)
+    deltas, message, reason = replay(plan, ["check_stock\n", '{"颜色"', ': "白色"}'], False, schemas)
+    assert [d["tool_calls"][0]["function"] for d in deltas] == [
+        {"name": "check_stock", "arguments": ""},
+        {"arguments": '{"颜色": "白色"}'},
+    ]
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"颜色": "白色"}' and reason == "tool_calls"
+    for pieces, why in (
+        (["check_stock\n", "\ufffd。"], "arguments are not JSON"),
+        (["check_stock\n[1, 2]"], "do not match the tool's parameters schema: [1, 2] is not of type 'object'"),
+        (['get_size\n{"颜色": "红色"}'], "'尺码' is a required property"),
+    ):
+        deltas, message, reason = replay(plan, pieces, False, schemas)
+        text = "".join(pieces)
+        assert deltas == [{"content": text, "invalid_tool_call": message["invalid_tool_call"]}]
+        assert message["content"] == text and "tool_calls" not in message and reason == "stop"
+        assert why in message["invalid_tool_call"]["error"], message
+        assert message["invalid_tool_call"]["name"] == text.split("\n")[0]
+    # A forced call's header waits for the arguments too.
+    forced = tool_calls.plan(tools, {"type": "function", "function": {"name": "get_size"}}, "glm4")
+    deltas, message, _ = replay(forced, ['{"尺码": "M"}'], False, schemas)
+    assert [d["tool_calls"][0]["function"] for d in deltas] == [
+        {"name": "get_size", "arguments": ""},
+        {"arguments": '{"尺码": "M"}'},
+    ]
+    # An answer is untouched; a schema that is not one is the request's mistake.
+    assert replay(plan, ["有货"], True, schemas)[1] == {"role": "assistant", "content": "有货"}
+    broken = [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]
+    with pytest.raises(tool_calls.ToolRequestError, match=r"tools\[0\].function.parameters is not a JSON schema"):
+        tool_calls.checked_schemas(broken)
 
 
 def test_tool_choice_rules():
@@ -237,10 +275,10 @@ def demo_model(tmp_path_factory) -> Path:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path):
+    def __init__(self, model: Path, log: Path, *extra: str):
         self.model, self.log = model, log
         cmd = [sys.executable, "launch/serve.py", f"--model_name_or_path={model}", "--port=0", f"--api_key={KEY}"]
-        cmd += [f"--served_model_name={NAME}", "--max_batch_size=8"]
+        cmd += [f"--served_model_name={NAME}", "--max_batch_size=8", *extra]
         with open(log, "w") as f:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=f, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
@@ -623,7 +661,7 @@ def tool_reference(tool_model):
             scores[:, not_a_call] = -float("inf")
         return scores
 
-    def expected(messages: list[dict], tool_choice=None, offered=TOOLS) -> tuple[dict, str, int]:
+    def expected(messages: list[dict], tool_choice=None, offered=TOOLS, schemas=None) -> tuple[dict, str, int]:
         nonlocal first_step
         plan = tool_calls.plan(offered, tool_choice, "glm4_0414")
         conv = tool_calls.conversation(messages, offered if plan.names else None)
@@ -640,7 +678,7 @@ def tool_reference(tool_model):
         new = out[0, len(ids) :].tolist()
         finished = new[-1] in eos  # else cut at TOOL_REPLY_TOKENS, as the request's max_tokens cuts it
         raw = tok.decode(new[:-1] if finished else new, skip_special_tokens=True)
-        reply = tool_calls.ToolReply(plan)
+        reply = tool_calls.ToolReply(plan, schemas)
         reply.feed(raw.removeprefix("\n"), raw.startswith("\n"))
         reply.finish()
         return reply.message(), reply.finish_reason("stop" if finished else "length"), len(ids)
@@ -774,3 +812,42 @@ def test_one_bad_request_never_fails_the_requests_batched_with_it(server, refere
     assert [r.status_code for r in replies] == [200] * len(requests), [r.text[:300] for r in replies]
     for r in replies[:3]:
         assert r.json()["choices"][0]["message"]["content"] == greedy["text"]
+
+
+@pytest.mark.slow
+def test_validated_tool_calls_on_the_demo_model(tool_model, tool_reference, tmp_path):
+    """serve.py --tool_call_arguments=validate on the tool demo model: each reply is what greedy generation
+    parsed with the same validation gives (a call whose arguments the schema accepts, or the text with
+    `invalid_tool_call`); with a schema that asks for a size the model never writes, a forced call comes back
+    as text."""
+    size = {"type": "object", "properties": {"尺码": {"type": "string"}}, "required": ["尺码"]}
+    strict = [{"type": "function", "function": {**TOOLS[0]["function"], "parameters": size}}]
+    forced = {"type": "function", "function": {"name": "check_stock"}}
+    cases = [
+        ("白色连衣裙有货吗？", TOOLS, None),
+        ("红色上衣还有吗？", TOOLS, None),
+        ("白色连衣裙有货吗？", strict, forced),
+    ]
+    srv = Server(tool_model, tmp_path / "server.log", "--tool_call_arguments=validate")
+    invalid = []
+    try:
+        for question, offered, choice in cases:
+            messages = [{"role": "user", "content": question}]
+            schemas = tool_calls.checked_schemas(offered)
+            want, reason, _ = tool_reference(messages, tool_choice=choice, offered=offered, schemas=schemas)
+            got = srv.client.chat.completions.create(
+                model=NAME,
+                messages=messages,
+                tools=offered,
+                max_tokens=TOOL_REPLY_TOKENS,
+                temperature=0,
+                **({"tool_choice": choice} if choice else {}),
+            )
+            same_message(got.choices[0].message, want)
+            assert (got.choices[0].message.model_extra or {}).get("invalid_tool_call") == want.get("invalid_tool_call")
+            assert got.choices[0].finish_reason == reason
+            invalid.append(want)
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)
+    assert invalid[2].get("invalid_tool_call"), invalid

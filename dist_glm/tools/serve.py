@@ -45,6 +45,13 @@ class ServeArgs:
         "else the model type's (glm4, glm4_0414, chatglm3).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "Server log level.")
+    tool_call_arguments: Literal["raw", "validate"] = option(
+        "raw",
+        "raw: a tool call's arguments as the model wrote them (check that they parse, as with OpenAI). validate: "
+        "a call is sent only if its arguments are JSON the tool's `parameters` schema accepts; otherwise the reply "
+        "comes back as text with `invalid_tool_call` (name, arguments, why) and finish_reason stop (glm4, "
+        "glm4_0414 templates).",
+    )
 
 
 SERVE = Command(
@@ -180,7 +187,7 @@ def serve(model_args: ModelArgs, args: ServeArgs) -> None:
         raise UserError(problems)
     sock = bind(args.host, args.port)
     engine, max_model_len = load_engine(model_args, args)
-    app = build_app(engine, name, max_model_len, api_key)
+    app = build_app(engine, name, max_model_len, api_key, args.tool_call_arguments == "validate")
     host, port = sock.getsockname()[:2]
     print(
         f"serve.py: '{name}' on {engine.device} at http://{host}:{port}/v1 (max_model_len {max_model_len}, "

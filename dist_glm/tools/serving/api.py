@@ -40,8 +40,9 @@ MAX_BODY_BYTES = 8 * 2**20  # a chat request is text: 8 MiB is far above any con
 class Completions:
     """/v1/chat/completions for one engine: submit the job, then relay its events as one body or a stream."""
 
-    def __init__(self, engine: Engine, served_name: str, max_model_len: int):
+    def __init__(self, engine: Engine, served_name: str, max_model_len: int, validate_arguments: bool = False):
         self.engine, self.served_name, self.max_model_len = engine, served_name, max_model_len
+        self.validate_arguments = validate_arguments  # tool_call_arguments=validate (serve.py)
         self.replying: dict[str, Job] = {}  # requests whose handler is still running (shown by /health)
 
     async def submit(self, req: ChatRequest) -> tuple[Job, ToolPlan]:
@@ -54,6 +55,7 @@ class Completions:
         messages = to_messages(req)
         try:
             tool_plan = tool_calls.plan(req.tools, req.tool_choice, self.engine.template_name)
+            schemas = tool_calls.checked_schemas(req.tools) if self.validate_arguments else None
             # tool_choice "none": the tools are not shown, so the model cannot even try to call one.
             conv = tool_calls.conversation(messages, req.tools if tool_plan.names else None)
         except tool_calls.ToolRequestError as e:
@@ -78,7 +80,7 @@ class Completions:
         except Exception as e:  # a chat template may reject a conversation (raise_exception in jinja)
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
         job = build_job(req, prompt_ids, self.engine, self.max_model_len, must_call=tool_plan.required)
-        job.make_reply = reply_parser(self.engine.template_name, tool_plan, conv, req.tools)
+        job.make_reply = reply_parser(self.engine.template_name, tool_plan, conv, req.tools, schemas)
         try:
             self.engine.submit(job)
         except QueueFull:
@@ -164,18 +166,20 @@ class Completions:
             del self.replying[job.id]
 
 
-def reply_parser(template: str | None, tool_plan: ToolPlan, conv: dict, tools: list | None):
+def reply_parser(template: str | None, tool_plan: ToolPlan, conv: dict, tools: list | None, schemas=None):
     """What sorts a reply's text into the response: GLM-4.5 onward's reasoning, answer and XML calls, or
-    GLM-4's answer or call."""
+    GLM-4's answer or call (`schemas`: its arguments validated, tool_calls.ToolReply)."""
     if template in tool_calls.THINKING_TEMPLATES:
         from dist_glm.tools.serving.thinking_replies import ThinkingReply
 
         thinking = conv.get("enable_thinking") is not False
         return lambda: ThinkingReply(tool_plan, template, thinking, tools)
-    return lambda: tool_calls.ToolReply(tool_plan)
+    return lambda: tool_calls.ToolReply(tool_plan, schemas)
 
 
-def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str = ""):
+def build_app(
+    engine: Engine, served_name: str, max_model_len: int, api_key: str = "", validate_arguments: bool = False
+):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -183,7 +187,7 @@ def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str
 
     app = FastAPI(title="dist_glm", docs_url=None, redoc_url=None)
     created = int(time.time())
-    completions = Completions(engine, served_name, max_model_len)
+    completions = Completions(engine, served_name, max_model_len, validate_arguments)
 
     def reply_error(status: int, message: str, param=None, code=None) -> JSONResponse:
         return JSONResponse(error_body(status, message, param, code), status_code=status)

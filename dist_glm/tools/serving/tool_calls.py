@@ -10,6 +10,7 @@ tool's name means a call, and anything else is returned as text. `ToolReply` mak
 the text arrives, so a stream carries the call's arguments as they are written.
 """
 
+import json
 import uuid
 from dataclasses import dataclass, field
 
@@ -116,10 +117,15 @@ class ToolReply:
     drops from the text, and a call with the tool's name."""
 
     plan: ToolPlan
+    # tool_call_arguments=validate: each offered tool's `parameters` JSON schema. A call is then held back until
+    # it is complete and sent only if its arguments are a JSON value its schema accepts; otherwise the reply is
+    # returned as the text GLM wrote, with `invalid_tool_call` saying why.
+    schemas: dict | None = None
     content: str = ""
     name: str | None = None
     arguments: str = ""
     id: str = field(default_factory=call_id)
+    invalid: dict | None = None
     _head: str = ""  # text held back until its first line says answer or call
     _decided: bool = False
 
@@ -140,7 +146,16 @@ class ToolReply:
 
     def finish(self) -> list[dict]:
         """Deltas for text still held back when the reply ends."""
-        return [] if self._decided else self._decide()
+        deltas = [] if self._decided else self._decide()
+        if self.schemas is None or self.name is None:
+            return deltas
+        error = argument_error(self.arguments, self.schemas.get(self.name))
+        if error is None:
+            return [self._header(), *self._args_delta(self.arguments)]
+        self.invalid = {"name": self.name, "arguments": self.arguments, "error": error}
+        self.name = None
+        text = f"{self.invalid['name']}\n{self.arguments}"
+        return [{**self._text(text)[0], "invalid_tool_call": self.invalid}]
 
     def _decide(self) -> list[dict]:
         self._decided = True
@@ -148,7 +163,8 @@ class ToolReply:
         held, self._head = self._head, ""
         if first.strip() in self.plan.names:
             self.name = first.strip()
-            return [self._header()] + (self._args(rest) if rest else [])
+            opening = [] if self.schemas is not None else [self._header()]  # validate: sent with the whole call
+            return opening + (self._args(rest) if rest else [])
         return self._text(held)
 
     def _header(self) -> dict:
@@ -161,15 +177,20 @@ class ToolReply:
 
     def _args(self, piece: str) -> list[dict]:
         self.arguments += piece
+        return self._args_delta(piece) if self.schemas is None else []
+
+    @staticmethod
+    def _args_delta(piece: str) -> list[dict]:
         return [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}] if piece else []
 
     def opening_deltas(self) -> list[dict]:
-        """A forced call's header, sent before any generated text."""
-        return [self._header()] if self.plan.forced else []
+        """A forced call's header, sent before any generated text (with validate, with the whole call)."""
+        return [self._header()] if self.plan.forced and self.schemas is None else []
 
     def message(self) -> dict:
         if self.name is None:
-            return {"role": "assistant", "content": self.content}
+            invalid = {"invalid_tool_call": self.invalid} if self.invalid else {}
+            return {"role": "assistant", "content": self.content, **invalid}
         call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return {"role": "assistant", "content": None, "tool_calls": [call]}
 
@@ -177,3 +198,39 @@ class ToolReply:
         # A call ends at <|observation|> (an end-of-reply token): OpenAI says "tool_calls"; a call cut
         # by max_tokens stays "length" so the client knows its arguments are incomplete.
         return "tool_calls" if self.name is not None and engine_reason == "stop" else engine_reason
+
+
+def checked_schemas(tools: list | None) -> dict:
+    """Each offered tool's `parameters` schema by name (an object of any shape where a tool gives none), each
+    checked to be a JSON schema: a broken one is the request's mistake (400), not the model's."""
+    import jsonschema
+
+    out = {}
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+            continue
+        schema = fn.get("parameters") or {"type": "object"}
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except (jsonschema.SchemaError, TypeError) as e:
+            message = getattr(e, "message", str(e))
+            raise ToolRequestError(f"tools[{i}].function.parameters is not a JSON schema: {message}", "tools") from None
+        out[fn["name"]] = schema
+    return out
+
+
+def argument_error(arguments: str, schema: dict | None) -> str | None:
+    """Why `arguments` is not a call of a tool with `schema` (its JSON, then the schema's verdict), or None."""
+    import jsonschema
+
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError as e:
+        return f"arguments are not JSON ({e.msg} at character {e.pos})"
+    try:
+        jsonschema.validate(value, schema or {"type": "object"})
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path)
+        return f"arguments do not match the tool's parameters schema{f' at {where}' if where else ''}: {e.message}"
+    return None
