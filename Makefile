@@ -44,6 +44,9 @@ $(VENV)/.installed: setup.py constraints.txt
 # What the tests add (pytest, ruff, the openai client, wandb, ...): not needed to run the demo.
 $(VENV)/.dev-installed: $(VENV)/.installed
 	$(BIN)/pip install $(PIN) -e ".[dev]"
+	@# serve.py --tool_call_arguments=constrained (xgrammar) for its tests, without the 1 GB of triton that
+	@# xgrammar's Linux wheel asks for and only uses on a GPU (a CUDA torch brings triton anyway).
+	$(BIN)/pip install $(PIN) --no-deps "xgrammar>=0.2.9,<0.3" "apache-tvm-ffi>=0.1.11,<0.2"
 	touch $@
 
 # The deepspeed launcher's own default port (29500) may be taken by another job: use MASTER_PORT when

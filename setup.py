@@ -59,6 +59,9 @@ setup(
         # the releases constraints.txt pins (wandb 0.31.0, swanlab 0.10.3).
         "wandb": ["wandb>=0.19,<0.32"],
         "swanlab": ["swanlab>=0.10,<0.11"],
+        # serve.py --tool_call_arguments=constrained. On a CPU-only Linux machine install it with
+        # `pip install --no-deps xgrammar apache-tvm-ffi`: its wheel asks for triton (1 GB), used on GPUs only.
+        "constrained": ["xgrammar>=0.2.9,<0.3"],
     },
     entry_points={
         "console_scripts": [

@@ -851,3 +851,99 @@ def test_validated_tool_calls_on_the_demo_model(tool_model, tool_reference, tmp_
         srv.proc.terminate()
         srv.proc.wait(timeout=30)
     assert invalid[2].get("invalid_tool_call"), invalid
+
+
+def test_constrained_arguments_are_json_the_schema_accepts_whatever_the_scores():
+    """serving.constrained on random scores (the worst a model can do): a forced call and a call the reply's
+    first line opens both end as JSON the tool's schema accepts, then <|observation|>; an answer is left alone."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from dist_glm.tools.serving.constrained import ArgumentGrammars
+
+    tok = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-glm4-0414")
+    end = tok.convert_tokens_to_ids("<|observation|>")
+    grammars = ArgumentGrammars(tok, len(tok), end)
+    # Closed value sets: a free string is allowed almost every token, which random scores would rarely end.
+    fields = {"尺码": {"enum": ["S", "M", "L"]}, "件数": {"type": "integer"}, "有货": {"type": "boolean"}}
+    schemas = {
+        "get_size": {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
+    }
+    generator = torch.Generator().manual_seed(0)
+
+    def run(constraint, opening: list[int], steps: int = 200) -> list[int]:
+        out = []
+        for token in opening:
+            constraint.accept(token)
+        for _ in range(steps):
+            scores = torch.randn(len(tok), generator=generator)
+            constraint.mask(scores)
+            token = int(scores.argmax())
+            constraint.accept(token)
+            out.append(token)
+            if token == end:
+                break
+        return out
+
+    for seed in range(3):
+        generator.manual_seed(seed)
+        forced = run(grammars.for_reply(schemas, "get_size"), [])
+        assert forced[-1] == end
+        jsonschema.validate(json.loads(tok.decode(forced[:-1])), schemas["get_size"])
+        opened = run(grammars.for_reply(schemas, None), tok.encode("get_size\n", add_special_tokens=False))
+        assert opened[-1] == end
+        jsonschema.validate(json.loads(tok.decode(opened[:-1])), schemas["get_size"])
+    answer = grammars.for_reply(schemas, None)
+    for token in tok.encode("\n有货", add_special_tokens=False):
+        answer.accept(token)
+    scores = torch.randn(len(tok), generator=generator)
+    before = scores.clone()
+    answer.mask(scores)
+    assert torch.equal(scores, before)
+
+
+@pytest.mark.slow
+def test_constrained_tool_calls_on_the_demo_model(tool_model, tool_reference, tmp_path):
+    """serve.py --tool_call_arguments=constrained on the tool demo model: a call the model already writes as
+    valid JSON is unchanged (greedy's choice is always allowed), and a forced call under a schema the model never
+    saw (a size from a closed set) comes back as a valid call, plain and streamed."""
+    import jsonschema
+
+    size = {"type": "object", "properties": {"尺码": {"enum": ["S", "M", "L"]}}, "required": ["尺码"]}
+    strict = [
+        {
+            "type": "function",
+            "function": {**TOOLS[0]["function"], "parameters": {**size, "additionalProperties": False}},
+        }
+    ]
+    forced = {"type": "function", "function": {"name": "check_stock"}}
+    question = [{"role": "user", "content": "白色连衣裙有货吗？"}]
+    srv = Server(tool_model, tmp_path / "server.log", "--tool_call_arguments=constrained")
+    try:
+        want, reason, _ = tool_reference(question)
+        got = srv.client.chat.completions.create(
+            model=NAME, messages=question, tools=TOOLS, max_tokens=TOOL_REPLY_TOKENS, temperature=0
+        )
+        same_message(got.choices[0].message, want)
+        assert got.choices[0].finish_reason == reason == "tool_calls"
+        for stream in (False, True):
+            kwargs = dict(model=NAME, messages=question, tools=strict, tool_choice=forced, max_tokens=30)
+            if stream:
+                chunks = list(srv.client.chat.completions.create(**kwargs, temperature=0, stream=True))
+                arguments = "".join(
+                    c.choices[0].delta.tool_calls[0].function.arguments or ""
+                    for c in chunks
+                    if c.choices and c.choices[0].delta.tool_calls
+                )
+                finish = chunks[-1].choices[0].finish_reason
+            else:
+                reply = srv.client.chat.completions.create(**kwargs, temperature=0)
+                arguments, finish = (
+                    reply.choices[0].message.tool_calls[0].function.arguments,
+                    reply.choices[0].finish_reason,
+                )
+            jsonschema.validate(json.loads(arguments), strict[0]["function"]["parameters"])
+            assert finish == "tool_calls"
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=30)

@@ -7,6 +7,7 @@ and prove it generates, then hand the socket to uvicorn. The server itself lives
 `engine.py` (one model, one batching worker thread) and `api.py` (the HTTP routes, auth and errors).
 """
 
+import importlib.util
 import logging
 import os
 import socket
@@ -45,12 +46,12 @@ class ServeArgs:
         "else the model type's (glm4, glm4_0414, chatglm3).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "Server log level.")
-    tool_call_arguments: Literal["raw", "validate"] = option(
+    tool_call_arguments: Literal["raw", "validate", "constrained"] = option(
         "raw",
         "raw: a tool call's arguments as the model wrote them (check that they parse, as with OpenAI). validate: "
         "a call is sent only if its arguments are JSON the tool's `parameters` schema accepts; otherwise the reply "
-        "comes back as text with `invalid_tool_call` (name, arguments, why) and finish_reason stop (glm4, "
-        "glm4_0414 templates).",
+        "comes back as text with `invalid_tool_call` (name, arguments, why) and finish_reason stop. constrained: "
+        "the arguments are generated within the schema (and validated). glm4 and glm4_0414 templates.",
     )
 
 
@@ -77,6 +78,11 @@ def check_args(model: ModelArgs, args: ServeArgs) -> list[str]:
         problems.append(f"max_model_len={args.max_model_len}: must be positive (0: the model's own limit)")
     if args.template not in TEMPLATES:
         problems.append(f"template='{args.template}': use one of {', '.join(TEMPLATES)}")
+    if args.tool_call_arguments == "constrained" and importlib.util.find_spec("xgrammar") is None:
+        problems.append(
+            "tool_call_arguments=constrained needs the xgrammar package: pip install 'dist_glm[constrained]' (on a "
+            "CPU-only Linux machine: pip install --no-deps xgrammar apache-tvm-ffi); or use validate"
+        )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"device='{args.device}': no CUDA device is visible; use --device=cpu")
     elif args.device != "auto" and not args.device.startswith(("cpu", "cuda")):
@@ -187,7 +193,12 @@ def serve(model_args: ModelArgs, args: ServeArgs) -> None:
         raise UserError(problems)
     sock = bind(args.host, args.port)
     engine, max_model_len = load_engine(model_args, args)
-    app = build_app(engine, name, max_model_len, api_key, args.tool_call_arguments == "validate")
+    if args.tool_call_arguments != "raw" and engine.template_name not in ("glm4", "glm4_0414"):
+        raise UserError(
+            f"tool_call_arguments={args.tool_call_arguments}: for the glm4 and glm4_0414 templates' tool calls (JSON "
+            f"arguments); this model is served with {engine.template_name or 'its chat_template'}; use raw"
+        )
+    app = build_app(engine, name, max_model_len, api_key, args.tool_call_arguments)
     host, port = sock.getsockname()[:2]
     print(
         f"serve.py: '{name}' on {engine.device} at http://{host}:{port}/v1 (max_model_len {max_model_len}, "

@@ -40,9 +40,9 @@ MAX_BODY_BYTES = 8 * 2**20  # a chat request is text: 8 MiB is far above any con
 class Completions:
     """/v1/chat/completions for one engine: submit the job, then relay its events as one body or a stream."""
 
-    def __init__(self, engine: Engine, served_name: str, max_model_len: int, validate_arguments: bool = False):
+    def __init__(self, engine: Engine, served_name: str, max_model_len: int, tool_call_arguments: str = "raw"):
         self.engine, self.served_name, self.max_model_len = engine, served_name, max_model_len
-        self.validate_arguments = validate_arguments  # tool_call_arguments=validate (serve.py)
+        self.tool_call_arguments = tool_call_arguments  # raw | validate | constrained (serve.py)
         self.replying: dict[str, Job] = {}  # requests whose handler is still running (shown by /health)
 
     async def submit(self, req: ChatRequest) -> tuple[Job, ToolPlan]:
@@ -55,7 +55,7 @@ class Completions:
         messages = to_messages(req)
         try:
             tool_plan = tool_calls.plan(req.tools, req.tool_choice, self.engine.template_name)
-            schemas = tool_calls.checked_schemas(req.tools) if self.validate_arguments else None
+            schemas = tool_calls.checked_schemas(req.tools) if self.tool_call_arguments != "raw" else None
             # tool_choice "none": the tools are not shown, so the model cannot even try to call one.
             conv = tool_calls.conversation(messages, req.tools if tool_plan.names else None)
         except tool_calls.ToolRequestError as e:
@@ -81,6 +81,9 @@ class Completions:
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
         job = build_job(req, prompt_ids, self.engine, self.max_model_len, must_call=tool_plan.required)
         job.make_reply = reply_parser(self.engine.template_name, tool_plan, conv, req.tools, schemas)
+        if self.tool_call_arguments == "constrained" and tool_plan.names:
+            offered = {name: schemas[name] for name in tool_plan.names if name in schemas}
+            job.constraint = await run_in_threadpool(self.engine.argument_constraint, offered, tool_plan.forced)
         try:
             self.engine.submit(job)
         except QueueFull:
@@ -177,9 +180,7 @@ def reply_parser(template: str | None, tool_plan: ToolPlan, conv: dict, tools: l
     return lambda: tool_calls.ToolReply(tool_plan, schemas)
 
 
-def build_app(
-    engine: Engine, served_name: str, max_model_len: int, api_key: str = "", validate_arguments: bool = False
-):
+def build_app(engine: Engine, served_name: str, max_model_len: int, api_key: str = "", tool_call_arguments="raw"):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -187,7 +188,7 @@ def build_app(
 
     app = FastAPI(title="dist_glm", docs_url=None, redoc_url=None)
     created = int(time.time())
-    completions = Completions(engine, served_name, max_model_len, validate_arguments)
+    completions = Completions(engine, served_name, max_model_len, tool_call_arguments)
 
     def reply_error(status: int, message: str, param=None, code=None) -> JSONResponse:
         return JSONResponse(error_body(status, message, param, code), status_code=status)

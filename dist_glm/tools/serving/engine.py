@@ -141,6 +141,7 @@ class Job:
     rng: torch.Generator | None = None
     largest_batch: int = 0
     make_reply: object = None  # builds the reply parser (dist_glm.tools.serving.api.reply_parser)
+    constraint: object = None  # tool_call_arguments=constrained: its ArgumentConstraint (serving.constrained)
 
     def send(self, kind: str, value) -> None:
         # The only way the worker talks to the event loop: never blocks, never waits on the client.
@@ -167,9 +168,11 @@ class _PerRowSampling:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for row, job in enumerate(self.jobs):
             s = job.sampling
-            if job.finish_reason is not None or s.is_plain_greedy:
+            if job.finish_reason is not None or (s.is_plain_greedy and job.constraint is None):
                 continue
             x = scores[row]
+            if job.constraint is not None:  # a tool call's arguments: only what its schema can still accept
+                job.constraint.mask(x)
             if s.must_call and job.completion_tokens == 0:
                 x[self.not_a_call] = -float("inf")
             for token_id, bias in s.logit_bias:
@@ -220,6 +223,7 @@ class Engine:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, set(eos_ids)
         self.template, self.template_name = template, getattr(template, "name", None)
         self._not_a_call: list[int] | None = None
+        self._argument_grammars = None  # built on the first constrained request (serving.constrained)
         self.backend = tokenizer.backend_tokenizer  # the Rust tokenizer: safe to share between threads
         self.pad_id = tokenizer.pad_token_id
         self.vocab_size = model.config.vocab_size
@@ -255,6 +259,15 @@ class Engine:
             opens = [i for i in range(self.vocab_size) if decode([i], skip_special_tokens=False).startswith("\n")]
             self._not_a_call = sorted(set(opens) | self.eos_ids)
         return self._not_a_call
+
+    def argument_constraint(self, schemas: dict, forced: str | None):
+        """A fresh constraint for one reply's tool-call arguments (tool_call_arguments=constrained)."""
+        from dist_glm.tools.serving.constrained import ArgumentGrammars
+
+        if self._argument_grammars is None:
+            end_of_call = self.tokenizer.convert_tokens_to_ids("<|observation|>")
+            self._argument_grammars = ArgumentGrammars(self.tokenizer, self.vocab_size, end_of_call)
+        return self._argument_grammars.for_reply(schemas, forced)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -344,6 +357,8 @@ class Engine:
     def advance(self, job: Job, token_id: int) -> None:
         if job.cancelled.is_set():
             return self._end(job, "cancelled")
+        if job.constraint is not None:
+            job.constraint.accept(token_id)
         job.completion_tokens += 1
         if token_id in self.eos_ids:
             return self._finish(job, "stop")
