@@ -35,7 +35,10 @@ def recipe_template(cfg, tokenizer) -> str:
     path = cfg.model.model_name_or_path
     # The model type as config.json gives it ("chatglm" for THUDM's published ChatGLM layouts, whose tokenizer
     # tells them apart), read without transformers: remote-code configs need no code for this.
-    model_type = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+    config_file = Path(path) / "config.json"
+    model_type = (
+        json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "") if config_file.is_file() else ""
+    )
     template = choose_template(cfg.data.template, tokenizer, model_type)
     mismatch = chat_template_mismatch(build_template(template, tokenizer), tokenizer)
     if not getattr(tokenizer, "chat_template", None):
