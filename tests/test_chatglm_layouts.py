@@ -20,7 +20,7 @@ import torch
 
 from conftest import REPO, base_args, child_env, run_script, run_train, train_one_and_two_ranks
 from dist_glm.errors import UserError
-from dist_glm.models import chatglm
+from dist_glm.models import chatglm, chatglm_tokenizer
 from dist_glm.models.loading import from_pretrained, load_config, load_tokenizer
 
 DATA = REPO / "tests" / "data" / "chatglm"
@@ -259,7 +259,7 @@ def test_sentencepiece_tokenizer_encodes_as_sentencepiece_does(layout):
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == sp.encode(text), text
         assert tok.decode(ids) == sp.decode(ids), text
-    specials = chatglm.CHATGLM3_SPECIAL if layout == "chatglm3" else chatglm.CHATGLM2_SPECIAL
+    specials = chatglm_tokenizer.CHATGLM3_SPECIAL if layout == "chatglm3" else chatglm_tokenizer.CHATGLM2_SPECIAL
     assert tok.convert_tokens_to_ids(specials) == list(range(sp.get_piece_size(), sp.get_piece_size() + len(specials)))
     assert (tok.eos_token_id, tok.pad_token_id, tok.padding_side) == (sp.eos_id(), sp.unk_id(), "left")
 
@@ -273,7 +273,9 @@ def test_tiktoken_tokenizer_encodes_as_tiktoken_does():
     for line in (ASSETS["glm4chat"] / "tokenizer.model").read_text().splitlines():
         piece, rank = line.split()
         ranks[base64.b64decode(piece)] = int(rank)
-    enc = tiktoken.Encoding(name="glm4", pat_str=chatglm.GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    enc = tiktoken.Encoding(
+        name="glm4", pat_str=chatglm_tokenizer.GLM4_PATTERN, mergeable_ranks=ranks, special_tokens={}
+    )
     tok = load_tokenizer(str(ASSETS["glm4chat"]))
     for text in sample_texts():
         if "<|" in text or "[gMASK]" in text or "</s>" in text:
@@ -281,7 +283,7 @@ def test_tiktoken_tokenizer_encodes_as_tiktoken_does():
         ids = tok.encode(text, add_special_tokens=False)
         assert ids == enc.encode(text) and tok.decode(ids) == text, text
     first = len(ranks)
-    assert tok.convert_tokens_to_ids(chatglm.GLM4_SPECIAL) == list(range(first, first + 14))
+    assert tok.convert_tokens_to_ids(chatglm_tokenizer.GLM4_SPECIAL) == list(range(first, first + 14))
     assert tok.encode("<|user|>\nx", add_special_tokens=False)[0] == first + 7
     assert tok.chat_template  # from its tokenizer_config.json
 

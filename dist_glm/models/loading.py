@@ -69,10 +69,8 @@ def load_config(path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     layout = chatglm.detect(path)
-    if layout is not None and layout.name == "chatglm":
-        return chatglm6b_config(layout)
     if layout is not None:
-        return chatglm.native_config(layout)
+        return chatglm.model_config(layout)
     check_remote_code(str(path), trust_remote_code)
     register_own_classes()
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -86,53 +84,22 @@ def register_own_classes() -> None:
     register_auto_classes()
 
 
-def chatglm6b_config(layout):
-    from dist_glm.models.chatglm6b import published_config
-
-    chatglm.check_supported(layout)
-    register_own_classes()  # so that AutoModelForCausalLM.from_config builds it (from scratch, the planner)
-    try:
-        return published_config(layout.path)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model_name_or_path='{layout.path}'/config.json: {str(e).splitlines()[0]}") from None
-
-
 def from_pretrained(path, config=None, trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM.from_pretrained; a published ChatGLM layout is read into GlmForCausalLM, its
-    weights renamed and split while they load (no converted copy is written anywhere)."""
-    from transformers import AutoModelForCausalLM, GlmForCausalLM
+    """AutoModelForCausalLM.from_pretrained; a published ChatGLM layout through models/chatglm.py (nothing
+    converted is written anywhere)."""
+    from transformers import AutoModelForCausalLM
 
     layout = chatglm.detect(path)
-    if layout is None:
-        register_own_classes()
-        return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
-    if layout.name == "chatglm":  # dist_glm's own ChatGLM-6B reads THUDM's names as they are
-        from dist_glm.models.chatglm6b import ChatGLM6BForCausalLM
-
-        config = config if config is not None else chatglm6b_config(layout)
-        return ChatGLM6BForCausalLM.from_pretrained(path, config=config, **kwargs)
-    config = config if config is not None else chatglm.native_config(layout)
-    with chatglm.conversions_for(GlmForCausalLM, config):
-        model = GlmForCausalLM.from_pretrained(path, config=config, **kwargs)
-    chatglm.forget_conversions(model)
-    return model
+    if layout is not None:
+        return chatglm.from_pretrained(layout, config, **kwargs)
+    register_own_classes()
+    return AutoModelForCausalLM.from_pretrained(path, config=config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def describe_layout(path) -> str | None:
     """The start-up line for a translated layout, None for native checkpoints."""
     layout = chatglm.detect(path)
-    if layout is None:
-        return None
-    if layout.name == "chatglm":
-        return (
-            "chatglm layout (THUDM's published ChatGLM-6B files): loaded into dist_glm's own ChatGLM-6B "
-            "(models/chatglm6b.py) under THUDM's weight names, tokenizer built from ice_text.model; the checkpoint's "
-            "own Python is not run"
-        )
-    return (
-        f"{layout.name} layout (THUDM's published files): loaded as GlmForCausalLM with its weights renamed on "
-        "load and a tokenizer built from tokenizer.model; the checkpoint's own Python is not run"
-    )
+    return chatglm.describe(layout) if layout is not None else None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -140,7 +107,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     layout = chatglm.detect(path)
     if layout is not None:
-        return chatglm.build_tokenizer(layout)
+        from dist_glm.models.chatglm_tokenizer import build_tokenizer
+
+        return build_tokenizer(layout)
     check_remote_code(path, trust_remote_code)
     register_own_classes()  # AutoTokenizer reads config.json's model_type too
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
