@@ -137,6 +137,7 @@ def test_ptuning_prefix_is_thudms_p_tuning_v2_in_training_and_generation(tmp_pat
     model = from_pretrained(str(published_checkpoint(tmp_path, "chatglm3")), dtype=torch.float32)
     cfg = SimpleNamespace(method=SimpleNamespace(pre_seq_len=4, prefix_projection=False, prefix_hidden_size=64))
     peft_model = ptuning.make_trainable(model, cfg)
+    ptuning.after_load(peft_model)  # as a training checkpoint is loaded: built, then adjusted; one hook counts
     prefix = recipe_weights({ref["prefix_weight"]: ref["prefix_shape"]})[ref["prefix_weight"]]
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(prefix)

@@ -52,7 +52,12 @@ def prefix_as_thudm(peft_model) -> None:
     training and in generation; and in generation the prefix is really attended to (transformers 5 generates
     with its own `cache=` argument, which wins over the prefix PEFT passes as `past_key_values`: the prefix
     was silently ignored). A forward pre-hook on the base model, so every caller (the training step, PEFT's
-    forward, generate) goes through it."""
+    forward, generate) goes through it. Once per model: a training checkpoint is rebuilt with make_trainable and
+    then given after_load, and a second hook would move the positions twice."""
+    base = peft_model.get_base_model()
+    if getattr(base, "_dist_glm_prefix_as_thudm", False):
+        return
+    base._dist_glm_prefix_as_thudm = True
     n = peft_model.peft_config["default"].num_virtual_tokens
 
     def with_prefix(module, args, kwargs):
@@ -78,7 +83,7 @@ def prefix_as_thudm(peft_model) -> None:
             kwargs["position_ids"] = (seen - 1).clamp(min=0)[:, -inputs.shape[1] :]
         return args, kwargs
 
-    peft_model.get_base_model().register_forward_pre_hook(with_prefix, with_kwargs=True)
+    base.register_forward_pre_hook(with_prefix, with_kwargs=True)
 
 
 def check_config(cfg) -> list[str]:
