@@ -30,14 +30,12 @@ import torch
 
 from dist_glm.errors import UserError
 
-LAYOUTS = ("chatglm2", "chatglm3", "glm4chat", "chatglm")
-
 
 @dataclass(frozen=True)
 class Layout:
     """A checkpoint directory in one of THUDM's published ChatGLM layouts."""
 
-    name: str  # one of LAYOUTS
+    name: str  # chatglm2, chatglm3, glm4chat (GLM-4 architecture) or chatglm (ChatGLM-6B)
     path: Path
     config: dict  # config.json as published
 
