@@ -103,6 +103,12 @@ class DataConfig:
         "such round, so each thought trains as the model saw it; keep = render it (glm4_7's clear_thinking=false); "
         "drop = do not train those turns.",
     )
+    enable_thinking: bool | None = option(
+        None,
+        "Thinking formats: false renders rows that do not set their own enable_thinking as the model's "
+        "thinking-off form (/nothink, empty thought); a dataset_info.json entry may set it per dataset. "
+        "Default: each row's own switch, else thinking on, as the official templates do.",
+    )
     train_on_prompt: bool = option(False, "Also train on prompt tokens (system, user, observation).")
     on_invalid: Literal["error", "skip"] = option(
         "error", "Bad data rows: 'error' stops with file:line; 'skip' skips and reports them."

@@ -179,3 +179,36 @@ def test_broken_reasoning_markup_is_a_bad_row(content):
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}
     with pytest.raises(BadRow, match=r"messages\[1\]: the reply's reasoning markup is broken"):
         from_openai(row, None)
+
+
+def test_thinking_switch_per_dataset_and_per_run(tmp_path, capsys):
+    """Mixed thinking / non-thinking data: a dataset_info.json entry's `enable_thinking: false` renders its rows
+    (those without a switch of their own) in the model's thinking-off form, the official rendering exactly; the
+    run's `enable_thinking` does the same for every dataset; a template without a thinking mode refuses it."""
+    from dist_glm.cli import prepare_main
+
+    ref = references("glm4_5")["thinking_off"]
+    row = {k: v for k, v in ref["row"].items() if k != "enable_thinking"}
+    (tmp_path / "nothink.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "think.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    openai = {"formatting": "sharegpt", "columns": {"messages": "messages"}}
+    openai["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    registry = {"off": {"file_name": "nothink.jsonl", "enable_thinking": False, **openai}}
+    registry["on"] = {"file_name": "think.jsonl", **openai}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+
+    def dump(*flags: str, name: str) -> list[str]:
+        out = tmp_path / f"{name}.jsonl"
+        prepare_main(
+            [f"--model_name_or_path={MOE_TOKENIZER}", f"--dataset_dir={tmp_path}", f"--dump_samples={out}",
+             f"--data_cache_dir={tmp_path / 'cache'}", *flags]
+        )  # fmt: skip
+        return [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()]
+
+    off, on = dump("--dataset=off,on", name="per_dataset")
+    assert off == ref["text"] + "<|user|>"
+    assert on != off and "/nothink<|assistant|>" not in on.split("再见")[0] and "<think></think>" in on
+    assert dump("--dataset=on", "--enable_thinking=false", name="per_run") == [off]
+    with pytest.raises(SystemExit):
+        dump("--dataset=off", "--template=glm4", name="refused")
+    assert "template glm4 has no thinking mode" in capsys.readouterr().err

@@ -6,12 +6,15 @@ accumulation micro-steps only decide who computes which slice of it. So 1 rank x
 step, and resuming at step N needs no replay: the position is a function of N.
 """
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 
 from dist_glm.data.converters import count_empty_turns, load_conversations
 from dist_glm.data.template import IGNORE_INDEX, build_template
+from dist_glm.data.thinking import FORMATS
+from dist_glm.errors import UserError
 
 
 @dataclass
@@ -127,6 +130,20 @@ def _encode_parallel(template, tokenizer, conversations: list[dict], cutoff_len:
         _WORKER.clear()
 
 
+def _check_thinking_switch(data_cfg, template_name: str) -> None:
+    """enable_thinking (the run's or a dataset's) means something only to a format with a thinking mode; on
+    another it would be ignored without a word."""
+    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
+    off = [f"dataset_info.json's entry for {f}" for f, m in registered.items() if m.get("enable_thinking") is False]
+    if getattr(data_cfg, "enable_thinking", None) is False:
+        off.insert(0, "enable_thinking")
+    if off and template_name not in FORMATS:
+        raise UserError(
+            f"{off[0]}: enable_thinking=false, but template {template_name} has no thinking mode; use a thinking "
+            f"format ({', '.join(FORMATS)}) or drop the switch"
+        )
+
+
 def build_examples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
 ) -> tuple[list[Example], DataStats]:
@@ -134,6 +151,7 @@ def build_examples(
         template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt,
         getattr(data_cfg, "reasoning_history", "expand"),
     )  # fmt: skip
+    _check_thinking_switch(data_cfg, template_name)
     stats, out, formats = DataStats(), [], {}
     conversations = load_conversations(spec, data_cfg, stats.skipped, formats)
     stats.rows = len(conversations) + len(stats.skipped)

@@ -388,6 +388,11 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
                 skipped.append({"where": where, "error": str(e)})
                 continue
             conv["where"] = where
+            if "text" not in conv and "enable_thinking" not in conv:
+                # The dataset's switch (its registry entry), else the run's; a row's own wins over both.
+                default = (mapping or {}).get("enable_thinking", getattr(data_cfg, "enable_thinking", None))
+                if default is not None:
+                    conv["enable_thinking"] = default
             out.append(conv)
     if bad:
         shown = bad[:SHOWN_BAD_ROWS]

@@ -4,7 +4,8 @@ mean, resolved to files before anything reads them.
 - a name in `dataset_dir/dataset_info.json`, LLaMA-Factory's registry, read unchanged: `file_name` (a
   file or a folder), `formatting` (`alpaca`, `sharegpt`), `columns` (prompt, query, response, system,
   history, messages, tools) and `tags` (role_tag, content_tag, user_tag, assistant_tag,
-  observation_tag, function_tag, system_tag). Entries that need a download (`hf_hub_url`,
+  observation_tag, function_tag, system_tag), plus dist_glm's own `enable_thinking` (the dataset's
+  thinking switch, for mixed thinking / non-thinking data). Entries that need a download (`hf_hub_url`,
   `ms_hub_url`, `script_url`) or another training stage (`ranking`) are refused with the reason;
 - a folder: every data file in it, sorted;
 - a glob (`data/*.jsonl`): the matching files, sorted.
@@ -69,6 +70,8 @@ def _check_entry(entry, where: str) -> None:
                 f"{where}: {field} must be an object of names to column names (strings), "
                 f'e.g. {{"prompt": "instruction"}}; found a JSON {_kind(value)}'
             )
+    if not isinstance(entry.get("enable_thinking", True), bool):
+        raise UserError(f"{where}: enable_thinking must be true or false (the dataset's thinking switch)")
     if not isinstance(entry.get("formatting", "alpaca"), str):
         raise UserError(f'{where}: formatting must be "alpaca" or "sharegpt"')
 
@@ -101,6 +104,8 @@ def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[
     if formatting not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: formatting '{formatting}' is not one of alpaca, sharegpt")
     mapping = {"formatting": formatting, "columns": entry.get("columns", {}), "tags": entry.get("tags", {})}
+    if "enable_thinking" in entry:  # dist_glm's own key: mixed thinking / non-thinking data, one switch per dataset
+        mapping["enable_thinking"] = entry["enable_thinking"]
     return files, mapping
 
 
