@@ -212,3 +212,16 @@ def test_thinking_switch_per_dataset_and_per_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         dump("--dataset=off", "--template=glm4", name="refused")
     assert "template glm4 has no thinking mode" in capsys.readouterr().err
+
+
+def test_reasoning_under_a_template_without_thinking_is_refused_not_dropped(tmp_path, capsys):
+    from dist_glm.cli import prepare_main
+
+    row = {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "reasoning_content": "t"}]
+    }
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        prepare_main([f"--model_name_or_path={TINY_MODEL}", f"--dataset={data}", f"--data_cache_dir={tmp_path}"])
+    assert f"{data}:1: an assistant turn carries reasoning_content" in capsys.readouterr().err

@@ -144,6 +144,20 @@ def _check_thinking_switch(data_cfg, template_name: str) -> None:
         )
 
 
+def _check_reasoning_is_rendered(conversations: list[dict], template_name: str) -> None:
+    """A template without thinking writes no reasoning: rows that carry it would train their answers without
+    the thought they were written after, and the user would not know."""
+    if template_name in FORMATS:
+        return
+    carrying = [c["where"] for c in conversations if any(m.get("reasoning") for m in c["messages"])]
+    if carrying:
+        raise UserError(
+            f"{carrying[0]}: an assistant turn carries reasoning_content ({len(carrying)} rows do), which template "
+            f"{template_name} does not write, so it would not be trained; use a thinking format "
+            f"({', '.join(FORMATS)}) or remove the reasoning"
+        )
+
+
 def build_examples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
 ) -> tuple[list[Example], DataStats]:
@@ -161,6 +175,7 @@ def build_examples(
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
     if max_samples:  # of each file, as LLaMA-Factory caps each dataset: rows past a file's cap are not encoded
         conversations = _first_of_each_file(conversations, max_samples)
+    _check_reasoning_is_rendered(conversations, template_name)
     rows = len(conversations)
     conversations = [c for conv in conversations for c in template.expand(conv)]
     stats.expanded = len(conversations) - rows
