@@ -89,7 +89,7 @@ def moe_tokenizer():
     return AutoTokenizer.from_pretrained(MOE_TOKENIZER)
 
 
-@pytest.mark.parametrize("template,name", cases("glm4_5") + cases("glm4_7"))
+@pytest.mark.parametrize("template,name", cases("glm4_5") + cases("glm4_7") + cases("glm5_1") + cases("glm5_2"))
 def test_thinking_formats_equal_the_official_rendering(moe_tokenizer, template, name):
     """The row (OpenAI messages, as a user's data file holds it) through our converter and template gives the
     official template's text and ids exactly, plus the role token that ends the last turn; labels train each
@@ -114,6 +114,8 @@ def test_the_thinking_renderings_cover_the_cases_that_matter():
     several = references("glm4_5")["tools_with_system"]["text"]
     assert several.count("<tool_call>get_") == 3 and "<arg_value>[8, 12]</arg_value>" in several
     assert "<arg_value>true</arg_value>" in several and '{"unit": "c", "lang": null}' in several
+    assert wanted | {"clear_thinking_false"} <= set(references("glm5_1")) & set(references("glm5_2"))
+    assert {"plain_effort_high", "tools_with_system_effort_high"} <= set(references("glm5_2"))
     hidden = references("glm4_7")["reasoning_history"]
     assert "add again" in hidden["text"] and "<think>add</think>" not in hidden["text"]
     assert "<think>add</think>" in references("glm4_7")["clear_thinking_false"]["text"]
@@ -225,3 +227,41 @@ def test_reasoning_under_a_template_without_thinking_is_refused_not_dropped(tmp_
     with pytest.raises(SystemExit):
         prepare_main([f"--model_name_or_path={TINY_MODEL}", f"--dataset={data}", f"--data_cache_dir={tmp_path}"])
     assert f"{data}:1: an assistant turn carries reasoning_content" in capsys.readouterr().err
+
+
+def test_glm5_formats_differ_from_glm4_7_where_the_official_ones_do(moe_tokenizer):
+    """GLM-5.1 lists a tool as its function; GLM-5.2 adds the reasoning effort (thinking on only) and writes an
+    empty thought whole. The probes `template: auto` matches a checkpoint's chat_template with tell all four
+    thinking formats apart."""
+    from dist_glm.data.template import PROBE_TOOLS, PROBES, TOOL_PROBE
+
+    tools_47 = references("glm4_7")["tools_without_system"]["text"]
+    tools_51 = references("glm5_1")["tools_without_system"]["text"]
+    assert '{"type": "function", "function": {"name": ' in tools_47 and '\n{"name": ' in tools_51
+    tool_turn = tools_51.split("<|user|>")[0].removeprefix("[gMASK]<sop>")
+    assert references("glm5_2")["tools_without_system"]["text"].startswith(
+        "[gMASK]<sop><|system|>Reasoning Effort: Max" + tool_turn + "<|user|>"
+    )
+    assert references("glm5_2")["plain"]["text"].startswith("[gMASK]<sop><|system|>Reasoning Effort: Max<|user|>")
+    assert "Reasoning Effort: High<|system|>" in references("glm5_2")["tools_with_system_effort_high"]["text"]
+    assert "Reasoning Effort" not in references("glm5_2")["thinking_off"]["text"]
+    assert "<|assistant|><think></think>" in references("glm5_2")["thinking_off"]["text"]
+    renderings = {}
+    for name in ("glm4_5", "glm4_7", "glm5_1", "glm5_2"):
+        t = build_template(name, moe_tokenizer)
+        convs = [{"system": "", "messages": p, "tools": None} for p in PROBES]
+        convs.append({"system": "", "messages": TOOL_PROBE, "tools": PROBE_TOOLS})
+        renderings[name] = tuple(tuple(t.encode_prompt(c)) for c in convs)
+    assert len(set(renderings.values())) == 4
+
+
+def test_reasoning_effort_is_max_or_high():
+    from dist_glm.data.converters import from_openai
+    from dist_glm.data.sources import BadRow
+
+    row = {
+        "reasoning_effort": "low",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    with pytest.raises(BadRow, match="reasoning_effort is 'low'; GLM-5.2 knows max and high"):
+        from_openai(row, None)

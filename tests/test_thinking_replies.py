@@ -24,7 +24,7 @@ def assistant_turns(template: str):
         for turn in ref["text"].split("<|assistant|>")[1:]:
             for role in ("<|user|>", "<|observation|>", "<|system|>"):
                 turn = turn.split(role)[0]
-            if template == "glm4_7":
+            if template != "glm4_5":  # the prompt opened the thought (or closed it: thinking off)
                 thinking = turn.startswith("<think>")
                 reply = turn.removeprefix("<think>") if thinking else turn.removeprefix("</think>")
             else:
@@ -33,7 +33,7 @@ def assistant_turns(template: str):
 
 
 def cases():
-    return [(t, *case) for t in ("glm4_5", "glm4_7") for case in assistant_turns(t)]
+    return [(t, *case) for t in ("glm4_5", "glm4_7", "glm5_1", "glm5_2") for case in assistant_turns(t)]
 
 
 @pytest.mark.parametrize("template,name,row,turn,reply,thinking", cases())

@@ -172,6 +172,10 @@ def _turns(row: dict, key: str, role_key: str, text_key: str, roles: dict) -> di
             check_think_tags(content, f"{key}[{i}]")
         messages.append({"role": role, "content": content, **extra})
     switches = {k: row[k] for k in ("enable_thinking", "clear_thinking") if isinstance(row.get(k), bool)}
+    if "reasoning_effort" in row:  # GLM-5.2's system line, as chat_template_kwargs would pass it
+        if row["reasoning_effort"] not in ("max", "high"):
+            raise BadRow(f"reasoning_effort is {row['reasoning_effort']!r}; GLM-5.2 knows max and high")
+        switches["reasoning_effort"] = row["reasoning_effort"]
     if not system and any(isinstance(t, dict) and roles.get(t.get(role_key)) == "system" for t in turns):
         switches["system_turn"] = True  # an empty system turn still renders `<|system|>` in GLM-4.5's formats
     return {

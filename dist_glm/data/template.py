@@ -35,7 +35,7 @@ from dist_glm.errors import UserError
 
 # The MoE GLMs (GLM-4.5 onward): `auto` must not give them GLM-4's format.
 THINKING_ERA_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm5_next")
-TEMPLATES = ("auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "chatglm3", "chatglm2", "chatglm")
+TEMPLATES = ("auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "glm5_1", "glm5_2", "chatglm3", "chatglm2", "chatglm")
 # The identity sentence of glm-4-9b-chat's own chat_template (tokenizer_config.json) before the tool list.
 # THUDM's demo code writes "GLM-4" in its place; the checkpoint's template, which users render with, says ChatGLM.
 GLM4_TOOL_IDENTITY = (
@@ -55,7 +55,9 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
         # GLM-4.6 and GLM-4.7 share model_type glm4_moe: the checkpoint's own chat_template decides; the
         # model type only where there is none (GLM-4.7-Flash and GLM-5 write the compact format).
         matching = [
-            f for f in ("glm4_7", "glm4_5") if chat_template_mismatch(build_template(f, tokenizer), tokenizer) is None
+            f
+            for f in ("glm5_2", "glm5_1", "glm4_7", "glm4_5")
+            if chat_template_mismatch(build_template(f, tokenizer), tokenizer) is None
         ]
         if getattr(tokenizer, "chat_template", None) and matching:
             return matching[0]
@@ -313,6 +315,12 @@ PROBES = (
         {"role": "user", "content": "讲个笑话"},
     ],
 )
+# GLM-4.7 and GLM-5.1 differ only in how they list tools: the thinking formats are also probed with one.
+TOOL_PROBE = [{"role": "user", "content": "北京天气"}]
+PROBE_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "查天气",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+]  # fmt: skip
 
 
 def _first_difference(a: list, b: list) -> int:
@@ -331,15 +339,21 @@ def chat_template_mismatch(template, tokenizer) -> str | None:
     format; the message names the first differing token and shows both renderings around it."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    for probe in PROBES:
+    probes = [(p, None) for p in PROBES]
+    if isinstance(template, ThinkingTemplate):
+        probes.append((TOOL_PROBE, PROBE_TOOLS))
+    for probe, tools in probes:
         try:
             theirs = list(
-                tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=True, return_dict=False)
+                tokenizer.apply_chat_template(
+                    probe, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
             )
         except Exception as e:  # a remote-code tokenizer's template may not render plain messages at all
             return f"the tokenizer's chat_template could not render a probe conversation ({e})"
         system = probe[0]["content"] if probe[0]["role"] == "system" else ""
-        ours = template.encode_prompt({"system": system, "messages": [m for m in probe if m["role"] != "system"]})
+        messages = [m for m in probe if m["role"] != "system"]
+        ours = template.encode_prompt({"system": system, "tools": tools, "messages": messages})
         if ours == theirs:
             continue
         i = _first_difference(ours, theirs)

@@ -10,8 +10,12 @@
   alone; calls `<tool_call>{name}<arg_key>k</arg_key><arg_value>v</arg_value></tool_call>`; results
   `<tool_response>{result}</tool_response>`; `clear_thinking=false` keeps earlier turns' reasoning.
   Generation prompt `<|assistant|><think>` (`<|assistant|></think>` with thinking off).
+- `glm5_1`: GLM-5.1. GLM-4.7's format; each tool in the tool list is the function itself, unwrapped from
+  OpenAI's `{"type": "function", "function": {...}}`.
+- `glm5_2`: GLM-5.2. GLM-5.1's, plus a first system turn `Reasoning Effort: Max` (or `High`: the row's
+  `reasoning_effort`, default max) when thinking is on; an empty thought is `<think></think>`.
 
-Both keep reasoning only for the assistant turns after the last user turn (unless clear_thinking is
+All keep reasoning only for the assistant turns after the last user turn (unless clear_thinking is
 false on glm4_7); reasoning comes from the message's `reasoning` or is split out of `<think>...</think>`
 in its content, as the official templates do. Argument values that are not strings are written as JSON.
 tests/data/official_renderings/ holds the official templates' renderings these must equal.
@@ -27,7 +31,9 @@ import json
 from dist_glm.data.encoding import IGNORE_INDEX, Encoded, _encode_text, _fit, _ids
 from dist_glm.errors import UserError
 
-FORMATS = ("glm4_5", "glm4_7")
+FORMATS = ("glm4_5", "glm4_7", "glm5_1", "glm5_2")
+# The GLM-5.2 reasoning effort values the official template tells apart (any other it treats as max).
+REASONING_EFFORTS = ("max", "high")
 TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
@@ -41,6 +47,22 @@ CALL_EXAMPLE = {
     "glm4_7": "<tool_call>{function-name}<arg_key>{arg-key-1}</arg_key><arg_value>{arg-value-1}</arg_value>"
     "<arg_key>{arg-key-2}</arg_key><arg_value>{arg-value-2}</arg_value>...</tool_call>",
 }
+
+
+def unwrap(tool):
+    """GLM-5.1 onward list a tool as its function: OpenAI's `{"type": "function", "function": f}` -> f."""
+    if isinstance(tool, dict) and "type" in tool and isinstance(tool.get("function"), dict):
+        return tool["function"]
+    return tool
+
+
+def reasoning_effort(conv: dict) -> str:
+    effort = conv.get("reasoning_effort", "max")
+    if effort not in REASONING_EFFORTS:
+        raise UserError(
+            f"reasoning_effort={effort!r}: GLM-5.2's template knows {' and '.join(REASONING_EFFORTS)}; give one of them"
+        )
+    return effort
 
 
 def split_reasoning(message: dict) -> tuple[str, str]:
@@ -65,13 +87,16 @@ class ThinkingTemplate:
         reasoning_history="expand",
     ):
         self.tok, self.name, self.reasoning_history = tokenizer, name, reasoning_history
-        if reasoning_history == "keep" and name != "glm4_7":
+        self.compact = name != "glm4_5"  # GLM-4.7 onward: no newlines after role tokens, compact calls
+        if reasoning_history == "keep" and not self.compact:
             raise UserError(
                 f"reasoning_history=keep renders earlier turns' reasoning, which only GLM-4.7's format has "
                 f"(clear_thinking=false); with template={name} use expand (the default) or drop"
             )
         self.mask_history, self.train_on_prompt = mask_history, train_on_prompt
-        self.nl = "\n" if name == "glm4_5" else ""  # after a role token
+        self.nl = "" if self.compact else "\n"  # after a role token
+        # How an empty thought is written: GLM-4.7/5.1 close one the prompt opened; GLM-5.2 writes it whole.
+        self.empty_thought = "<think></think>" if name == "glm5_2" else "</think>"
         self.prefix = _ids(tokenizer, ["[gMASK]", "<sop>"])
         self.document_prefix = self.prefix
         roles = ("system", "user", "assistant", "observation")
@@ -80,9 +105,13 @@ class ThinkingTemplate:
     # ---- text of each part -----------------------------------------------------------------------
     def _system_texts(self, conv: dict) -> list[str]:
         out = []
+        if self.name == "glm5_2" and conv.get("enable_thinking") is not False:
+            out.append(f"Reasoning Effort: {reasoning_effort(conv).capitalize()}")
         if conv.get("tools"):
-            lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in conv["tools"])
-            out.append("\n" + TOOLS_INTRO + lines + TOOLS_OUTRO + CALL_EXAMPLE[self.name])
+            tools = [unwrap(t) for t in conv["tools"]] if self.name in ("glm5_1", "glm5_2") else conv["tools"]
+            lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tools)
+            example = CALL_EXAMPLE["glm4_7" if self.compact else "glm4_5"]
+            out.append("\n" + TOOLS_INTRO + lines + TOOLS_OUTRO + example)
         if conv.get("system") or conv.get("system_turn"):
             out.append(self.nl + conv.get("system", ""))
         return out
@@ -112,11 +141,11 @@ class ThinkingTemplate:
         """(text after <|assistant|>, whether the reasoning the turn had is shown)."""
         reasoning, answer = split_reasoning(turn[0])
         shown = shows_reasoning and bool(reasoning)
-        if self.name == "glm4_5":
+        if not self.compact:
             text = f"\n<think>{reasoning.strip()}</think>" if shown else "\n<think></think>"
             text += f"\n{answer.strip()}" if answer.strip() else ""
         else:
-            text = f"<think>{reasoning.strip()}</think>" if shown else "</think>"
+            text = f"<think>{reasoning.strip()}</think>" if shown else self.empty_thought
             text += answer.strip()
         text += "".join(self._call_text(m["tool_call"]) for m in turn if m.get("tool_call"))
         return text, shown or not reasoning
@@ -161,13 +190,13 @@ class ThinkingTemplate:
         trainable marks an assistant turn shown as the model saw it."""
         turns = self._turns(conv)
         last_user = max((i for i, (role, _, _) in enumerate(turns) if role == "user"), default=-1)
-        keep_all = self.name == "glm4_7" and conv.get("clear_thinking") is False
+        keep_all = self.compact and conv.get("clear_thinking") is False
         out = [("system", text, False, -1) for text in self._system_texts(conv)]
         for i, (role, msgs, first) in enumerate(turns):
             if role == "user":
                 out.append(("user", self._user_text(msgs[0]["content"], conv), False, first))
             elif role == "observation":
-                sep = "\n" if self.name == "glm4_5" else ""
+                sep = self.nl
                 body = "".join(f"{sep}<tool_response>{sep}{m['content']}{sep}</tool_response>" for m in msgs)
                 out.append(("observation", body, False, first))
             else:
@@ -181,14 +210,14 @@ class ThinkingTemplate:
 
     def generation_prompt(self, conv: dict) -> list[int]:
         off = conv.get("enable_thinking") is False
-        tail = ("\n<think></think>" if off else "") if self.name == "glm4_5" else ("</think>" if off else "<think>")
+        tail = ("\n<think></think>" if off else "") if not self.compact else (self.empty_thought if off else "<think>")
         return [self.role_ids["assistant"]] + _encode_text(self.tok, tail)
 
     def call_header_ids(self, name: str, conv: dict | None = None) -> list[int]:
         """What follows the generation prompt in a reply that must call tool `name`, up to its arguments: an
         empty thought (when the prompt did not close one already), then the call's opening."""
         off = (conv or {}).get("enable_thinking") is False
-        if self.name == "glm4_5":
+        if not self.compact:
             return _encode_text(self.tok, ("" if off else "\n<think></think>") + f"\n<tool_call>{name}")
         return _encode_text(self.tok, ("" if off else "</think>") + f"<tool_call>{name}")
 

@@ -66,6 +66,14 @@ class Completions:
                 raise ApiError(400, f"chat_template_kwargs.{key} must be true or false", f"chat_template_kwargs.{key}")
             if key in switches:
                 conv[key] = switches[key]
+        if "reasoning_effort" in switches:  # GLM-5.2's system line
+            if switches["reasoning_effort"] not in ("max", "high"):
+                raise ApiError(
+                    400,
+                    "chat_template_kwargs.reasoning_effort must be max or high",
+                    "chat_template_kwargs.reasoning_effort",
+                )
+            conv["reasoning_effort"] = switches["reasoning_effort"]
         try:  # tokenizing a long prompt takes a while: keep it off the event loop
             if self.engine.template is not None:
                 prompt_ids = await run_in_threadpool(self.engine.encode_conversation, conv, tool_plan.forced)

@@ -54,7 +54,7 @@ def parse_call(text: str, strings: dict[str, set[str]]) -> tuple[str, dict]:
 @dataclass
 class ThinkingReply:
     plan: ToolPlan
-    template: str  # glm4_5 or glm4_7
+    template: str  # glm4_5, glm4_7, glm5_1 or glm5_2
     thinking: bool  # the prompt left thinking on
     tools: list | None = None
     reasoning: str = ""
@@ -66,7 +66,7 @@ class ThinkingReply:
     def __post_init__(self):
         # glm4_7's prompt ends with <think> (thinking on) or </think> (off); glm4_5's with <|assistant|> (the
         # model opens the thought itself) or <think></think> (off).
-        if self.template == "glm4_7":
+        if self.template != "glm4_5":  # GLM-4.7 onward
             self._phase = "reasoning" if self.thinking else "content"
         elif not self.thinking:
             self._phase = "content"

@@ -18,8 +18,13 @@ from dist_glm.data.converters import from_openai
 from dist_glm.data.sources import BadRow
 
 # Templates whose reply format this module parses (ChatGLM3 writes a python block; ChatGLM2/6B have no tools).
-TOOL_TEMPLATES = ("glm4", "glm4_0414", "glm4_5", "glm4_7")
-THINKING_TEMPLATES = ("glm4_5", "glm4_7")  # their replies are read by dist_glm.tools.serving.thinking_replies
+TOOL_TEMPLATES = ("glm4", "glm4_0414", "glm4_5", "glm4_7", "glm5_1", "glm5_2")
+THINKING_TEMPLATES = (
+    "glm4_5",
+    "glm4_7",
+    "glm5_1",
+    "glm5_2",
+)  # their replies are read by dist_glm.tools.serving.thinking_replies
 
 
 class ToolRequestError(ValueError):
