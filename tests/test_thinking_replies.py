@@ -146,5 +146,7 @@ def test_served_with_the_openai_client_reasoning_first_tool_choice_and_thinking_
         assert "reasoning_content" not in off.choices[0].message.model_dump(exclude_none=True)
         bad = server.post({**ask, "chat_template_kwargs": {"enable_thinking": "no"}})
         assert bad.status_code == 400 and "chat_template_kwargs.enable_thinking" in bad.text
+        bad = server.post({**ask, "chat_template_kwargs": {"reasoning_effort": "low"}})
+        assert bad.status_code == 400 and "reasoning_effort must be max or high" in bad.text
     finally:
         next(gen, None)
