@@ -51,7 +51,6 @@ def main(settings_path: str) -> None:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -59,7 +58,7 @@ def main(settings_path: str) -> None:
         disable_tqdm=True,
         seed=s["seed"],
         use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **s.get("trainer_args", {}),  # the benchmark's profile: nothing (the trainer's defaults) or matched settings
     )
     rows = load_rows(s["data"])
     if s["framework"] == "trl":

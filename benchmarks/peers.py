@@ -123,3 +123,27 @@ def ours_versions() -> str:
         ", ".join(f"{n} {m.version(n)}" for n in ("torch", "transformers", "deepspeed", "peft"))
         + f", python {sys.version.split()[0]}"
     )
+
+
+# What a peer does when the benchmark does not say (its own defaults, read from the installed code): the
+# optimizer implementation and whether it checkpoints activations.
+DEFAULTS_CODE = {
+    "hf": "from transformers import TrainingArguments as A\n"
+    "a = A(output_dir='unused', use_cpu=True)\nprint(getattr(a.optim, 'value', a.optim), a.gradient_checkpointing)",
+    "llamafactory": "from transformers import TrainingArguments as A\n"
+    "from llamafactory.hparams import ModelArguments as M\na = A(output_dir='unused', use_cpu=True)\n"
+    "print(getattr(a.optim, 'value', a.optim), not M.__dataclass_fields__['disable_gradient_checkpointing'].default)",
+}
+DEFAULTS_CODE["trl"] = DEFAULTS_CODE["hf"].replace(
+    "from transformers import TrainingArguments as A", "from trl import SFTConfig as A"
+)
+
+
+def peer_defaults(python: Path, name: str) -> dict:
+    """{"optim": str, "gradient_checkpointing": bool} as the installed peer defaults them."""
+    proc = subprocess.run([str(python), "-c", DEFAULTS_CODE[name]], capture_output=True, text=True)
+    if proc.returncode:
+        return {"optim": f"unknown ({proc.stderr.strip().splitlines()[-1][:80] if proc.stderr.strip() else '?'})",
+                "gradient_checkpointing": None}  # fmt: skip
+    optim, gc = proc.stdout.split()[-2:]
+    return {"optim": optim, "gradient_checkpointing": gc == "True"}

@@ -41,21 +41,65 @@ def numbers(r: RunResult, tokens_per_step: float, loss_step: int) -> Numbers | N
     )
 
 
-def matmul_flops_per_second(n: int = 1024, tries: int = 3, seconds: float = 1.0) -> tuple[float, int]:
-    """(this CPU's fp32 matmul FLOP/s with torch's default threads, that thread count): the physical
-    limit MFU is taken against. The best of a few tries, since other work on the machine only lowers it."""
+@dataclass
+class MatmulReference:
+    """fp32 matmul FLOP per second of one thread (one CPU-second), measured while nothing else of the
+    benchmark runs: `tries` timings, their best and their spread."""
+
+    timings: list[float]
+
+    @property
+    def best(self) -> float:
+        return max(self.timings)
+
+    @property
+    def spread(self) -> float:
+        """(best - worst) / best: how much the machine moved under the measurement."""
+        return (max(self.timings) - min(self.timings)) / max(self.timings)
+
+
+def matmul_reference(n: int = 1024, tries: int = 5, seconds: float = 0.5) -> MatmulReference:
+    """One thread's fp32 matmul rate: the most a CPU-second can do, so MFU per CPU-second is against it
+    whatever the thread count. On one thread a busy machine slows it only by taking the core away, which
+    the spread of the tries shows."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)  # warm-up: thread pool and first-touch pages
-    best = 0.0
-    for _ in range(tries):
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            torch.matmul(a, b)
-            count += 1
-        best = max(best, 2 * n**3 * count / (time.perf_counter() - start))
-    return best, torch.get_num_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)  # warm-up: first-touch pages
+        timings = []
+        for _ in range(tries):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                torch.matmul(a, b)
+                count += 1
+            timings.append(2 * n**3 * count / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    return MatmulReference(timings)
+
+
+TRUSTED_SPREAD = 0.10  # tries further apart than this (or a before/after change this large): the machine was busy
+
+
+def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: MatmulReference) -> str:
+    """`MFU x %` with its uncertainty, or why no number is given: a reference measured on a busy machine
+    (spread, or a change between before and after the rounds, above TRUSTED_SPREAD) and a utilisation above
+    100% are measurement errors, never printed as results."""
+    change = abs(before.best - after.best) / max(before.best, after.best)
+    if max(before.spread, after.spread, change) > TRUSTED_SPREAD:
+        return (
+            f"not given: the matmul reference moved {100 * max(before.spread, after.spread, change):.0f} % "
+            f"while it was measured (machine busy); rerun on an idle machine"
+        )
+    reference = max(before.best, after.best)
+    mfu = flops_per_cpu_second / reference
+    if mfu > 1:
+        return f"not given: {100 * mfu:.0f} % is above what the reference allows, so the reference is wrong"
+    low = flops_per_cpu_second / (reference * (1 + change))
+    return f"{100 * mfu:.0f} % (reference {reference / 1e9:.1f} GFLOP/s per thread, +-{100 * (mfu - low):.0f} %)"
 
 
 def matmul_params(model_dir: str) -> tuple[int, int]:

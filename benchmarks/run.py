@@ -1,8 +1,11 @@
 """The side-by-side training benchmark: ours against HF Trainer, TRL's SFTTrainer and LLaMA-Factory.
 
 For each workload, every framework starts from the same saved weights on the same rows with the same
-settings (1 process, fp32, AdamW, constant lr, no eval, no saving), and in each round all of them run
-at the same time, so they share the machine's load; ratios are taken within a round.
+workload settings (1 process, fp32, AdamW, constant lr, batch, cutoff, no eval, no saving), and in each
+round all of them run at the same time, so they share the machine's load; ratios are taken within a
+round. Two tables (workloads.PROFILES): "defaults", every framework as its users run it (its own
+optimizer implementation, checkpointing and dataloader), and "matched", the same optimizer kernel and no
+checkpointing for all. The settings each framework ran with are printed under the tables.
 """
 
 import dataclasses
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import measure, peers, report, workloads
+from benchmarks.workloads import PROFILES
 from dist_glm.errors import UserError
 from dist_glm.options import Command, option
 
@@ -29,6 +33,11 @@ class BenchArgs:
         + ". Default: all.",
     )
     peers: str = option("hf,trl,llamafactory", f"Comma-separated peers, from: {', '.join(peers.PEERS)}; or none.")
+    profiles: str = option(
+        ",".join(PROFILES),  # (in this class body `workloads` is the field above)
+        "Comma-separated: defaults (each framework at its own defaults) and/or matched (the same optimizer "
+        "kernel, no gradient checkpointing).",
+    )
     rounds: int = option(3, "Rounds; in each, ours and every peer run at the same time.")
     steps: int = option(0, "Optimizer steps per run (0 = the workload's own count).")
     loss_step: int = option(0, "The step whose loss the table prints for every framework (0 = the last step).")
@@ -60,6 +69,8 @@ def _names(value: str, known: dict, flag: str) -> list[str]:
 def check_args(a: BenchArgs) -> tuple[list[str], list[str]]:
     wl, ps = _names(a.workloads, workloads.WORKLOADS, "workloads"), _names(a.peers, peers.PEERS, "peers")
     problems = [] if wl else ["--workloads: name at least one workload"]
+    if not _names(a.profiles, dict.fromkeys(workloads.PROFILES), "profiles"):
+        problems.append("--profiles: name defaults, matched or both")
     if a.rounds < 1:
         problems.append(f"--rounds={a.rounds}: must be at least 1")
     if a.steps and a.steps < 3:
@@ -80,7 +91,9 @@ def child_env() -> dict:
     return env
 
 
-def build_jobs(w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path, log_root: Path) -> list:
+def build_jobs(
+    w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path, log_root: Path, profile: str = "defaults"
+) -> list:
     """Ours reads the raw rows, LLaMA-Factory its registry of them, HF/TRL our tokenization of them."""
     import yaml
 
@@ -94,13 +107,15 @@ def build_jobs(w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path
         out = run_root / name
         out.mkdir(parents=True, exist_ok=True)
         if name == "llamafactory":
-            (out / "recipe.yaml").write_text(yaml.safe_dump(workloads.llamafactory_config(w, model_dir, lf_data, out)))
+            recipe = workloads.llamafactory_config(w, model_dir, lf_data, out, profile)
+            (out / "recipe.yaml").write_text(yaml.safe_dump(recipe))
             cmd, step_log = (
                 [str(python.parent / "llamafactory-cli"), "train", str(out / "recipe.yaml")],
                 "trainer_log.jsonl",
             )
         else:
-            (out / "settings.json").write_text(json.dumps(workloads.peer_settings(w, name, model_dir, rows, out)))
+            settings = workloads.peer_settings(w, name, model_dir, rows, out, profile)
+            (out / "settings.json").write_text(json.dumps(settings))
             cmd, step_log = [str(python), str(script), str(out / "settings.json")], "steps.jsonl"
         jobs.append(measure.Job(name, cmd, out / step_log, log_root / f"{name}.log", env, cwd=str(out)))
     return jobs
@@ -120,82 +135,129 @@ def groups_that_fit(jobs: list, per_job_gib: float, headroom_gib: float, log) ->
     return [[ours, *rest[i : i + fit - 1]] for i in range(0, len(rest), fit - 1)]
 
 
-def mfu_line(mine: list, model_dir: Path, rows: Path, flops_per_cpu_second: float) -> str:
-    """Ours' MFU per CPU-second (the runs share the CPU; a CPU-second can do at most matmul FLOP/s / threads):
-    at the usual 6N FLOP/token, and at the FLOPs ours does, which apply the LM head only at labelled tokens."""
+def mfu_line(mine: list, model_dir: Path, rows: Path, before, after) -> str:
+    """Ours' MFU per CPU-second (the runs share the CPU; a CPU-second can do at most one thread's matmul
+    rate): at the usual 6N FLOP/token, and at the FLOPs ours does, which apply the LM head only at labelled
+    tokens. `before`/`after`: the reference measured before and after the rounds (report.mfu_text)."""
     body, head = report.matmul_params(str(model_dir))
     labels = [json.loads(line)["labels"] for line in open(rows, encoding="utf-8")]
     labelled = sum(sum(x != -100 for x in r) for r in labels) / sum(len(r) for r in labels)
     per_cpu_s = statistics.median(n.tokens_per_cpu_second for n in mine)
-    model_mfu = per_cpu_s * 6 * (body + head) / flops_per_cpu_second
-    done_mfu = per_cpu_s * 6 * (body + head * labelled) / flops_per_cpu_second
+    model_mfu = report.mfu_text(per_cpu_s * 6 * (body + head), before, after)
+    done_mfu = report.mfu_text(per_cpu_s * 6 * (body + head * labelled), before, after)
     return (
         f"ours at {per_cpu_s:.0f} tok per CPU-s (median); N = {(body + head) / 1e6:.1f}M matmul parameters "
-        f"({head / 1e6:.1f}M of them the LM head): MFU at 6N FLOP/token {100 * model_mfu:.0f} %; at the FLOPs ours "
-        f"does (LM head at the {100 * labelled:.0f} % labelled tokens only) {100 * done_mfu:.0f} %"
+        f"({head / 1e6:.1f}M of them the LM head): MFU at 6N FLOP/token {model_mfu}; at the FLOPs ours "
+        f"does (LM head at the {100 * labelled:.0f} % labelled tokens only) {done_mfu}"
     )
+
+
+def settings_lines(profile: str, frameworks: list[str], defaults: dict) -> list[str]:
+    """What each framework ran with beyond the workload, in `profile`: the optimizer implementation and
+    activation checkpointing, each marked as the framework's own default or as set by the benchmark."""
+    lines = []
+    for fw in frameworks:
+        if fw == OURS:
+            lines.append(
+                f"  - {OURS}: optimizer adamw_torch_fused (its default), gradient checkpointing off (its default)"
+            )
+            continue
+        given, own = workloads.peer_overrides(fw, profile), defaults.get(fw, {})
+        gc_given = given.get("gradient_checkpointing", None)
+        if "disable_gradient_checkpointing" in given:
+            gc_given = not given["disable_gradient_checkpointing"]
+        optim = f"{given['optim']} (set)" if "optim" in given else f"{own.get('optim', '?')} (its default)"
+        gc = own.get("gradient_checkpointing") if gc_given is None else gc_given
+        gc_text = {True: "on", False: "off", None: "?"}[gc] + (" (set)" if gc_given is not None else " (its default)")
+        lines.append(f"  - {fw}: optimizer {optim}, gradient checkpointing {gc_text}")
+    return lines
+
+
+PROFILE_TITLES = {
+    "defaults": "As users run them: every framework at its own defaults beyond the workload",
+    "matched": "Same settings: the same optimizer kernel (adamw_torch_fused) and no gradient checkpointing for all",
+}
 
 
 def bench(a: BenchArgs, log=print) -> str:
     names, peer_names = check_args(a)
+    profiles = _names(a.profiles, dict.fromkeys(workloads.PROFILES), "profiles")
     cache = Path(a.cache_dir).expanduser().resolve()
-    pythons, skipped, lines = {}, {}, []
+    pythons, skipped, lines, defaults = {}, {}, [], {}
     for n in peer_names:
         python, how = peers.ensure_venv(cache, peers.PEERS[n], log)
         if python is None:
             skipped[n] = how
         else:
             pythons[n] = python
+            defaults[n] = peers.peer_defaults(python, n)
             lines.append(f"- {peers.PEERS[n].label} ({n}): {peers.peer_version_report(python)}")
     lines.insert(0, f"- {OURS} (ours): {peers.ours_versions()}")
-    flops, threads = report.matmul_flops_per_second()
+    before = report.matmul_reference()
+    sections, mfu_lines = [], []
+    for profile in profiles:
+        rows = []
+        for wname in names:
+            w = workloads.WORKLOADS[wname]
+            if a.steps:
+                w = workloads.Workload(**{**w.__dict__, "steps": a.steps})
+            row, mine, model_dir, data_dir = run_workload(a, w, profile, pythons, skipped, cache, log)
+            rows.append(row)
+            if mine and not w.lora:
+                mfu_lines.append((profile, wname, mine, model_dir, data_dir / "tokenized.jsonl"))
+        settings = "\n".join(settings_lines(profile, [OURS, *pythons], defaults))
+        sections.append(
+            f"### {PROFILE_TITLES[profile]}\n\n{report.table(rows, [OURS, *peer_names], OURS)}\n\nSettings:\n{settings}"
+        )
+    after = report.matmul_reference()
     lines.append(
-        f"- this CPU's fp32 matmul (1024x1024, best of 3 s, run before the rounds): {flops / 1e9:.1f} GFLOP/s on "
-        f"{threads} threads = {flops / threads / 1e9:.1f} GFLOP per CPU-second"
+        f"- fp32 matmul reference, one thread (1024x1024): {before.best / 1e9:.1f} GFLOP/s before the rounds "
+        f"(tries {100 * before.spread:.0f} % apart), {after.best / 1e9:.1f} after ({100 * after.spread:.0f} % apart)"
     )
-    rows = []
-    for wname in names:
-        w = workloads.WORKLOADS[wname]
-        if a.steps:
-            w = workloads.Workload(**{**w.__dict__, "steps": a.steps})
-        model_dir = workloads.build_model_dir(w.model, cache)
-        data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        raw = workloads.write_rows(w, data_dir / "raw.jsonl")
-        lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
-        workloads.write_llamafactory_data(raw, data_dir / "llamafactory")
-        tokens_per_step = w.batch_size * statistics.mean(lengths)
-        loss_step = a.loss_step or w.steps
-        got: dict[str, list] = {OURS: [], **{n: [] for n in pythons}}
-        errors: dict[str, str] = {}
-        pairs: dict[str, list] = {n: [] for n in pythons}
-        for r in range(a.rounds):
-            run_root, log_root = cache / "runs" / wname, cache / "logs" / f"{wname}-round{r + 1}"
-            shutil.rmtree(run_root, ignore_errors=True)
-            log_root.mkdir(parents=True, exist_ok=True)
-            jobs = build_jobs(w, model_dir, data_dir, pythons, run_root, log_root)
-            for group in groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log):
-                log(f"{wname} round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} together ({w.steps} steps)")
-                results = measure.run_together(group, a.round_timeout_s)
-                # The raw marks, so a table can be recomputed (or checked) without running again.
-                raw = log_root / f"results-{'-'.join(j.label for j in group)}.json"
-                raw.write_text(json.dumps([dataclasses.asdict(res) for res in results], indent=1))
-                together = {res.label: report.numbers(res, tokens_per_step, loss_step) for res in results}
-                for res in results:
-                    got[res.label].append(together[res.label])
-                    if res.label != OURS:
-                        pairs[res.label].append((together[OURS], together[res.label]))
-                    if res.error:
-                        errors[res.label] = res.error
-                        log(f"  {res.label}: {res.error}")
-            shutil.rmtree(run_root, ignore_errors=True)  # final models (ours saves one) are not kept
-        mine = [n for n in got[OURS] if n]
-        if mine and not w.lora:
-            lines.append(f"- {wname}: " + mfu_line(mine, model_dir, data_dir / "tokenized.jsonl", flops / threads))
-        rows.append(dict(workload=f"{wname} (batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
-                         f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
-                         skipped=skipped, errors=errors, pairs=pairs))  # fmt: skip
-    text = report.table(rows, [OURS, *peer_names], OURS) + "\n\n" + "\n".join(lines)
+    for profile, wname, mine, model_dir, tokenized in mfu_lines:
+        lines.append(f"- {wname} ({profile}): " + mfu_line(mine, model_dir, tokenized, before, after))
+    text = "\n\n".join(sections) + "\n\n" + "\n".join(lines)
     if a.output:
         Path(a.output).write_text(text + "\n", encoding="utf-8")
     return text
+
+
+def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, cache: Path, log):
+    """Every round of one workload in one profile: (table row, ours' Numbers, model dir, data dir)."""
+    model_dir = workloads.build_model_dir(w.model, cache)
+    data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    raw = workloads.write_rows(w, data_dir / "raw.jsonl")
+    lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
+    workloads.write_llamafactory_data(raw, data_dir / "llamafactory")
+    tokens_per_step = w.batch_size * statistics.mean(lengths)
+    loss_step = a.loss_step or w.steps
+    got: dict[str, list] = {OURS: [], **{n: [] for n in pythons}}
+    errors: dict[str, str] = {}
+    pairs: dict[str, list] = {n: [] for n in pythons}
+    for r in range(a.rounds):
+        run_root = cache / "runs" / f"{w.name}-{profile}"
+        log_root = cache / "logs" / f"{w.name}-{profile}-round{r + 1}"
+        shutil.rmtree(run_root, ignore_errors=True)
+        log_root.mkdir(parents=True, exist_ok=True)
+        jobs = build_jobs(w, model_dir, data_dir, pythons, run_root, log_root, profile)
+        for group in groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log):
+            log(f"{w.name} ({profile}) round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} together "
+                f"({w.steps} steps)")  # fmt: skip
+            results = measure.run_together(group, a.round_timeout_s)
+            # The raw marks, so a table can be recomputed (or checked) without running again.
+            marks = log_root / f"results-{'-'.join(j.label for j in group)}.json"
+            marks.write_text(json.dumps([dataclasses.asdict(res) for res in results], indent=1))
+            together = {res.label: report.numbers(res, tokens_per_step, loss_step) for res in results}
+            for res in results:
+                got[res.label].append(together[res.label])
+                if res.label != OURS:
+                    pairs[res.label].append((together[OURS], together[res.label]))
+                if res.error:
+                    errors[res.label] = res.error
+                    log(f"  {res.label}: {res.error}")
+        shutil.rmtree(run_root, ignore_errors=True)  # final models (ours saves one) are not kept
+    row = dict(workload=f"{w.name} (batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
+               f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
+               skipped=skipped, errors=errors, pairs=pairs)  # fmt: skip
+    return row, [n for n in got[OURS] if n], model_dir, data_dir

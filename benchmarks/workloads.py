@@ -48,6 +48,24 @@ WORKLOADS = {
 }
 LORA_RANK, LORA_ALPHA, SEED = 8, 16.0, 42
 
+# Beyond what a workload fixes (model, rows, batch, cutoff, lr, steps, fp32, one process, no eval or saving):
+# - "defaults": nothing more. Each framework runs as its users run it: its own optimizer implementation,
+#   gradient checkpointing and dataloader defaults (the benchmark prints what those are for the versions
+#   installed; LLaMA-Factory checkpoints activations unless told not to).
+# - "matched": the same optimizer kernel for everyone (torch's fused AdamW, ours' and transformers' default)
+#   and no gradient checkpointing anywhere.
+PROFILES = ("defaults", "matched")
+MATCHED_OPTIM = "adamw_torch_fused"
+
+
+def peer_overrides(framework: str, profile: str) -> dict:
+    """The settings a peer is given on top of the workload's, by profile (written into its settings file)."""
+    if profile == "defaults":
+        return {}
+    if framework == "llamafactory":
+        return {"optim": MATCHED_OPTIM, "disable_gradient_checkpointing": True}
+    return {"optim": MATCHED_OPTIM, "gradient_checkpointing": False}
+
 
 def build_model_dir(name: str, cache: Path) -> Path:
     """config + tokenizer + model.safetensors with random weights from SEED, written once (a marker
@@ -123,16 +141,19 @@ def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path) -> lis
     return [sys.executable, str(REPO / "launch" / "train.py")] + [f"--{k}={v}" for k, v in flags.items()]
 
 
-def peer_settings(w: Workload, framework: str, model_dir: Path, rows: Path, run_dir: Path) -> dict:
-    """The settings file peer_train.py reads (HF Trainer and TRL)."""
+def peer_settings(
+    w: Workload, framework: str, model_dir: Path, rows: Path, run_dir: Path, profile: str = "defaults"
+) -> dict:
+    """The settings file peer_train.py reads (HF Trainer and TRL); `trainer_args` go to the trainer's
+    arguments as they are, nothing else is set there beyond the workload."""
     return dict(
         framework=framework, model=str(model_dir), data=str(rows), output_dir=str(run_dir), lora=w.lora,
         lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, batch_size=w.batch_size, cutoff_len=w.cutoff_len,
-        learning_rate=w.learning_rate, steps=w.steps, seed=SEED,
+        learning_rate=w.learning_rate, steps=w.steps, seed=SEED, trainer_args=peer_overrides(framework, profile),
     )  # fmt: skip
 
 
-def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
+def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: Path, profile: str = "defaults") -> dict:
     """LLaMA-Factory's own recipe for the same run (`llamafactory-cli train CONFIG.yaml`)."""
     cfg = dict(
         model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora" if w.lora else "full",
@@ -141,7 +162,7 @@ def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: P
         logging_steps=1, save_strategy="no", plot_loss=False, report_to="none",
         per_device_train_batch_size=w.batch_size, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=w.steps,
-        optim="adamw_torch", seed=SEED, disable_tqdm=True,
+        seed=SEED, disable_tqdm=True, **peer_overrides("llamafactory", profile),
     )  # fmt: skip
     if w.lora:
         cfg.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_target="all", lora_dropout=0.0)

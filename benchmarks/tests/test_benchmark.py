@@ -73,7 +73,7 @@ def test_bad_arguments_name_the_flag(args, expect):
 def test_ours_alone_end_to_end(tmp_path):
     out = tmp_path / "table.md"
     cmd = [sys.executable, "launch/benchmark.py", "--workloads=tiny", "--peers=none", "--steps=3", "--rounds=1",
-           f"--cache_dir={tmp_path / 'cache'}", f"--output={out}"]  # fmt: skip
+           "--profiles=matched", f"--cache_dir={tmp_path / 'cache'}", f"--output={out}"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = next(line for line in out.read_text().splitlines() if "| dist_glm |" in line)
@@ -82,7 +82,9 @@ def test_ours_alone_end_to_end(tmp_path):
     assert float(tokens_per_s.split(" / ")[0]) > 0 and float(per_cpu_s.split(" / ")[0]) > 0
     assert 0.1 < float(rss) < 8 and float(first) > 0
     assert 3 < float(loss) < 8  # step 3 of a random-init model on a 714-token vocabulary (ln 714 = 6.6)
-    assert "GFLOP/s" in out.read_text()
+    text = out.read_text()
+    assert "GFLOP/s" in text and "### Same settings" in text and "### As users run them" not in text
+    assert all(int(pct) <= 100 for pct in re.findall(r"MFU at 6N FLOP/token (\d+) %", text))
 
     bad = subprocess.run([sys.executable, "launch/benchmark.py", "--peers=nope"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
@@ -124,3 +126,59 @@ def test_every_benchmark_reads_its_flags_through_the_one_loader(script, flag, ex
     assert helped.returncode == 0 and "usage:" in helped.stdout.lower(), helped.stderr[-1000:]
     bad = subprocess.run([sys.executable, f"launch/{script}", flag], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and expect in bad.stderr, bad.stderr
+
+
+def test_the_settings_files_each_peer_gets_agree_with_what_the_tables_say(tmp_path):
+    """For both tables, the file each peer reads (settings.json for HF Trainer and TRL, recipe.yaml for
+    LLaMA-Factory) holds exactly what the printed settings say was set; what is printed as a peer's own
+    default is not set in its file; and no peer is given the unfused adamw_torch."""
+    import yaml
+
+    from benchmarks import workloads
+    from benchmarks.run import OURS, build_jobs, settings_lines
+
+    w = workloads.WORKLOADS["tiny"]
+    pythons = {name: tmp_path / name / "bin" / "python" for name in ("hf", "trl", "llamafactory")}
+    own = {"optim": "adamw_torch_fused", "gradient_checkpointing": False}
+    defaults = {"hf": own, "trl": own, "llamafactory": {**own, "gradient_checkpointing": True}}
+    for profile in workloads.PROFILES:
+        run_root = tmp_path / profile
+        build_jobs(w, tmp_path / "model", tmp_path / "data", pythons, run_root, tmp_path / "logs", profile)
+        claims = dict(line.strip("- ").split(": ", 1) for line in settings_lines(profile, [OURS, *pythons], defaults))
+        for name in pythons:
+            if name == "llamafactory":
+                given = yaml.safe_load((run_root / name / "recipe.yaml").read_text())
+                gc = (
+                    None
+                    if "disable_gradient_checkpointing" not in given
+                    else not given["disable_gradient_checkpointing"]
+                )
+            else:
+                given = json.loads((run_root / name / "settings.json").read_text())["trainer_args"]
+                gc = given.get("gradient_checkpointing")
+            optim = given.get("optim")
+            assert optim != "adamw_torch"
+            claim = claims[name]
+            if optim is None:
+                assert f"optimizer {defaults[name]['optim']} (its default)" in claim
+            else:
+                assert f"optimizer {optim} (set)" in claim
+            state = {True: "on", False: "off"}
+            if gc is None:
+                assert f"checkpointing {state[defaults[name]['gradient_checkpointing']]} (its default)" in claim
+            else:
+                assert f"checkpointing {state[gc]} (set)" in claim
+            if profile == "defaults":
+                assert optim is None and gc is None, (name, given)
+            else:
+                assert optim == "adamw_torch_fused" and gc is False, (name, given)
+        assert "gradient checkpointing on (its default)" in claims["llamafactory"] if profile == "defaults" else True
+
+
+def test_mfu_is_never_above_100_percent_nor_from_a_busy_reference():
+    steady = report.MatmulReference([50e9, 49e9, 50e9])
+    assert report.mfu_text(10e9, steady, steady).startswith("20 %")
+    assert report.mfu_text(60e9, steady, steady).startswith("not given")
+    busy = report.MatmulReference([50e9, 20e9, 48e9])
+    assert report.mfu_text(10e9, busy, steady).startswith("not given: the matmul reference moved 60 %")
+    assert report.mfu_text(10e9, steady, report.MatmulReference([30e9, 30e9, 30e9])).startswith("not given")
