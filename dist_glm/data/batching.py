@@ -6,9 +6,11 @@ accumulation micro-steps only decide who computes which slice of it. So 1 rank x
 step, and resuming at step N needs no replay: the position is a function of N.
 """
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from dist_glm.data.converters import count_empty_turns, load_conversations
@@ -24,6 +26,67 @@ class Example:
     prompt_ids: list[int]  # for generation: the prompt only
     reference: str  # the reply text, for generation metrics
     position_ids: list[int] | None = None  # set on packed rows: restarts at 0 for every sample
+
+
+@dataclass
+class Samples:
+    """Samples as the flat arrays the cache stores: sample i is input_ids/labels[offsets[i]:offsets[i + 1]]
+    and prompt_ids[prompt_offsets[i]:prompt_offsets[i + 1]]. Tokenizing workers send these back (a few
+    buffers per chunk instead of a Python object per token), and the cache is written from them as they are."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    prompt_ids: np.ndarray
+    prompt_offsets: np.ndarray
+    references: list
+
+    @staticmethod
+    def of(examples: list) -> "Samples":
+        """From anything with input_ids, labels, prompt_ids and reference (Encoded, Example)."""
+        flat = itertools.chain.from_iterable
+
+        def lengths(key):
+            return np.cumsum([0] + [len(getattr(e, key)) for e in examples], dtype=np.int64)
+
+        return Samples(
+            np.fromiter(flat(e.input_ids for e in examples), dtype=np.int32),
+            np.fromiter(flat(e.labels for e in examples), dtype=np.int32),
+            lengths("input_ids"),
+            np.fromiter(flat(e.prompt_ids for e in examples), dtype=np.int32),
+            lengths("prompt_ids"),
+            [e.reference for e in examples],
+        )
+
+    @staticmethod
+    def joined(parts: list["Samples"], keep: np.ndarray) -> "Samples":
+        """The samples of `parts` in order, only those `keep` (one bool per sample) marks."""
+
+        def cat(key, dtype):
+            return np.concatenate([getattr(p, key) for p in parts]) if parts else np.zeros(0, dtype)
+
+        def kept(key, offsets_key):
+            lengths = np.concatenate([np.diff(getattr(p, offsets_key)) for p in parts]) if parts else np.zeros(0, int)
+            tokens = cat(key, np.int32)[np.repeat(keep, lengths)]
+            return tokens, np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+
+        ids, offsets = kept("input_ids", "offsets")
+        labels, _ = kept("labels", "offsets")
+        prompt, prompt_offsets = kept("prompt_ids", "prompt_offsets")
+        references = [r for p in parts for r in p.references]
+        return Samples(
+            ids, labels, offsets, prompt, prompt_offsets, [r for r, k in zip(references, keep, strict=True) if k]
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> Example:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        pa, pb = self.prompt_offsets[i], self.prompt_offsets[i + 1]
+        return Example(
+            self.input_ids[a:b].tolist(), self.labels[a:b].tolist(), self.prompt_ids[pa:pb].tolist(), self.references[i]
+        )
 
 
 @dataclass
@@ -96,36 +159,45 @@ class DataStats:
         )
 
 
-def _encode_all(template, tokenizer, conversations: list[dict], cutoff_len: int):
-    """Each conversation as (kind, payload), lazily: ("text", pieces) or ("chat", Encoded, has_empty_turns)."""
+def _encode_chunk_here(template, tokenizer, conversations: list[dict], cutoff_len: int) -> tuple[list[tuple], Samples]:
+    """(one entry per conversation, their samples as flat arrays). An entry is ("text", pieces) or ("chat",
+    truncated, lost, has_empty_turns, has_labels); a chat conversation gives one sample, a document `pieces`."""
+    meta, samples = [], []
     for conv in conversations:
         if "text" in conv:
-            yield "text", document_pieces(template, tokenizer, conv["text"], cutoff_len)
-        else:
-            yield "chat", template.encode(conv, cutoff_len), count_empty_turns(conv) > 0
+            pieces = document_pieces(template, tokenizer, conv["text"], cutoff_len)
+            meta.append(("text", len(pieces)))
+            samples += pieces
+            continue
+        enc = template.encode(conv, cutoff_len)
+        has_labels = any(label != IGNORE_INDEX for label in enc.labels[1:])
+        meta.append(("chat", enc.truncated, enc.lost, count_empty_turns(conv) > 0, has_labels))
+        samples.append(enc)
+    return meta, Samples.of(samples)
 
 
 _WORKER: dict = {}  # the forked workers' template and tokenizer (inherited, never pickled)
 
 
-def _encode_chunk(bounds: tuple[int, int]) -> list[tuple]:
+def _encode_chunk(bounds: tuple[int, int]) -> tuple[list[tuple], Samples]:
     w = _WORKER
-    return list(_encode_all(w["template"], w["tokenizer"], w["conversations"][bounds[0] : bounds[1]], w["cutoff_len"]))
+    conversations = w["conversations"][bounds[0] : bounds[1]]
+    return _encode_chunk_here(w["template"], w["tokenizer"], conversations, w["cutoff_len"])
 
 
 def _encode_parallel(template, tokenizer, conversations: list[dict], cutoff_len: int, workers: int):
     """`workers` forked processes encode contiguous chunks; results keep the file order, so the cache
-    is identical to a single process's."""
+    is identical to a single process's. Returns [(entries, Samples)] per chunk."""
     import multiprocessing
 
     if workers <= 1 or len(conversations) < 2 * workers:
-        return _encode_all(template, tokenizer, conversations, cutoff_len)
+        return [_encode_chunk_here(template, tokenizer, conversations, cutoff_len)]
     _WORKER.update(template=template, tokenizer=tokenizer, conversations=conversations, cutoff_len=cutoff_len)
     step = -(-len(conversations) // (workers * 4))  # a few chunks per worker balance uneven lengths
     bounds = [(i, i + step) for i in range(0, len(conversations), step)]
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            return [item for chunk in pool.map(_encode_chunk, bounds) for item in chunk]
+            return pool.map(_encode_chunk, bounds)
     finally:
         _WORKER.clear()
 
@@ -158,15 +230,15 @@ def _check_reasoning_is_rendered(conversations: list[dict], template_name: str) 
         )
 
 
-def build_examples(
+def build_samples(
     spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
-) -> tuple[list[Example], DataStats]:
+) -> tuple[Samples, DataStats]:
     template = build_template(
         template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt,
         getattr(data_cfg, "reasoning_history", "expand"),
     )  # fmt: skip
     _check_thinking_switch(data_cfg, template_name)
-    stats, out, formats = DataStats(), [], {}
+    stats, formats = DataStats(), {}
     conversations = load_conversations(spec, data_cfg, stats.skipped, formats)
     stats.rows = len(conversations) + len(stats.skipped)
     stats.files = {path: {"format": fmt, "rows": 0, "samples": 0} for path, fmt in formats.items()}
@@ -179,33 +251,46 @@ def build_examples(
     rows = len(conversations)
     conversations = [c for conv in conversations for c in template.expand(conv)]
     stats.expanded = len(conversations) - rows
-    encoded = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
-    for conv, item in zip(conversations, encoded, strict=True):
+    chunks = _encode_parallel(template, tokenizer, conversations, data_cfg.cutoff_len, workers)
+    keep = []
+    entries = (entry for meta, _ in chunks for entry in meta)
+    for conv, entry in zip(conversations, entries, strict=True):
         where = conv["where"]
         source = where.rsplit(":", 1)[0]
-        if item[0] == "text":
-            pieces = item[1][: max_samples - stats.files[source]["samples"]] if max_samples else item[1]
-            stats.text_samples += len(pieces)
-            stats.files[source]["samples"] += len(pieces)
-            out += pieces
+        if entry[0] == "text":
+            pieces = entry[1]
+            taken = min(pieces, max_samples - stats.files[source]["samples"]) if max_samples else pieces
+            stats.text_samples += taken
+            stats.files[source]["samples"] += taken
+            keep += [True] * taken + [False] * (pieces - taken)
             continue
-        _, enc, empty_turns = item
+        _, truncated, lost, empty_turns, has_labels = entry
         stats.with_empty_turns += empty_turns
-        stats.truncated += enc.truncated
-        reply = [m for m in conv["messages"] if m["role"] == "assistant"][-1]
-        if "reply" in enc.lost and reply.get("tool_call"):
+        stats.truncated += truncated
+        if "reply" in lost and [m for m in conv["messages"] if m["role"] == "assistant"][-1].get("tool_call"):
             stats.note_lost("tool_call", where)  # half a call would teach broken JSON: not trained on
+            keep.append(False)
             continue
-        for kind in enc.lost:
+        for kind in lost:
             if kind != "rounds":  # dropping the oldest rounds is the intended way to fit
                 stats.note_lost(kind, where)
-        if all(label == IGNORE_INDEX for label in enc.labels[1:]):
+        if not has_labels:
             stats.dropped_no_labels += 1
+            keep.append(False)
             continue
-        out.append(Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference))
+        keep.append(True)
         stats.files[source]["samples"] += 1
-    stats.samples = len(out)
-    return out, stats
+    samples = Samples.joined([s for _, s in chunks], np.array(keep, dtype=bool))
+    stats.samples = len(samples)
+    return samples, stats
+
+
+def build_examples(
+    spec: str, tokenizer, data_cfg, template_name: str, max_samples: int = 0
+) -> tuple[list[Example], DataStats]:
+    """build_samples, one Example each (for callers that want them in memory)."""
+    samples, stats = build_samples(spec, tokenizer, data_cfg, template_name, max_samples)
+    return [samples.example(i) for i in range(len(samples))], stats
 
 
 def _first_of_each_file(conversations: list[dict], n: int) -> list[dict]:

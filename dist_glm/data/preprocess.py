@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_glm.data.batching import DataStats, Example, build_examples
+from dist_glm.data.batching import DataStats, Example, build_samples
 from dist_glm.data.sources import split_paths
 from dist_glm.errors import UserError
 
@@ -87,19 +87,12 @@ def tokenize_to_cache(
     path = cache_dir(data_cfg) / cache_key(spec, tokenizer_dir, template, data_cfg, max_samples)
     if _complete(path):
         return path, False
-    examples, stats = build_examples(spec, tokenizer, data_cfg, template, max_samples)
+    samples, stats = build_samples(spec, tokenizer, data_cfg, template, max_samples)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "input_ids": np.fromiter((t for e in examples for t in e.input_ids), dtype=np.int32),
-        "labels": np.fromiter((t for e in examples for t in e.labels), dtype=np.int32),
-        "offsets": np.cumsum([0] + [len(e.input_ids) for e in examples], dtype=np.int64),
-        "prompt_ids": np.fromiter((t for e in examples for t in e.prompt_ids), dtype=np.int32),
-        "prompt_offsets": np.cumsum([0] + [len(e.prompt_ids) for e in examples], dtype=np.int64),
-    }
-    for name, array in arrays.items():
-        np.save(tmp / f"{name}.npy", array, allow_pickle=False)
-    (tmp / "references.json").write_text(json.dumps([e.reference for e in examples], ensure_ascii=False))
+    for name in ARRAYS:
+        np.save(tmp / f"{name}.npy", getattr(samples, name), allow_pickle=False)
+    (tmp / "references.json").write_text(json.dumps(samples.references, ensure_ascii=False))
     (tmp / "stats.json").write_text(json.dumps(dataclasses.asdict(stats), ensure_ascii=False))
     sizes = {f.name: f.stat().st_size for f in tmp.iterdir()}
     (tmp / MANIFEST).write_text(json.dumps(sizes))  # written last: its presence means complete
