@@ -88,18 +88,21 @@ def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: Matmul
     """`MFU x %` with its uncertainty, or why no number is given: a reference measured on a busy machine
     (spread, or a change between before and after the rounds, above TRUSTED_SPREAD) and a utilisation above
     100% are measurement errors, never printed as results."""
+    # Other work on the machine only slows a try down, so each measurement's best try is the core's rate; the
+    # best before and after the rounds must agree, or the core itself was not the same (frequency, a noisy
+    # neighbour for minutes): then there is no trustworthy reference.
     change = abs(before.best - after.best) / max(before.best, after.best)
-    if max(before.spread, after.spread, change) > TRUSTED_SPREAD:
+    if change > TRUSTED_SPREAD:
         return (
-            f"not given: the matmul reference moved {100 * max(before.spread, after.spread, change):.0f} % "
-            f"while it was measured (machine busy); rerun on an idle machine"
+            f"not given: the matmul reference moved {100 * change:.0f} % between before and after the rounds "
+            "(machine busy); rerun on an idle machine"
         )
     reference = max(before.best, after.best)
     mfu = flops_per_cpu_second / reference
     if mfu > 1:
         return f"not given: {100 * mfu:.0f} % is above what the reference allows, so the reference is wrong"
-    low = flops_per_cpu_second / (reference * (1 + change))
-    return f"{100 * mfu:.0f} % (reference {reference / 1e9:.1f} GFLOP/s per thread, +-{100 * (mfu - low):.0f} %)"
+    uncertainty = mfu * max(change, 0.01)
+    return f"{100 * mfu:.0f} +- {100 * uncertainty:.0f} % (reference {reference / 1e9:.1f} GFLOP/s per thread)"
 
 
 def matmul_params(model_dir: str) -> tuple[int, int]:

@@ -84,7 +84,7 @@ def test_ours_alone_end_to_end(tmp_path):
     assert 3 < float(loss) < 8  # step 3 of a random-init model on a 714-token vocabulary (ln 714 = 6.6)
     text = out.read_text()
     assert "GFLOP/s" in text and "### Same settings" in text and "### As users run them" not in text
-    assert all(int(pct) <= 100 for pct in re.findall(r"MFU at 6N FLOP/token (\d+) %", text))
+    assert all(int(pct) <= 100 for pct in re.findall(r"MFU at 6N FLOP/token (\d+) ", text))
 
     bad = subprocess.run([sys.executable, "launch/benchmark.py", "--peers=nope"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
@@ -177,8 +177,9 @@ def test_the_settings_files_each_peer_gets_agree_with_what_the_tables_say(tmp_pa
 
 def test_mfu_is_never_above_100_percent_nor_from_a_busy_reference():
     steady = report.MatmulReference([50e9, 49e9, 50e9])
-    assert report.mfu_text(10e9, steady, steady).startswith("20 %")
-    assert report.mfu_text(60e9, steady, steady).startswith("not given")
-    busy = report.MatmulReference([50e9, 20e9, 48e9])
-    assert report.mfu_text(10e9, busy, steady).startswith("not given: the matmul reference moved 60 %")
-    assert report.mfu_text(10e9, steady, report.MatmulReference([30e9, 30e9, 30e9])).startswith("not given")
+    assert report.mfu_text(10e9, steady, steady).startswith("20 +- 0 %")
+    assert report.mfu_text(60e9, steady, steady).startswith("not given: 120 % is above")
+    # A slow try (another process took the core for a moment) does not move the best one.
+    assert report.mfu_text(10e9, report.MatmulReference([50e9, 20e9, 48e9]), steady).startswith("20 +- 0 %")
+    slower = report.MatmulReference([30e9, 30e9, 30e9])  # the core itself changed between before and after
+    assert report.mfu_text(10e9, steady, slower).startswith("not given: the matmul reference moved 40 %")
