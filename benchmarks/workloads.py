@@ -44,6 +44,17 @@ WORKLOADS = {
         Workload(
             "real_long2x", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 10.0, "same with prompts twice as long (x16)", 16
         ),
+        Workload(
+            "moe_full",
+            "glm4-moe-real-vocab",
+            False,
+            8,
+            128,
+            1e-4,
+            10,
+            4.0,
+            "GLM-4.5-shaped MoE (glm4_moe, 16 experts top-4 + shared) at real vocabulary, full FT",
+        ),
     )
 }
 LORA_RANK, LORA_ALPHA, SEED = 8, 16.0, 42
@@ -80,8 +91,10 @@ def build_model_dir(name: str, cache: Path) -> Path:
     else:
         # GLM-4's real vocabulary (151,552 rows, special tokens at their real ids) with a 2-layer,
         # hidden-512 body: the LM head and its cross-entropy dominate, as in glm-4-9b.
+        # The MoE workload's body is GLM-4.5's shape (glm4_moe) instead.
         builder = REPO / "launch" / "build_demo_assets.py"
-        subprocess.run([sys.executable, str(builder), "--real-vocab", str(out)], check=True, capture_output=True)
+        flag = "--real-vocab-moe" if name == "glm4-moe-real-vocab" else "--real-vocab"
+        subprocess.run([sys.executable, str(builder), flag, str(out)], check=True, capture_output=True)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -17,7 +17,8 @@ BPE vocabulary written as tiktoken ranks for glm-4-9b-chat. The published values
 `--real-vocab DIR` writes a GLM-4-shaped checkpoint directory at GLM-4's real vocabulary instead
 (assets/glm4-real-vocab: GlmForCausalLM, vocab 151,552, the special tokens at their real ids
 151329-151342). Only its config is committed; its 3 MB tokenizer.json is generated (the tests do it
-in a temporary directory).
+in a temporary directory). `--real-vocab-moe DIR` writes the same at GLM-4.5's shape (glm4_moe: a dense
+first layer, then 16 routed experts top-4 and a shared expert), the benchmark's MoE workload.
 """
 
 import itertools
@@ -211,6 +212,25 @@ def build_real_vocab_config(out_dir: Path) -> None:
         pad_token_id=eos[0], eos_token_id=eos, tie_word_embeddings=False,
     )  # fmt: skip
     GlmConfig(**shape).save_pretrained(out_dir)
+    GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], do_sample=False).save_pretrained(out_dir)
+
+
+def build_real_vocab_moe_config(out_dir: Path) -> None:
+    """A GLM-4.5-shaped Mixture of Experts (glm4_moe) at the real vocabulary with a small body: a dense first
+    layer, then an MoE layer of 16 routed experts, top-4, and a shared expert (the benchmark's MoE workload)."""
+    from transformers import GenerationConfig, Glm4MoeConfig
+
+    eos = [
+        GLM4_FIRST_SPECIAL_ID + GLM4_SPECIAL_TOKENS.index(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")
+    ]
+    shape = dict(
+        vocab_size=GLM4_REAL_VOCAB_SIZE, hidden_size=512, intermediate_size=1376, moe_intermediate_size=256,
+        num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4,
+        n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+        partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True, max_position_embeddings=8192,
+        pad_token_id=eos[0], eos_token_id=eos, tie_word_embeddings=False,
+    )  # fmt: skip
+    Glm4MoeConfig(**shape).save_pretrained(out_dir)
     GenerationConfig(eos_token_id=eos, pad_token_id=eos[0], do_sample=False).save_pretrained(out_dir)
 
 
@@ -468,6 +488,12 @@ def main() -> None:
         return
     if "--tool-data" in sys.argv:  # only the tool-calling demo's rows (they never enter the tokenizer)
         build_tool_data(ROOT / "data" / "tool_demo")
+        return
+    if "--real-vocab-moe" in sys.argv:
+        out = Path(sys.argv[sys.argv.index("--real-vocab-moe") + 1])
+        build_real_vocab_moe_config(out)
+        build_real_vocab_tokenizer(out)
+        print(f"wrote a GLM-4.5-shaped MoE model directory (vocab {GLM4_REAL_VOCAB_SIZE}) to {out}")
         return
     if "--real-vocab" in sys.argv:
         out = Path(sys.argv[sys.argv.index("--real-vocab") + 1])
