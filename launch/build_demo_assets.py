@@ -489,18 +489,16 @@ def main() -> None:
     if "--tool-data" in sys.argv:  # only the tool-calling demo's rows (they never enter the tokenizer)
         build_tool_data(ROOT / "data" / "tool_demo")
         return
-    if "--real-vocab-moe" in sys.argv:
-        out = Path(sys.argv[sys.argv.index("--real-vocab-moe") + 1])
-        build_real_vocab_moe_config(out)
-        build_real_vocab_tokenizer(out)
-        print(f"wrote a GLM-4.5-shaped MoE model directory (vocab {GLM4_REAL_VOCAB_SIZE}) to {out}")
-        return
-    if "--real-vocab" in sys.argv:
-        out = Path(sys.argv[sys.argv.index("--real-vocab") + 1])
-        build_real_vocab_config(out)
-        build_real_vocab_tokenizer(out)
-        print(f"wrote a GLM-4-shaped model directory (vocab {GLM4_REAL_VOCAB_SIZE}) to {out}")
-        return
+    for flag, build_config, shape in (
+        ("--real-vocab-moe", build_real_vocab_moe_config, "GLM-4.5-shaped MoE"),
+        ("--real-vocab", build_real_vocab_config, "GLM-4-shaped"),
+    ):
+        if flag in sys.argv:
+            out = Path(sys.argv[sys.argv.index(flag) + 1])
+            build_config(out)
+            build_real_vocab_tokenizer(out)
+            print(f"wrote a {shape} model directory (vocab {GLM4_REAL_VOCAB_SIZE}) to {out}")
+            return
     data_dir = ROOT / "data" / "advertisegen_demo"
     build_data(data_dir)
     corpus = demo_corpus(data_dir)
