@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+# fp32 is the workload's: TRL's SFTConfig would otherwise turn bf16 on by itself (bf16 = not fp16), on CPU too.
+PRECISION = {"bf16": False, "fp16": False}
+
 
 def load_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8")]
@@ -58,6 +61,7 @@ def main(settings_path: str) -> None:
         disable_tqdm=True,
         seed=s["seed"],
         use_cpu=not torch.cuda.is_available(),
+        **PRECISION,
         **s.get("trainer_args", {}),  # the benchmark's profile: nothing (the trainer's defaults) or matched settings
     )
     rows = load_rows(s["data"])

@@ -81,13 +81,13 @@ def matmul_reference(n: int = 1024, tries: int = 5, seconds: float = 0.5) -> Mat
     return MatmulReference(timings)
 
 
-TRUSTED_SPREAD = 0.10  # tries further apart than this (or a before/after change this large): the machine was busy
+TRUSTED_SPREAD = 0.10  # best tries before and after the rounds further apart than this: the machine was busy
 
 
 def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: MatmulReference) -> str:
-    """`MFU x %` with its uncertainty, or why no number is given: a reference measured on a busy machine
-    (spread, or a change between before and after the rounds, above TRUSTED_SPREAD) and a utilisation above
-    100% are measurement errors, never printed as results."""
+    """`MFU x %` with its uncertainty, or why no number is given: a reference that changed between before and
+    after the rounds by more than TRUSTED_SPREAD (a busy machine) and a utilisation above 100% are measurement
+    errors, never printed as results. The spread of the tries within one measurement is reported, not used."""
     # Other work on the machine only slows a try down, so each measurement's best try is the core's rate; the
     # best before and after the rounds must agree, or the core itself was not the same (frequency, a noisy
     # neighbour for minutes): then there is no trustworthy reference.

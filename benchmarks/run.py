@@ -159,7 +159,8 @@ def settings_lines(profile: str, frameworks: list[str], defaults: dict) -> list[
     for fw in frameworks:
         if fw == OURS:
             lines.append(
-                f"  - {OURS}: optimizer adamw_torch_fused (its default), gradient checkpointing off (its default)"
+                f"  - {OURS}: fp32 (the workload's), optimizer adamw_torch_fused (its default), gradient "
+                "checkpointing off (its default)"
             )
             continue
         given, own = workloads.peer_overrides(fw, profile), defaults.get(fw, {})
@@ -169,7 +170,8 @@ def settings_lines(profile: str, frameworks: list[str], defaults: dict) -> list[
         optim = f"{given['optim']} (set)" if "optim" in given else f"{own.get('optim', '?')} (its default)"
         gc = own.get("gradient_checkpointing") if gc_given is None else gc_given
         gc_text = {True: "on", False: "off", None: "?"}[gc] + (" (set)" if gc_given is not None else " (its default)")
-        lines.append(f"  - {fw}: optimizer {optim}, gradient checkpointing {gc_text}")
+        fp32 = "fp32 (the workload's: bf16 and fp16 set off)"
+        lines.append(f"  - {fw}: {fp32}, optimizer {optim}, gradient checkpointing {gc_text}")
     return lines
 
 

@@ -175,7 +175,7 @@ def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: P
         logging_steps=1, save_strategy="no", plot_loss=False, report_to="none",
         per_device_train_batch_size=w.batch_size, gradient_accumulation_steps=1, learning_rate=w.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=w.steps,
-        seed=SEED, disable_tqdm=True, **peer_overrides("llamafactory", profile),
+        seed=SEED, disable_tqdm=True, bf16=False, fp16=False, **peer_overrides("llamafactory", profile),
     )  # fmt: skip
     if w.lora:
         cfg.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_target="all", lora_dropout=0.0)

@@ -265,3 +265,20 @@ def test_reasoning_effort_is_max_or_high():
     }
     with pytest.raises(BadRow, match="reasoning_effort is 'low'; GLM-5.2 knows max and high"):
         from_openai(row, None)
+
+
+def test_one_file_under_two_entries_with_different_switches_is_refused(tmp_path, capsys):
+    """A dataset's thinking switch travels with its file: one file registered twice, thinking on and off, would
+    render one way only, so it is refused with the fix."""
+    from dist_glm.cli import prepare_main
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps(references("glm4_5")["plain"]["row"]) + "\n", encoding="utf-8")
+    openai = {"formatting": "sharegpt", "columns": {"messages": "messages"}}
+    openai["tags"] = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    registry = {"on": {"file_name": "rows.jsonl", **openai}, "off": {"file_name": "rows.jsonl", **openai}}
+    registry["off"]["enable_thinking"] = False
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+    with pytest.raises(SystemExit):
+        prepare_main([f"--model_name_or_path={MOE_TOKENIZER}", f"--dataset_dir={tmp_path}", "--dataset=on,off"])
+    err = capsys.readouterr().err
+    assert "two dataset_info.json entries read" in err and "give each its own file" in err

@@ -158,6 +158,13 @@ def test_the_settings_files_each_peer_gets_agree_with_what_the_tables_say(tmp_pa
                 gc = given.get("gradient_checkpointing")
             optim = given.get("optim")
             assert optim != "adamw_torch"
+            if name == "llamafactory":  # fp32 is the workload's, for every peer (TRL would pick bf16 by itself)
+                assert given["bf16"] is False and given["fp16"] is False
+            else:
+                from benchmarks.peer_train import PRECISION
+
+                assert PRECISION == {"bf16": False, "fp16": False}
+            assert "fp32 (the workload's" in claims[name]
             claim = claims[name]
             if optim is None:
                 assert f"optimizer {defaults[name]['optim']} (its default)" in claim

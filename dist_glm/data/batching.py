@@ -221,7 +221,7 @@ def _check_reasoning_is_rendered(conversations: list[dict], template_name: str) 
     the thought they were written after, and the user would not know."""
     if template_name in FORMATS:
         return
-    carrying = [c["where"] for c in conversations if any(m.get("reasoning") for m in c["messages"])]
+    carrying = [c["where"] for c in conversations if any((m.get("reasoning") or "").strip() for m in c["messages"])]
     if carrying:
         raise UserError(
             f"{carrying[0]}: an assistant turn carries reasoning_content ({len(carrying)} rows do), which template "

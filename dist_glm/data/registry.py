@@ -135,8 +135,20 @@ def expand(spec: str, dataset_dir: str, key: str) -> tuple[str, dict[str, dict]]
                 continue
             found, mapping = _from_registry(item, registry[item], dataset_dir, key)
             files += found
-            mappings.update({f: mapping for f in found})
+            add_mappings(mappings, {f: mapping for f in found}, key)
     return ",".join(files), mappings
+
+
+def add_mappings(mappings: dict, more: dict, key: str) -> None:
+    """Registry mappings are kept per file: two entries reading one file must read it the same way, or one
+    of them would silently get the other's columns or thinking switch."""
+    for path, mapping in more.items():
+        if mappings.get(path, mapping) != mapping:
+            raise UserError(
+                f"{key}: two dataset_info.json entries read '{path}' with different settings "
+                f"({json.dumps(mappings[path])} and {json.dumps(mapping)}); give each its own file (a copy)"
+            )
+        mappings[path] = mapping
 
 
 def resolve_and_check(data_cfg, eval_data: bool = True) -> list[str]:
@@ -160,7 +172,7 @@ def resolve(data_cfg) -> list[str]:
         entries = []
         for name, value in named_sets(data_cfg.eval_dataset).items():
             eval_files, more = expand(value, data_cfg.dataset_dir, "eval_dataset")
-            mappings.update(more)
+            add_mappings(mappings, more, "eval_dataset")
             entries += [f"{name}={f}" if name else f for f in split_paths(eval_files)]
     except UserError as e:
         return e.problems
