@@ -34,7 +34,7 @@ class BenchArgs:
     )
     peers: str = option("hf,trl,llamafactory", f"Comma-separated peers, from: {', '.join(peers.PEERS)}; or none.")
     profiles: str = option(
-        ",".join(PROFILES),  # (in this class body `workloads` is the field above)
+        ",".join(PROFILES),
         "Comma-separated: defaults (each framework at its own defaults) and/or matched (the same optimizer "
         "kernel, no gradient checkpointing).",
     )
@@ -66,10 +66,11 @@ def _names(value: str, known: dict, flag: str) -> list[str]:
     return names
 
 
-def check_args(a: BenchArgs) -> tuple[list[str], list[str]]:
+def check_args(a: BenchArgs) -> tuple[list[str], list[str], list[str]]:
     wl, ps = _names(a.workloads, workloads.WORKLOADS, "workloads"), _names(a.peers, peers.PEERS, "peers")
     problems = [] if wl else ["--workloads: name at least one workload"]
-    if not _names(a.profiles, dict.fromkeys(workloads.PROFILES), "profiles"):
+    profiles = _names(a.profiles, dict.fromkeys(PROFILES), "profiles")
+    if not profiles:
         problems.append("--profiles: name defaults, matched or both")
     if a.rounds < 1:
         problems.append(f"--rounds={a.rounds}: must be at least 1")
@@ -79,7 +80,7 @@ def check_args(a: BenchArgs) -> tuple[list[str], list[str]]:
         problems.append(f"--loss_step={a.loss_step} is past --steps={a.steps}: lower it or raise --steps")
     if problems:
         raise UserError(problems)
-    return wl, ps
+    return wl, ps, profiles
 
 
 def child_env() -> dict:
@@ -182,8 +183,7 @@ PROFILE_TITLES = {
 
 
 def bench(a: BenchArgs, log=print) -> str:
-    names, peer_names = check_args(a)
-    profiles = _names(a.profiles, dict.fromkeys(workloads.PROFILES), "profiles")
+    names, peer_names, profiles = check_args(a)
     cache = Path(a.cache_dir).expanduser().resolve()
     pythons, skipped, lines, defaults = {}, {}, [], {}
     for n in peer_names:

@@ -82,11 +82,19 @@ class Samples:
         return len(self.offsets) - 1
 
     def example(self, i: int) -> Example:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        pa, pb = self.prompt_offsets[i], self.prompt_offsets[i + 1]
-        return Example(
-            self.input_ids[a:b].tolist(), self.labels[a:b].tolist(), self.prompt_ids[pa:pb].tolist(), self.references[i]
-        )
+        return example_at(vars(self), i, self.references[i])
+
+
+def example_at(arrays, i: int, reference: str) -> Example:
+    """Sample i of flat arrays (Samples' fields, or a cache's memory-mapped files) as an Example."""
+    lo, hi = int(arrays["offsets"][i]), int(arrays["offsets"][i + 1])
+    plo, phi = int(arrays["prompt_offsets"][i]), int(arrays["prompt_offsets"][i + 1])
+    return Example(
+        arrays["input_ids"][lo:hi].tolist(),
+        arrays["labels"][lo:hi].tolist(),
+        arrays["prompt_ids"][plo:phi].tolist(),
+        reference,
+    )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_glm.data.batching import DataStats, Example, build_samples
+from dist_glm.data.batching import DataStats, Example, build_samples, example_at
 from dist_glm.data.sources import split_paths
 from dist_glm.errors import UserError
 
@@ -140,17 +140,9 @@ class CachedExamples:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        a = self.arrays
-        lo, hi = int(a["offsets"][i]), int(a["offsets"][i + 1])
-        plo, phi = int(a["prompt_offsets"][i]), int(a["prompt_offsets"][i + 1])
         if self._references is None:  # only generation needs them: read once, when first asked for
             self._references = json.loads((self.path / "references.json").read_text(encoding="utf-8"))
-        return Example(
-            a["input_ids"][lo:hi].tolist(),
-            a["labels"][lo:hi].tolist(),
-            a["prompt_ids"][plo:phi].tolist(),
-            self._references[i],
-        )
+        return example_at(self.arrays, i, self._references[i])
 
     def lengths(self) -> list[int]:
         return np.diff(self.arrays["offsets"]).tolist()
