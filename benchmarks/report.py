@@ -120,14 +120,14 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{min(values):.{digits}f} / {statistics.median(values):.{digits}f}"
 
 
-def table(workload_rows: list[dict], frameworks: list[str], ours: str) -> str:
+def table(workload_rows: list[dict], frameworks: list[str], ours: str, ratio: str = "ours / it") -> str:
     """workload_rows: {"workload", "numbers": {framework: [Numbers or None per run]}, "pairs": {framework:
     [(ours, its) Numbers of runs that ran together]}, "skipped": {framework: reason}, "errors": {framework:
     reason}}. Ratios are ours / that framework within each pair (a round), then min-max."""
     head = (
         "| workload | framework | non-pad tok/s (min / median) | tok per CPU-s (min / median) | peak RSS GiB (max) "
-        "| first step s (median) | loss at step k (each round) | ours / it, tok/s (per round) "
-        "| ours / it, per CPU-s |\n|---|---|--:|--:|--:|--:|---|--:|--:|"
+        f"| first step s (median) | loss at step k (each round) | {ratio}, tok/s (per round) "
+        f"| {ratio}, per CPU-s |\n|---|---|--:|--:|--:|--:|---|--:|--:|"
     )
     lines = [head]
     for row in workload_rows:

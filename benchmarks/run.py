@@ -197,12 +197,13 @@ def bench(a: BenchArgs, log=print) -> str:
     lines.insert(0, f"- {OURS} (ours): {peers.ours_versions()}")
     before = report.matmul_reference()
     sections, mfu_lines = [], []
-    for profile in profiles:
+    chosen = [workloads.WORKLOADS[n] for n in names]
+    if a.steps:
+        chosen = [dataclasses.replace(w, steps=a.steps) for w in chosen]
+    for profile in profiles if any(not w.layouts for w in chosen) else ():
         rows = []
-        for wname in names:
-            w = workloads.WORKLOADS[wname]
-            if a.steps:
-                w = workloads.Workload(**{**w.__dict__, "steps": a.steps})
+        for w in (w for w in chosen if not w.layouts):
+            wname = w.name
             row, mine, model_dir, data_dir = run_workload(a, w, profile, pythons, skipped, cache, log)
             rows.append(row)
             if mine and not w.lora:
@@ -210,6 +211,16 @@ def bench(a: BenchArgs, log=print) -> str:
         settings = "\n".join(settings_lines(profile, [OURS, *pythons], defaults))
         sections.append(
             f"### {PROFILE_TITLES[profile]}\n\n{report.table(rows, [OURS, *peer_names], OURS)}\n\nSettings:\n{settings}"
+        )
+    for w in (w for w in chosen if w.layouts):
+        row = run_layouts(a, w, cache, log)
+        labels = [label for label, _ in w.layouts]
+        flags = "\n".join(f"  - {label}: {' '.join(extra)}" for label, extra in w.layouts)
+        sections.append(
+            f"### Ours in {len(labels)} layouts on {w.ranks} ranks (each alone on the machine, in turn; no peer "
+            f"runs this workload)\n\n{report.table([row], labels, labels[0], f'{labels[0]} / it')}\n\n"
+            f"Settings: fp32, the global batch of {w.batch_size} rows split over {w.ranks} ranks; peak RSS is all "
+            f"ranks and the launcher together; beyond that:\n{flags}"
         )
     after = report.matmul_reference()
     lines.append(
@@ -263,3 +274,40 @@ def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, ca
                f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
                skipped=skipped, errors=errors, pairs=pairs)  # fmt: skip
     return row, [n for n in got[OURS] if n], model_dir, data_dir
+
+
+def run_layouts(a: BenchArgs, w, cache: Path, log) -> dict:
+    """Each of ours' layouts of a multi-rank workload, one at a time (its ranks have the whole machine);
+    ratios are the first layout over each other within a round, the rounds alternating the order."""
+    model_dir = workloads.build_model_dir(w.model, cache)
+    data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    raw = workloads.write_rows(w, data_dir / "raw.jsonl")
+    lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
+    tokens_per_step, loss_step = w.batch_size * statistics.mean(lengths), a.loss_step or w.steps
+    labels = [label for label, _ in w.layouts]
+    got, errors, pairs = {n: [] for n in labels}, {}, {n: [] for n in labels[1:]}
+    for r in range(a.rounds):
+        log_root = cache / "logs" / f"{w.name}-round{r + 1}"
+        log_root.mkdir(parents=True, exist_ok=True)
+        this_round = {}
+        for label, extra in w.layouts if r % 2 == 0 else reversed(w.layouts):
+            run_dir = cache / "runs" / w.name / label.replace(" ", "").replace("+", "_")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            cmd = workloads.ours_command(w, model_dir, raw, run_dir, extra)
+            job = measure.Job(label, cmd, run_dir / "metrics.jsonl", log_root / f"{run_dir.name}.log",
+                              child_env(), cwd=str(workloads.REPO))  # fmt: skip
+            log(f"{w.name} round {r + 1}/{a.rounds}: {label} ({w.ranks} ranks, {w.steps} steps)")
+            (res,) = measure.run_together([job], a.round_timeout_s)
+            (log_root / f"results-{run_dir.name}.json").write_text(json.dumps(dataclasses.asdict(res), indent=1))
+            this_round[label] = report.numbers(res, tokens_per_step, loss_step)
+            got[label].append(this_round[label])
+            if res.error:
+                errors[label] = res.error
+                log(f"  {label}: {res.error}")
+            shutil.rmtree(run_dir, ignore_errors=True)
+        for label in labels[1:]:
+            pairs[label].append((this_round[labels[0]], this_round[label]))
+    return dict(workload=f"{w.name} (global batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
+                f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,
+                skipped={}, errors=errors, pairs=pairs)  # fmt: skip

@@ -30,6 +30,10 @@ class Workload:
     # Each prompt (the attribute list) this many times over, the answer unchanged: SFT whose prompts
     # dominate (multi-turn history, retrieved context), where the LM head at every position costs most.
     prompt_repeat: int = 1
+    # A multi-rank workload runs ours only, once per layout (label, extra train.py flags), each alone on the
+    # machine in turn; `batch_size` is the global batch, split over `ranks`. Empty: the side-by-side kind.
+    ranks: int = 1
+    layouts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 WORKLOADS = {
@@ -54,6 +58,23 @@ WORKLOADS = {
             10,
             4.0,
             "GLM-4.5-shaped MoE (glm4_moe, 16 experts top-4 + shared) at real vocabulary, full FT",
+        ),
+        Workload(
+            "moe_ep2",
+            "glm4-moe-real-vocab",
+            False,
+            8,
+            128,
+            1e-4,
+            10,
+            8.0,
+            "moe_full's model and rows on 2 ranks (4 rows each): ours with expert parallelism vs ZeRO-3",
+            ranks=2,
+            layouts=(
+                ("ZeRO-2 + EP=2", ("--deepspeed=ds_configs/zero2.json", "--expert_parallel_size=2")),
+                ("ZeRO-3", ("--deepspeed=ds_configs/zero3.json",)),
+                ("ZeRO-2", ("--deepspeed=ds_configs/zero2.json",)),
+            ),
         ),
     )
 }
@@ -141,17 +162,31 @@ def write_llamafactory_data(rows: Path, folder: Path) -> None:
     (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
 
 
-def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path) -> list[str]:
-    """Ours as a user runs it: python launch/train.py with flags (1 process, ZeRO-0, fp32)."""
+def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path, layout: tuple[str, ...] = ()) -> list[str]:
+    """Ours as a user runs it: python launch/train.py with flags (1 process, ZeRO-0, fp32); on several
+    ranks, through the deepspeed launcher with the layout's flags and the global batch split over the ranks."""
     flags = dict(
         model_name_or_path=model_dir, dataset=rows, output_dir=run_dir, overwrite_output_dir="true",
         finetuning_type="lora" if w.lora else "full", lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA,
-        lora_target="all-linear", template="glm4", cutoff_len=w.cutoff_len, per_device_train_batch_size=w.batch_size,
+        lora_target="all-linear", template="glm4", cutoff_len=w.cutoff_len,
+        per_device_train_batch_size=w.batch_size // w.ranks,
         gradient_accumulation_steps=1, learning_rate=w.learning_rate, lr_scheduler_type="constant", warmup_ratio=0,
         weight_decay=0, max_grad_norm=1.0, max_steps=w.steps, logging_steps=1, save_steps=0, seed=SEED,
         disable_tqdm="true",
     )  # fmt: skip
-    return [sys.executable, str(REPO / "launch" / "train.py")] + [f"--{k}={v}" for k, v in flags.items()]
+    train = [str(REPO / "launch" / "train.py")] + [f"--{k}={v}" for k, v in flags.items()] + list(layout)
+    if w.ranks == 1:
+        return [sys.executable, *train]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    return [deepspeed, "--num_gpus", str(w.ranks), "--master_port", str(free_port()), *train]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def peer_settings(

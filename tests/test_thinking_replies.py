@@ -3,6 +3,7 @@ piece by piece: for every assistant turn of the official renderings, render(pars
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,33 @@ def test_arguments_keep_their_types_and_schema_strings_stay_strings():
     assert parser.finish_reason("stop") == "tool_calls"
 
 
+def test_required_among_several_tools_opens_the_call_and_holds_the_reply_to_a_name():
+    """tool_choice "required" with two tools on GLM-4.5 onward: the prompt ends with the call's opening, the
+    first tokens can only spell an offered name (whole: "get" alone is not one), then the reply is free."""
+    import torch
+
+    from dist_glm.tools.serving.tool_calls import NameConstraint, plan
+
+    tools = [{"type": "function", "function": {"name": n}} for n in ("get_weather", "get_time")]
+    for template in ("glm4_5", "glm4_7", "glm5_1", "glm5_2"):
+        p = plan(tools, "required", template)
+        assert (p.required, p.opened, p.forced) == (True, True, None)
+    assert not plan(tools, "required", "glm4").opened  # GLM-4 calls open with the name: nothing to write
+    names = NameConstraint([[5, 6, 7], [5, 9], []])
+    allowed = []
+    for token in (5, 9, 3):
+        scores = torch.zeros(12)
+        names.mask(scores)
+        allowed.append(sorted(torch.isfinite(scores).nonzero().flatten().tolist()))
+        names.accept(token)
+    assert allowed == [[5], [6, 9], list(range(12))]
+    parser = ThinkingReply(plan(tools, "required", "glm4_7"), "glm4_7", True, tools)
+    parser.feed("get_time<arg_key>zone</arg_key><arg_value>UTC</arg_value></tool_call>")
+    parser.finish()
+    call = parser.message()["tool_calls"][0]["function"]
+    assert (call["name"], json.loads(call["arguments"])) == ("get_time", {"zone": "UTC"})
+
+
 @pytest.mark.slow
 def test_served_with_the_openai_client_reasoning_first_tool_choice_and_thinking_switch(tmp_path):
     """A tiny GLM-4.7-Flash-shaped checkpoint (random weights: the text is noise, the structure is not) served
@@ -140,6 +168,13 @@ def test_served_with_the_openai_client_reasoning_first_tool_choice_and_thinking_
             assert called["tool_calls"][0]["function"]["name"] == "get_weather"
         else:  # cut by max_tokens inside the call: returned as the text written so far
             assert called["content"].startswith("<tool_call>get_weather")
+        two = [*tools, {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+        required = server.client.chat.completions.create(**{**ask, "tools": two}, tool_choice="required").choices[0]
+        called = required.message.model_dump()
+        if required.finish_reason == "tool_calls":  # random weights: the name is held to the tools', not the rest
+            assert called["tool_calls"][0]["function"]["name"] in ("get_weather", "get_time")
+        else:
+            assert re.match("<tool_call>get_(weather|time)", called["content"]), called
         off = server.client.chat.completions.create(
             **ask, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
         )

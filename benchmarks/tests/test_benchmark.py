@@ -190,3 +190,31 @@ def test_mfu_is_never_above_100_percent_nor_from_a_busy_reference():
     assert report.mfu_text(10e9, report.MatmulReference([50e9, 20e9, 48e9]), steady).startswith("20 +- 0 %")
     slower = report.MatmulReference([30e9, 30e9, 30e9])  # the core itself changed between before and after
     assert report.mfu_text(10e9, steady, slower).startswith("not given: the matmul reference moved 40 %")
+
+
+def test_a_multi_rank_workload_runs_ours_in_each_layout_with_the_global_batch_split(tmp_path):
+    """moe_ep2: the deepspeed launcher over 2 ranks, 4 rows each (moe_full's global 8), the layout's flags
+    last; the table's ratios are the first layout over the others."""
+    from benchmarks import workloads
+
+    w = workloads.WORKLOADS["moe_ep2"]
+    assert (w.model, w.batch_size, w.cutoff_len) == (workloads.WORKLOADS["moe_full"].model, 8, 128)
+    for _, extra in w.layouts:
+        cmd = workloads.ours_command(w, tmp_path / "m", tmp_path / "rows.jsonl", tmp_path / "out", extra)
+        assert cmd[0].endswith("deepspeed") and cmd[1:3] == ["--num_gpus", "2"] and cmd[-len(extra) :] == list(extra)
+        assert "--per_device_train_batch_size=4" in cmd and "--gradient_accumulation_steps=1" in cmd
+        assert all((REPO / f.split("=", 1)[1]).exists() for f in extra if f.startswith("--deepspeed="))
+    assert [label for label, _ in w.layouts][0] == "ZeRO-2 + EP=2"
+    single = workloads.ours_command(workloads.WORKLOADS["moe_full"], tmp_path / "m", tmp_path / "r", tmp_path / "o")
+    assert single[0] == sys.executable and "--per_device_train_batch_size=8" in single
+
+    def run(label, seconds):
+        r = measure.RunResult(label, 0, peak_rss_bytes=report.GIB)
+        r.marks = [measure.StepMark(s, 1.0, t, t) for s, t in zip((1, 2, 3), seconds, strict=True)]
+        return report.numbers(r, 10.0, 3)
+
+    ep, z3 = run("ZeRO-2 + EP=2", (1.0, 2.0, 3.0)), run("ZeRO-3", (1.0, 3.0, 5.0))
+    rows = [dict(workload="w", numbers={"ZeRO-2 + EP=2": [ep], "ZeRO-3": [z3]}, pairs={"ZeRO-3": [(ep, z3)]},
+                 skipped={}, errors={})]  # fmt: skip
+    text = report.table(rows, ["ZeRO-2 + EP=2", "ZeRO-3"], "ZeRO-2 + EP=2", "ZeRO-2 + EP=2 / it")
+    assert "ZeRO-2 + EP=2 / it, tok/s" in text and "| w | ZeRO-3 |" in text and "| 2.00-2.00x |" in text

@@ -76,7 +76,8 @@ class Completions:
             conv["reasoning_effort"] = switches["reasoning_effort"]
         try:  # tokenizing a long prompt takes a while: keep it off the event loop
             if self.engine.template is not None:
-                prompt_ids = await run_in_threadpool(self.engine.encode_conversation, conv, tool_plan.forced)
+                call = tool_plan.forced or ("" if tool_plan.opened else None)
+                prompt_ids = await run_in_threadpool(self.engine.encode_conversation, conv, call)
             elif conv["tools"] or any(m["role"] == "observation" or m.get("tool_call") for m in conv["messages"]):
                 raise ApiError(400, "tool calls: this model has no GLM chat template to render them with", "tools")
             else:
@@ -89,7 +90,9 @@ class Completions:
             raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
         job = build_job(req, prompt_ids, self.engine, self.max_model_len, must_call=tool_plan.required)
         job.make_reply = reply_parser(self.engine.template_name, tool_plan, conv, req.tools, schemas)
-        if self.tool_call_arguments == "constrained" and tool_plan.names:
+        if tool_plan.opened:  # the reply goes on from `<tool_call>`: it must be one of the offered names
+            job.constraint = self.engine.name_constraint(sorted(tool_plan.names))
+        elif self.tool_call_arguments == "constrained" and tool_plan.names:
             offered = {name: schemas[name] for name in tool_plan.names if name in schemas}
             job.constraint = await run_in_threadpool(self.engine.argument_constraint, offered, tool_plan.forced)
         try:

@@ -247,9 +247,10 @@ class Engine:
 
     def encode_conversation(self, conv: dict, call: str | None = None) -> list[int]:
         """A conversation (the training data's shape) rendered as training renders it, up to the
-        assistant header; with `call`, also that tool's name line, so the reply is the call's arguments."""
+        assistant header; with `call`, also that tool's name line, so the reply is the call's arguments
+        (`call=""`, GLM-4.5 onward: the call's opening only, the reply names the tool)."""
         ids = self.template.encode_prompt(conv)
-        return ids + self.template.call_header_ids(call, conv) if call else ids
+        return ids + self.template.call_header_ids(call, conv) if call is not None else ids
 
     def not_a_call(self) -> list[int]:
         """Token ids that cannot start a tool call: those whose text starts with a newline, and the
@@ -259,6 +260,12 @@ class Engine:
             opens = [i for i in range(self.vocab_size) if decode([i], skip_special_tokens=False).startswith("\n")]
             self._not_a_call = sorted(set(opens) | self.eos_ids)
         return self._not_a_call
+
+    def name_constraint(self, names: list[str]):
+        """A fresh constraint that makes a reply opened with `<tool_call>` one of these tools' call."""
+        from dist_glm.tools.serving.tool_calls import NameConstraint
+
+        return NameConstraint([self.backend.encode(n, add_special_tokens=False).ids for n in names])
 
     def argument_constraint(self, schemas: dict, forced: str | None):
         """A fresh constraint for one reply's tool-call arguments (tool_call_arguments=constrained)."""

@@ -70,8 +70,8 @@ class ThinkingReply:
             self._phase = "reasoning" if self.thinking else "content"
         elif not self.thinking:
             self._phase = "content"
-        if self.plan.forced:  # the prompt already ends with the call's opening and name (call_header_ids)
-            self._phase, self._buf = "call", self.plan.forced
+        if self.plan.forced or self.plan.opened:  # the prompt ends with the call's opening (and its name if forced)
+            self._phase, self._buf = "call", self.plan.forced or ""
         self._strings = string_params(self.tools)
 
     def opening_deltas(self) -> list[dict]:

@@ -41,6 +41,9 @@ class ToolPlan:
     names: frozenset[str] = frozenset()
     forced: str | None = None  # the reply is this tool's call: its name is written into the prompt
     required: bool = False  # a call to some tool must come (several tools, tool_choice "required")
+    # GLM-4.5 onward, "required" among several tools: the prompt ends with an empty thought and the call's
+    # opening (`<tool_call>`), and the reply's first tokens are held to one of the tools' names (NameConstraint).
+    opened: bool = False
 
 
 def tool_names(tools: list) -> list[str]:
@@ -82,13 +85,9 @@ def plan(tools: list | None, tool_choice, template: str | None) -> ToolPlan:
     if choice == "auto":
         return ToolPlan(frozenset(names))
     if choice == "required":
-        if len(names) > 1 and template in THINKING_TEMPLATES:
-            raise ToolRequestError(
-                "tool_choice 'required' with several tools: this server cannot yet make a GLM-4.5-format reply start "
-                "with some call; name the tool ({'type': 'function', 'function': {'name': ...}}) or use 'auto'",
-                "tool_choice",
-            )
-        return ToolPlan(frozenset(names), forced=names[0] if len(names) == 1 else None, required=len(names) > 1)
+        several = len(names) > 1
+        opened = several and template in THINKING_TEMPLATES
+        return ToolPlan(frozenset(names), forced=None if several else names[0], required=several, opened=opened)
     fn = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
@@ -239,3 +238,31 @@ def argument_error(arguments: str, schema: dict | None) -> str | None:
         where = "/".join(str(p) for p in e.absolute_path)
         return f"arguments do not match the tool's parameters schema{f' at {where}' if where else ''}: {e.message}"
     return None
+
+
+class NameConstraint:
+    """tool_choice "required" on GLM-4.5 onward: the prompt ends with `<tool_call>`, and the reply's first
+    tokens must spell one of the offered tools' names as the tokenizer writes them (after that special
+    token a name is tokenized on its own). Once a whole name is written the reply is free (its arguments).
+    The same interface as constrained.ArgumentConstraint: `mask` a row's scores, `accept` the token drawn."""
+
+    def __init__(self, names: list[list[int]]):
+        self.names, self.written = [n for n in names if n], []
+
+    def _open(self) -> list[list[int]]:
+        k = len(self.written)
+        return [n for n in self.names if n[:k] == self.written]
+
+    def mask(self, scores) -> None:
+        k = len(self.written)
+        candidates = self._open()
+        if not candidates or any(len(n) == k for n in candidates):  # a name is complete: free from here
+            return
+        allowed = sorted({n[k] for n in candidates})
+        keep = scores[allowed].clone()
+        scores.fill_(-float("inf"))
+        scores[allowed] = keep
+
+    def accept(self, token_id: int) -> None:
+        if self._open() and not any(len(n) == len(self.written) for n in self._open()):
+            self.written.append(token_id)
