@@ -83,7 +83,7 @@ class DataConfig:
     prompt_column: str = option("content", "AdvertiseGen prompt column.")
     response_column: str = option("summary", "AdvertiseGen response column.")
     template: Literal[
-        "auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "glm5_1", "glm5_2", "chatglm3", "chatglm2", "chatglm"
+        "auto", "glm4", "glm4_0414", "glmz1", "glm4_5", "glm4_7", "glm5_1", "glm5_2", "chatglm3", "chatglm2", "chatglm"
     ] = option(
         "auto", "Chat template (auto: the checkpoint's own chat_template matched to ours, else from the model type)."
     )

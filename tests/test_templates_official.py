@@ -103,6 +103,56 @@ def test_thinking_formats_equal_the_official_rendering(moe_tokenizer, template, 
     assert enc.labels == ref["labels"]
 
 
+def test_glmz1_samples_are_the_official_prompt_and_the_reply(moe_tokenizer):
+    """GLM-Z1-0414: every sample a row trains as (one per assistant turn: the official template shows no
+    earlier thought) is the official template's generation prompt for the turns before it, byte for byte,
+    then the reply after its `<think>`, trained from just after `<|assistant|>` through the `<|user|>` that
+    ends it. The prompt alone is what generation starts from."""
+    from dist_glm.data.converters import from_openai
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)  # GLM-4-0414's tokens (Z1 is a Glm4ForCausalLM)
+    template = build_template("glmz1", tok)
+    refs = references("glmz1")
+    assert {"plain", "multi_turn", "system", "empty_system", "whitespace", "reasoning_last", "reasoning_history",
+            "think_in_content", "think_in_history_content"} <= set(refs)  # fmt: skip
+    for name, ref in refs.items():
+        conv = from_openai(ref["row"], None)
+        samples = [template.encode(c, cutoff_len=4096) for c in template.expand(conv)]
+        assert len(samples) == len(ref["samples"]), name
+        for got, want in zip(samples, ref["samples"], strict=True):
+            assert tok.decode(got.input_ids[:-1]) == want["text"], name
+            assert (got.input_ids, got.labels) == (want["input_ids"], want["labels"]), name
+            prompt = tok(want["prompt_text"], add_special_tokens=False)["input_ids"]
+            assert got.prompt_ids == prompt, name
+    whitespace = refs["whitespace"]["samples"][0]["text"]
+    assert "<|system|>\n 系统 \n<|user|>\n类型#裙<|assistant|>\n<think>\n想一想\n</think>\n\n红色" == whitespace[12:]
+
+
+def test_glmz1_refuses_tools_and_thinking_off_and_is_chosen_by_its_prompt(tmp_path):
+    from dist_glm.data.template import choose_template
+    from dist_glm.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    template = build_template("glmz1", tok)
+    plain = references("glmz1")["plain"]["row"]["messages"]
+    for conv, match in (
+        ({"messages": plain, "tools": PROBE_TOOLS_Z1, "where": "rows.jsonl:3"}, "rows.jsonl:3: template glmz1: GLM-Z1"),
+        ({"messages": plain, "enable_thinking": False}, "template glmz1 always thinks"),
+    ):
+        with pytest.raises(UserError, match=match):
+            template.encode(conv, 4096)
+    assert choose_template("auto", tok, "glm4") == "glm4_0414"  # no chat_template: GLM-4-0414's format
+    # A chat_template of our own that prompts as GLM-Z1's does (`<|assistant|>\n<think>`): auto picks glmz1.
+    tok.chat_template = (
+        "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}"
+    )
+    assert choose_template("auto", tok, "glm4") == "glmz1"
+
+
+PROBE_TOOLS_Z1 = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
 def test_the_thinking_renderings_cover_the_cases_that_matter():
     wanted = {
         "plain", "multi_turn", "system", "empty_system", "whitespace", "reasoning_last", "reasoning_history",

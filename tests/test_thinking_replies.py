@@ -33,8 +33,18 @@ def assistant_turns(template: str):
             yield ref["name"], ref["row"], turn, reply, thinking
 
 
+def z1_turns():
+    """GLM-Z1: each reference sample's reply is what follows its official prompt (which ends `\n<think>`)."""
+    for line in (RENDERINGS / "glmz1.jsonl").read_text(encoding="utf-8").splitlines():
+        ref = json.loads(line)
+        for sample in ref["samples"]:
+            reply = sample["text"][len(sample["prompt_text"]) :]
+            yield ref["name"], ref["row"], "\n<think>" + reply, reply, True
+
+
 def cases():
-    return [(t, *case) for t in ("glm4_5", "glm4_7", "glm5_1", "glm5_2") for case in assistant_turns(t)]
+    thinking = [(t, *case) for t in ("glm4_5", "glm4_7", "glm5_1", "glm5_2") for case in assistant_turns(t)]
+    return thinking + [("glmz1", *case) for case in z1_turns()]
 
 
 @pytest.mark.parametrize("template,name,row,turn,reply,thinking", cases())
@@ -58,7 +68,7 @@ def test_render_of_the_parsed_reply_is_the_reply(template, name, row, turn, repl
     conv = from_openai({"messages": [{"role": "user", "content": "q"}, message], "tools": row.get("tools")}, None)
     template_obj = build_template(template, AutoTokenizer.from_pretrained(TOKENIZER))
     text, _ = template_obj._assistant_text(conv["messages"][1:], shows_reasoning=True)
-    assert text == turn
+    assert "".join(text) == turn  # GLM-Z1's is (the prompt's tail, the reply)
     for call in message.get("tool_calls", []):
         assert isinstance(json.loads(call["function"]["arguments"]), dict)
 

@@ -15,7 +15,7 @@ import torch
 
 from dist_glm.data.converters import count_empty_turns, load_conversations
 from dist_glm.data.template import IGNORE_INDEX, build_template
-from dist_glm.data.thinking import FORMATS
+from dist_glm.data.thinking import ALWAYS_THINKING, FORMATS
 from dist_glm.errors import UserError
 
 
@@ -217,10 +217,12 @@ def _check_thinking_switch(data_cfg, template_name: str) -> None:
     off = [f"dataset_info.json's entry for {f}" for f, m in registered.items() if m.get("enable_thinking") is False]
     if getattr(data_cfg, "enable_thinking", None) is False:
         off.insert(0, "enable_thinking")
-    if off and template_name not in FORMATS:
+    switchable = [f for f in FORMATS if f not in ALWAYS_THINKING]
+    if off and template_name not in switchable:
+        what = "always thinks" if template_name in ALWAYS_THINKING else "has no thinking mode"
         raise UserError(
-            f"{off[0]}: enable_thinking=false, but template {template_name} has no thinking mode; use a thinking "
-            f"format ({', '.join(FORMATS)}) or drop the switch"
+            f"{off[0]}: enable_thinking=false, but template {template_name} {what}; use a format that can switch "
+            f"thinking off ({', '.join(switchable)}) or drop the switch"
         )
 
 

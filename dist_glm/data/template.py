@@ -35,7 +35,9 @@ from dist_glm.errors import UserError
 
 # The MoE GLMs (GLM-4.5 onward): `auto` must not give them GLM-4's format.
 THINKING_ERA_MODEL_TYPES = ("glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "glm5_next")
-TEMPLATES = ("auto", "glm4", "glm4_0414", "glm4_5", "glm4_7", "glm5_1", "glm5_2", "chatglm3", "chatglm2", "chatglm")
+TEMPLATES = (
+    "auto", "glm4", "glm4_0414", "glmz1", "glm4_5", "glm4_7", "glm5_1", "glm5_2", "chatglm3", "chatglm2", "chatglm"
+)  # fmt: skip
 # The identity sentence of glm-4-9b-chat's own chat_template (tokenizer_config.json) before the tool list.
 # THUDM's demo code writes "GLM-4" in its place; the checkpoint's template, which users render with, says ChatGLM.
 GLM4_TOOL_IDENTITY = (
@@ -70,7 +72,14 @@ def choose_template(name: str, tokenizer, model_type: str) -> str:
         if "<sop>" in known and "sop" not in known and "<|user|>" in known:
             return "glm4"  # glm-4-9b-chat as THUDM published it (model_type chatglm, GLM-4's tokens)
         return "chatglm3" if "<|user|>" in known else "chatglm2" if "sop" in known else "chatglm"
-    return "glm4_0414" if model_type == "glm4" else "glm4"
+    if model_type == "glm4":
+        # GLM-Z1-0414 shares GLM-4-0414's model type; its template prompts with `<|assistant|>\n<think>`.
+        z1 = (
+            getattr(tokenizer, "chat_template", None)
+            and chat_template_mismatch(build_template("glmz1", tokenizer), tokenizer) is None
+        )
+        return "glmz1" if z1 else "glm4_0414"
+    return "glm4"
 
 
 def _functions(tools: list) -> list:
@@ -340,7 +349,7 @@ def chat_template_mismatch(template, tokenizer) -> str | None:
     if not getattr(tokenizer, "chat_template", None):
         return None
     probes = [(p, None) for p in PROBES]
-    if isinstance(template, ThinkingTemplate):
+    if isinstance(template, ThinkingTemplate) and template.takes_tools:
         probes.append((TOOL_PROBE, PROBE_TOOLS))
     for probe, tools in probes:
         try:

@@ -14,6 +14,13 @@
   OpenAI's `{"type": "function", "function": {...}}`.
 - `glm5_2`: GLM-5.2. GLM-5.1's, plus a first system turn `Reasoning Effort: Max` (or `High`: the row's
   `reasoning_effort`, default max) when thinking is on; an empty thought is `<think></think>`.
+- `glmz1`: GLM-Z1-0414 (dense `Glm4ForCausalLM`), GLM-4-0414's turns (`<|role|>\n{content}`) in a thinking
+  mode it cannot leave: every earlier message is shown as its text after any `</think>`, stripped (its
+  template's `visible`), system messages as written; the generation prompt is `<|assistant|>\n<think>`. A
+  reply continues that as `\n{reasoning}\n</think>\n\n{answer}` (the `<think>\n` first line its model card
+  names, DeepSeek-R1's closing; the official template never renders a thought, so no reference fixes these
+  newlines); it is encoded after the prompt's own `\n<think>`, as generation sees it. GLM-Z1 publishes no
+  tool-call format (tools are refused), and no switch turns its thinking off.
 
 All keep reasoning only for the assistant turns after the last user turn (unless clear_thinking is
 false on glm4_7); reasoning comes from the message's `reasoning` or is split out of `<think>...</think>`
@@ -31,7 +38,11 @@ import json
 from dist_glm.data.encoding import IGNORE_INDEX, Encoded, _encode_text, _fit, _ids
 from dist_glm.errors import UserError
 
-FORMATS = ("glm4_5", "glm4_7", "glm5_1", "glm5_2")
+FORMATS = ("glm4_5", "glm4_7", "glm5_1", "glm5_2", "glmz1")
+# Formats that cannot switch thinking off (enable_thinking=false is refused for them).
+ALWAYS_THINKING = ("glmz1",)
+# GLM-Z1's generation prompt, after <|assistant|>: encoded on its own, as the model is prompted with it.
+Z1_OPEN = "\n<think>"
 # The GLM-5.2 reasoning effort values the official template tells apart (any other it treats as max).
 REASONING_EFFORTS = ("max", "high")
 TOOLS_INTRO = (
@@ -87,7 +98,9 @@ class ThinkingTemplate:
         reasoning_history="expand",
     ):
         self.tok, self.name, self.reasoning_history = tokenizer, name, reasoning_history
-        self.compact = name != "glm4_5"  # GLM-4.7 onward: no newlines after role tokens, compact calls
+        self.z1 = name == "glmz1"
+        self.compact = name not in ("glm4_5", "glmz1")  # GLM-4.7 onward: no newlines after role tokens, compact calls
+        self.takes_tools = not self.z1
         if reasoning_history == "keep" and not self.compact:
             raise UserError(
                 f"reasoning_history=keep renders earlier turns' reasoning, which only GLM-4.7's format has "
@@ -103,7 +116,22 @@ class ThinkingTemplate:
         self.role_ids = dict(zip(roles, _ids(tokenizer, [f"<|{r}|>" for r in roles]), strict=True))
 
     # ---- text of each part -----------------------------------------------------------------------
+    def _refuse_z1(self, conv: dict) -> None:
+        if conv.get("tools") or any(m["role"] == "observation" or m.get("tool_call") for m in conv["messages"]):
+            raise UserError(
+                f"{conv.get('where', 'a conversation')}: template glmz1: GLM-Z1 publishes no tool-call format "
+                "(its template lists tools but never renders a call); leave tool rows out or use glm4_0414"
+            )
+        if conv.get("enable_thinking") is False:
+            raise UserError(
+                f"{conv.get('where', 'a conversation')}: template glmz1 always thinks (GLM-Z1 was trained in the "
+                "thinking state only); drop enable_thinking=false"
+            )
+
     def _system_texts(self, conv: dict) -> list[str]:
+        if self.z1:
+            self._refuse_z1(conv)
+            return ["\n" + conv.get("system", "")] if conv.get("system") or conv.get("system_turn") else []
         out = []
         if self.name == "glm5_2" and conv.get("enable_thinking") is not False:
             out.append(f"Reasoning Effort: {reasoning_effort(conv).capitalize()}")
@@ -117,6 +145,8 @@ class ThinkingTemplate:
         return out
 
     def _user_text(self, content: str, conv: dict) -> str:
+        if self.z1:
+            return "\n" + content.split("</think>")[-1].strip()
         off = self.name == "glm4_5" and conv.get("enable_thinking") is False and not content.endswith("/nothink")
         return self.nl + content + ("/nothink" if off else "")
 
@@ -140,6 +170,10 @@ class ThinkingTemplate:
     def _assistant_text(self, turn: list[dict], shows_reasoning: bool) -> tuple[str, bool]:
         """(text after <|assistant|>, whether the reasoning the turn had is shown)."""
         reasoning, answer = split_reasoning(turn[0])
+        if self.z1:  # the model always thought; history shows none of it, so only the last turns are faithful
+            if shows_reasoning:
+                return (Z1_OPEN, f"\n{reasoning.strip()}\n</think>\n\n{answer.strip()}"), True
+            return "\n" + answer.strip(), False
         shown = shows_reasoning and bool(reasoning)
         if not self.compact:
             text = f"\n<think>{reasoning.strip()}</think>" if shown else "\n<think></think>"
@@ -210,8 +244,20 @@ class ThinkingTemplate:
 
     def generation_prompt(self, conv: dict) -> list[int]:
         off = conv.get("enable_thinking") is False
-        tail = ("\n<think></think>" if off else "") if not self.compact else (self.empty_thought if off else "<think>")
+        if self.z1:
+            tail = Z1_OPEN
+        elif not self.compact:
+            tail = "\n<think></think>" if off else ""
+        else:
+            tail = self.empty_thought if off else "<think>"
         return [self.role_ids["assistant"]] + _encode_text(self.tok, tail)
+
+    def _body_ids(self, body) -> list[int]:
+        """A turn's body: one text, or (GLM-Z1's reply) the generation prompt's tail and the reply, each
+        encoded on its own, so the reply's ids are those a generation after that prompt would give."""
+        if isinstance(body, tuple):
+            return [i for piece in body for i in _encode_text(self.tok, piece)]
+        return _encode_text(self.tok, body)
 
     def call_header_ids(self, name: str, conv: dict | None = None) -> list[int]:
         """What follows the generation prompt in a reply that must call tool `name`, up to its arguments: an
@@ -224,7 +270,7 @@ class ThinkingTemplate:
     def encode_prompt(self, conv: dict) -> list[int]:
         ids = list(self.prefix)
         for role, body, _, _ in self._pieces(conv):
-            ids += [self.role_ids[role]] + _encode_text(self.tok, body)
+            ids += [self.role_ids[role]] + self._body_ids(body)
         return ids + self.generation_prompt(conv)
 
     def encode(self, conv: dict, cutoff_len: int) -> Encoded:
@@ -234,13 +280,13 @@ class ThinkingTemplate:
         train_from = conv.get("train_from", 0)  # an expanded round trains its own turns only (expand)
         head = list(self.prefix)
         for role, body, _, _ in pieces[:head_end]:
-            head += [self.role_ids[role]] + _encode_text(self.tok, body)
+            head += [self.role_ids[role]] + self._body_ids(body)
         head_labels = list(head) if self.train_on_prompt else [IGNORE_INDEX] * len(head)
         head_labels[: len(self.prefix)] = [IGNORE_INDEX] * len(self.prefix)
         rounds, ids, labels, prev_trained = [], [], [], False
         for i in range(head_end, len(pieces)):
             role, body, faithful, first = pieces[i]
-            header, body_ids = [self.role_ids[role]], _encode_text(self.tok, body)
+            header, body_ids = [self.role_ids[role]], self._body_ids(body)
             trained = role == "assistant" and faithful and first >= train_from
             trained = trained and (not self.mask_history or i == replies[-1])
             header_label = header if (prev_trained or self.train_on_prompt) else [IGNORE_INDEX]

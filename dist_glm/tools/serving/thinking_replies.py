@@ -54,7 +54,7 @@ def parse_call(text: str, strings: dict[str, set[str]]) -> tuple[str, dict]:
 @dataclass
 class ThinkingReply:
     plan: ToolPlan
-    template: str  # glm4_5, glm4_7, glm5_1 or glm5_2
+    template: str  # glm4_5, glm4_7, glm5_1, glm5_2 or glmz1
     thinking: bool  # the prompt left thinking on
     tools: list | None = None
     reasoning: str = ""
@@ -101,6 +101,8 @@ class ThinkingReply:
                 self._phase = "content"
             return []
         if self._phase == "reasoning":
+            if not self.reasoning:
+                self._buf = self._buf.lstrip("\n")  # GLM-Z1 starts its thought on a new line
             return self._until(THINK_CLOSE, "reasoning_content", "content", final)
         if self._phase == "content":
             if not self.content and not self.calls:

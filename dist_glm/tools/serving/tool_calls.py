@@ -19,12 +19,8 @@ from dist_glm.data.sources import BadRow
 
 # Templates whose reply format this module parses (ChatGLM3 writes a python block; ChatGLM2/6B have no tools).
 TOOL_TEMPLATES = ("glm4", "glm4_0414", "glm4_5", "glm4_7", "glm5_1", "glm5_2")
-THINKING_TEMPLATES = (
-    "glm4_5",
-    "glm4_7",
-    "glm5_1",
-    "glm5_2",
-)  # their replies are read by dist_glm.tools.serving.thinking_replies
+# Their replies are read by dist_glm.tools.serving.thinking_replies (glmz1: reasoning and answer, no tools).
+THINKING_TEMPLATES = ("glm4_5", "glm4_7", "glm5_1", "glm5_2", "glmz1")
 
 
 class ToolRequestError(ValueError):
