@@ -23,6 +23,7 @@ from dist_glm.options import (  # noqa: F401  (re-exported: every command import
 from dist_glm.value_checks import (  # noqa: F401  (mix_probabilities, report_to_names: re-exported)
     check_distill,
     check_mix_probs,
+    check_preference,
     check_scheduler_kwargs,
     mix_probabilities,
     report_to_names,
@@ -289,12 +290,36 @@ class DistillConfig:
         return bool(self.teacher_model_name_or_path or self.distill_cache)
 
 
+Stage = Literal["sft", "pt", "dpo"]
+PrefLoss = Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"]
+
+
+@dataclass
+class PreferenceConfig:
+    stage: Stage = option(
+        "sft",
+        "sft (supervised), pt (continued pre-training on raw text) or dpo (preference pairs, docs/preference.md; "
+        "LLaMA-Factory's name); kto, rm and ppo are not available yet.",
+    )
+    pref_loss: PrefLoss = option(
+        "sigmoid", "stage=dpo: sigmoid (DPO), hinge, ipo, orpo or simpo (the last two need no reference model)."
+    )
+    pref_beta: float = option(0.1, "stage=dpo: beta, how strongly the preference is enforced (DPO's KL weight).")
+    pref_ftx: float = option(0.0, "stage=dpo: weight of an SFT term, the chosen answer's mean NLL, added to the loss.")
+    simpo_gamma: float = option(0.5, "stage=dpo, pref_loss=simpo: the target reward margin gamma.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.stage == "dpo"
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
     "method": MethodConfig,
     "train": TrainConfig,
     "distill": DistillConfig,
+    "preference": PreferenceConfig,
 }
 
 
@@ -305,6 +330,7 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def to_flat_dict(self) -> dict:
         return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
@@ -386,7 +412,7 @@ def check_values(cfg: Config) -> list[str]:
         f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
     )
     need(not (t.predict_with_generate and not has_eval), "predict_with_generate needs eval_dataset (or val_size)")
-    return out + check_distill(cfg.distill)
+    return out + check_distill(cfg.distill) + check_preference(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -10,15 +10,6 @@ need nothing here. Imports nothing from the package: the config loader consults 
 # key -> {value (lower-cased string) or "*": (note or None, problem or None)}
 _ANY = "*"
 KEYS: dict[str, dict[str, tuple[str | None, str | None]]] = {
-    "stage": {
-        "sft": (None, None),
-        "pt": (None, None),  # continued pre-training on text: see translate()
-        _ANY: (
-            None,
-            "stage={value}: dist_glm trains stage sft (supervised) and pt (continued pre-training on text); "
-            "preference stages are not available yet",
-        ),
-    },
     "do_train": {
         "true": (None, None),
         _ANY: (None, "do_train={value}: launch/train.py always trains; to evaluate a result use launch/evaluate.py"),

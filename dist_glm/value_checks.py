@@ -65,3 +65,24 @@ def check_distill(d) -> list[str]:
             "distill_loss=forward_kl and reverse_kl"
         )
     return out
+
+
+def check_preference(cfg) -> list[str]:
+    """stage=dpo: its own settings, and what it does not combine with yet (each with the way out)."""
+    p, d, t = cfg.preference, cfg.data, cfg.train
+    if not p.enabled:
+        return []
+    out = [] if p.pref_beta > 0 else [f"pref_beta={p.pref_beta} must be positive, e.g. 0.1"]
+    out += [] if p.pref_ftx >= 0 else [f"pref_ftx={p.pref_ftx} must be 0 (off) or positive"]
+    not_yet = {
+        "teacher_model_name_or_path / distill_cache": cfg.distill.enabled,
+        "packing": bool(d.packing),
+        "mix_probs": bool(d.mix_probs),
+        "eval_dataset / val_size": bool(d.eval_dataset or d.val_size),
+        "predict_with_generate": t.predict_with_generate,
+        "dataset_format=text": d.dataset_format == "text",
+    }
+    for key, given in not_yet.items():
+        if given:
+            out.append(f"{key}: not available with stage=dpo yet; remove it (or train stage=sft)")
+    return out

@@ -473,6 +473,21 @@ def build_chatglm6b_assets(corpus: list[str]) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
+def build_pref_data(data_dir: Path, n: int = 512) -> None:
+    """Preference pairs for the DPO demo (data/advertisegen_demo/pairs.jsonl), in TRL's prompt/chosen/rejected
+    shape: the first `n` training rows' reference answer against the same answer with another colour, the
+    mistake a model that half-learned the attributes makes."""
+    rng = random.Random(2)
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()[:n]]
+    with open(data_dir / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            color = row["content"].split("颜色#")[1].split("*")[0]
+            wrong = rng.choice([c for c in COLORS if c != color])
+            rejected = row["summary"].replace(color, wrong, 1)
+            f.write(json.dumps({"prompt": row["content"], "chosen": row["summary"], "rejected": rejected},
+                               ensure_ascii=False) + "\n")  # fmt: skip
+
+
 def main() -> None:
     if "--chatglm6b" in sys.argv:
         build_chatglm6b_assets(demo_corpus(ROOT / "data" / "advertisegen_demo"))
@@ -485,6 +500,9 @@ def main() -> None:
     if "--moe" in sys.argv:
         build_moe_configs()
         print("wrote the tiny MoE GLMs to assets/tiny-glm4-moe, tiny-glm4-moe-lite, tiny-glm-moe-dsa")
+        return
+    if "--pref-data" in sys.argv:  # only the DPO demo's pairs (made from the training rows; no new token)
+        build_pref_data(ROOT / "data" / "advertisegen_demo")
         return
     if "--tool-data" in sys.argv:  # only the tool-calling demo's rows (they never enter the tokenizer)
         build_tool_data(ROOT / "data" / "tool_demo")
@@ -506,6 +524,7 @@ def main() -> None:
     vocab_size = build_tokenizer(tok_dir, corpus)
     build_model_configs(vocab_size, tok_dir)
     build_tool_data(ROOT / "data" / "tool_demo")
+    build_pref_data(data_dir)
     print(f"wrote data to {data_dir} and tiny models (vocab {vocab_size}) to {ROOT / 'assets'}")
 
 

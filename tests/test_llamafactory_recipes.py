@@ -120,7 +120,7 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
 @pytest.mark.parametrize(
     "line,message",
     [
-        ("stage: dpo", "stage=dpo: dist_glm trains stage sft (supervised) and pt (continued pre-training on text)"),
+        ("stage: kto", "stage"),
         ("report_to: mlflow", "report_to=mlflow: mlflow is not supported; use wandb and/or swanlab"),
         ("eval_strategy: epoch", "eval_strategy=epoch: dist_glm evaluates every eval_steps steps"),
         ("flash_attn: fa2", "flash_attn=fa2: set attn_implementation instead (flash_attention_2 for fa2"),
@@ -197,7 +197,7 @@ def test_their_registry_works_unchanged(tmp_path):
 
 @pytest.mark.parametrize(
     "name,message",
-    [("from_hub", "is a hf_hub_url entry; nothing is downloaded here"), ("dpo_demo", "is a ranking (preference)")],
+    [("from_hub", "is a hf_hub_url entry; nothing is downloaded here"), ("dpo_demo", "train it with stage: dpo")],
 )
 def test_registry_entries_we_cannot_serve_say_why(tmp_path, name, message):
     d = their_registry(tmp_path)

@@ -359,6 +359,11 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
         rows = read_rows(path)
         fmt = data_cfg.dataset_format
         mapping = registered.get(path)
+        if mapping is not None and mapping.get("ranking"):
+            raise UserError(
+                f"{path} is registered as a ranking (preference) dataset in dataset_info.json; train it with "
+                "stage: dpo, or register an SFT dataset"
+            )
         if mapping is not None:  # a dataset_info.json entry: its own column names, read as ours (row by row)
             # Raw text (LLaMA-Factory's stage pt) reads the entry's prompt column as the document.
             fmt = "text" if fmt == "text" else mapping["formatting"]

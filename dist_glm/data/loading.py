@@ -78,6 +78,8 @@ def load_datasets(cfg, tokenizer, can_pack: bool = True) -> Datasets:
     log = collectives.log
     path = cfg.model.model_name_or_path
     template = recipe_template(cfg, tokenizer)
+    if cfg.preference.enabled:
+        return _load_pairs(cfg, tokenizer, template, log)
     if cfg.data.mix_probs:
         files, probs = split_paths(cfg.data.dataset), mix_probabilities(cfg.data.mix_probs)
         parts = [tokenize_dataset(f, tokenizer, path, template, cfg.data, cfg.data.max_samples, log) for f in files]
@@ -116,6 +118,24 @@ def load_datasets(cfg, tokenizer, can_pack: bool = True) -> Datasets:
     if packed:
         log(f"packing: {len(train)} samples into {len(rows)} rows of up to {cfg.data.cutoff_len} tokens")
     return Datasets(rows, evaluation, train, packed)
+
+
+def _load_pairs(cfg, tokenizer, template: str, log) -> Datasets:
+    """stage=dpo: the preference pairs (tokenized in memory; no cache, packing or eval sets yet)."""
+    from dist_glm.data.preference import load_pairs
+
+    skipped: list[dict] = []
+    pairs, counts = load_pairs(cfg.data.dataset, tokenizer, cfg.data, template, skipped, cfg.data.max_samples)
+    if skipped:
+        log(
+            f"{len(skipped)} invalid pairs skipped (on_invalid=skip); the first, {skipped[0]['where']}: "
+            f"{skipped[0]['error']}"
+        )
+    if not pairs:
+        raise UserError(f"dataset: no usable preference pairs in {cfg.data.dataset}")
+    cut = f", {counts['truncated']} answers cut to cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
+    log(f"preference pairs: {len(pairs)} (chosen and rejected rendered with template {template}{cut})")
+    return Datasets(pairs, {}, pairs, False)
 
 
 def mix(sources: list[list], probs: list[float], seed: int) -> list:

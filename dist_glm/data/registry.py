@@ -84,8 +84,6 @@ def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[
         raise UserError(
             f"{where} is a {remote[0]} entry; nothing is downloaded here: download it and register file_name"
         )
-    if entry.get("ranking"):
-        raise UserError(f"{where} is a ranking (preference) dataset; dist_glm does supervised fine-tuning only")
     if "file_name" not in entry:
         raise UserError(f"{where} has no file_name; give the data file (or folder) it names")
     root = Path(dataset_dir or ".")
@@ -104,6 +102,8 @@ def _from_registry(name: str, entry: dict, dataset_dir: str, key: str) -> tuple[
     if formatting not in ("alpaca", "sharegpt"):
         raise UserError(f"{where}: formatting '{formatting}' is not one of alpaca, sharegpt")
     mapping = {"formatting": formatting, "columns": entry.get("columns", {}), "tags": entry.get("tags", {})}
+    if entry.get("ranking"):  # preference pairs: read by dist_glm.data.preference (stage=dpo) only
+        mapping["ranking"] = True
     if "enable_thinking" in entry:  # dist_glm's own key: mixed thinking / non-thinking data, one switch per dataset
         mapping["enable_thinking"] = entry["enable_thinking"]
     return files, mapping
@@ -179,4 +179,17 @@ def resolve(data_cfg) -> list[str]:
     data_cfg.dataset, data_cfg.eval_dataset = files, ",".join(entries)
     if mappings:
         data_cfg.dataset_columns = json.dumps(mappings, sort_keys=True, ensure_ascii=False)
+    return []
+
+
+def check_stage(data_cfg, preference: bool) -> list[str]:
+    """A ranking dataset (`"ranking": true`, preference pairs) trains with stage=dpo only: read as SFT rows its
+    chosen and rejected answers would be neither."""
+    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
+    ranking = [f for f, m in registered.items() if m.get("ranking")]
+    if ranking and not preference:
+        return [
+            f"dataset: {ranking[0]} is registered as a ranking (preference) dataset in dataset_info.json; train it "
+            "with stage: dpo, or register an SFT dataset"
+        ]
     return []

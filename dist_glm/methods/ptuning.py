@@ -92,6 +92,8 @@ def check_config(cfg) -> list[str]:
             "packing=true with finetuning_type=ptuning: packed samples would share one prefix attention "
             "window; set packing=false (or use lora, which packs)"
         ]
+    if cfg.preference.enabled:  # the reference would be the base without its prefix: not wired and not tested yet
+        return ["finetuning_type=ptuning: not available with stage=dpo yet; use lora (or train stage=sft)"]
     return check_attention_kind(cfg.model)
 
 

@@ -1,9 +1,10 @@
 """Training objectives: what the loss is. One `Objective` protocol; each objective is one module:
 cross-entropy (`cross_entropy`, every method's default), online distillation from a teacher in memory
-(`distillation`, the teacher in `teacher`) and offline distillation from a teacher cache
-(`cached_distillation`). The loop and evaluation only call the protocol's members, and every objective
-returns *sums* over labelled tokens, so the loop's normalisation by the global count of trainable tokens
-holds for each loss added here.
+(`distillation`, the teacher in `teacher`), offline distillation from a teacher cache
+(`cached_distillation`) and preference losses on pairs (`preference`, stage=dpo). The loop and evaluation
+only call the protocol's members, and every objective returns *sums* with `count` saying over what
+(labelled tokens; pairs for preference), so the loop's normalisation by the global count holds for each
+loss added here.
 """
 
 from typing import Protocol
@@ -16,6 +17,10 @@ class Objective(Protocol):
 
     def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
         """The batch this objective needs from tokenized examples (a cache's targets included)."""
+
+    def count(self, batch: dict) -> int:
+        """What the loss is normalised by, in this batch: its trainable tokens, or its pairs for preference
+        losses. The loop divides the step's summed loss by the global total of it."""
 
     def check_rows(self, rows: list) -> None:
         """Refuse, before the first step, rows this objective cannot train on (UserError)."""
@@ -50,6 +55,10 @@ def build_objective(cfg, ds_config: dict, device, tokenizer, student, teacher=No
     from dist_glm.objectives.cross_entropy import CrossEntropy, vocab_size_of
     from dist_glm.runtime import collectives
 
+    if cfg.preference.enabled:
+        from dist_glm.objectives.preference import Preference, load_reference
+
+        return Preference(cfg.preference, load_reference(cfg, student, ds_config, device))
     if not cfg.distill.enabled:
         return CrossEntropy()
     vocab = len(tokenizer)

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.objectives.cross_entropy import CHUNK_ELEMENTS, has_native_head, sum_over_labelled, sums_from_head
+from dist_glm.objectives.cross_entropy import (
+    CHUNK_ELEMENTS,
+    count_trainable_tokens,
+    has_native_head,
+    sum_over_labelled,
+    sums_from_head,
+)
 from dist_glm.objectives.distillation import KDMix, KDSpec, kd_per_token
 from dist_glm.runtime import collectives
 
@@ -99,6 +105,9 @@ class CachedDistillation:
             f"top-{k}, {len(self.entries)} rows; {d.distill_loss} at T={d.distill_temperature:g}, "
             f"alpha={self.mix.alpha:g}"
         )
+
+    def count(self, batch: dict) -> int:
+        return count_trainable_tokens(batch["labels"])
 
     def check_rows(self, rows: list) -> None:
         missing = sum(1 for r in rows if is_labelled(r) and row_key(r) not in self.entries)

@@ -135,6 +135,9 @@ class CrossEntropy:
     def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)
 
+    def count(self, batch: dict) -> int:
+        return count_trainable_tokens(batch["labels"])
+
     def check_rows(self, rows: list) -> None:
         """Refuse, before the first step, rows this objective cannot train on (none here)."""
 

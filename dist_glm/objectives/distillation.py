@@ -37,6 +37,7 @@ from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.objectives.cross_entropy import (
     CHUNK_ELEMENTS,
+    count_trainable_tokens,
     has_native_head,
     head_returns,
     sum_over_labelled,
@@ -157,6 +158,9 @@ class Distillation:
 
     def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)
+
+    def count(self, batch: dict) -> int:
+        return count_trainable_tokens(batch["labels"])
 
     def check_rows(self, rows: list) -> None:
         """Any row trains: the teacher sees what the student sees."""

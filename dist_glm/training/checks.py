@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dist_glm.checkpointing import checkpoints
 from dist_glm.config import Config
-from dist_glm.data.registry import resolve_and_check
+from dist_glm.data.registry import check_stage, resolve_and_check
 from dist_glm.errors import UserError
 from dist_glm.methods import Method, get_method
 from dist_glm.models import moe
@@ -45,6 +45,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         objective_problems, teacher = check_objective(cfg)
         problems += objective_problems
     problems += resolve_and_check(cfg.data)  # names, folders and globs become files, then checked
+    problems += check_stage(cfg.data, cfg.preference.enabled)
     ds_config = resume_path = None
     try:
         ds_config = deepspeed_config.build_ds_config(cfg.train, world_size)

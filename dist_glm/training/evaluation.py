@@ -6,7 +6,7 @@ import math
 import torch
 
 from dist_glm.data.batching import Example
-from dist_glm.objectives.cross_entropy import CrossEntropy, count_trainable_tokens
+from dist_glm.objectives.cross_entropy import CrossEntropy
 from dist_glm.runtime import collectives
 from dist_glm.training.scoring import generation_metrics
 
@@ -49,7 +49,7 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
         batch = {k: v.to(device) for k, v in objective.collate(batch_examples, pad_id).items()}
         for name, s in objective.eval_sums(model, batch).items():
             sums[name] = sums.get(name, 0.0) + float(s)
-        tokens += count_trainable_tokens(batch["labels"])
+        tokens += objective.count(batch)
     model.train(was_training)
     names = sorted(sums)
     *totals, total_tokens = collectives.all_reduce_sum([sums[n] for n in names] + [tokens]).tolist()

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_glm.objectives.cross_entropy import count_trainable_tokens
 from dist_glm.runtime import collectives
 
 
@@ -27,9 +26,10 @@ def train_step(
     """One optimizer step over this rank's micro-batches. `clip` is set when this loop clips instead of
     the engine (`takes_over_clipping`): the max norm, 0 for no clipping but a measured norm. `objective`
     gives the loss as a sum over labelled tokens (an `Objective`, dist_glm.objectives)."""
-    # Collective: the loss is normalised by the trainable-token count of the *global* batch, so every
-    # rank needs it before its first backward. Counted on the host, before the batches move.
-    local_tokens = sum(count_trainable_tokens(b["labels"]) for b in micro_batches)
+    # Collective: the loss is normalised by the trainable-token count of the *global* batch (the objective's
+    # count: pairs for a preference loss), so every rank needs it before its first backward. Counted on the
+    # host, before the batches move.
+    local_tokens = sum(objective.count(b) for b in micro_batches)
     local_nonpad = sum(int(b["token_mask"].sum()) for b in micro_batches)
     global_tokens = max(float(collectives.all_reduce_sum([local_tokens])[0]), 1.0)
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages over

@@ -1,0 +1,184 @@
+"""Preference pairs (`stage: dpo`): a prompt with a chosen and a rejected answer, each answer rendered by the
+chat template exactly as an SFT row ending with it would be, so both are the text the model would write.
+
+Row formats (the first row of each file decides, as for SFT):
+- LLaMA-Factory's ranking datasets (`"ranking": true` in dataset_info.json): sharegpt `conversations` (the
+  prompt turns) with `chosen` / `rejected` turns (`{"from": "gpt", "value": ...}`), or alpaca columns with
+  `chosen` / `rejected` strings;
+- TRL's `prompt` / `chosen` / `rejected`: strings, or message lists (the prompt's turns; the answers'
+  assistant turns, with `reasoning_content` or tool calls where the template has them);
+- OpenAI `messages` ending with the chosen assistant turn, plus a `rejected` assistant message.
+
+A pair whose answers are the same, or whose answer is empty, teaches nothing: a `file:line` error (or skipped
+with `on_invalid: skip`, listed with the reason). A pair is cut to `cutoff_len` like an SFT row; a pair whose
+answer was cut is kept (its trained tokens are what is left), and counted in the log.
+"""
+
+import json
+from dataclasses import dataclass
+
+from dist_glm.data.batching import Example
+from dist_glm.data.converters import CONVERTERS, check_alternation, check_text, detect_format, remap
+from dist_glm.data.sources import BadRow, read_rows, split_paths
+from dist_glm.errors import UserError
+
+SHOWN_BAD_ROWS = 10
+
+
+@dataclass(frozen=True)
+class Pair:
+    chosen: Example
+    rejected: Example
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The tokens the pair puts into a batch (both rows): what length grouping and padding counts see."""
+        return self.chosen.input_ids + self.rejected.input_ids
+
+    position_ids = None  # pairs are never packed
+
+
+def _answer_turn(value, where: str) -> dict:
+    """A chosen/rejected answer as one assistant turn in the row's own shape."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0]  # TRL's conversational answers: a list holding the assistant message
+    if not isinstance(value, str | dict):
+        raise BadRow(f"field '{where}' must be the answer: its text, or an assistant message")
+    return value
+
+
+def rows_of(row: dict, mapping: dict | None) -> tuple[str, dict, dict]:
+    """(format, the row ending with the chosen answer, the row ending with the rejected one)."""
+    cols = (mapping or {}).get("columns", {})
+    chosen_key, rejected_key = cols.get("chosen", "chosen"), cols.get("rejected", "rejected")
+    if (mapping is not None and mapping["formatting"] == "sharegpt") or "conversations" in row:
+        key = cols.get("messages", "conversations")
+        prompt = row.get(key)
+        if not isinstance(prompt, list):
+            raise BadRow(f"field '{key}' must be the list of prompt turns")
+        tags = (mapping or {}).get("tags", {})
+        role, content = tags.get("role_tag", "from"), tags.get("content_tag", "value")
+
+        def turn(value, name):
+            if isinstance(value, str):
+                value = {role: tags.get("assistant_tag", "gpt"), content: value}
+            if not isinstance(value, dict):
+                raise BadRow(f"field '{name}' must be an answer turn ({{'{role}': 'gpt', '{content}': ...}})")
+            return value
+
+        base = {k: v for k, v in row.items() if k not in (chosen_key, rejected_key)}
+        if mapping is not None:
+            out = []
+            for name in (chosen_key, rejected_key):
+                full = dict(base, **{key: prompt + [turn(_answer_turn(row.get(name), name), name)]})
+                out.append(remap(full, {**mapping, "formatting": "sharegpt"}))
+            return "sharegpt", out[0], out[1]
+        rows = [
+            dict(base, conversations=prompt + [turn(_answer_turn(row.get(n), n), n)]) for n in ("chosen", "rejected")
+        ]
+        return detect_format(rows[0], "") or "sharegpt", rows[0], rows[1]
+    if "messages" in row:  # OpenAI messages ending with the chosen turn, plus `rejected`
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise BadRow("field 'messages' must be a non-empty list ending with the chosen answer")
+        rejected = _answer_turn(row.get("rejected"), "rejected")
+        if isinstance(rejected, str):
+            rejected = {"role": "assistant", "content": rejected}
+        if not isinstance(rejected, dict):
+            raise BadRow("field 'rejected' must be the rejected assistant message (or its text)")
+        base = {k: v for k, v in row.items() if k != "rejected"}
+        return "openai", base, dict(base, messages=messages[:-1] + [rejected])
+    if "prompt" in row and isinstance(row["prompt"], list):  # TRL's conversational form
+        out = []
+        for name in ("chosen", "rejected"):
+            answer = _answer_turn(row.get(name), name)
+            if isinstance(answer, str):
+                answer = {"role": "assistant", "content": answer}
+            out.append({"messages": row["prompt"] + [answer], **({"tools": row["tools"]} if "tools" in row else {})})
+        return "openai", out[0], out[1]
+    # alpaca columns (LLaMA-Factory's ranking alpaca, or TRL's plain `prompt` string)
+    prompt_key = cols.get("prompt", "prompt" if "prompt" in row else "instruction")
+    base = {
+        "instruction": row.get(prompt_key),
+        "input": row.get(cols.get("query", "input")) or "",
+        "system": row.get(cols.get("system", "system")) or "",
+    }
+    if base["instruction"] is None:
+        raise BadRow(f"missing field '{prompt_key}' (the prompt)")
+    rows = []
+    for name in (chosen_key, rejected_key):
+        answer = _answer_turn(row.get(name), name)
+        if not isinstance(answer, str):
+            raise BadRow(f"field '{name}' must be the answer's text here")
+        rows.append(dict(base, output=answer))
+    return "alpaca", rows[0], rows[1]
+
+
+def _conversation(fmt: str, row: dict, data_cfg) -> dict:
+    conv = CONVERTERS[fmt](row, data_cfg)
+    check_alternation(conv["messages"])
+    check_text(conv)
+    return conv
+
+
+def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list[dict], max_samples: int = 0):
+    """Every pair of the comma-separated files in `spec`: (pairs, counts for the log)."""
+    from dist_glm.data.template import build_template
+
+    template = build_template(template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt)
+    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
+    pairs, bad, truncated = [], [], 0
+    for path in split_paths(spec):
+        mapping = registered.get(path)
+        if mapping is not None and not mapping.get("ranking"):
+            raise UserError(
+                f'{path}: its dataset_info.json entry is not a ranking dataset ("ranking": true, with chosen and '
+                "rejected columns); stage=dpo trains preference pairs"
+            )
+        taken = 0
+        for lineno, row in read_rows(path):
+            if max_samples and taken >= max_samples:
+                break
+            where = f"{path}:{lineno}"
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                if not isinstance(row, dict):
+                    raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+                fmt, chosen_row, rejected_row = rows_of(row, mapping)
+                convs = [_conversation(fmt, r, data_cfg) for r in (chosen_row, rejected_row)]
+                if convs[0]["messages"][:-1] != convs[1]["messages"][:-1] or convs[0]["system"] != convs[1]["system"]:
+                    raise BadRow("the chosen and rejected rows have different prompts; a pair answers one prompt")
+                if convs[0]["messages"][-1] == convs[1]["messages"][-1]:
+                    raise BadRow("the chosen and rejected answers are the same; a pair teaches nothing then")
+                if any(c["messages"][-1]["role"] != "assistant" for c in convs):
+                    raise BadRow("each answer must be an assistant turn after the prompt")
+                for name, conv in zip(("chosen", "rejected"), convs, strict=True):
+                    last = conv["messages"][-1]
+                    if not last.get("tool_call") and not (last["content"] or "").strip():
+                        raise BadRow(f"the {name} answer is empty; a pair compares two answers")
+                encoded = []
+                for conv in convs:
+                    conv["where"] = where
+                    if "enable_thinking" not in conv and (mapping or {}).get("enable_thinking") is not None:
+                        conv["enable_thinking"] = mapping["enable_thinking"]
+                    e = template.encode(conv, data_cfg.cutoff_len)
+                    if not any(label != -100 for label in e.labels):
+                        raise BadRow("an answer has no trainable token (empty, or cut away by cutoff_len)")
+                    truncated += bool(e.truncated)
+                    encoded.append(Example(e.input_ids, e.labels, e.prompt_ids, e.reference))
+            except BadRow as e:
+                if data_cfg.on_invalid == "skip":
+                    skipped.append({"where": where, "error": str(e)})
+                    continue
+                bad.append(f"{where}: {e}")
+                continue
+            pairs.append(Pair(*encoded))
+            taken += 1
+    if bad:
+        shown = bad[:SHOWN_BAD_ROWS]
+        more = f"; {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+        raise UserError(
+            shown[:-1] + [f"{shown[-1]} ({len(bad)} bad pairs{more}: fix them, or set on_invalid: skip to skip them)"]
+        )
+    return pairs, {"truncated": truncated}

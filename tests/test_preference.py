@@ -1,0 +1,244 @@
+"""Preference training (stage=dpo): each loss against a float64 reference written from its paper, the
+per-row log-probabilities against the full-logits computation, the pair formats users have with their bad
+pairs, and real processes: the same global batch gives the same losses on 1 and 2 ranks (ZeRO-3) and with
+accumulation, with the adapter-off reference (LoRA) and with a frozen reference copy (full)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL, base_args, read_metrics, run_train
+from dist_glm.config import PreferenceConfig, load_config
+from dist_glm.data.preference import load_pairs
+from dist_glm.errors import UserError
+from dist_glm.models.loading import load_tokenizer
+from dist_glm.objectives.preference import Preference, pair_losses, row_logps
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def reference_loss(kind, pc, pr, rc, rr, lc, lr, beta, gamma) -> float:
+    """One pair's loss in float64 Python arithmetic, from each paper's definition."""
+    if kind in ("ipo", "orpo", "simpo"):  # defined on the mean log-probability per token
+        pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
+    h = (pc - rc) - (pr - rr)
+    if kind == "sigmoid":  # DPO, Rafailov et al. 2023, eq. 7
+        return -log_sigmoid(beta * h)
+    if kind == "hinge":  # SLiC-HF hinge on the DPO margin
+        return max(0.0, 1 - beta * h)
+    if kind == "ipo":  # Azar et al. 2023, eq. 17
+        return (h - 1 / (2 * beta)) ** 2
+    if kind == "orpo":  # Hong et al. 2024: L_SFT + lambda * L_OR, odds = p / (1 - p)
+        log_odds = (pc - math.log1p(-math.exp(pc))) - (pr - math.log1p(-math.exp(pr)))
+        return -pc - beta * log_sigmoid(log_odds)
+    return -log_sigmoid(beta * (pc - pr) - gamma)  # SimPO, Meng et al. 2024, eq. 6
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "orpo", "simpo"])
+def test_each_loss_equals_its_float64_reference(kind):
+    g = torch.Generator().manual_seed(3)
+    lc, lr = torch.randint(1, 30, (6,), generator=g).double(), torch.randint(1, 30, (6,), generator=g).double()
+    pc, pr = (
+        -torch.rand(6, generator=g, dtype=torch.float64) * lc,
+        -torch.rand(6, generator=g, dtype=torch.float64) * lr,
+    )
+    rc, rr = (
+        pc - torch.randn(6, generator=g, dtype=torch.float64),
+        pr - torch.randn(6, generator=g, dtype=torch.float64),
+    )
+    beta, gamma = 0.3, 0.5
+    ref = None if kind in ("orpo", "simpo") else (rc, rr)
+    losses, chosen, rejected = pair_losses((pc, pr), ref, (lc, lr), kind, beta, gamma)
+    want = [reference_loss(kind, *(float(t[i]) for t in (pc, pr, rc, rr, lc, lr)), beta, gamma) for i in range(6)]
+    assert losses.tolist() == pytest.approx(want, rel=1e-12, abs=1e-12)
+    if ref is not None:  # DPO's implicit rewards: beta * log(pi / pi_ref) of each answer
+        scale = (lc, lr) if kind == "ipo" else (1, 1)
+        assert chosen.tolist() == pytest.approx((beta * (pc - rc) / scale[0]).tolist(), rel=1e-12)
+        assert rejected.tolist() == pytest.approx((beta * (pr - rr) / scale[1]).tolist(), rel=1e-12)
+
+
+def test_row_log_probabilities_equal_the_full_logits_computation():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_MODEL)).double()
+    ids = torch.randint(10, 700, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[1, 9:] = -100
+    labels[2, :] = -100  # a row with nothing labelled sums to 0
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    got = row_logps(model, batch)
+    logp = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
+    targets = labels[:, 1:]
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (targets != -100)
+    torch.testing.assert_close(got.double(), picked.sum(-1), rtol=1e-5, atol=1e-5)  # fp32 sums, as in training
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def pairs_from(path, **data):
+    cfg = load_config(["--model_name_or_path=m", f"--dataset={path}", "--output_dir=o", "--stage=dpo"], None)
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    skipped = []
+    pairs, _ = load_pairs(cfg.data.dataset, load_tokenizer(str(TINY_MODEL)), cfg.data, "glm4", skipped)
+    return pairs, skipped
+
+
+def test_every_pair_format_renders_both_answers_after_one_prompt(tmp_path):
+    tok = load_tokenizer(str(TINY_MODEL))
+    trl = write(tmp_path / "trl.jsonl", [{"prompt": "类型#裙", "chosen": "红色", "rejected": "蓝色"}])
+    trl_chat = write(tmp_path / "trl_chat.jsonl", [{
+        "prompt": [{"role": "user", "content": "类型#裙"}],
+        "chosen": [{"role": "assistant", "content": "红色"}], "rejected": [{"role": "assistant", "content": "蓝色"}],
+    }])  # fmt: skip
+    openai = write(tmp_path / "openai.jsonl", [{
+        "messages": [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}],
+        "rejected": {"role": "assistant", "content": "蓝色"},
+    }])  # fmt: skip
+    sharegpt = write(tmp_path / "lf.json", [])
+    sharegpt.write_text(json.dumps([{
+        "conversations": [{"from": "human", "value": "类型#裙"}],
+        "chosen": {"from": "gpt", "value": "红色"}, "rejected": {"from": "gpt", "value": "蓝色"},
+    }], ensure_ascii=False))  # fmt: skip
+    texts = set()
+    for path in (trl, trl_chat, openai, sharegpt):
+        (pair,), _ = pairs_from(path)
+        chosen, rejected = tok.decode(pair.chosen.input_ids), tok.decode(pair.rejected.input_ids)
+        texts.add((chosen, rejected))
+        prompt = len(pair.chosen.prompt_ids)
+        assert pair.chosen.input_ids[:prompt] == pair.rejected.input_ids[:prompt] == pair.chosen.prompt_ids
+        assert all(x == -100 for x in pair.chosen.labels[:prompt]) and pair.chosen.labels[prompt:][-1] != -100
+    assert texts == {("[gMASK]<sop><|user|>\n类型#裙<|assistant|>\n红色<|user|>",
+                      "[gMASK]<sop><|user|>\n类型#裙<|assistant|>\n蓝色<|user|>")}  # fmt: skip
+
+
+def test_llamafactory_ranking_entries_train_with_stage_dpo_only(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "你好"}], "chosen": {"from": "gpt", "value": "你好！"},
+             "rejected": {"from": "gpt", "value": "走开"}}]  # fmt: skip
+    (tmp_path / "dpo_zh_demo.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    info = {
+        "dpo_zh_demo": {
+            "file_name": "dpo_zh_demo.json",
+            "ranking": True,
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        }
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    common = ["--model_name_or_path=m", "--dataset=dpo_zh_demo", f"--dataset_dir={tmp_path}", "--output_dir=o"]
+    cfg = load_config([*common, "--stage=dpo"], None)
+    from dist_glm.data.registry import resolve
+
+    assert resolve(cfg.data) == []
+    pairs, _ = load_pairs(cfg.data.dataset, load_tokenizer(str(TINY_MODEL)), cfg.data, "glm4", [])
+    assert len(pairs) == 1
+    from dist_glm.data.converters import load_conversations
+
+    sft = load_config(common, None)
+    assert resolve(sft.data) == []
+    with pytest.raises(UserError, match="ranking .preference. dataset in dataset_info.json; train it with stage: dpo"):
+        load_conversations(sft.data.dataset, sft.data, [])
+
+
+@pytest.mark.parametrize(
+    "row, error",
+    [
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "the chosen and rejected answers are the same"),
+        ({"prompt": "q", "chosen": "a", "rejected": ""}, "empty"),
+        ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": 5}, "rejected"),
+        ({"chosen": "a", "rejected": "b"}, "missing field 'instruction'"),
+    ],
+)
+def test_a_bad_pair_names_its_line_or_is_skipped_with_the_reason(tmp_path, row, error):
+    path = write(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(UserError, match=f"{path}:2: .*{error}"):
+        pairs_from(path)
+    pairs, skipped = pairs_from(path, on_invalid="skip")
+    assert len(pairs) == 1 and skipped[0]["where"] == f"{path}:2" and error.split()[0] in skipped[0]["error"]
+
+
+def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
+    base = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--stage=dpo"]
+    for flag, key in (
+        ("--packing=true", "packing"),
+        ("--val_size=0.1", "eval_dataset / val_size"),
+        ("--pref_beta=0", "pref_beta=0"),
+    ):
+        with pytest.raises(UserError, match=key):
+            load_config([*base, flag], None)  # fmt: skip
+    with pytest.raises(UserError, match="stage"):
+        load_config([*base[:-1], "--stage=kto"], None)
+    from dist_glm.methods import get_method
+
+    ptuning = load_config([*base, "--finetuning_type=ptuning"], None)
+    assert "not available with stage=dpo yet" in get_method("ptuning").check_config(ptuning)[0]
+    assert Preference(PreferenceConfig(stage="dpo"), None).count({"pairs": torch.tensor(3)}) == 3
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory):
+    """64 pairs from the demo rows: the reference answer against another row's (prompts of varied length)."""
+    rows = [json.loads(line) for line in (REPO / "data" / "advertisegen_demo" / "train.jsonl").read_text().splitlines()]
+    pairs = [{"prompt": r["content"], "chosen": r["summary"], "rejected": rows[(i + 7) % len(rows)]["summary"]}
+             for i, r in enumerate(rows[:64])]  # fmt: skip
+    return write(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", pairs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_same_global_batch_gives_the_same_preference_step_on_1_and_2_ranks(
+    tmp_path, pretrained_tiny, pairs_data, method
+):
+    """LoRA (the reference is the base with the adapter off) and full (a frozen reference copy, partitioned
+    under ZeRO-3): 1 rank x 4 pairs, 2 ZeRO-3 ranks x 2 pairs, and 1 rank x 2 pairs x accumulation 2 give the
+    same losses and rewards in fp32; at step 1 the policy is its reference (loss ln 2, rewards 0)."""
+    common = dict(model_name_or_path=pretrained_tiny, train_from_scratch=False, stage="dpo", finetuning_type=method,
+                  max_steps=4, learning_rate=1e-2 if method == "lora" else 2e-3, pref_beta=0.5,
+                  cutoff_len=128)  # fmt: skip
+    runs = {
+        "one": (dict(per_device_train_batch_size=4), None),
+        "two_zero3": (dict(per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json"), 2),
+    }
+    if method == "full":
+        runs["accumulated"] = (dict(per_device_train_batch_size=2, gradient_accumulation_steps=2), None)
+    got = {}
+    for name, (extra, ranks) in runs.items():
+        out = tmp_path / name
+        proc = run_train(base_args(out, pairs_data, **common, **extra), nprocs=ranks)
+        got[name] = {k: read_metrics(out, f"train/{k}") for k in ("loss", "rewards/margins", "rewards/accuracies")}
+        assert "preference pairs: 64" in proc.stdout
+    want = got["one"]
+    assert want["loss"][1] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy equals its reference
+    for name, metrics in got.items():
+        for key, curve in metrics.items():
+            assert sorted(curve) == [1, 2, 3, 4]
+            assert max(abs(curve[s] - want[key][s]) for s in curve) < 1e-5, (name, key, curve, want[key])
+    assert abs(want["rewards/margins"][1]) < 1e-6 and abs(want["loss"][4] - math.log(2)) > 1e-4  # then it moves
+
+
+@pytest.mark.slow
+def test_the_dpo_demo_learns_the_preference_from_the_sft_demo(demo_run, tmp_path):
+    """configs/demo_dpo.yaml from this session's SFT demo model: the policy comes to prefer every reference
+    answer over its wrong-colour twin (rewards/accuracies to ~1, the margin grows) by pushing the wrong one
+    down while the chosen answer stays near the likelihood the SFT model gave it."""
+    sft, proc = demo_run
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "demo_dpo"
+    run_train(["configs/demo_dpo.yaml", "--disable_tqdm=true", f"--model_name_or_path={sft}", f"--output_dir={out}"],
+              nprocs=None)  # fmt: skip
+    m = {k: read_metrics(out, f"train/{k}") for k in ("rewards/accuracies", "rewards/margins", "logps/chosen",
+                                                        "logps/rejected")}  # fmt: skip
+    print({k: (round(v[8], 3), round(v[64], 3)) for k, v in m.items()})
+    assert m["rewards/accuracies"][64] >= 0.95 > m["rewards/accuracies"][8]
+    assert m["rewards/margins"][64] > 3 * m["rewards/margins"][8] > 0
+    assert m["logps/rejected"][64] < m["logps/rejected"][8] - 0.5
+    assert m["logps/chosen"][64] > m["logps/chosen"][8] - 0.3
