@@ -200,10 +200,11 @@ def test_the_same_global_batch_gives_the_same_preference_step_on_1_and_2_ranks(
 ):
     """LoRA (the reference is the base with the adapter off) and full (a frozen reference copy, partitioned
     under ZeRO-3): 1 rank x 4 pairs, 2 ZeRO-3 ranks x 2 pairs, and 1 rank x 2 pairs x accumulation 2 give the
-    same losses and rewards in fp32; at step 1 the policy is its reference (loss ln 2, rewards 0)."""
+    same losses and rewards in fp32; at step 1 the policy is its reference (loss ln 2, rewards 0). The
+    accumulated run stops at step 2 and resumes from its checkpoint (the reference loaded again)."""
     common = dict(model_name_or_path=pretrained_tiny, train_from_scratch=False, stage="dpo", finetuning_type=method,
                   max_steps=4, learning_rate=1e-2 if method == "lora" else 2e-3, pref_beta=0.5,
-                  cutoff_len=128)  # fmt: skip
+                  cutoff_len=128, lr_scheduler_type="constant_with_warmup")  # fmt: skip
     runs = {
         "one": (dict(per_device_train_batch_size=4), None),
         "two_zero3": (dict(per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json"), 2),
@@ -213,6 +214,9 @@ def test_the_same_global_batch_gives_the_same_preference_step_on_1_and_2_ranks(
     got = {}
     for name, (extra, ranks) in runs.items():
         out = tmp_path / name
+        if name == "accumulated":
+            run_train(base_args(out, pairs_data, **{**common, **extra, "max_steps": 2, "save_steps": 2}), nprocs=ranks)
+            extra = dict(extra, resume_from_checkpoint=out / "checkpoint-2", save_steps=2)
         proc = run_train(base_args(out, pairs_data, **common, **extra), nprocs=ranks)
         got[name] = {k: read_metrics(out, f"train/{k}") for k in ("loss", "rewards/margins", "rewards/accuracies")}
         assert "preference pairs: 64" in proc.stdout

@@ -349,6 +349,24 @@ def remap(row: dict, mapping: dict) -> dict:
 SHOWN_BAD_ROWS = 10  # bad rows reported at once (each with its file:line); the count covers them all
 
 
+def as_object(row) -> dict:
+    """A read row that must be a JSON object: one that did not parse, or is not an object, is a BadRow."""
+    if isinstance(row, BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def bad_rows_error(bad: list[str], noun: str = "rows") -> UserError:
+    """One error for every bad row (`file:line: what`), the first few shown, all counted."""
+    shown = bad[:SHOWN_BAD_ROWS]
+    more = f"; {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+    return UserError(
+        shown[:-1] + [f"{shown[-1]} ({len(bad)} bad {noun}{more}: fix them, or set on_invalid: skip to skip them)"]
+    )
+
+
 def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict | None = None) -> list[dict]:
     """All conversations from the comma-separated files in `spec`, in file order. Bad rows raise
     UserError, or with `on_invalid: skip` are appended to `skipped` as {"where", "error"}. `formats`
@@ -380,10 +398,7 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
         for lineno, row in rows:
             where = f"{path}:{lineno}"
             try:
-                if isinstance(row, BadRow):
-                    raise row
-                if not isinstance(row, dict):
-                    raise BadRow(f"expected a JSON object, got {type(row).__name__}")
+                row = as_object(row)
                 if mapping is not None:
                     row = remap_text(row, mapping) if fmt == "text" else remap(row, mapping)
                 conv = CONVERTERS[fmt](row, data_cfg)
@@ -404,9 +419,5 @@ def load_conversations(spec: str, data_cfg, skipped: list[dict], formats: dict |
                     conv["enable_thinking"] = default
             out.append(conv)
     if bad:
-        shown = bad[:SHOWN_BAD_ROWS]
-        more = f"; {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
-        raise UserError(
-            shown[:-1] + [f"{shown[-1]} ({len(bad)} bad rows{more}: fix them, or set on_invalid: skip to skip them)"]
-        )
+        raise bad_rows_error(bad)
     return out

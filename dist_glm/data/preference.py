@@ -18,11 +18,17 @@ import json
 from dataclasses import dataclass
 
 from dist_glm.data.batching import Example
-from dist_glm.data.converters import CONVERTERS, check_alternation, check_text, detect_format, remap
+from dist_glm.data.converters import (
+    CONVERTERS,
+    as_object,
+    bad_rows_error,
+    check_alternation,
+    check_text,
+    detect_format,
+    remap,
+)
 from dist_glm.data.sources import BadRow, read_rows, split_paths
 from dist_glm.errors import UserError
-
-SHOWN_BAD_ROWS = 10
 
 
 @dataclass(frozen=True)
@@ -141,11 +147,7 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
                 break
             where = f"{path}:{lineno}"
             try:
-                if isinstance(row, BadRow):
-                    raise row
-                if not isinstance(row, dict):
-                    raise BadRow(f"expected a JSON object, got {type(row).__name__}")
-                fmt, chosen_row, rejected_row = rows_of(row, mapping)
+                fmt, chosen_row, rejected_row = rows_of(as_object(row), mapping)
                 convs = [_conversation(fmt, r, data_cfg) for r in (chosen_row, rejected_row)]
                 if convs[0]["messages"][:-1] != convs[1]["messages"][:-1] or convs[0]["system"] != convs[1]["system"]:
                     raise BadRow("the chosen and rejected rows have different prompts; a pair answers one prompt")
@@ -176,9 +178,5 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
             pairs.append(Pair(*encoded))
             taken += 1
     if bad:
-        shown = bad[:SHOWN_BAD_ROWS]
-        more = f"; {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
-        raise UserError(
-            shown[:-1] + [f"{shown[-1]} ({len(bad)} bad pairs{more}: fix them, or set on_invalid: skip to skip them)"]
-        )
+        raise bad_rows_error(bad, "pairs")
     return pairs, {"truncated": truncated}

@@ -134,8 +134,9 @@ class RoutingStats:
     (the sigmoid score of the chosen experts, before normalisation and routed_scaling_factor: after
     them every token's weights sum to the same constant). Padding positions are not counted.
 
-    Only the training forward between `set_batch(mask)` and `set_batch(None)` counts: evaluation, and
-    the recomputed forward of gradient checkpointing (during backward), do not."""
+    Only the training forward between `set_batch(mask)` and `set_batch(None)` counts: evaluation, the
+    recomputed forward of gradient checkpointing (during backward) and a no-grad reference forward
+    (preference training) do not."""
 
     def __init__(self, model):
         named = [(name, m) for name, m in model.named_modules() if is_router(m)]
@@ -163,6 +164,8 @@ class RoutingStats:
     def _hook(self, i: int):
         def record(module, inputs, output):
             if self.mask is None or not module.training or not isinstance(output, tuple) or len(output) != 3:
+                return
+            if not torch.is_grad_enabled():  # a reference forward (preference training) is not the one trained
                 return
             with torch.no_grad():
                 if hasattr(module, "route_scale"):
