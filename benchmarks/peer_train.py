@@ -1,4 +1,5 @@
-"""The peers' training script: plain HF Trainer or TRL's SFTTrainer on the benchmark's pre-tokenized rows.
+"""The peers' training script: plain HF Trainer or TRL's SFTTrainer on the benchmark's pre-tokenized rows, or
+TRL's DPOTrainer on the raw pairs of a DPO workload.
 
 It runs inside a peer's own venv (python peer_train.py SETTINGS.json), so it imports nothing from
 dist_glm: only torch, transformers, peft and (for TRL) trl and datasets. Both trainers get the same
@@ -65,7 +66,14 @@ def main(settings_path: str) -> None:
         **s.get("trainer_args", {}),  # the benchmark's profile: nothing (the trainer's defaults) or matched settings
     )
     rows = load_rows(s["data"])
-    if s["framework"] == "trl":
+    if s.get("stage") == "dpo":  # TRL's DPOTrainer on the raw pairs (conversational: its chat template renders them)
+        from datasets import Dataset
+        from trl import DPOConfig, DPOTrainer
+
+        data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+        args = DPOConfig(**common, max_length=s["cutoff_len"], beta=s["beta"], loss_type=["sigmoid"])
+        trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    elif s["framework"] == "trl":
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 

@@ -95,11 +95,14 @@ def child_env() -> dict:
 def build_jobs(
     w, model_dir: Path, data_dir: Path, pythons: dict, run_root: Path, log_root: Path, profile: str = "defaults"
 ) -> list:
-    """Ours reads the raw rows, LLaMA-Factory its registry of them, HF/TRL our tokenization of them."""
+    """Ours reads the raw rows, LLaMA-Factory its registry of them, HF/TRL our tokenization of them (TRL's
+    DPOTrainer the raw pairs, which it renders with the tokenizer's chat template)."""
     import yaml
 
     env, jobs = child_env(), []
     ours_dir, rows, lf_data = run_root / OURS, data_dir / "tokenized.jsonl", data_dir / "llamafactory"
+    if w.stage == "dpo":
+        rows = data_dir / "raw.jsonl"
     ours = workloads.ours_command(w, model_dir, data_dir / "raw.jsonl", ours_dir)
     jobs.append(measure.Job(OURS, ours, ours_dir / "metrics.jsonl",
                             log_root / f"{OURS}.log", env))  # fmt: skip
@@ -237,12 +240,15 @@ def bench(a: BenchArgs, log=print) -> str:
 
 def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, cache: Path, log):
     """Every round of one workload in one profile: (table row, ours' Numbers, model dir, data dir)."""
+    if w.stage == "dpo" and "hf" in pythons:  # HF Trainer has no preference training
+        pythons = {n: p for n, p in pythons.items() if n != "hf"}
+        skipped = dict(skipped, hf="no preference training in HF Trainer")
     model_dir = workloads.build_model_dir(w.model, cache)
-    data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
+    data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}-{w.stage}"
     data_dir.mkdir(parents=True, exist_ok=True)
     raw = workloads.write_rows(w, data_dir / "raw.jsonl")
-    lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
-    workloads.write_llamafactory_data(raw, data_dir / "llamafactory")
+    lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl", w.stage)
+    workloads.write_llamafactory_data(raw, data_dir / "llamafactory", w.stage)
     tokens_per_step = w.batch_size * statistics.mean(lengths)
     loss_step = a.loss_step or w.steps
     got: dict[str, list] = {OURS: [], **{n: [] for n in pythons}}

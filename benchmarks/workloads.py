@@ -34,6 +34,9 @@ class Workload:
     # machine in turn; `batch_size` is the global batch, split over `ranks`. Empty: the side-by-side kind.
     ranks: int = 1
     layouts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # "dpo": preference pairs (batch_size pairs a step; DPO, sigmoid loss at DPO_BETA), run by ours, TRL's
+    # DPOTrainer and LLaMA-Factory's stage dpo; HF Trainer has no preference training.
+    stage: str = "sft"
 
 
 WORKLOADS = {
@@ -60,6 +63,31 @@ WORKLOADS = {
             "GLM-4.5-shaped MoE (glm4_moe, 16 experts top-4 + shared) at real vocabulary, full FT",
         ),
         Workload(
+            "dpo_lora",
+            "glm4-real-vocab",
+            True,
+            4,
+            256,
+            1e-5,
+            8,
+            4.0,
+            "DPO (sigmoid) with LoRA r8 at real vocabulary: each demo answer against its wrong-colour twin",
+            stage="dpo",
+        ),
+        Workload(
+            "dpo_lora_long",
+            "glm4-real-vocab",
+            True,
+            4,
+            768,
+            1e-5,
+            6,
+            8.0,
+            "the same with prompts x8",
+            8,
+            stage="dpo",
+        ),
+        Workload(
             "moe_ep2",
             "glm4-moe-real-vocab",
             False,
@@ -79,6 +107,7 @@ WORKLOADS = {
     )
 }
 LORA_RANK, LORA_ALPHA, SEED = 8, 16.0, 42
+DPO_BETA = 0.1  # TRL's and LLaMA-Factory's default
 
 # Beyond what a workload fixes (model, rows, batch, cutoff, lr, steps, fp32, one process, no eval or saving):
 # - "defaults": nothing more. Each framework runs as its users run it: its own optimizer implementation,
@@ -128,25 +157,45 @@ def build_model_dir(name: str, cache: Path) -> Path:
 
 def write_rows(w: Workload, out: Path) -> Path:
     """The workload's raw rows: the demo rows, each prompt repeated `prompt_repeat` times ("*"-joined, as
-    AdvertiseGen joins attributes). The file every framework reads or is tokenized from."""
+    AdvertiseGen joins attributes). The file every framework reads or is tokenized from. A DPO workload's
+    rows are pairs in TRL's conversational shape (the prompt's user turn; each answer an assistant turn),
+    the rejected answer the reference with another colour, as data/advertisegen_demo/pairs.jsonl."""
+    colors = ("红色", "白色", "黑色", "蓝色", "粉色")
     with open(DEMO_ROWS, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
-        for line in f:
+        for i, line in enumerate(f):
             row = json.loads(line)
             row["content"] = "*".join([row["content"]] * w.prompt_repeat)
+            if w.stage == "dpo":
+                color = next((c for c in colors if c in row["summary"]), None)
+                wrong = row["summary"].replace(color, colors[(colors.index(color) + 1 + i % 4) % 5], 1) if color else ""
+                if not wrong:
+                    continue
+                row = {"prompt": [{"role": "user", "content": row["content"]}],
+                       "chosen": [{"role": "assistant", "content": row["summary"]}],
+                       "rejected": [{"role": "assistant", "content": wrong}]}  # fmt: skip
             g.write(json.dumps(row, ensure_ascii=False) + "\n")
     return out
 
 
-def tokenize_rows(model_dir: Path, rows: Path, cutoff_len: int, out: Path) -> list[int]:
-    """Our template's input_ids/labels for every row, as jsonl; returns each row's token count. No row
-    may be cut: the peers truncate differently, and a cut row would not be the same work."""
+def tokenize_rows(model_dir: Path, rows: Path, cutoff_len: int, out: Path, stage: str = "sft") -> list[int]:
+    """Our template's input_ids/labels for every row, as jsonl; returns each row's token count (a pair's:
+    both answers' rows, as a step computes both). No row may be cut: the peers truncate differently, and
+    a cut row would not be the same work."""
     from dist_glm.config import DataConfig
     from dist_glm.data.batching import build_examples
+    from dist_glm.data.preference import load_pairs
     from dist_glm.models.loading import load_tokenizer
 
-    examples, stats = build_examples(
-        str(rows), load_tokenizer(str(model_dir)), DataConfig(cutoff_len=cutoff_len), "glm4"
-    )
+    tokenizer, data_cfg = load_tokenizer(str(model_dir)), DataConfig(cutoff_len=cutoff_len)
+    if stage == "dpo":
+        pairs, counts = load_pairs(str(rows), tokenizer, data_cfg, "glm4", [])
+        assert not counts["truncated"], f"{counts['truncated']} answers longer than cutoff_len={cutoff_len}"
+        examples = [e for p in pairs for e in (p.chosen, p.rejected)]
+        with open(out, "w", encoding="utf-8") as f:
+            for e in examples:
+                f.write(json.dumps({"input_ids": e.input_ids, "labels": e.labels}) + "\n")
+        return [len(p.input_ids) for p in pairs]
+    examples, stats = build_examples(str(rows), tokenizer, data_cfg, "glm4")
     assert not stats.truncated, f"{stats.truncated} rows longer than cutoff_len={cutoff_len}"
     with open(out, "w", encoding="utf-8") as f:
         for e in examples:
@@ -154,12 +203,22 @@ def tokenize_rows(model_dir: Path, rows: Path, cutoff_len: int, out: Path) -> li
     return [len(e.input_ids) for e in examples]
 
 
-def write_llamafactory_data(rows: Path, folder: Path) -> None:
-    """The rows as an alpaca-style dataset with its dataset_info.json (content -> summary)."""
+def write_llamafactory_data(rows: Path, folder: Path, stage: str = "sft") -> None:
+    """The rows as an alpaca-style dataset with its dataset_info.json (content -> summary); DPO pairs as its
+    sharegpt ranking dataset (the same messages, OpenAI-style tags)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "train.jsonl").write_bytes(rows.read_bytes())
-    info = {"advertisegen_demo": {"file_name": "train.jsonl", "columns": {"prompt": "content", "response": "summary"}}}
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    entry = {"file_name": "train.jsonl", "columns": {"prompt": "content", "response": "summary"}}
+    if stage == "dpo":
+        tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+        columns = {"messages": "prompt", "chosen": "chosen", "rejected": "rejected"}
+        entry = dict(file_name="train.jsonl", ranking=True, formatting="sharegpt", columns=columns, tags=tags)
+        with open(rows, encoding="utf-8") as f, open(folder / "train.jsonl", "w", encoding="utf-8") as g:
+            for line in f:  # LLaMA-Factory's ranking rows hold each answer as one message, not a list
+                row = json.loads(line)
+                row["chosen"], row["rejected"] = row["chosen"][0], row["rejected"][0]
+                g.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({"advertisegen_demo": entry}, indent=1))
 
 
 def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path, layout: tuple[str, ...] = ()) -> list[str]:
@@ -172,7 +231,7 @@ def ours_command(w: Workload, model_dir: Path, rows: Path, run_dir: Path, layout
         per_device_train_batch_size=w.batch_size // w.ranks,
         gradient_accumulation_steps=1, learning_rate=w.learning_rate, lr_scheduler_type="constant", warmup_ratio=0,
         weight_decay=0, max_grad_norm=1.0, max_steps=w.steps, logging_steps=1, save_steps=0, seed=SEED,
-        disable_tqdm="true",
+        disable_tqdm="true", **({"stage": "dpo", "pref_beta": DPO_BETA} if w.stage == "dpo" else {}),
     )  # fmt: skip
     train = [str(REPO / "launch" / "train.py")] + [f"--{k}={v}" for k, v in flags.items()] + list(layout)
     if w.ranks == 1:
@@ -198,13 +257,14 @@ def peer_settings(
         framework=framework, model=str(model_dir), data=str(rows), output_dir=str(run_dir), lora=w.lora,
         lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, batch_size=w.batch_size, cutoff_len=w.cutoff_len,
         learning_rate=w.learning_rate, steps=w.steps, seed=SEED, trainer_args=peer_overrides(framework, profile),
+        stage=w.stage, beta=DPO_BETA,
     )  # fmt: skip
 
 
 def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: Path, profile: str = "defaults") -> dict:
     """LLaMA-Factory's own recipe for the same run (`llamafactory-cli train CONFIG.yaml`)."""
     cfg = dict(
-        model_name_or_path=str(model_dir), stage="sft", do_train=True, finetuning_type="lora" if w.lora else "full",
+        model_name_or_path=str(model_dir), stage=w.stage, do_train=True, finetuning_type="lora" if w.lora else "full",
         dataset="advertisegen_demo", dataset_dir=str(data_dir), template="glm4", cutoff_len=w.cutoff_len,
         overwrite_cache=True, preprocessing_num_workers=1, output_dir=str(run_dir), overwrite_output_dir=True,
         logging_steps=1, save_strategy="no", plot_loss=False, report_to="none",
@@ -214,4 +274,6 @@ def llamafactory_config(w: Workload, model_dir: Path, data_dir: Path, run_dir: P
     )  # fmt: skip
     if w.lora:
         cfg.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_target="all", lora_dropout=0.0)
+    if w.stage == "dpo":
+        cfg.update(pref_beta=DPO_BETA, pref_loss="sigmoid")
     return cfg

@@ -147,8 +147,10 @@ def prepare_main(argv: list[str] | None = None) -> None:
             raise UserError(f"dump_samples='{dump}' already exists; name a new file (nothing is overwritten)")
         if dump and not Path(dump).resolve().parent.is_dir():
             raise UserError(f"dump_samples='{dump}': its folder does not exist; create it or name another file")
+        from dist_glm.data.preference import as_rows
+
         tokenizer = load_tokenizer(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
-        samples = load_datasets(cfg, tokenizer).samples
+        samples = as_rows(load_datasets(cfg, tokenizer).samples)  # a pair shows as its chosen, then rejected row
         for i, example in enumerate(samples[: sections["prepare"].show_samples]):
             print(f"\n--- sample {i + 1} " + render_trained_spans(example, tokenizer), flush=True)
         if dump:

@@ -74,6 +74,20 @@ def check_preference(cfg) -> list[str]:
         return []
     out = [] if p.pref_beta > 0 else [f"pref_beta={p.pref_beta} must be positive, e.g. 0.1"]
     out += [] if p.pref_ftx >= 0 else [f"pref_ftx={p.pref_ftx} must be 0 (off) or positive"]
+    # The reference must be where the policy starts: the model as loaded, before this run's changes to it.
+    if p.pref_loss in ("sigmoid", "hinge", "ipo"):
+        m = cfg.model
+        if m.adapter_name_or_path and not m.merge_adapter:
+            out.append(
+                "adapter_name_or_path with stage=dpo: the reference would be the base without that adapter, not "
+                "the model you start from; set merge_adapter=true (the adapter merged, a new one trained on it)"
+            )
+        if t.init_from_checkpoint:
+            out.append("init_from_checkpoint with stage=dpo: the reference would not be the weights you start from; "
+                       "export the checkpoint and give it as model_name_or_path")  # fmt: skip
+    if t.neftune_noise_alpha:
+        out.append("neftune_noise_alpha with stage=dpo: the policy would see noised embeddings and the reference "
+                   "not; remove it")  # fmt: skip
     not_yet = {
         "teacher_model_name_or_path / distill_cache": cfg.distill.enabled,
         "packing": bool(d.packing),

@@ -5,6 +5,7 @@ accumulation, with the adapter-off reference (LoRA) and with a frozen reference 
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -152,7 +153,14 @@ def test_llamafactory_ranking_entries_train_with_stage_dpo_only(tmp_path):
 @pytest.mark.parametrize(
     "row, error",
     [
-        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "the chosen and rejected answers are the same"),
+        ({"prompt": "q", "chosen": "a", "rejected": "a"}, "the chosen and rejected answers render to the same tokens"),
+        (  # different only in a thought the glm4 template does not write: refused as in SFT, not trained as a no-op
+            {
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": {"role": "assistant", "content": "a", "reasoning_content": "hmm"},
+            },
+            "reasoning_content",
+        ),
         ({"prompt": "q", "chosen": "a", "rejected": ""}, "empty"),
         ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": 5}, "rejected"),
         ({"chosen": "a", "rejected": "b"}, "missing field 'instruction'"),
@@ -162,8 +170,10 @@ def test_a_bad_pair_names_its_line_or_is_skipped_with_the_reason(tmp_path, row, 
     path = write(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}, row])
     with pytest.raises(UserError, match=f"{path}:2: .*{error}"):
         pairs_from(path)
+    if error == "reasoning_content":  # a setting of the whole run, as in SFT: never skipped row by row
+        return
     pairs, skipped = pairs_from(path, on_invalid="skip")
-    assert len(pairs) == 1 and skipped[0]["where"] == f"{path}:2" and error.split()[0] in skipped[0]["error"]
+    assert len(pairs) == 1 and skipped[0]["where"] == f"{path}:2" and re.search(error, skipped[0]["error"])
 
 
 def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
@@ -182,6 +192,73 @@ def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
     ptuning = load_config([*base, "--finetuning_type=ptuning"], None)
     assert "not available with stage=dpo yet" in get_method("ptuning").check_config(ptuning)[0]
     assert Preference(PreferenceConfig(stage="dpo"), None).count({"pairs": torch.tensor(3)}) == 3
+
+
+def test_only_the_last_answer_is_labelled_and_a_long_pair_keeps_one_prompt(tmp_path):
+    tok = load_tokenizer(str(TINY_MODEL))
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"}]
+    long_prompt = "类型#裙*颜色#红色*" * 12
+    rows = [
+        {"messages": history + [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}],
+         "rejected": "蓝色"},
+        {"prompt": long_prompt, "chosen": "这款红色连衣裙" * 3, "rejected": "蓝色" * 20},
+    ]  # fmt: skip
+    (short, long), _ = pairs_from(write(tmp_path / "p.jsonl", rows), cutoff_len=64)
+    starts = []
+    for pair in (short, long):
+        c, r = pair.chosen, pair.rejected
+        start = next(i for i, x in enumerate(c.labels) if x != -100)
+        starts.append(start)
+        assert c.input_ids[:start] == r.input_ids[:start] and r.labels[start - 1] == -100 != r.labels[start]
+        assert all(x == -100 for x in c.labels[:start]) and c.labels[start:] == c.input_ids[start:]
+        assert len(c.input_ids) <= 64 and len(r.input_ids) <= 64
+    assert tok.decode(short.chosen.input_ids[: starts[0]]).count("<|assistant|>") == 2  # history kept, not trained
+    assert (
+        sum(x != -100 for x in long.rejected.labels) > sum(x != -100 for x in long.chosen.labels)
+        or len(long.rejected.input_ids) == 64
+    )  # the longer answer was cut to the room after the one prompt
+    from dist_glm.data.preference import as_rows
+
+    assert as_rows([short]) == [short.chosen, short.rejected]
+
+
+def test_orpo_near_zero_log_probabilities_and_the_sft_term(monkeypatch):
+    from dist_glm.objectives import preference
+
+    pc = torch.tensor([-1e-9, -1e-3, -2.0], dtype=torch.float32, requires_grad=True)
+    pr = torch.tensor([-1e-8, -5.0, -1e-12], dtype=torch.float32)
+    losses, _, _ = pair_losses((pc, pr), None, (torch.ones(3), torch.ones(3)), "orpo", 0.1, 0.0)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all()
+    # pref_ftx adds the chosen answer's mean NLL per token to each pair's loss.
+    batch = {"pairs": torch.tensor(2), "labels": torch.tensor([[-100, 5, 6, 7], [-100, -100, 5, 6]] * 2)}
+    logps = torch.tensor([-3.0, -1.0, -4.0, -2.0], dtype=torch.float64)
+    monkeypatch.setattr(preference, "row_logps", lambda model, b: logps)
+    cfg = PreferenceConfig(stage="dpo", pref_loss="simpo", pref_beta=2.0, pref_ftx=0.5)
+    loss, parts = Preference(cfg, None)._sums(None, batch)
+    lengths = torch.tensor([3.0, 2.0], dtype=torch.float64)
+    simpo = -torch.nn.functional.logsigmoid(2.0 * (logps[:2] / lengths - logps[2:] / lengths) - 0.5)
+    assert float(loss) == pytest.approx(float((simpo - 0.5 * logps[:2] / lengths).sum()), rel=1e-12)
+    assert float(parts["rewards/accuracies"]) == 2.0 and float(parts["logps/chosen"]) == -4.0
+
+
+def test_the_reference_must_be_where_the_policy_starts():
+    base = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--stage=dpo"]
+    for flag, key in (
+        ("--adapter_name_or_path=a", "set merge_adapter=true"),
+        ("--init_from_checkpoint=c", "init_from_checkpoint with stage=dpo"),
+        ("--neftune_noise_alpha=5", "neftune_noise_alpha with stage=dpo"),
+    ):
+        with pytest.raises(UserError, match=key):
+            load_config([*base, flag], None)  # fmt: skip
+    load_config([*base, "--adapter_name_or_path=a", "--merge_adapter=true"], None)  # the merged SFT is the reference
+    load_config([*base, "--adapter_name_or_path=a", "--pref_loss=simpo"], None)  # SimPO has no reference
+
+    class RemoteCode(torch.nn.Module):  # a model class outside transformers (remote code)
+        pass
+
+    with pytest.raises(UserError, match="remote code"):
+        Preference(PreferenceConfig(stage="dpo"), None, RemoteCode())
 
 
 @pytest.fixture(scope="module")

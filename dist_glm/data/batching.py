@@ -226,7 +226,7 @@ def _check_thinking_switch(data_cfg, template_name: str) -> None:
         )
 
 
-def _check_reasoning_is_rendered(conversations: list[dict], template_name: str) -> None:
+def check_reasoning_is_rendered(conversations: list[dict], template_name: str) -> None:
     """A template without thinking writes no reasoning: rows that carry it would train their answers without
     the thought they were written after, and the user would not know."""
     if template_name in FORMATS:
@@ -257,7 +257,7 @@ def build_samples(
     workers = getattr(data_cfg, "preprocessing_num_workers", 1)
     if max_samples:  # of each file, as LLaMA-Factory caps each dataset: rows past a file's cap are not encoded
         conversations = _first_of_each_file(conversations, max_samples)
-    _check_reasoning_is_rendered(conversations, template_name)
+    check_reasoning_is_rendered(conversations, template_name)
     rows = len(conversations)
     conversations = [c for conv in conversations for c in template.expand(conv)]
     stats.expanded = len(conversations) - rows

@@ -9,9 +9,11 @@ Row formats (the first row of each file decides, as for SFT):
   assistant turns, with `reasoning_content` or tool calls where the template has them);
 - OpenAI `messages` ending with the chosen assistant turn, plus a `rejected` assistant message.
 
-A pair whose answers are the same, or whose answer is empty, teaches nothing: a `file:line` error (or skipped
-with `on_invalid: skip`, listed with the reason). A pair is cut to `cutoff_len` like an SFT row; a pair whose
-answer was cut is kept (its trained tokens are what is left), and counted in the log.
+Only the last answer is labelled (no earlier turn, no prompt), so its log-probability is the answer's own.
+A pair whose answers render to the same tokens, or whose answer is empty, teaches nothing: a `file:line` error
+(or skipped with `on_invalid: skip`, listed with the reason). Both answers always follow the same prompt
+tokens: a pair too long for `cutoff_len` has its prompt cut once (as the template cuts it for the longer
+answer) and both answers cut to the room left; such pairs are counted in the log.
 """
 
 import json
@@ -27,6 +29,7 @@ from dist_glm.data.converters import (
     detect_format,
     remap,
 )
+from dist_glm.data.encoding import IGNORE_INDEX
 from dist_glm.data.sources import BadRow, read_rows, split_paths
 from dist_glm.errors import UserError
 
@@ -42,6 +45,11 @@ class Pair:
         return self.chosen.input_ids + self.rejected.input_ids
 
     position_ids = None  # pairs are never packed
+
+
+def as_rows(samples: list) -> list:
+    """Samples as the rows a batch holds: a pair's chosen row, then its rejected one."""
+    return [row for s in samples for row in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
 
 
 def _answer_turn(value, where: str) -> dict:
@@ -108,6 +116,7 @@ def rows_of(row: dict, mapping: dict | None) -> tuple[str, dict, dict]:
         "instruction": row.get(prompt_key),
         "input": row.get(cols.get("query", "input")) or "",
         "system": row.get(cols.get("system", "system")) or "",
+        "history": row.get(cols.get("history", "history")) or [],
     }
     if base["instruction"] is None:
         raise BadRow(f"missing field '{prompt_key}' (the prompt)")
@@ -127,11 +136,43 @@ def _conversation(fmt: str, row: dict, data_cfg) -> dict:
     return conv
 
 
+def _answer_start(labels: list[int]) -> int:
+    return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+
+
+def encode_pair(template, convs: list[dict], cutoff_len: int) -> tuple[Pair, bool]:
+    """Both answers after one prompt, token for token: when the longer answer does not fit, the prompt is cut
+    once, as the template cuts it for that answer (oldest rounds first, the assistant header kept), and both
+    answers are cut to the room left after it. Returns (the pair, whether anything was cut)."""
+    full = [template.encode(conv, 10**9) for conv in convs]
+    starts = [_answer_start(e.labels) for e in full]
+    prompt = full[0].input_ids[: starts[0]]
+    if prompt != full[1].input_ids[: starts[1]]:
+        raise BadRow(
+            "the chosen and rejected answers follow different prompts once rendered; a pair answers one prompt"
+        )
+    answers = [e.input_ids[s:] for e, s in zip(full, starts, strict=True)]
+    if answers[0] == answers[1]:
+        raise BadRow("the chosen and rejected answers render to the same tokens; a pair teaches nothing then")
+    cut = len(prompt) + max(map(len, answers)) > cutoff_len
+    if cut:  # the template's own cut of the prompt, for the longer answer
+        longer = template.encode(convs[int(len(answers[1]) > len(answers[0]))], cutoff_len)
+        prompt = longer.input_ids[: _answer_start(longer.labels)]
+    room = cutoff_len - len(prompt)
+    rows = [
+        Example(prompt + a[:room], [IGNORE_INDEX] * len(prompt) + a[:room], e.prompt_ids, e.reference)
+        for a, e in zip(answers, full, strict=True)
+    ]
+    return Pair(*rows), cut
+
+
 def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list[dict], max_samples: int = 0):
     """Every pair of the comma-separated files in `spec`: (pairs, counts for the log)."""
+    from dist_glm.data.batching import check_reasoning_is_rendered
     from dist_glm.data.template import build_template
 
-    template = build_template(template_name, tokenizer, data_cfg.mask_history, data_cfg.train_on_prompt)
+    # Only the answer is trained (its log-probability is what is compared): no earlier turn, no prompt.
+    template = build_template(template_name, tokenizer, mask_history=True, train_on_prompt=False)
     registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
     pairs, bad, truncated = [], [], 0
     for path in split_paths(spec):
@@ -151,31 +192,26 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
                 convs = [_conversation(fmt, r, data_cfg) for r in (chosen_row, rejected_row)]
                 if convs[0]["messages"][:-1] != convs[1]["messages"][:-1] or convs[0]["system"] != convs[1]["system"]:
                     raise BadRow("the chosen and rejected rows have different prompts; a pair answers one prompt")
-                if convs[0]["messages"][-1] == convs[1]["messages"][-1]:
-                    raise BadRow("the chosen and rejected answers are the same; a pair teaches nothing then")
                 if any(c["messages"][-1]["role"] != "assistant" for c in convs):
                     raise BadRow("each answer must be an assistant turn after the prompt")
                 for name, conv in zip(("chosen", "rejected"), convs, strict=True):
                     last = conv["messages"][-1]
                     if not last.get("tool_call") and not (last["content"] or "").strip():
                         raise BadRow(f"the {name} answer is empty; a pair compares two answers")
-                encoded = []
                 for conv in convs:
                     conv["where"] = where
                     if "enable_thinking" not in conv and (mapping or {}).get("enable_thinking") is not None:
                         conv["enable_thinking"] = mapping["enable_thinking"]
-                    e = template.encode(conv, data_cfg.cutoff_len)
-                    if not any(label != -100 for label in e.labels):
-                        raise BadRow("an answer has no trainable token (empty, or cut away by cutoff_len)")
-                    truncated += bool(e.truncated)
-                    encoded.append(Example(e.input_ids, e.labels, e.prompt_ids, e.reference))
+                check_reasoning_is_rendered(convs, template_name)  # as SFT: reasoning the template drops is refused
+                pair, cut = encode_pair(template, convs, data_cfg.cutoff_len)
+                truncated += cut
             except BadRow as e:
                 if data_cfg.on_invalid == "skip":
                     skipped.append({"where": where, "error": str(e)})
                     continue
                 bad.append(f"{where}: {e}")
                 continue
-            pairs.append(Pair(*encoded))
+            pairs.append(pair)
             taken += 1
     if bad:
         raise bad_rows_error(bad, "pairs")

@@ -58,7 +58,7 @@ def build_objective(cfg, ds_config: dict, device, tokenizer, student, teacher=No
     if cfg.preference.enabled:
         from dist_glm.objectives.preference import Preference, load_reference
 
-        return Preference(cfg.preference, load_reference(cfg, student, ds_config, device))
+        return Preference(cfg.preference, load_reference(cfg, student, ds_config, device), student)
     if not cfg.distill.enabled:
         return CrossEntropy()
     vocab = len(tokenizer)

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
-from dist_glm.objectives.cross_entropy import sum_over_labelled, sums_from_head, vocab_size_of
+from dist_glm.errors import UserError
+from dist_glm.objectives.cross_entropy import has_native_head, sum_over_labelled, sums_from_head, vocab_size_of
 
 # The losses that compare with a reference model, and those that use the mean log-probability per token
 # (IPO's paper and ORPO/SimPO define theirs on it; TRL and LLaMA-Factory do the same).
@@ -38,7 +39,8 @@ def _chunk_row_logps(head_forward, hidden, targets, rows, n_rows):
 
 
 def row_logps(model, batch: dict) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled tokens (fp32, one value per row)."""
+    """Each row's summed log-probability of its labelled tokens (fp32, one value per row). Needs a model
+    whose LM head runs on batch-first hidden states (checked when the objective is built)."""
     labels = batch["labels"]
     n = labels.shape[0]
     rows_of = torch.arange(n, device=labels.device).unsqueeze(1).expand(n, labels.shape[1] - 1)
@@ -51,6 +53,17 @@ def row_logps(model, batch: dict) -> torch.Tensor:
     return sums_from_head(model, model_inputs(batch), compute, n)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012): near 0, log1p(-exp(x))
+    loses every digit and its gradient is NaN at a mean log-probability that rounds to 0."""
+    x = x.clamp(max=-1e-12)
+    near = x > -0.6931471805599453
+    # Each branch on inputs that are safe for it: torch.where still back-propagates through the branch not taken.
+    return torch.where(
+        near, torch.log(-torch.expm1(torch.where(near, x, -1.0))), torch.log1p(-torch.exp(torch.where(near, -1.0, x)))
+    )
+
+
 def pair_losses(policy: tuple, reference: tuple | None, lengths: tuple, loss: str, beta: float, gamma: float):
     """(per-pair losses, chosen rewards, rejected rewards) from the summed log-probabilities of the chosen and
     rejected answers under the policy and the reference (None for ORPO/SimPO) and their token counts."""
@@ -59,7 +72,7 @@ def pair_losses(policy: tuple, reference: tuple | None, lengths: tuple, loss: st
         pc, pr = pc / lc, pr / lr
     if loss in ("orpo", "simpo"):
         if loss == "orpo":  # Hong et al. 2024: NLL of the chosen + beta * -log sigmoid(log odds ratio)
-            log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
+            log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
             losses = -pc - beta * F.logsigmoid(log_odds)
         else:  # Meng et al. 2024: -log sigmoid(beta * (mean logp_w - mean logp_l) - gamma)
             losses = -F.logsigmoid(beta * (pc - pr) - gamma)
@@ -83,7 +96,13 @@ class Preference:
 
     parts = PARTS
 
-    def __init__(self, cfg, reference):
+    def __init__(self, cfg, reference, policy=None):
+        if policy is not None and not has_native_head(policy):
+            raise UserError(
+                "stage=dpo: this model's code (remote code) computes its LM head in its own layout, which the "
+                "per-answer log-probabilities cannot use yet; ChatGLM2/3 and glm-4-9b-chat load without remote code "
+                "(trust_remote_code: false), or train stage=sft"
+            )
         # SimPO's target margin: -log sigmoid(beta * diff - gamma), LLaMA-Factory's beta * (diff - gamma / beta).
         self.loss, self.beta, self.gamma = cfg.pref_loss, cfg.pref_beta, cfg.simpo_gamma
         self.ftx, self.reference = cfg.pref_ftx, reference
@@ -155,6 +174,11 @@ def load_reference(cfg, policy, ds_config: dict, device):
     if hasattr(policy, "disable_adapter"):  # a PEFT model (LoRA, QLoRA): its base is the reference
         collectives.log("preference: the reference is the base model with the adapter switched off (no second copy)")
         return "adapter"
+    if cfg.model.train_from_scratch:
+        raise UserError(
+            "train_from_scratch with stage=dpo: the frozen reference would load model_name_or_path's weights, not "
+            "the random start; DPO continues a trained model: set train_from_scratch=false"
+        )
     zero3 = deepspeed_config.zero_stage(ds_config) == 3
     tds = teacher_ds_config(ds_config, cfg.train.dtype) if zero3 else None
     art = resolve_artifact(cfg.model.model_name_or_path, "")
