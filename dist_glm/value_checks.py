@@ -74,6 +74,8 @@ def check_preference(cfg) -> list[str]:
         return []
     out = [] if p.pref_beta > 0 else [f"pref_beta={p.pref_beta} must be positive, e.g. 0.1"]
     out += [] if p.pref_ftx >= 0 else [f"pref_ftx={p.pref_ftx} must be 0 (off) or positive"]
+    if p.pref_ftx and p.pref_loss == "orpo":
+        out.append("pref_ftx with pref_loss=orpo: ORPO's loss already holds the chosen answer's NLL; remove pref_ftx")
     # The reference must be where the policy starts: the model as loaded, before this run's changes to it.
     if p.pref_loss in ("sigmoid", "hinge", "ipo"):
         m = cfg.model

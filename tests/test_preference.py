@@ -110,8 +110,12 @@ def test_every_pair_format_renders_both_answers_after_one_prompt(tmp_path):
         "conversations": [{"from": "human", "value": "类型#裙"}],
         "chosen": {"from": "gpt", "value": "红色"}, "rejected": {"from": "gpt", "value": "蓝色"},
     }], ensure_ascii=False))  # fmt: skip
+    implicit = write(tmp_path / "trl_implicit.jsonl", [{
+        "chosen": [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "红色"}],
+        "rejected": [{"role": "user", "content": "类型#裙"}, {"role": "assistant", "content": "蓝色"}],
+    }])  # fmt: skip
     texts = set()
-    for path in (trl, trl_chat, openai, sharegpt):
+    for path in (trl, trl_chat, implicit, openai, sharegpt):
         (pair,), _ = pairs_from(path)
         chosen, rejected = tok.decode(pair.chosen.input_ids), tok.decode(pair.rejected.input_ids)
         texts.add((chosen, rejected))

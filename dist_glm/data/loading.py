@@ -133,7 +133,7 @@ def _load_pairs(cfg, tokenizer, template: str, log) -> Datasets:
         )
     if not pairs:
         raise UserError(f"dataset: no usable preference pairs in {cfg.data.dataset}")
-    cut = f", {counts['truncated']} answers cut to cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
+    cut = f", {counts['truncated']} pairs cut to fit cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
     log(f"preference pairs: {len(pairs)} (chosen and rejected rendered with template {template}{cut})")
     return Datasets(pairs, {}, pairs, False)
 

@@ -5,8 +5,10 @@ Row formats (the first row of each file decides, as for SFT):
 - LLaMA-Factory's ranking datasets (`"ranking": true` in dataset_info.json): sharegpt `conversations` (the
   prompt turns) with `chosen` / `rejected` turns (`{"from": "gpt", "value": ...}`), or alpaca columns with
   `chosen` / `rejected` strings;
-- TRL's `prompt` / `chosen` / `rejected`: strings, or message lists (the prompt's turns; the answers'
-  assistant turns, with `reasoning_content` or tool calls where the template has them);
+- TRL's `prompt` / `chosen` / `rejected`: strings (the prompt becomes a user turn, rendered by the chat
+  template), or message lists (the prompt's turns; the answers' assistant turns, with `reasoning_content` or
+  tool calls where the template has them), or `chosen` / `rejected` alone as whole conversations sharing
+  everything before the answer (TRL's implicit prompt);
 - OpenAI `messages` ending with the chosen assistant turn, plus a `rejected` assistant message.
 
 Only the last answer is labelled (no earlier turn, no prompt), so its log-probability is the answer's own.
@@ -102,6 +104,10 @@ def rows_of(row: dict, mapping: dict | None) -> tuple[str, dict, dict]:
             raise BadRow("field 'rejected' must be the rejected assistant message (or its text)")
         base = {k: v for k, v in row.items() if k != "rejected"}
         return "openai", base, dict(base, messages=messages[:-1] + [rejected])
+    if "prompt" not in row and all(isinstance(row.get(k), list) and len(row[k]) > 1 for k in ("chosen", "rejected")):
+        # TRL's implicit prompt: two whole conversations that share everything before the answer
+        extra = {"tools": row["tools"]} if "tools" in row else {}
+        return "openai", {"messages": row["chosen"], **extra}, {"messages": row["rejected"], **extra}
     if "prompt" in row and isinstance(row["prompt"], list):  # TRL's conversational form
         out = []
         for name in ("chosen", "rejected"):

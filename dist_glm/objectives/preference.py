@@ -13,8 +13,6 @@ Every loss here is a sum over pairs, and `count` is the pairs in a batch: the lo
 number of pairs, so 1 rank x 4 pairs, 2 ranks x 2 and accumulation give the same step.
 """
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
@@ -122,9 +120,8 @@ class Preference:
         if self.reference is None:
             return None
         with torch.no_grad():
-            if self.reference == "adapter":
-                peft = getattr(model, "module", model)
-                with peft.disable_adapter() if hasattr(peft, "disable_adapter") else nullcontext():
+            if self.reference == "adapter":  # load_reference chose it for a PEFT model only
+                with getattr(model, "module", model).disable_adapter():
                     return row_logps(model, batch)
             return row_logps(self.reference, batch)
 
