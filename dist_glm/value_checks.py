@@ -94,7 +94,6 @@ def check_preference(cfg) -> list[str]:
         "teacher_model_name_or_path / distill_cache": cfg.distill.enabled,
         "packing": bool(d.packing),
         "mix_probs": bool(d.mix_probs),
-        "eval_dataset / val_size": bool(d.eval_dataset or d.val_size),
         "predict_with_generate": t.predict_with_generate,
         "dataset_format=text": d.dataset_format == "text",
     }

@@ -184,7 +184,7 @@ def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
     base = ["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--stage=dpo"]
     for flag, key in (
         ("--packing=true", "packing"),
-        ("--val_size=0.1", "eval_dataset / val_size"),
+        ("--predict_with_generate=true", "predict_with_generate"),
         ("--pref_beta=0", "pref_beta=0"),
     ):
         with pytest.raises(UserError, match=key):
@@ -195,7 +195,9 @@ def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
 
     ptuning = load_config([*base, "--finetuning_type=ptuning"], None)
     assert "not available with stage=dpo yet" in get_method("ptuning").check_config(ptuning)[0]
-    assert Preference(PreferenceConfig(stage="dpo"), None).count({"pairs": torch.tensor(3)}) == 3
+    # The normaliser is the pairs with a labelled answer: an evaluation padding pair (nothing labelled) is none.
+    labels = torch.tensor([[-100, 5, 6], [-100, -100, -100], [-100, 7, -100], [-100, -100, -100]])
+    assert Preference(PreferenceConfig(stage="dpo"), None).count({"pairs": torch.tensor(2), "labels": labels}) == 1
 
 
 def test_only_the_last_answer_is_labelled_and_a_long_pair_keeps_one_prompt(tmp_path):
@@ -244,6 +246,12 @@ def test_orpo_near_zero_log_probabilities_and_the_sft_term(monkeypatch):
     simpo = -torch.nn.functional.logsigmoid(2.0 * (logps[:2] / lengths - logps[2:] / lengths) - 0.5)
     assert float(loss) == pytest.approx(float((simpo - 0.5 * logps[:2] / lengths).sum()), rel=1e-12)
     assert float(parts["rewards/accuracies"]) == 2.0 and float(parts["logps/chosen"]) == -4.0
+    # An evaluation padding pair (nothing labelled) adds nothing to the sums.
+    padded = {"pairs": torch.tensor(2), "labels": batch["labels"].clone()}
+    padded["labels"][[1, 3]] = -100
+    loss_padded, parts_padded = Preference(cfg, None)._sums(None, padded)
+    assert float(loss_padded) == pytest.approx(float(simpo[0] - 0.5 * logps[0] / 3), rel=1e-12)
+    assert float(parts_padded["rewards/accuracies"]) == 1.0
 
 
 def test_the_reference_must_be_where_the_policy_starts():
@@ -286,9 +294,12 @@ def test_the_same_global_batch_gives_the_same_preference_step_on_1_and_2_ranks(
     common = dict(model_name_or_path=pretrained_tiny, train_from_scratch=False, stage="dpo", finetuning_type=method,
                   max_steps=4, learning_rate=1e-2 if method == "lora" else 2e-3, pref_beta=0.5,
                   cutoff_len=128, lr_scheduler_type="constant_with_warmup")  # fmt: skip
+    # LoRA also evaluates 9 held-out pairs every 2 steps: an odd count, so one rank of two gets a padding pair.
+    held_out = write(tmp_path / "eval.jsonl", [json.loads(x) for x in pairs_data.read_text().splitlines()[-9:]])
+    evaluating = dict(eval_dataset=held_out, eval_steps=2, per_device_eval_batch_size=2) if method == "lora" else {}
     runs = {
-        "one": (dict(per_device_train_batch_size=4), None),
-        "two_zero3": (dict(per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json"), 2),
+        "one": (dict(per_device_train_batch_size=4, **evaluating), None),
+        "two_zero3": (dict(per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json", **evaluating), 2),
     }
     if method == "full":
         runs["accumulated"] = (dict(per_device_train_batch_size=2, gradient_accumulation_steps=2), None)
@@ -299,15 +310,19 @@ def test_the_same_global_batch_gives_the_same_preference_step_on_1_and_2_ranks(
             run_train(base_args(out, pairs_data, **{**common, **extra, "max_steps": 2, "save_steps": 2}), nprocs=ranks)
             extra = dict(extra, resume_from_checkpoint=out / "checkpoint-2", save_steps=2)
         proc = run_train(base_args(out, pairs_data, **common, **extra), nprocs=ranks)
-        got[name] = {k: read_metrics(out, f"train/{k}") for k in ("loss", "rewards/margins", "rewards/accuracies")}
+        keys = ["train/loss", "train/rewards/margins", "train/rewards/accuracies"]
+        keys += ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"] if evaluating else []
+        got[name] = {k: read_metrics(out, k) for k in keys}
         assert "preference pairs: 64" in proc.stdout
     want = got["one"]
-    assert want["loss"][1] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy equals its reference
+    assert want["train/loss"][1] == pytest.approx(math.log(2), abs=1e-6)  # step 1: the policy equals its reference
     for name, metrics in got.items():
         for key, curve in metrics.items():
-            assert sorted(curve) == [1, 2, 3, 4]
+            assert sorted(curve) == ([1, 2, 3, 4] if key.startswith("train/") else [2, 4]), (key, curve)
             assert max(abs(curve[s] - want[key][s]) for s in curve) < 1e-5, (name, key, curve, want[key])
-    assert abs(want["rewards/margins"][1]) < 1e-6 and abs(want["loss"][4] - math.log(2)) > 1e-4  # then it moves
+    assert abs(want["train/rewards/margins"][1]) < 1e-6 and abs(want["train/loss"][4] - math.log(2)) > 1e-4
+    if evaluating:  # a padding pair adds nothing: the eval loss is a mean over the 9 real pairs
+        assert 0 < want["eval/loss"][2] < 1 and 0 <= want["eval/rewards/accuracies"][4] <= 1
 
 
 @pytest.mark.slow

@@ -27,6 +27,10 @@ class Example:
     reference: str  # the reply text, for generation metrics
     position_ids: list[int] | None = None  # set on packed rows: restarts at 0 for every sample
 
+    def masked(self) -> "Example":
+        """The same tokens with nothing labelled: an evaluation padding slot (compute, but no loss)."""
+        return Example(self.input_ids, [IGNORE_INDEX] * len(self.input_ids), [], "")
+
 
 @dataclass
 class Samples:

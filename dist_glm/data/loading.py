@@ -121,11 +121,16 @@ def load_datasets(cfg, tokenizer, can_pack: bool = True) -> Datasets:
 
 
 def _load_pairs(cfg, tokenizer, template: str, log) -> Datasets:
-    """stage=dpo: the preference pairs (tokenized in memory; no cache, packing or eval sets yet)."""
+    """stage=dpo: the preference pairs and the eval sets' (tokenized in memory; no cache or packing yet)."""
     from dist_glm.data.preference import load_pairs
 
     skipped: list[dict] = []
     pairs, counts = load_pairs(cfg.data.dataset, tokenizer, cfg.data, template, skipped, cfg.data.max_samples)
+    evaluation = {}
+    for name, files in named_sets(cfg.data.eval_dataset).items():
+        evaluation[name], _ = load_pairs(files, tokenizer, cfg.data, template, skipped)
+        if not evaluation[name]:
+            raise UserError(f"eval_dataset: no usable preference pairs in {files}")
     if skipped:
         log(
             f"{len(skipped)} invalid pairs skipped (on_invalid=skip); the first, {skipped[0]['where']}: "
@@ -135,7 +140,10 @@ def _load_pairs(cfg, tokenizer, template: str, log) -> Datasets:
         raise UserError(f"dataset: no usable preference pairs in {cfg.data.dataset}")
     cut = f", {counts['truncated']} pairs cut to fit cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
     log(f"preference pairs: {len(pairs)} (chosen and rejected rendered with template {template}{cut})")
-    return Datasets(pairs, {}, pairs, False)
+    if cfg.data.val_size:
+        pairs, evaluation[""] = split_held_out(pairs, cfg.data.val_size, cfg.train.seed)
+        log(f"val_size={cfg.data.val_size:g}: {len(evaluation[''])} pairs held out for evaluation")
+    return Datasets(pairs, evaluation, pairs, False)
 
 
 def mix(sources: list[list], probs: list[float], seed: int) -> list:

@@ -48,6 +48,9 @@ class Pair:
 
     position_ids = None  # pairs are never packed
 
+    def masked(self) -> "Pair":
+        return Pair(self.chosen.masked(), self.rejected.masked())
+
 
 def as_rows(samples: list) -> list:
     """Samples as the rows a batch holds: a pair's chosen row, then its rejected one."""

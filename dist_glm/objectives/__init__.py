@@ -14,6 +14,7 @@ import torch
 
 class Objective(Protocol):
     parts: tuple[str, ...]  # named parts of the loss, logged as train/<part> (none for plain cross-entropy)
+    per_token: bool  # the loss is a mean per labelled token (evaluation then reports its perplexity)
 
     def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
         """The batch this objective needs from tokenized examples (a cache's targets included)."""

@@ -90,6 +90,7 @@ class CachedDistillation:
     """Distillation from a teacher cache (an `Objective`): batches carry the teacher's top-k of their rows."""
 
     parts = KDMix.parts
+    per_token = True
 
     def __init__(self, cfg, vocab: int):
         d = cfg.distill

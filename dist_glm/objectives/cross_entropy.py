@@ -131,6 +131,7 @@ class CrossEntropy:
     `Objective`: see dist_glm.objectives)."""
 
     parts: tuple[str, ...] = ()
+    per_token = True
 
     def collate(self, examples, pad_id: int) -> dict[str, torch.Tensor]:
         return collate(examples, pad_id)

@@ -152,6 +152,7 @@ class Distillation:
     """Online distillation from a teacher in memory (see the module docstring); an `Objective`."""
 
     parts = KDMix.parts
+    per_token = True
 
     def __init__(self, teacher: Teacher, cfg: DistillConfig, vocab: int):
         self.teacher, self.mix = teacher, KDMix.from_config(cfg, vocab)

@@ -93,6 +93,7 @@ class Preference:
     policy with its adapter off) or a frozen model (an engine under ZeRO-3)."""
 
     parts = PARTS
+    per_token = False  # a loss per pair
 
     def __init__(self, cfg, reference, policy=None):
         if policy is not None and not has_native_head(policy):
@@ -111,7 +112,9 @@ class Preference:
         return batch
 
     def count(self, batch: dict) -> int:
-        return int(batch["pairs"])
+        """Pairs with a labelled answer (an evaluation padding slot has none)."""
+        n = int(batch["pairs"])
+        return int((batch["labels"][:n, 1:] != IGNORE_INDEX).any(-1).sum())
 
     def check_rows(self, rows) -> None:
         """Pairs were checked as they were built (dist_glm.data.preference)."""
@@ -127,7 +130,9 @@ class Preference:
 
     def _sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = int(batch["pairs"])
-        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).float()
+        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
+        real = labelled[:n] > 0  # an evaluation padding slot is a pair with nothing labelled: it adds nothing
+        labelled = labelled.clamp(min=1)
         reference = self._reference_logps(model, batch)
         logps = row_logps(model, batch)
         policy, lengths = (logps[:n], logps[n:]), (labelled[:n], labelled[n:])
@@ -135,15 +140,16 @@ class Preference:
         losses, chosen, rejected = pair_losses(policy, ref, lengths, self.loss, self.beta, self.gamma)
         if self.ftx and self.loss != "orpo":  # ORPO's loss already holds the chosen answer's NLL
             losses = losses - self.ftx * logps[:n] / lengths[0]
+        w = real.to(losses.dtype)
         parts = {
-            "rewards/chosen": chosen.sum(),
-            "rewards/rejected": rejected.sum(),
-            "rewards/accuracies": (chosen > rejected).float().sum(),
-            "rewards/margins": (chosen - rejected).sum(),
-            "logps/chosen": logps[:n].detach().sum(),
-            "logps/rejected": logps[n:].detach().sum(),
+            "rewards/chosen": (w * chosen).sum(),
+            "rewards/rejected": (w * rejected).sum(),
+            "rewards/accuracies": (w * (chosen > rejected)).sum(),
+            "rewards/margins": (w * (chosen - rejected)).sum(),
+            "logps/chosen": (w * logps[:n].detach()).sum(),
+            "logps/rejected": (w * logps[n:].detach()).sum(),
         }
-        return losses.sum(), parts
+        return (w * losses).sum(), parts
 
     def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self._sums(model, batch)

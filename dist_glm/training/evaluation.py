@@ -39,13 +39,9 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     model.eval()
     sums, tokens = {}, 0
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
-        # A padding slot repeats example 0 with every label masked, so it costs compute but no loss.
-        batch_examples = [
-            examples[i]
-            if i is not None
-            else Example(examples[0].input_ids, [-100] * len(examples[0].input_ids), [], "")
-            for i in slot_batch
-        ]
+        # A padding slot repeats example 0 with every label masked, so it costs compute but no loss (and counts
+        # nothing: no token, no pair).
+        batch_examples = [examples[i] if i is not None else examples[0].masked() for i in slot_batch]
         batch = {k: v.to(device) for k, v in objective.collate(batch_examples, pad_id).items()}
         for name, s in objective.eval_sums(model, batch).items():
             sums[name] = sums.get(name, 0.0) + float(s)
@@ -55,7 +51,9 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     *totals, total_tokens = collectives.all_reduce_sum([sums[n] for n in names] + [tokens]).tolist()
     means = {name: total / max(total_tokens, 1) for name, total in zip(names, totals, strict=True)}
     loss = means.pop("loss")
-    record = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    record = {"eval/loss": loss}
+    if objective.per_token:  # a per-token cross-entropy has a perplexity; a loss per preference pair has none
+        record["eval/perplexity"] = math.exp(min(loss, 50.0))
     record.update({f"eval/{name}": value for name, value in means.items()})
     return record
 
