@@ -53,7 +53,7 @@ PEERS = {
         ),
         Peer(
             "trl",
-            "TRL SFTTrainer",
+            "TRL (SFTTrainer; DPOTrainer for DPO)",
             (("trl==1.16.0", "transformers==5.24.0", "accelerate==1.16.0", "peft==0.21.2", "datasets"),),
             "import trl, peft",
         ),

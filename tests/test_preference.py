@@ -342,3 +342,14 @@ def test_the_dpo_demo_learns_the_preference_from_the_sft_demo(demo_run, tmp_path
     assert m["rewards/margins"][64] > 3 * m["rewards/margins"][8] > 0
     assert m["logps/rejected"][64] < m["logps/rejected"][8] - 0.5
     assert m["logps/chosen"][64] > m["logps/chosen"][8] - 0.3
+
+
+def test_the_padding_log_counts_a_pair_as_its_two_padded_rows():
+    from dist_glm.data.batching import Example, GlobalBatchSampler, pad_share
+    from dist_glm.data.preference import Pair
+
+    def row(n):
+        return Example([1] * n, [1] * n, [], "")
+
+    pairs = [Pair(row(10), row(100)), Pair(row(10), row(100))]  # 4 rows padded to 100: 220 real of 400
+    assert pad_share(pairs, GlobalBatchSampler(2, 2, 1, 1, 0)) == pytest.approx(0.45)

@@ -336,13 +336,16 @@ def sample_lengths(examples) -> list[int]:
 
 
 def pad_share(examples: list[Example], sampler: "GlobalBatchSampler") -> float:
-    """Share of pad tokens in one epoch of this sampler's micro-batches (all ranks' micro-batches)."""
+    """Share of pad tokens in one epoch of this sampler's micro-batches (all ranks' micro-batches). A sample
+    may be several rows of a batch (a preference pair: its chosen and rejected rows, each padded)."""
     real = padded = 0
-    all_lengths = sample_lengths(examples)
+    rows = getattr(examples[0], "rows", None) if len(examples) else None
+    row_lengths = [[len(r.input_ids) for r in e.rows] for e in examples] if rows else None
+    all_lengths = sample_lengths(examples) if rows is None else None
     for step in range(sampler.steps_per_epoch):
         for rank in range(sampler.world):
             for idx in sampler.micro_batches(step, rank):
-                lengths = [all_lengths[i] for i in idx]
+                lengths = [all_lengths[i] for i in idx] if rows is None else [n for i in idx for n in row_lengths[i]]
                 real, padded = real + sum(lengths), padded + max(lengths) * len(lengths)
     return 1 - real / max(padded, 1)
 

@@ -42,8 +42,13 @@ class Pair:
     rejected: Example
 
     @property
+    def rows(self) -> tuple[Example, Example]:
+        """The rows the pair puts into a batch (the padding count reads them)."""
+        return self.chosen, self.rejected
+
+    @property
     def input_ids(self) -> list[int]:
-        """The tokens the pair puts into a batch (both rows): what length grouping and padding counts see."""
+        """Both rows' tokens: what length grouping sorts by, and what a held-out split tells pairs apart by."""
         return self.chosen.input_ids + self.rejected.input_ids
 
     position_ids = None  # pairs are never packed
