@@ -24,14 +24,14 @@ def log_sigmoid(x: float) -> float:
 
 def reference_loss(kind, pc, pr, rc, rr, lc, lr, beta, gamma) -> float:
     """One pair's loss in float64 Python arithmetic, from each paper's definition."""
-    if kind in ("ipo", "orpo", "simpo"):  # defined on the mean log-probability per token
+    if kind in ("ipo", "orpo", "simpo"):  # on the mean log-probability per token (IPO: as TRL computes it)
         pc, pr, rc, rr = pc / lc, pr / lr, rc / lc, rr / lr
     h = (pc - rc) - (pr - rr)
     if kind == "sigmoid":  # DPO, Rafailov et al. 2023, eq. 7
         return -log_sigmoid(beta * h)
     if kind == "hinge":  # SLiC-HF hinge on the DPO margin
         return max(0.0, 1 - beta * h)
-    if kind == "ipo":  # Azar et al. 2023, eq. 17
+    if kind == "ipo":  # Azar et al. 2023, eq. 17 (the paper on sequence log-likelihoods)
         return (h - 1 / (2 * beta)) ** 2
     if kind == "orpo":  # Hong et al. 2024: L_SFT + lambda * L_OR, odds = p / (1 - p)
         log_odds = (pc - math.log1p(-math.exp(pc))) - (pr - math.log1p(-math.exp(pr)))

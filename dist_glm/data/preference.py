@@ -59,7 +59,7 @@ class Pair:
 
 def as_rows(samples: list) -> list:
     """Samples as the rows a batch holds: a pair's chosen row, then its rejected one."""
-    return [row for s in samples for row in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
+    return [row for s in samples for row in getattr(s, "rows", (s,))]
 
 
 def _answer_turn(value, where: str) -> dict:
@@ -108,8 +108,6 @@ def rows_of(row: dict, mapping: dict | None) -> tuple[str, dict, dict]:
         rejected = _answer_turn(row.get("rejected"), "rejected")
         if isinstance(rejected, str):
             rejected = {"role": "assistant", "content": rejected}
-        if not isinstance(rejected, dict):
-            raise BadRow("field 'rejected' must be the rejected assistant message (or its text)")
         base = {k: v for k, v in row.items() if k != "rejected"}
         return "openai", base, dict(base, messages=messages[:-1] + [rejected])
     if "prompt" not in row and all(isinstance(row.get(k), list) and len(row[k]) > 1 for k in ("chosen", "rejected")):

@@ -21,8 +21,9 @@ from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
 from dist_glm.objectives.cross_entropy import has_native_head, sum_over_labelled, sums_from_head, vocab_size_of
 
-# The losses that compare with a reference model, and those that use the mean log-probability per token
-# (IPO's paper and ORPO/SimPO define theirs on it; TRL and LLaMA-Factory do the same).
+# The losses that compare with a reference model, and those on the mean log-probability per token (ORPO's
+# and SimPO's papers define theirs on it; for IPO, whose paper uses sequence log-likelihoods, it is TRL's and
+# LLaMA-Factory's choice, kept here so the numbers compare).
 NEEDS_REFERENCE = ("sigmoid", "hinge", "ipo")
 LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
 PARTS = (
@@ -83,7 +84,7 @@ def pair_losses(policy: tuple, reference: tuple | None, lengths: tuple, loss: st
         losses = -F.logsigmoid(beta * margin)
     elif loss == "hinge":  # SLiC (Zhao et al. 2023) as TRL and LLaMA-Factory write it
         losses = torch.relu(1 - beta * margin)
-    else:  # ipo, Azar et al. 2023: (margin - 1 / (2 beta))^2
+    else:  # ipo, Azar et al. 2023: (margin - 1 / (2 beta))^2, on mean log-probabilities as TRL computes it
         losses = (margin - 1 / (2 * beta)) ** 2
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
