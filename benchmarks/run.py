@@ -238,16 +238,22 @@ def bench(a: BenchArgs, log=print) -> str:
     return text
 
 
-def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, cache: Path, log):
-    """Every round of one workload in one profile: (table row, ours' Numbers, model dir, data dir)."""
-    if w.stage == "dpo" and "hf" in pythons:  # HF Trainer has no preference training
-        pythons = {n: p for n, p in pythons.items() if n != "hf"}
-        skipped = dict(skipped, hf="no preference training in HF Trainer")
+def prepare_data(w, cache: Path) -> tuple[Path, Path, Path, list[int]]:
+    """A workload's model directory, its data folder, its raw rows and their token counts (ours' tokenization)."""
     model_dir = workloads.build_model_dir(w.model, cache)
     data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}-{w.stage}"
     data_dir.mkdir(parents=True, exist_ok=True)
     raw = workloads.write_rows(w, data_dir / "raw.jsonl")
     lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl", w.stage)
+    return model_dir, data_dir, raw, lengths
+
+
+def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, cache: Path, log):
+    """Every round of one workload in one profile: (table row, ours' Numbers, model dir, data dir)."""
+    if w.stage == "dpo" and "hf" in pythons:  # HF Trainer has no preference training
+        pythons = {n: p for n, p in pythons.items() if n != "hf"}
+        skipped = dict(skipped, hf="no preference training in HF Trainer")
+    model_dir, data_dir, raw, lengths = prepare_data(w, cache)
     workloads.write_llamafactory_data(raw, data_dir / "llamafactory", w.stage)
     tokens_per_step = w.batch_size * statistics.mean(lengths)
     loss_step = a.loss_step or w.steps
@@ -285,11 +291,7 @@ def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, ca
 def run_layouts(a: BenchArgs, w, cache: Path, log) -> dict:
     """Each of ours' layouts of a multi-rank workload, one at a time (its ranks have the whole machine);
     ratios are the first layout over each other within a round, the rounds alternating the order."""
-    model_dir = workloads.build_model_dir(w.model, cache)
-    data_dir = cache / "data" / f"{w.model}-{w.cutoff_len}-prompt{w.prompt_repeat}"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    raw = workloads.write_rows(w, data_dir / "raw.jsonl")
-    lengths = workloads.tokenize_rows(model_dir, raw, w.cutoff_len, data_dir / "tokenized.jsonl")
+    model_dir, data_dir, raw, lengths = prepare_data(w, cache)
     tokens_per_step, loss_step = w.batch_size * statistics.mean(lengths), a.loss_step or w.steps
     labels = [label for label, _ in w.layouts]
     got, errors, pairs = {n: [] for n in labels}, {}, {n: [] for n in labels[1:]}
