@@ -20,8 +20,10 @@ from dist_glm.options import (  # noqa: F401  (re-exported: every command import
     option,
     parse_command,
 )
-from dist_glm.value_checks import (  # noqa: F401  (mix_probabilities, report_to_names: re-exported)
+from dist_glm.value_checks import (  # noqa: F401  (mix_probabilities, report_to_names, LOWER_IS_BETTER: re-exported)
+    LOWER_IS_BETTER,
     check_distill,
+    check_evaluation,
     check_mix_probs,
     check_preference,
     check_scheduler_kwargs,
@@ -35,7 +37,6 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 FinetuningType = Literal["full", "freeze", "lora", "qlora", "ptuning"]
 EvalMetric = Literal["loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-LOWER_IS_BETTER = ("loss", "perplexity")
 TRACKERS, LOCAL_ONLY = ("wandb", "swanlab"), ("tensorboard", "none")  # report_to's names
 
 
@@ -290,7 +291,7 @@ class DistillConfig:
         return bool(self.teacher_model_name_or_path or self.distill_cache)
 
 
-Stage = Literal["sft", "pt", "dpo"]
+Stage = Literal["sft", "pt", "dpo", "kto"]
 PrefLoss = Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"]
 
 
@@ -298,19 +299,28 @@ PrefLoss = Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"]
 class PreferenceConfig:
     stage: Stage = option(
         "sft",
-        "sft (supervised), pt (continued pre-training on raw text) or dpo (preference pairs, docs/preference.md; "
-        "LLaMA-Factory's name); kto, rm and ppo are not available yet.",
+        "sft (supervised), pt (continued pre-training on raw text), dpo (preference pairs) or kto (answers labelled "
+        "desirable or not); LLaMA-Factory's names, docs/preference.md. rm and ppo are not available yet.",
     )
     pref_loss: PrefLoss = option(
         "sigmoid", "stage=dpo: sigmoid (DPO), hinge, ipo, orpo or simpo (the last two need no reference model)."
     )
-    pref_beta: float = option(0.1, "stage=dpo: beta, how strongly the preference is enforced (DPO's KL weight).")
-    pref_ftx: float = option(0.0, "stage=dpo: weight of an SFT term, the chosen answer's mean NLL, added to the loss.")
+    pref_beta: float = option(0.1, "stage=dpo/kto: beta, how strongly the preference is enforced (the KL weight).")
+    pref_ftx: float = option(
+        0.0, "stage=dpo/kto: weight of an SFT term, the chosen (desirable) answer's mean NLL, added to the loss."
+    )
     simpo_gamma: float = option(0.5, "stage=dpo, pref_loss=simpo: the target reward margin gamma.")
+    kto_chosen_weight: float = option(1.0, "stage=kto: weight of the desirable answers' loss (KTO's lambda_D).")
+    kto_rejected_weight: float = option(1.0, "stage=kto: weight of the undesirable answers' loss (KTO's lambda_U).")
 
     @property
     def enabled(self) -> bool:
-        return self.stage == "dpo"
+        """A preference stage: the data are pairs (dpo) or labelled answers (kto), not SFT rows."""
+        return self.stage in ("dpo", "kto")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.stage == "kto" or (self.stage == "dpo" and self.pref_loss in ("sigmoid", "hinge", "ipo"))
 
 
 SECTIONS = {
@@ -402,17 +412,7 @@ def check_values(cfg: Config) -> list[str]:
     need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
     need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
     need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
-    need(
-        not (t.early_stopping_patience and not has_eval),
-        "early_stopping_patience needs eval_dataset (or val_size); set one or remove early_stopping_patience",
-    )
-    need(not (t.eval_steps and not has_eval), "eval_steps needs eval_dataset (or val_size); set one")
-    need(
-        t.metric_for_best_model in LOWER_IS_BETTER or t.predict_with_generate,
-        f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true",
-    )
-    need(not (t.predict_with_generate and not has_eval), "predict_with_generate needs eval_dataset (or val_size)")
-    return out + check_distill(cfg.distill) + check_preference(cfg)
+    return out + check_evaluation(t, has_eval) + check_distill(cfg.distill) + check_preference(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

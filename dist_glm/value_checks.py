@@ -3,6 +3,8 @@ kept apart from config.py so that the typed sections stay readable; config.check
 
 import json
 
+LOWER_IS_BETTER = ("loss", "perplexity")  # metric_for_best_model's values that are not generation metrics
+
 
 def mix_probabilities(spec: str) -> list[float]:
     probs = [float(p) for p in spec.split(",")]  # float("") raises: "0.5,,0.5" drops no entry silently
@@ -47,6 +49,24 @@ def check_scheduler_kwargs(t) -> list[str]:
     return []
 
 
+def check_evaluation(t, has_eval: bool) -> list[str]:
+    """What needs an eval set (eval_dataset or val_size), and what needs generation."""
+    out = []
+    if t.early_stopping_patience and not has_eval:
+        out.append(
+            "early_stopping_patience needs eval_dataset (or val_size); set one or remove early_stopping_patience"
+        )
+    if t.eval_steps and not has_eval:
+        out.append("eval_steps needs eval_dataset (or val_size); set one")
+    if t.metric_for_best_model not in LOWER_IS_BETTER and not t.predict_with_generate:
+        out.append(
+            f"metric_for_best_model={t.metric_for_best_model!r} is a generation metric; set predict_with_generate=true"
+        )
+    if t.predict_with_generate and not has_eval:
+        out.append("predict_with_generate needs eval_dataset (or val_size)")
+    return out
+
+
 def check_distill(d) -> list[str]:
     out = []
     if not d.enabled:
@@ -68,27 +88,30 @@ def check_distill(d) -> list[str]:
 
 
 def check_preference(cfg) -> list[str]:
-    """stage=dpo: its own settings, and what it does not combine with yet (each with the way out)."""
+    """stage=dpo/kto: its own settings, and what it does not combine with yet (each with the way out)."""
     p, d, t = cfg.preference, cfg.data, cfg.train
     if not p.enabled:
         return []
+    stage = f"stage={p.stage}"
     out = [] if p.pref_beta > 0 else [f"pref_beta={p.pref_beta} must be positive, e.g. 0.1"]
     out += [] if p.pref_ftx >= 0 else [f"pref_ftx={p.pref_ftx} must be 0 (off) or positive"]
-    if p.pref_ftx and p.pref_loss == "orpo":
+    for key in ("kto_chosen_weight", "kto_rejected_weight"):
+        out += [] if getattr(p, key) > 0 else [f"{key}={getattr(p, key)} must be positive, e.g. 1"]
+    if p.pref_ftx and p.stage == "dpo" and p.pref_loss == "orpo":
         out.append("pref_ftx with pref_loss=orpo: ORPO's loss already holds the chosen answer's NLL; remove pref_ftx")
     # The reference must be where the policy starts: the model as loaded, before this run's changes to it.
-    if p.pref_loss in ("sigmoid", "hinge", "ipo"):
+    if p.needs_reference:
         m = cfg.model
         if m.adapter_name_or_path and not m.merge_adapter:
             out.append(
-                "adapter_name_or_path with stage=dpo: the reference would be the base without that adapter, not "
+                f"adapter_name_or_path with {stage}: the reference would be the base without that adapter, not "
                 "the model you start from; set merge_adapter=true (the adapter merged, a new one trained on it)"
             )
         if t.init_from_checkpoint:
-            out.append("init_from_checkpoint with stage=dpo: the reference would not be the weights you start from; "
+            out.append(f"init_from_checkpoint with {stage}: the reference would not be the weights you start from; "
                        "export the checkpoint and give it as model_name_or_path")  # fmt: skip
     if t.neftune_noise_alpha:
-        out.append("neftune_noise_alpha with stage=dpo: the policy would see noised embeddings and the reference "
+        out.append(f"neftune_noise_alpha with {stage}: the policy would see noised embeddings and the reference "
                    "not; remove it")  # fmt: skip
     not_yet = {
         "teacher_model_name_or_path / distill_cache": cfg.distill.enabled,
@@ -99,5 +122,5 @@ def check_preference(cfg) -> list[str]:
     }
     for key, given in not_yet.items():
         if given:
-            out.append(f"{key}: not available with stage=dpo yet; remove it (or train stage=sft)")
+            out.append(f"{key}: not available with {stage} yet; remove it (or train stage=sft)")
     return out

@@ -120,7 +120,7 @@ def test_their_recipes_validate_with_one_line_notes(tmp_path, method):
 @pytest.mark.parametrize(
     "line,message",
     [
-        ("stage: kto", "stage"),
+        ("stage: ppo", "stage"),
         ("report_to: mlflow", "report_to=mlflow: mlflow is not supported; use wandb and/or swanlab"),
         ("eval_strategy: epoch", "eval_strategy=epoch: dist_glm evaluates every eval_steps steps"),
         ("flash_attn: fa2", "flash_attn=fa2: set attn_implementation instead (flash_attention_2 for fa2"),

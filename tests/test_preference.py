@@ -190,7 +190,7 @@ def test_what_stage_dpo_does_not_take_yet_is_refused_with_the_key():
         with pytest.raises(UserError, match=key):
             load_config([*base, flag], None)  # fmt: skip
     with pytest.raises(UserError, match="stage"):
-        load_config([*base[:-1], "--stage=kto"], None)
+        load_config([*base[:-1], "--stage=rm"], None)
     from dist_glm.methods import get_method
 
     ptuning = load_config([*base, "--finetuning_type=ptuning"], None)

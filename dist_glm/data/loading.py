@@ -121,29 +121,42 @@ def load_datasets(cfg, tokenizer, can_pack: bool = True) -> Datasets:
 
 
 def _load_pairs(cfg, tokenizer, template: str, log) -> Datasets:
-    """stage=dpo: the preference pairs and the eval sets' (tokenized in memory; no cache or packing yet)."""
-    from dist_glm.data.preference import load_pairs
+    """stage=dpo / kto: the preference pairs or labelled answers, and the eval sets' (tokenized in memory; no
+    cache or packing yet)."""
+    from dist_glm.data.preference import load_feedback, load_pairs
 
+    kto = cfg.preference.stage == "kto"
+    load, what = (load_feedback, "labelled answers") if kto else (load_pairs, "preference pairs")
     skipped: list[dict] = []
-    pairs, counts = load_pairs(cfg.data.dataset, tokenizer, cfg.data, template, skipped, cfg.data.max_samples)
+    samples, counts = load(cfg.data.dataset, tokenizer, cfg.data, template, skipped, cfg.data.max_samples)
     evaluation = {}
     for name, files in named_sets(cfg.data.eval_dataset).items():
-        evaluation[name], _ = load_pairs(files, tokenizer, cfg.data, template, skipped)
+        evaluation[name], _ = load(files, tokenizer, cfg.data, template, skipped)
         if not evaluation[name]:
-            raise UserError(f"eval_dataset: no usable preference pairs in {files}")
+            raise UserError(f"eval_dataset: no usable {what} in {files}")
     if skipped:
         log(
-            f"{len(skipped)} invalid pairs skipped (on_invalid=skip); the first, {skipped[0]['where']}: "
+            f"{len(skipped)} invalid rows skipped (on_invalid=skip); the first, {skipped[0]['where']}: "
             f"{skipped[0]['error']}"
         )
-    if not pairs:
-        raise UserError(f"dataset: no usable preference pairs in {cfg.data.dataset}")
-    cut = f", {counts['truncated']} pairs cut to fit cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
-    log(f"preference pairs: {len(pairs)} (chosen and rejected rendered with template {template}{cut})")
+    if not samples:
+        raise UserError(f"dataset: no usable {what} in {cfg.data.dataset}")
+    if kto:
+        # KTO's paper: the desirable and undesirable weights so that w_D * n_D / (w_U * n_U) lies in [1, 4/3].
+        p, n_d = cfg.preference, counts["desirable"]
+        ratio = p.kto_chosen_weight * n_d / max(p.kto_rejected_weight * (len(samples) - n_d), 1e-9)
+        log(f"labelled answers: {len(samples)}, {n_d} desirable (weighted desirable : undesirable = {ratio:.3g}; "
+            f"KTO's paper suggests 1 to 4/3, set by kto_chosen_weight / kto_rejected_weight), rendered with template "
+            f"{template}")  # fmt: skip
+    else:
+        cut = (
+            f", {counts['truncated']} pairs cut to fit cutoff_len={cfg.data.cutoff_len}" if counts["truncated"] else ""
+        )
+        log(f"preference pairs: {len(samples)} (chosen and rejected rendered with template {template}{cut})")
     if cfg.data.val_size:
-        pairs, evaluation[""] = split_held_out(pairs, cfg.data.val_size, cfg.train.seed)
-        log(f"val_size={cfg.data.val_size:g}: {len(evaluation[''])} pairs held out for evaluation")
-    return Datasets(pairs, evaluation, pairs, False)
+        samples, evaluation[""] = split_held_out(samples, cfg.data.val_size, cfg.train.seed)
+        log(f"val_size={cfg.data.val_size:g}: {len(evaluation[''])} held out for evaluation")
+    return Datasets(samples, evaluation, samples, False)
 
 
 def mix(sources: list[list], probs: list[float], seed: int) -> list:

@@ -1,7 +1,8 @@
-"""Preference pairs (`stage: dpo`): a prompt with a chosen and a rejected answer, each answer rendered by the
-chat template exactly as an SFT row ending with it would be, so both are the text the model would write.
+"""Preference data: pairs for `stage: dpo`, answers labelled desirable or not for `stage: kto`. Every answer is
+rendered by the chat template exactly as an SFT row ending with it would be, so it is the text the model would
+write, and only that last answer is labelled (no earlier turn, no prompt): its log-probability is its own.
 
-Row formats (the first row of each file decides, as for SFT):
+Pair formats (the first row of each file decides, as for SFT):
 - LLaMA-Factory's ranking datasets (`"ranking": true` in dataset_info.json): sharegpt `conversations` (the
   prompt turns) with `chosen` / `rejected` turns (`{"from": "gpt", "value": ...}`), or alpaca columns with
   `chosen` / `rejected` strings;
@@ -11,11 +12,13 @@ Row formats (the first row of each file decides, as for SFT):
   everything before the answer (TRL's implicit prompt);
 - OpenAI `messages` ending with the chosen assistant turn, plus a `rejected` assistant message.
 
-Only the last answer is labelled (no earlier turn, no prompt), so its log-probability is the answer's own.
 A pair whose answers render to the same tokens, or whose answer is empty, teaches nothing: a `file:line` error
 (or skipped with `on_invalid: skip`, listed with the reason). Both answers always follow the same prompt
 tokens: a pair too long for `cutoff_len` has its prompt cut once (as the template cuts it for the longer
 answer) and both answers cut to the room left; such pairs are counted in the log.
+
+KTO rows (`feedback_row`): LLaMA-Factory's `kto_tag` column, TRL's unpaired `prompt` / `completion` / `label`,
+or any SFT conversation with a boolean `label`. Each gets a KL row (`load_feedback`).
 """
 
 import json
@@ -55,6 +58,29 @@ class Pair:
 
     def masked(self) -> "Pair":
         return Pair(self.chosen.masked(), self.rejected.masked())
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """stage=kto: one answer labelled desirable or not, and its KL row (the same prompt followed by another
+    sample's answer), from which the step estimates KTO's reference point."""
+
+    completion: Example
+    kl: Example
+    desirable: bool
+
+    @property
+    def rows(self) -> tuple[Example, Example]:
+        return self.completion, self.kl
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.completion.input_ids
+
+    position_ids = None  # never packed
+
+    def masked(self) -> "Feedback":
+        return Feedback(self.completion.masked(), self.kl.masked(), self.desirable)
 
 
 def as_rows(samples: list) -> list:
@@ -148,6 +174,15 @@ def _conversation(fmt: str, row: dict, data_cfg) -> dict:
     return conv
 
 
+def _check_answer(conv: dict, mapping: dict | None, where: str, name: str) -> None:
+    last = conv["messages"][-1]
+    if not last.get("tool_call") and not (last["content"] or "").strip():
+        raise BadRow(f"{name} is empty; there is nothing to prefer or not")
+    conv["where"] = where
+    if "enable_thinking" not in conv and (mapping or {}).get("enable_thinking") is not None:
+        conv["enable_thinking"] = mapping["enable_thinking"]
+
+
 def _answer_start(labels: list[int]) -> int:
     return next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
 
@@ -207,13 +242,7 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
                 if any(c["messages"][-1]["role"] != "assistant" for c in convs):
                     raise BadRow("each answer must be an assistant turn after the prompt")
                 for name, conv in zip(("chosen", "rejected"), convs, strict=True):
-                    last = conv["messages"][-1]
-                    if not last.get("tool_call") and not (last["content"] or "").strip():
-                        raise BadRow(f"the {name} answer is empty; a pair compares two answers")
-                for conv in convs:
-                    conv["where"] = where
-                    if "enable_thinking" not in conv and (mapping or {}).get("enable_thinking") is not None:
-                        conv["enable_thinking"] = mapping["enable_thinking"]
+                    _check_answer(conv, mapping, where, f"the {name} answer")
                 check_reasoning_is_rendered(convs, template_name)  # as SFT: reasoning the template drops is refused
                 pair, cut = encode_pair(template, convs, data_cfg.cutoff_len)
                 truncated += cut
@@ -228,3 +257,87 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
     if bad:
         raise bad_rows_error(bad, "pairs")
     return pairs, {"truncated": truncated}
+
+
+def feedback_row(row: dict, mapping: dict | None) -> tuple[str, dict, bool]:
+    """(format, the row ending with the answer, whether the answer is desirable) of one KTO row: LLaMA-Factory's
+    `kto_tag` column (sharegpt or alpaca), TRL's unpaired `prompt` / `completion` / `label` (strings or message
+    lists), or any SFT row (OpenAI messages, sharegpt, alpaca) with a `label`."""
+    tag = (mapping or {}).get("columns", {}).get("kto_tag", "label")
+    label = row.get(tag)
+    if not isinstance(label, bool):
+        where = f"column '{tag}' (columns.kto_tag in dataset_info.json)" if mapping else f"field '{tag}'"
+        raise BadRow(f"{where} must be true (a desirable answer) or false (an undesirable one), got {label!r}")
+    rest = {k: v for k, v in row.items() if k != tag}
+    if mapping is not None:
+        return mapping["formatting"], remap(rest, mapping), label
+    if "prompt" in rest and "completion" in rest:  # TRL's unpaired preference rows
+        prompt, answer = rest["prompt"], _answer_turn(rest["completion"], "completion")
+        if isinstance(prompt, list):
+            answer = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+            return (
+                "openai",
+                {"messages": prompt + [answer], **({"tools": rest["tools"]} if "tools" in rest else {})},
+                label,
+            )
+        if not isinstance(answer, str):
+            raise BadRow("field 'completion' must be the answer's text when the prompt is a string")
+        return "alpaca", {"instruction": prompt, "input": "", "output": answer}, label
+    fmt = detect_format(rest, "")
+    if fmt is None or fmt in ("text", "advertisegen"):
+        raise BadRow("a KTO row is a conversation ending with the answer (messages, conversations, or "
+                     "instruction/output, or TRL's prompt/completion) plus a true/false label")  # fmt: skip
+    return fmt, rest, label
+
+
+def load_feedback(spec: str, tokenizer, data_cfg, template_name: str, skipped: list[dict], max_samples: int = 0):
+    """stage=kto: every labelled answer of the comma-separated files in `spec`, each with its KL row (its prompt
+    followed by the next sample's answer, in file order, fixed before any batching so that the estimate does
+    not depend on how a step is split). Returns (samples, counts for the log)."""
+    from dist_glm.data.batching import check_reasoning_is_rendered
+    from dist_glm.data.template import build_template
+
+    template = build_template(template_name, tokenizer, mask_history=True, train_on_prompt=False)
+    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
+    encoded, bad = [], []
+    for path in split_paths(spec):
+        mapping = registered.get(path)
+        if mapping is not None and "kto_tag" not in mapping.get("columns", {}):
+            raise UserError(
+                f"{path}: its dataset_info.json entry has no kto_tag column (the desirable / undesirable label); "
+                "stage=kto trains labelled answers"
+            )
+        taken = 0
+        for lineno, row in read_rows(path):
+            if max_samples and taken >= max_samples:
+                break
+            where = f"{path}:{lineno}"
+            try:
+                fmt, conv_row, desirable = feedback_row(as_object(row), mapping)
+                conv = _conversation(fmt, conv_row, data_cfg)
+                if conv["messages"][-1]["role"] != "assistant":
+                    raise BadRow("the answer must be an assistant turn after the prompt")
+                _check_answer(conv, mapping, where, "the answer")
+                check_reasoning_is_rendered([conv], template_name)
+                enc = template.encode(conv, data_cfg.cutoff_len)
+                start = _answer_start(enc.labels)
+            except (BadRow, StopIteration) as e:
+                error = str(e) if isinstance(e, BadRow) else "no answer token fits in cutoff_len"
+                if data_cfg.on_invalid == "skip":
+                    skipped.append({"where": where, "error": error})
+                else:
+                    bad.append(f"{where}: {error}")
+                continue
+            encoded.append((enc, start, desirable))
+            taken += 1
+    if bad:
+        raise bad_rows_error(bad, "rows")
+    samples = []
+    for i, (enc, start, desirable) in enumerate(encoded):
+        other, other_start, _ = encoded[(i + 1) % len(encoded)]
+        prompt, answer = enc.input_ids[:start], other.input_ids[other_start:]
+        room = data_cfg.cutoff_len - len(prompt)
+        completion = Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference)
+        kl = Example(prompt + answer[:room], [IGNORE_INDEX] * len(prompt) + answer[:room], [], "")
+        samples.append(Feedback(completion, kl, desirable))
+    return samples, {"desirable": sum(s.desirable for s in samples)}

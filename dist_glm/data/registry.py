@@ -6,7 +6,8 @@ mean, resolved to files before anything reads them.
   history, messages, tools) and `tags` (role_tag, content_tag, user_tag, assistant_tag,
   observation_tag, function_tag, system_tag), plus dist_glm's own `enable_thinking` (the dataset's
   thinking switch, for mixed thinking / non-thinking data). Entries that need a download (`hf_hub_url`,
-  `ms_hub_url`, `script_url`) or another training stage (`ranking`) are refused with the reason;
+  `ms_hub_url`, `script_url`) are refused with the reason; a `ranking` entry (pairs) trains with stage=dpo and
+  one with a `kto_tag` column with stage=kto only;
 - a folder: every data file in it, sorted;
 - a glob (`data/*.jsonl`): the matching files, sorted.
 
@@ -182,14 +183,21 @@ def resolve(data_cfg) -> list[str]:
     return []
 
 
-def check_stage(data_cfg, preference: bool) -> list[str]:
-    """A ranking dataset (`"ranking": true`, preference pairs) trains with stage=dpo only: read as SFT rows its
-    chosen and rejected answers would be neither."""
+def check_stage(data_cfg, stage: str) -> list[str]:
+    """A ranking dataset (`"ranking": true`, preference pairs) trains with stage=dpo only, and one with a
+    `kto_tag` column (answers labelled desirable or not) with stage=kto only: read otherwise, its answers would be
+    trained as something they are not."""
     registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
     ranking = [f for f, m in registered.items() if m.get("ranking")]
-    if ranking and not preference:
+    if ranking and stage != "dpo":
         return [
             f"dataset: {ranking[0]} is registered as a ranking (preference) dataset in dataset_info.json; train it "
-            "with stage: dpo, or register an SFT dataset"
+            "with stage: dpo, or register another dataset"
+        ]
+    tagged = [f for f, m in registered.items() if "kto_tag" in m.get("columns", {})]
+    if tagged and stage != "kto":
+        return [
+            f"dataset: {tagged[0]} is registered with a kto_tag column (answers labelled desirable or not) in "
+            "dataset_info.json; train it with stage: kto, or register another dataset"
         ]
     return []

@@ -93,7 +93,8 @@ def check_config(cfg) -> list[str]:
             "window; set packing=false (or use lora, which packs)"
         ]
     if cfg.preference.enabled:  # the reference would be the base without its prefix: not wired and not tested yet
-        return ["finetuning_type=ptuning: not available with stage=dpo yet; use lora (or train stage=sft)"]
+        stage = cfg.preference.stage
+        return [f"finetuning_type=ptuning: not available with stage={stage} yet; use lora (or train stage=sft)"]
     return check_attention_kind(cfg.model)
 
 

@@ -1,9 +1,10 @@
 """Training objectives: what the loss is. One `Objective` protocol; each objective is one module:
 cross-entropy (`cross_entropy`, every method's default), online distillation from a teacher in memory
 (`distillation`, the teacher in `teacher`), offline distillation from a teacher cache
-(`cached_distillation`) and preference losses on pairs (`preference`, stage=dpo). The loop and evaluation
+(`cached_distillation`), preference losses on pairs (`preference`, stage=dpo) and KTO on labelled answers
+(`kto`, stage=kto). The loop and evaluation
 only call the protocol's members, and every objective returns *sums* with `count` saying over what
-(labelled tokens; pairs for preference), so the loop's normalisation by the global count holds for each
+(labelled tokens; pairs or answers for preference), so the loop's normalisation by the global count holds for each
 loss added here.
 """
 
@@ -25,6 +26,11 @@ class Objective(Protocol):
 
     def check_rows(self, rows: list) -> None:
         """Refuse, before the first step, rows this objective cannot train on (UserError)."""
+
+    def prepare(self, model, batches: list[dict], device) -> None:
+        """Collective. Called on every rank with all of its micro-batches of a step (or of an evaluation)
+        before any `loss_sums` / `eval_sums` on them: what the loss needs from the whole global batch (KTO's
+        reference point). A no-op for losses that need only their own rows."""
 
     def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the sum trained on, {part: sum}) over the batch's labelled tokens."""
@@ -57,9 +63,11 @@ def build_objective(cfg, ds_config: dict, device, tokenizer, student, teacher=No
     from dist_glm.runtime import collectives
 
     if cfg.preference.enabled:
+        from dist_glm.objectives.kto import KTO
         from dist_glm.objectives.preference import Preference, load_reference
 
-        return Preference(cfg.preference, load_reference(cfg, student, ds_config, device), student)
+        kind = KTO if cfg.preference.stage == "kto" else Preference
+        return kind(cfg.preference, load_reference(cfg, student, ds_config, device), student)
     if not cfg.distill.enabled:
         return CrossEntropy()
     vocab = len(tokenizer)

@@ -110,6 +110,9 @@ class CachedDistillation:
     def count(self, batch: dict) -> int:
         return count_trainable_tokens(batch["labels"])
 
+    def prepare(self, model, batches: list[dict], device) -> None:
+        """A token's loss needs nothing beyond its own row and its cached targets."""
+
     def check_rows(self, rows: list) -> None:
         missing = sum(1 for r in rows if is_labelled(r) and row_key(r) not in self.entries)
         if missing:

@@ -142,6 +142,9 @@ class CrossEntropy:
     def check_rows(self, rows: list) -> None:
         """Refuse, before the first step, rows this objective cannot train on (none here)."""
 
+    def prepare(self, model, batches: list[dict], device) -> None:
+        """A token's loss needs nothing beyond its own row."""
+
     def loss_sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return token_loss_sum(model, model_inputs(batch), batch["labels"])[0], {}
 

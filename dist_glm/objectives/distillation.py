@@ -166,6 +166,9 @@ class Distillation:
     def check_rows(self, rows: list) -> None:
         """Any row trains: the teacher sees what the student sees."""
 
+    def prepare(self, model, batches: list[dict], device) -> None:
+        """A token's loss needs nothing beyond its own row."""
+
     def sums(self, model, inputs: dict, labels: torch.Tensor, spec: KDSpec) -> torch.Tensor:
         if not (self.teacher.native and has_native_head(model)):
             return plain_distill_sums(model(**inputs).logits, self.teacher.logits(inputs), labels, spec)

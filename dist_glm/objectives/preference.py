@@ -21,10 +21,9 @@ from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
 from dist_glm.objectives.cross_entropy import has_native_head, sum_over_labelled, sums_from_head, vocab_size_of
 
-# The losses that compare with a reference model, and those on the mean log-probability per token (ORPO's
-# and SimPO's papers define theirs on it; for IPO, whose paper uses sequence log-likelihoods, it is TRL's and
-# LLaMA-Factory's choice, kept here so the numbers compare).
-NEEDS_REFERENCE = ("sigmoid", "hinge", "ipo")
+# The losses on the mean log-probability per token (ORPO's and SimPO's papers define theirs on it; for IPO,
+# whose paper uses sequence log-likelihoods, it is TRL's and LLaMA-Factory's choice, kept here so the numbers
+# compare). Which losses need a reference model: PreferenceConfig.needs_reference.
 LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
 PARTS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -50,6 +49,27 @@ def row_logps(model, batch: dict) -> torch.Tensor:
         return sum_over_labelled(_chunk_row_logps, head, hidden, labels, chunk, (rows,), (n,), (n,))
 
     return sums_from_head(model, model_inputs(batch), compute, n)
+
+
+def check_head(policy, stage: str) -> None:
+    if policy is not None and not has_native_head(policy):
+        raise UserError(
+            f"stage={stage}: this model's code (remote code) computes its LM head in its own layout, which the "
+            "per-answer log-probabilities cannot use yet; ChatGLM2/3 and glm-4-9b-chat load without remote code "
+            "(trust_remote_code: false), or train stage=sft"
+        )
+
+
+def reference_logps(reference, model, batch: dict) -> torch.Tensor | None:
+    """`row_logps` under the reference `load_reference` chose: None (no reference), "adapter" (the policy
+    with its adapter switched off: a PEFT model) or a frozen model."""
+    if reference is None:
+        return None
+    with torch.no_grad():
+        if reference == "adapter":
+            with getattr(model, "module", model).disable_adapter():
+                return row_logps(model, batch)
+        return row_logps(reference, batch)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -97,12 +117,7 @@ class Preference:
     per_token = False  # a loss per pair
 
     def __init__(self, cfg, reference, policy=None):
-        if policy is not None and not has_native_head(policy):
-            raise UserError(
-                "stage=dpo: this model's code (remote code) computes its LM head in its own layout, which the "
-                "per-answer log-probabilities cannot use yet; ChatGLM2/3 and glm-4-9b-chat load without remote code "
-                "(trust_remote_code: false), or train stage=sft"
-            )
+        check_head(policy, cfg.stage)
         # SimPO's target margin: -log sigmoid(beta * diff - gamma), LLaMA-Factory's beta * (diff - gamma / beta).
         self.loss, self.beta, self.gamma = cfg.pref_loss, cfg.pref_beta, cfg.simpo_gamma
         self.ftx, self.reference = cfg.pref_ftx, reference
@@ -120,21 +135,15 @@ class Preference:
     def check_rows(self, rows) -> None:
         """Pairs were checked as they were built (dist_glm.data.preference)."""
 
-    def _reference_logps(self, model, batch: dict) -> torch.Tensor | None:
-        if self.reference is None:
-            return None
-        with torch.no_grad():
-            if self.reference == "adapter":  # load_reference chose it for a PEFT model only
-                with getattr(model, "module", model).disable_adapter():
-                    return row_logps(model, batch)
-            return row_logps(self.reference, batch)
+    def prepare(self, model, batches: list[dict], device) -> None:
+        """Each pair's loss needs nothing beyond its own rows."""
 
     def _sums(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         n = int(batch["pairs"])
         labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
         real = labelled[:n] > 0  # an evaluation padding slot is a pair with nothing labelled: it adds nothing
         labelled = labelled.clamp(min=1)
-        reference = self._reference_logps(model, batch)
+        reference = reference_logps(self.reference, model, batch)
         logps = row_logps(model, batch)
         policy, lengths = (logps[:n], logps[n:]), (labelled[:n], labelled[n:])
         ref = None if reference is None else (reference[:n], reference[n:])
@@ -172,7 +181,7 @@ def load_reference(cfg, policy, ds_config: dict, device):
     from dist_glm.objectives.teacher import per_rank_gib, teacher_ds_config
     from dist_glm.runtime import collectives, deepspeed_config
 
-    if cfg.preference.pref_loss not in NEEDS_REFERENCE:
+    if not cfg.preference.needs_reference:
         collectives.log(f"preference: {cfg.preference.pref_loss} needs no reference model")
         return None
     if hasattr(policy, "disable_adapter"):  # a PEFT model (LoRA, QLoRA): its base is the reference
@@ -180,8 +189,9 @@ def load_reference(cfg, policy, ds_config: dict, device):
         return "adapter"
     if cfg.model.train_from_scratch:
         raise UserError(
-            "train_from_scratch with stage=dpo: the frozen reference would load model_name_or_path's weights, not "
-            "the random start; DPO continues a trained model: set train_from_scratch=false"
+            f"train_from_scratch with stage={cfg.preference.stage}: the frozen reference would load "
+            "model_name_or_path's weights, not "
+            "the random start; preference training continues a trained model: set train_from_scratch=false"
         )
     zero3 = deepspeed_config.zero_stage(ds_config) == 3
     tds = teacher_ds_config(ds_config, cfg.train.dtype) if zero3 else None

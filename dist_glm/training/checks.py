@@ -45,7 +45,7 @@ def validate_inputs(cfg: Config, world_size: int, problems: list[str] = ()) -> I
         objective_problems, teacher = check_objective(cfg)
         problems += objective_problems
     problems += resolve_and_check(cfg.data)  # names, folders and globs become files, then checked
-    problems += check_stage(cfg.data, cfg.preference.enabled)
+    problems += check_stage(cfg.data, cfg.preference.stage)
     ds_config = resume_path = None
     try:
         ds_config = deepspeed_config.build_ds_config(cfg.train, world_size)

@@ -37,12 +37,15 @@ def eval_loss(model, examples: list[Example], batch_size: int, pad_id: int, devi
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     was_training = model.training
     model.eval()
-    sums, tokens = {}, 0
+    sums, tokens, batches = {}, 0, []
     for slot_batch in _batches(_shard(len(examples), rank, world), batch_size):
         # A padding slot repeats example 0 with every label masked, so it costs compute but no loss (and counts
         # nothing: no token, no pair).
         batch_examples = [examples[i] if i is not None else examples[0].masked() for i in slot_batch]
-        batch = {k: v.to(device) for k, v in objective.collate(batch_examples, pad_id).items()}
+        batches.append(objective.collate(batch_examples, pad_id))  # token ids on the host until their turn
+    objective.prepare(model, batches, device)  # collective: what the loss needs from the whole eval set
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
         for name, s in objective.eval_sums(model, batch).items():
             sums[name] = sums.get(name, 0.0) + float(s)
         tokens += objective.count(batch)

@@ -35,6 +35,7 @@ def train_step(
     # engine.backward divides by the accumulation steps and the gradient all-reduce averages over
     # ranks; multiplying by both turns the result into sum(token losses) / global_tokens exactly.
     scale = world_size * len(micro_batches) / global_tokens
+    objective.prepare(engine, micro_batches, device)  # collective: what the loss needs from the global batch
     local_loss_sum, own_norm, skipped = torch.zeros((), device=device), None, None
     local_parts = torch.zeros(len(objective.parts), device=device)
     for i, batch in enumerate(micro_batches):
