@@ -73,6 +73,7 @@ setup(
             "dist-glm-serve=dist_glm.cli:serve_main",
             "dist-glm-prepare=dist_glm.cli:prepare_main",
             "dist-glm-distill-cache=dist_glm.cli:distill_cache_main",
+            "dist-glm-ref-cache=dist_glm.cli:ref_cache_main",
             "dist-glm-distill-generate=dist_glm.cli:distill_generate_main",
             "dist-glm-doctor=dist_glm.cli:doctor_main",
             "dist-glm-plot=dist_glm.cli:plot_main",

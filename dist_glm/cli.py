@@ -196,6 +196,29 @@ def distill_cache_main(argv: list[str] | None = None) -> None:
     run_command(command, argv, body)
 
 
+def ref_cache_main(argv: list[str] | None = None) -> None:
+    """Run a preference recipe's reference model once over its rows and cache each row's log-probability
+    (launch/ref_cache.py); training with ref_logps_cache=DIR then loads no reference model."""
+    import dataclasses
+
+    from dist_glm import config
+
+    command = dataclasses.replace(
+        config.TRAIN,
+        prog="ref_cache.py",
+        usage="ref_cache.py RECIPE.yaml --ref_logps_cache=DIR [--ref_model=DIR] [--key=value ...]",
+        description="Writes the reference cache that training with --ref_logps_cache=DIR reads (docs/preference.md).",
+        default_yaml=None,
+    )
+
+    def body(sections):
+        from dist_glm.tools.ref_cache import build_from_recipe
+
+        build_from_recipe(recipe_config(sections))
+
+    run_command(command, argv, body)
+
+
 def distill_generate_main(argv: list[str] | None = None) -> None:
     """Sequence-level distillation: the teacher answers a recipe's prompts into a new dataset
     (launch/distill_generate.py)."""

@@ -20,13 +20,11 @@ from dist_glm.options import (  # noqa: F401  (re-exported: every command import
     option,
     parse_command,
 )
-from dist_glm.value_checks import (  # noqa: F401  (mix_probabilities, report_to_names, LOWER_IS_BETTER: re-exported)
+from dist_glm.value_checks import (  # noqa: F401  (re-exported: commands import them from here)
+    LOCAL_ONLY,
     LOWER_IS_BETTER,
-    check_distill,
-    check_evaluation,
-    check_mix_probs,
-    check_preference,
-    check_scheduler_kwargs,
+    TRACKERS,
+    check_values,
     mix_probabilities,
     report_to_names,
 )
@@ -37,7 +35,6 @@ DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
 FinetuningType = Literal["full", "freeze", "lora", "qlora", "ptuning"]
 EvalMetric = Literal["loss", "perplexity", "rouge-1", "rouge-2", "rouge-l", "bleu-4", "exact_match"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-TRACKERS, LOCAL_ONLY = ("wandb", "swanlab"), ("tensorboard", "none")  # report_to's names
 
 
 @dataclass
@@ -312,6 +309,16 @@ class PreferenceConfig:
     simpo_gamma: float = option(0.5, "stage=dpo, pref_loss=simpo: the target reward margin gamma.")
     kto_chosen_weight: float = option(1.0, "stage=kto: weight of the desirable answers' loss (KTO's lambda_D).")
     kto_rejected_weight: float = option(1.0, "stage=kto: weight of the undesirable answers' loss (KTO's lambda_U).")
+    ref_model: str = option(
+        "",
+        "stage=dpo/kto: the reference model, frozen (a model directory). Default: the adapter switched off "
+        "(lora, qlora), else a frozen copy of model_name_or_path.",
+    )
+    ref_logps_cache: str = option(
+        "",
+        "stage=dpo/kto: reference log-probabilities written by launch/ref_cache.py; training then loads no reference "
+        "model (the cache tool writes here).",
+    )
 
     @property
     def enabled(self) -> bool:
@@ -344,75 +351,6 @@ class Config:
 
     def to_flat_dict(self) -> dict:
         return {k: v for section in SECTIONS for k, v in dataclasses.asdict(getattr(self, section)).items()}
-
-
-def check_values(cfg: Config) -> list[str]:
-    """Checks on values alone (no file system); every problem names the key and the fix."""
-    m, d, t, me = cfg.model, cfg.data, cfg.train, cfg.method
-    has_eval = bool(d.eval_dataset or d.val_size)
-    out = []
-
-    def need(ok: bool, msg: str):
-        if not ok:
-            out.append(msg)
-
-    need(bool(m.model_name_or_path), "model_name_or_path is required; set it to a local GLM checkpoint directory")
-    need(bool(d.dataset), "dataset is required; set it to one or more comma-separated jsonl/json files")
-    need(bool(t.output_dir), "output_dir is required; set it to a directory for checkpoints and the final model")
-    positive = "per_device_train_batch_size per_device_eval_batch_size gradient_accumulation_steps logging_steps"
-    for key in (positive + " generation_max_new_tokens preflight_timeout ddp_timeout").split():
-        need(getattr(t, key) >= 1, f"{key}={getattr(t, key)} must be at least 1")
-    for key in ("save_steps", "save_total_limit", "eval_steps", "early_stopping_patience", "warmup_steps"):
-        need(getattr(t, key) >= 0, f"{key}={getattr(t, key)} must be 0 or more")
-    need(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be positive")
-    need(0 <= t.warmup_ratio < 1, f"warmup_ratio={t.warmup_ratio} must be in [0, 1)")
-    out += check_scheduler_kwargs(t)
-    need(t.max_steps == -1 or t.max_steps >= 1, f"max_steps={t.max_steps} must be -1 (use epochs) or at least 1")
-    need(t.max_steps >= 1 or t.num_train_epochs > 0, "num_train_epochs must be positive when max_steps is -1")
-    need(t.max_nonfinite_steps >= 0, f"max_nonfinite_steps={t.max_nonfinite_steps} must be 0 (no limit) or more")
-    need(
-        t.loss_spike_factor == 0 or t.loss_spike_factor > 1,
-        f"loss_spike_factor={t.loss_spike_factor} must be 0 (off) or above 1, e.g. 3",
-    )
-    need(not (t.bf16 and t.fp16), "bf16 and fp16 are both set; choose one (bf16 where the GPU has it, else fp16)")
-    need(t.fp16_loss_scale_window >= 1, f"fp16_loss_scale_window={t.fp16_loss_scale_window} must be at least 1")
-    need(t.fp16_hysteresis >= 1, f"fp16_hysteresis={t.fp16_hysteresis} must be at least 1")
-    need(t.fp16_min_loss_scale > 0, f"fp16_min_loss_scale={t.fp16_min_loss_scale} must be positive")
-    need(t.neftune_noise_alpha >= 0, f"neftune_noise_alpha={t.neftune_noise_alpha} must be 0 (off) or positive, e.g. 5")
-    need(t.router_bias_update_rate >= 0, f"router_bias_update_rate={t.router_bias_update_rate} must be 0 (off) or more")
-    need(t.max_grad_norm >= 0, f"max_grad_norm={t.max_grad_norm} must be 0 (off) or positive")
-    need(d.cutoff_len >= 8, f"cutoff_len={d.cutoff_len} is too small; use at least 8 tokens")
-    need(d.preprocessing_num_workers >= 1, f"preprocessing_num_workers={d.preprocessing_num_workers} must be >= 1")
-    need(d.max_samples >= 0, f"max_samples={d.max_samples} must be 0 (all) or positive")
-    need(
-        d.val_size == 0 or (0 < d.val_size < 1) or (d.val_size >= 1 and d.val_size.is_integer()),
-        f"val_size={d.val_size} must be a fraction in (0, 1) or a whole number of samples",
-    )
-    need(
-        not (d.val_size and d.eval_dataset),
-        "val_size and eval_dataset are both set; hold out part of dataset (val_size) or use eval_dataset, not both",
-    )
-    need(not (m.merge_adapter and not m.adapter_name_or_path), "merge_adapter=true needs adapter_name_or_path")
-    need(
-        not (t.init_optimizer_state and not t.init_from_checkpoint),
-        "init_optimizer_state=true needs init_from_checkpoint (the checkpoint whose moments to take); set it",
-    )
-    need(
-        not (t.init_from_checkpoint and m.adapter_name_or_path),
-        "init_from_checkpoint and adapter_name_or_path both give the starting weights; set one",
-    )
-    out += check_mix_probs(d)
-    unknown = [n for n in report_to_names(t.report_to) if n not in TRACKERS + LOCAL_ONLY]
-    need(
-        not unknown,
-        f"report_to={t.report_to}: {', '.join(unknown)} is not supported; use wandb and/or swanlab (comma-separated), "
-        "or tensorboard / none for local files only (output_dir/runs and metrics.jsonl are always written)",
-    )
-    need(me.lora_rank >= 1, f"lora_rank={me.lora_rank} must be at least 1")
-    need(0 <= me.lora_dropout < 1, f"lora_dropout={me.lora_dropout} must be in [0, 1)")
-    need(me.pre_seq_len >= 1, f"pre_seq_len={me.pre_seq_len} must be at least 1")
-    need(me.prefix_hidden_size >= 1, f"prefix_hidden_size={me.prefix_hidden_size} must be at least 1")
-    return out + check_evaluation(t, has_eval) + check_distill(cfg.distill) + check_preference(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

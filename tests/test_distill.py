@@ -228,7 +228,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_loading(tmp_path, va
 
 
 def test_distill_values_are_checked_with_the_flag_named():
-    from dist_glm.config import check_distill
+    from dist_glm.value_checks import check_distill
 
     assert check_distill(DistillConfig()) == []
     problems = check_distill(

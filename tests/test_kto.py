@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, base_args, read_metrics, run_train
+from conftest import REPO, TINY_MODEL, base_args, read_metrics, run_script, run_train
 from dist_glm.config import collect_config, load_config
 from dist_glm.data.preference import load_feedback
 from dist_glm.data.template import IGNORE_INDEX
@@ -154,17 +154,28 @@ def kto_data(tmp_path_factory):
 @pytest.mark.slow
 def test_the_same_global_batch_gives_the_same_kto_step_on_1_and_2_ranks(tmp_path, pretrained_tiny, kto_data):
     """LoRA (the reference is the base with the adapter off): 1 rank x 4 answers, 2 ZeRO-3 ranks x 2, and
-    1 rank x 2 x accumulation 2 stopped at step 2 and resumed, give the same losses, z0 (train/kl) and eval in
-    fp32. z0 is estimated over the global batch (TRL's per-micro-batch estimate would differ with the split). At
-    step 1 the policy is its reference: every answer's loss is 1 - sigmoid(0) = 0.5."""
+    1 rank x 2 x accumulation 2 stopped at step 2 and resumed (its reference from a ref_logps_cache), give the
+    same losses, z0 (train/kl) and eval in fp32. z0 is estimated over the global batch (TRL's per-micro-batch
+    estimate would differ with the split). At step 1 the policy is its reference: every answer's loss is
+    1 - sigmoid(0) = 0.5."""
     common = dict(model_name_or_path=pretrained_tiny, train_from_scratch=False, stage="kto", finetuning_type="lora",
                   max_steps=4, learning_rate=2e-2, pref_beta=0.5, kto_chosen_weight=1.3, cutoff_len=128,
                   lr_scheduler_type="constant_with_warmup", val_size=9, eval_steps=2,
                   per_device_eval_batch_size=2)  # fmt: skip
+    # The accumulated run reads its reference from a cache built ahead (launch/ref_cache.py: the answers and
+    # their mismatched rows), so it also shows that the cache gives the adapter-off numbers.
+    cache = tmp_path / "cache"
+    build = run_script(
+        "ref_cache.py", [*base_args(tmp_path / "build", kto_data, **common), f"--ref_logps_cache={cache}"]
+    )
+    assert build.returncode == 0 and "no reference model loaded" not in build.stdout, build.stderr[-2000:]
     runs = {
         "one": (dict(per_device_train_batch_size=4), None),
         "two_zero3": (dict(per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json"), 2),
-        "accumulated": (dict(per_device_train_batch_size=2, gradient_accumulation_steps=2), None),
+        "accumulated": (
+            dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, ref_logps_cache=cache),
+            None,
+        ),
     }
     keys = ["train/loss", "train/kl", "train/rewards/chosen_sum", "train/count/chosen", "eval/loss", "eval/kl"]
     got = {}

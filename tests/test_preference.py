@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, base_args, read_metrics, run_train
+from conftest import REPO, TINY_MODEL, base_args, read_metrics, run_script, run_train
 from dist_glm.config import PreferenceConfig, load_config
 from dist_glm.data.preference import load_pairs
 from dist_glm.errors import UserError
@@ -353,3 +353,60 @@ def test_the_padding_log_counts_a_pair_as_its_two_padded_rows():
 
     pairs = [Pair(row(10), row(100)), Pair(row(10), row(100))]  # 4 rows padded to 100: 220 real of 400
     assert pad_share(pairs, GlobalBatchSampler(2, 2, 1, 1, 0)) == pytest.approx(0.45)
+
+
+@pytest.mark.slow
+def test_the_three_references_give_the_same_losses(tmp_path, pretrained_tiny, pairs_data):
+    """LoRA with the adapter switched off, with `ref_model` (a frozen copy of the same base) and with
+    `ref_logps_cache` (launch/ref_cache.py run ahead over the training and held-out pairs): the same losses
+    and eval losses at every step. A second build finds every shard written and writes none; a cache of
+    another reference is refused. (KTO's cache, mismatched rows included: tests/test_kto.py.)"""
+    common = dict(model_name_or_path=pretrained_tiny, train_from_scratch=False, stage="dpo", finetuning_type="lora",
+                  max_steps=3, learning_rate=1e-2, pref_beta=0.5, cutoff_len=128, val_size=9, eval_steps=3,
+                  lr_scheduler_type="constant_with_warmup")  # fmt: skip
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        build = run_script(
+            "ref_cache.py", [*base_args(tmp_path / "build", pairs_data, **common), f"--ref_logps_cache={cache}"]
+        )
+        assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
+    assert "(this rank wrote 0)" in build.stdout  # the second build resumed a finished one
+    assert json.loads((cache / "manifest.json").read_text())["rows"] == 2 * 64  # both answers of each pair
+    runs = {"adapter_off": {}, "ref_model": {"ref_model": pretrained_tiny}, "cache": {"ref_logps_cache": cache}}
+    got = {}
+    for name, extra in runs.items():
+        proc = run_train(base_args(tmp_path / name, pairs_data, **common, **extra), nprocs=None)
+        got[name] = {k: read_metrics(tmp_path / name, k) for k in ("train/loss", "eval/loss")}
+        assert "no reference model loaded" in proc.stdout or name != "cache"
+    for name, metrics in got.items():
+        for key, curve in metrics.items():
+            want = got["adapter_off"][key]
+            assert sorted(curve) == sorted(want) and max(abs(curve[s] - want[s]) for s in curve) < 1e-5, (name, key)
+    other = run_script("train.py", [*base_args(tmp_path / "other", pairs_data, **common), f"--ref_logps_cache={cache}",
+                                    f"--ref_model={REPO / 'assets' / 'tiny-glm4'}"])  # fmt: skip
+    assert other.returncode == 2 and "holds the log-probabilities of" in other.stdout + other.stderr
+
+
+def test_a_reference_cache_is_read_only_for_its_own_reference(tmp_path):
+    """The cache names the reference it holds: training with another reference, or a build into a directory
+    holding another reference's cache, is refused; ref_model / ref_logps_cache with a loss that needs no
+    reference is a value error; a cache that is not built yet says how to build it."""
+    from dist_glm.objectives.reference import read_manifest, reference_source
+    from dist_glm.tools.ref_cache import _check_directory
+
+    base = [f"--model_name_or_path={TINY_MODEL}", "--dataset=d", "--output_dir=o", "--stage=dpo",
+            f"--ref_logps_cache={tmp_path}"]  # fmt: skip
+    cfg = load_config(base, None)
+    with pytest.raises(UserError, match="no manifest.json there; build it first with `python launch/ref_cache.py"):
+        read_manifest(cfg)
+    (tmp_path / "manifest.json").write_text(json.dumps({**reference_source(cfg), "rows": 1}))
+    assert read_manifest(cfg)["rows"] == 1
+    _check_directory(tmp_path, reference_source(cfg))  # the same reference: a build resumes
+    other = load_config([*base, f"--ref_model={REPO / 'assets' / 'tiny-glm4-0414'}"], None)
+    with pytest.raises(UserError, match="holds the log-probabilities of .*tiny-glm4', but this run's reference is"):
+        read_manifest(other)
+    with pytest.raises(UserError, match="already holds a cache of another reference"):
+        _check_directory(tmp_path, reference_source(other))
+    for key in ("ref_model", "ref_logps_cache"):
+        with pytest.raises(UserError, match=f"{key} with pref_loss=simpo: it needs no reference model"):
+            load_config([*base[:-1], "--pref_loss=simpo", f"--{key}={tmp_path}"], None)

@@ -292,8 +292,8 @@ def feedback_row(row: dict, mapping: dict | None) -> tuple[str, dict, bool]:
 
 def load_feedback(spec: str, tokenizer, data_cfg, template_name: str, skipped: list[dict], max_samples: int = 0):
     """stage=kto: every labelled answer of the comma-separated files in `spec`, each with its KL row (its prompt
-    followed by the next sample's answer, in file order, fixed before any batching so that the estimate does
-    not depend on how a step is split). Returns (samples, counts for the log)."""
+    followed by the answer of the next sample, in file order, that has another prompt; fixed before any batching
+    so that the estimate does not depend on how a step is split). Returns (samples, counts for the log)."""
     from dist_glm.data.batching import check_reasoning_is_rendered
     from dist_glm.data.template import build_template
 
@@ -333,9 +333,14 @@ def load_feedback(spec: str, tokenizer, data_cfg, template_name: str, skipped: l
     if bad:
         raise bad_rows_error(bad, "rows")
     samples = []
-    for i, (enc, start, desirable) in enumerate(encoded):
-        other, other_start, _ = encoded[(i + 1) % len(encoded)]
-        prompt, answer = enc.input_ids[:start], other.input_ids[other_start:]
+    prompts = [enc.input_ids[:start] for enc, start, _ in encoded]
+    for i, (enc, _, desirable) in enumerate(encoded):
+        # The next sample that answers another prompt: data written as prompt, chosen, prompt, rejected would
+        # otherwise pair an answer with its own prompt, which is no mismatch.
+        j = next((k % len(encoded) for k in range(i + 1, i + len(encoded)) if prompts[k % len(encoded)] != prompts[i]),
+                 (i + 1) % len(encoded))  # fmt: skip
+        other, other_start, _ = encoded[j]
+        prompt, answer = prompts[i], other.input_ids[other_start:]
         room = data_cfg.cutoff_len - len(prompt)
         completion = Example(enc.input_ids, enc.labels, enc.prompt_ids, enc.reference)
         kl = Example(prompt + answer[:room], [IGNORE_INDEX] * len(prompt) + answer[:room], [], "")

@@ -52,6 +52,15 @@ def check_objective(cfg) -> tuple[list[str], object]:
         except UserError as e:
             return e.problems, None
         return [], None
+    p = cfg.preference
+    if p.enabled and p.needs_reference and (p.ref_logps_cache or p.ref_model):
+        from dist_glm.models.artifacts import resolve_artifact
+        from dist_glm.objectives.reference import read_manifest as read_reference_manifest
+
+        try:
+            read_reference_manifest(cfg) if p.ref_logps_cache else resolve_artifact(p.ref_model)
+        except UserError as e:
+            return [f"ref_model: {x}" if not p.ref_logps_cache else x for x in e.problems], None
     return check_teacher(cfg)
 
 
@@ -64,7 +73,8 @@ def build_objective(cfg, ds_config: dict, device, tokenizer, student, teacher=No
 
     if cfg.preference.enabled:
         from dist_glm.objectives.kto import KTO
-        from dist_glm.objectives.preference import Preference, load_reference
+        from dist_glm.objectives.preference import Preference
+        from dist_glm.objectives.reference import load_reference
 
         kind = KTO if cfg.preference.stage == "kto" else Preference
         return kind(cfg.preference, load_reference(cfg, student, ds_config, device), student)

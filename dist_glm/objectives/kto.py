@@ -21,8 +21,10 @@ as TRL's mean over the batch does.
 import torch
 
 from dist_glm.data.batching import collate
+from dist_glm.data.preference import as_rows
 from dist_glm.data.template import IGNORE_INDEX
-from dist_glm.objectives.preference import check_head, reference_logps, row_logps
+from dist_glm.objectives.preference import check_head
+from dist_glm.objectives.reference import CachedReference, attach, reference_logps, row_logps
 from dist_glm.runtime import collectives
 
 # Per answer of the global batch (the loop divides every part by the number of answers): the mean reward of
@@ -62,8 +64,9 @@ class KTO:
         self.z0 = 0.0  # set by `prepare` for the step (or the evaluation) at hand
 
     def collate(self, samples, pad_id: int) -> dict[str, torch.Tensor]:
-        batch = collate([s.completion for s in samples], pad_id)
-        kl = collate([s.kl for s in samples], pad_id)
+        completions, kl_rows = [s.completion for s in samples], [s.kl for s in samples]
+        batch = attach(self.reference, collate(completions, pad_id), completions)
+        kl = attach(self.reference, collate(kl_rows, pad_id), kl_rows)
         # The KL rows run without gradient in `prepare`; token_mask (throughput) counts the answers' rows only.
         batch.update({f"kl_{k}": v for k, v in kl.items() if k != "token_mask"})
         batch["desirable"] = torch.tensor([s.desirable for s in samples])
@@ -74,7 +77,9 @@ class KTO:
         return int((_labelled(batch["labels"]) > 0).sum())
 
     def check_rows(self, rows) -> None:
-        """Rows were checked as they were read (dist_glm.data.preference)."""
+        """Rows were checked as they were read (dist_glm.data.preference); a reference cache must hold them."""
+        if isinstance(self.reference, CachedReference):
+            self.reference.check(as_rows(rows))
 
     def prepare(self, model, batches: list[dict], device) -> None:
         """Collective: z0 over the KL rows of every micro-batch of every rank, before any backward."""

@@ -16,10 +16,12 @@ number of pairs, so 1 rank x 4 pairs, 2 ranks x 2 and accumulation give the same
 import torch
 import torch.nn.functional as F
 
-from dist_glm.data.batching import collate, model_inputs
+from dist_glm.data.batching import collate
+from dist_glm.data.preference import as_rows
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.objectives.cross_entropy import has_native_head, sum_over_labelled, sums_from_head, vocab_size_of
+from dist_glm.objectives.cross_entropy import has_native_head
+from dist_glm.objectives.reference import CachedReference, attach, reference_logps, row_logps
 
 # The losses on the mean log-probability per token (ORPO's and SimPO's papers define theirs on it; for IPO,
 # whose paper uses sequence log-likelihoods, it is TRL's and LLaMA-Factory's choice, kept here so the numbers
@@ -30,27 +32,6 @@ PARTS = (
 )  # fmt: skip
 
 
-def _chunk_row_logps(head_forward, hidden, targets, rows, n_rows):
-    """Per-row sums of the target tokens' log-probabilities in one chunk of labelled positions."""
-    logps = -F.cross_entropy(head_forward(hidden).float(), targets, reduction="none")
-    return torch.zeros(n_rows, device=logps.device, dtype=logps.dtype).index_add(0, rows, logps)
-
-
-def row_logps(model, batch: dict) -> torch.Tensor:
-    """Each row's summed log-probability of its labelled tokens (fp32, one value per row). Needs a model
-    whose LM head runs on batch-first hidden states (checked when the objective is built)."""
-    labels = batch["labels"]
-    n = labels.shape[0]
-    rows_of = torch.arange(n, device=labels.device).unsqueeze(1).expand(n, labels.shape[1] - 1)
-    rows = rows_of[labels[:, 1:] != IGNORE_INDEX]
-    chunk = max(1, 2**25 // vocab_size_of(model))
-
-    def compute(head, hidden):
-        return sum_over_labelled(_chunk_row_logps, head, hidden, labels, chunk, (rows,), (n,), (n,))
-
-    return sums_from_head(model, model_inputs(batch), compute, n)
-
-
 def check_head(policy, stage: str) -> None:
     if policy is not None and not has_native_head(policy):
         raise UserError(
@@ -58,18 +39,6 @@ def check_head(policy, stage: str) -> None:
             "per-answer log-probabilities cannot use yet; ChatGLM2/3 and glm-4-9b-chat load without remote code "
             "(trust_remote_code: false), or train stage=sft"
         )
-
-
-def reference_logps(reference, model, batch: dict) -> torch.Tensor | None:
-    """`row_logps` under the reference `load_reference` chose: None (no reference), "adapter" (the policy
-    with its adapter switched off: a PEFT model) or a frozen model."""
-    if reference is None:
-        return None
-    with torch.no_grad():
-        if reference == "adapter":
-            with getattr(model, "module", model).disable_adapter():
-                return row_logps(model, batch)
-        return row_logps(reference, batch)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +92,8 @@ class Preference:
         self.ftx, self.reference = cfg.pref_ftx, reference
 
     def collate(self, pairs, pad_id: int) -> dict[str, torch.Tensor]:
-        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+        rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        batch = attach(self.reference, collate(rows, pad_id), rows)
         batch["pairs"] = torch.tensor(len(pairs))
         return batch
 
@@ -133,7 +103,9 @@ class Preference:
         return int((batch["labels"][:n, 1:] != IGNORE_INDEX).any(-1).sum())
 
     def check_rows(self, rows) -> None:
-        """Pairs were checked as they were built (dist_glm.data.preference)."""
+        """Pairs were checked as they were built (dist_glm.data.preference); a reference cache must hold them."""
+        if isinstance(self.reference, CachedReference):
+            self.reference.check(as_rows(rows))
 
     def prepare(self, model, batches: list[dict], device) -> None:
         """Each pair's loss needs nothing beyond its own rows."""
@@ -167,46 +139,3 @@ class Preference:
     def eval_sums(self, model, batch: dict) -> dict[str, torch.Tensor]:
         loss, parts = self._sums(model, batch)
         return {"loss": loss, **parts}
-
-
-def load_reference(cfg, policy, ds_config: dict, device):
-    """Collective under ZeRO-3. What the reference log-probabilities come from: nothing for ORPO/SimPO, the
-    policy with its adapter off for adapter methods, else a frozen copy of the base model (partitioned and
-    wrapped in an optimizer-less engine under ZeRO-3, as the distillation teacher)."""
-    from pathlib import Path
-
-    import deepspeed
-
-    from dist_glm.models.artifacts import load_artifact, resolve_artifact
-    from dist_glm.objectives.teacher import per_rank_gib, teacher_ds_config
-    from dist_glm.runtime import collectives, deepspeed_config
-
-    if not cfg.preference.needs_reference:
-        collectives.log(f"preference: {cfg.preference.pref_loss} needs no reference model")
-        return None
-    if hasattr(policy, "disable_adapter"):  # a PEFT model (LoRA, QLoRA): its base is the reference
-        collectives.log("preference: the reference is the base model with the adapter switched off (no second copy)")
-        return "adapter"
-    if cfg.model.train_from_scratch:
-        raise UserError(
-            f"train_from_scratch with stage={cfg.preference.stage}: the frozen reference would load "
-            "model_name_or_path's weights, not "
-            "the random start; preference training continues a trained model: set train_from_scratch=false"
-        )
-    zero3 = deepspeed_config.zero_stage(ds_config) == 3
-    tds = teacher_ds_config(ds_config, cfg.train.dtype) if zero3 else None
-    art = resolve_artifact(cfg.model.model_name_or_path, "")
-    module = load_artifact(
-        art, cfg.train.dtype, device, partition_with=tds, trust_remote_code=cfg.model.trust_remote_code
-    )
-    module.requires_grad_(False)
-    module.eval()
-    if zero3:
-        module, *_ = deepspeed.initialize(model=module, config=tds)
-        module.eval()
-    share = collectives.all_gather_objects(per_rank_gib(module))
-    collectives.log(
-        f"preference: reference model {Path(cfg.model.model_name_or_path)} (frozen, no optimizer state): weights per "
-        f"rank {', '.join(f'{g:.3g}' for g in share)} GiB"
-    )
-    return module
