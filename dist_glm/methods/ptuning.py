@@ -92,9 +92,6 @@ def check_config(cfg) -> list[str]:
             "packing=true with finetuning_type=ptuning: packed samples would share one prefix attention "
             "window; set packing=false (or use lora, which packs)"
         ]
-    if cfg.preference.enabled:  # the reference would be the base without its prefix: not wired and not tested yet
-        stage = cfg.preference.stage
-        return [f"finetuning_type=ptuning: not available with stage={stage} yet; use lora (or train stage=sft)"]
     return check_attention_kind(cfg.model)
 
 

@@ -163,6 +163,15 @@ def load_frozen(cfg, ds_config: dict, device):
     return module
 
 
+def _adapter_switches_off(policy) -> bool:
+    """A PEFT model whose adapter switches off to give its base exactly (LoRA, QLoRA). A prompt-learning one
+    (P-tuning v2's prefix) does not: its position hook counts the prefix's mask columns, which are absent with
+    the prefix off, and its random initial prefix means the policy never started at the base anyway; it takes
+    a frozen copy of the base."""
+    config = getattr(policy, "peft_config", {}).get("default")
+    return hasattr(policy, "disable_adapter") and not getattr(config, "is_prompt_learning", False)
+
+
 def load_reference(cfg, policy, ds_config: dict, device):
     """Collective under ZeRO-3. Where the reference log-probabilities come from (the module's docstring):
     None, a CachedReference, "adapter" or a frozen model."""
@@ -172,7 +181,7 @@ def load_reference(cfg, policy, ds_config: dict, device):
         return None
     if p.ref_logps_cache:
         return CachedReference(cfg)
-    if not p.ref_model and hasattr(policy, "disable_adapter"):  # a PEFT model (LoRA, QLoRA): its base
+    if not p.ref_model and _adapter_switches_off(policy):
         collectives.log("preference: the reference is the base model with the adapter switched off (no second copy)")
         return "adapter"
     if not p.ref_model and cfg.model.train_from_scratch:
