@@ -3,6 +3,7 @@ its SOURCES.md), read from there and edited only where a user must edit them: th
 template, dataset_dir, output_dir and a short run. QLoRA in their spelling trains QLoRA, stage pt trains
 raw text, and their registry resolves unchanged."""
 
+import json
 import os
 from pathlib import Path
 
@@ -26,11 +27,13 @@ def their_recipe(tmp_path: Path, name: str, **edits) -> str:
     """examples/<name> with only what a user must change: model, template, dataset_dir, output_dir, length."""
     recipe = yaml.safe_load((THEIRS / "examples" / name).read_text(encoding="utf-8"))
     recipe.update(
-        model_name_or_path=str(TINY_0414),
-        template="glm4_0414",
-        dataset_dir=str(THEIRS / "data"),
-        output_dir=str(tmp_path / "out"),
-        **edits,
+        {
+            "model_name_or_path": str(TINY_0414),
+            "template": "glm4_0414",
+            "dataset_dir": str(THEIRS / "data"),
+            "output_dir": str(tmp_path / "out"),
+            **edits,
+        }
     )
     path = tmp_path / Path(name).name
     path.write_text(yaml.safe_dump(recipe, allow_unicode=True))
@@ -115,3 +118,52 @@ def test_their_tool_call_demo_data_is_read_whole(tmp_path, name):
         start = tok.decode(enc.input_ids).index(observation)
         trained = tok.decode([t for t, label in zip(enc.input_ids, enc.labels, strict=True) if label != IGNORE_INDEX])
         assert observation not in trained and start > 0  # the tool's result is read, never trained
+
+
+def their_dpo_data(tmp_path: Path) -> Path:
+    """A dataset_dir holding their dataset_info.json as it is and a dpo_en_demo.json in the shape their entry
+    declares (sharegpt `conversations` with `chosen` / `rejected` turns): their demo file itself is not in
+    ../shared, as a user's copy of it would be."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_bytes((THEIRS / "data" / "dataset_info.json").read_bytes())
+    alpaca = yaml.safe_load((THEIRS / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:16]
+    rows = [{"conversations": [{"from": "human", "value": r["instruction"]}],
+             "chosen": {"from": "gpt", "value": r["output"]},
+             "rejected": {"from": "gpt", "value": alpaca[(i + 1) % len(alpaca)]["output"]}}
+            for i, r in enumerate(alpaca)]  # fmt: skip
+    (data / "dpo_en_demo.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return data
+
+
+def test_their_dpo_recipe_reads_as_dpo(tmp_path):
+    notes = []
+    recipe = their_recipe(tmp_path, "train_lora/qwen3_lora_dpo.yaml", dataset_dir=str(their_dpo_data(tmp_path)))
+    cfg, problems = collect_config([recipe], notes=notes)
+    assert problems == [], problems
+    p = cfg.preference
+    assert (p.stage, p.pref_loss, p.pref_beta, cfg.method.finetuning_type) == ("dpo", "sigmoid", 0.1, "lora")
+
+
+@pytest.mark.slow
+def test_their_dpo_recipe_runs(tmp_path):
+    """examples/train_lora/qwen3_lora_dpo.yaml with the edits a user makes (model, template, dataset_dir,
+    output_dir) and a short run: LoRA DPO on their ranking entry, the adapter-off reference."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tmp_path / "base"  # DPO continues a trained model: the tiny GLM-4-0414 with (random) weights
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_0414)).save_pretrained(base)
+    for f in TINY_0414.iterdir():
+        if f.name != "config.json":
+            shutil.copy(f, base / f.name)
+    recipe = their_recipe(tmp_path, "train_lora/qwen3_lora_dpo.yaml", dataset_dir=str(their_dpo_data(tmp_path)),
+                          model_name_or_path=str(base), max_steps=2, logging_steps=1, cutoff_len=256)  # fmt: skip
+    proc = run_train([recipe, "--disable_tqdm", "--bf16=false"], nprocs=None)  # no fast bf16 on this CPU
+    assert "preference pairs: 16" in proc.stdout and "adapter switched off" in proc.stdout, proc.stdout[-2000:]
+    loss = read_metrics(tmp_path / "out", "train/loss")
+    assert sorted(loss) == [1, 2] and loss[1] == pytest.approx(
+        0.6931472, abs=1e-5
+    )  # ln 2: the policy starts at its reference
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
