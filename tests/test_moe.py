@@ -367,6 +367,36 @@ def test_glm4_moe_lite_lora_on_experts_zero3_two_ranks_stopped_and_resumed_equal
 
 
 @pytest.mark.slow
+def test_glm4_moe_dpo_with_lora_on_experts_same_steps_on_1_and_2_zero3_ranks(tmp_path, moe_checkpoints):
+    """Preference training on an MoE GLM: DPO with LoRA on every kind (routed experts included), the reference
+    being the base with the adapter off, on 1 rank x 4 pairs and 2 ZeRO-3 ranks x 2 with the eager per-expert
+    loop (leaf modules: the reference's no-grad forward routes too). Same losses and margins; routing is
+    counted for the policy's forward only."""
+    rows = [json.loads(x) for x in (REPO / "data" / "advertisegen_demo" / "train.jsonl").read_text().splitlines()]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["content"], "chosen": r["summary"],
+                                         "rejected": rows[(i + 7) % 32]["summary"]}, ensure_ascii=False) + "\n"
+                             for i, r in enumerate(rows[:32])), encoding="utf-8")  # fmt: skip
+    common = dict(stage="dpo", finetuning_type="lora", lora_target="all", learning_rate=2e-2, pref_beta=0.5,
+                  lr_scheduler_type="constant_with_warmup", max_steps=4, cutoff_len=96)  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    ckpt = moe_checkpoints["glm4_moe"]
+    run_train(moe_args(one, pairs, ckpt, **common), nprocs=None)
+    proc = run_train(
+        moe_args(two, pairs, ckpt, **common, per_device_train_batch_size=2, deepspeed="ds_configs/zero3.json",
+                 experts_implementation="eager"),
+        nprocs=2, timeout=300,
+    )  # fmt: skip
+    assert "adapter switched off" in proc.stdout and "ZeRO-3 leaf modules: Glm4MoeMoE" in proc.stdout
+    for key in ("train/loss", "train/rewards/margins"):
+        want, got = read_metrics(one, key), read_metrics(two, key)
+        assert sorted(got) == [1, 2, 3, 4] and max(abs(got[s] - want[s]) for s in want) < TOL, (key, got, want)
+    loss = read_metrics(one, "train/loss")
+    assert loss[1] == pytest.approx(0.6931472, abs=1e-5) and abs(loss[4] - loss[1]) > 1e-4
+    assert routing(two)[1]["routing/layer01/tokens_per_expert_max"] > 0
+
+
+@pytest.mark.slow
 def test_glm_moe_dsa_full_zero2_two_ranks_match_one(tmp_path, varlen_data, moe_checkpoints):
     ckpt = moe_checkpoints["glm_moe_dsa"]
     one, two = tmp_path / "one", tmp_path / "two"
