@@ -190,3 +190,19 @@ def test_the_same_global_batch_gives_the_same_kto_step_on_1_and_2_ranks(tmp_path
             assert max(abs(curve[s] - want[key][s]) for s in curve) < 1e-5, (name, key, curve, want[key])
     assert want["train/kl"][1] == 0 and max(want["train/kl"].values()) > 1e-4  # z0 moves off 0 once trained
     assert abs(want["train/loss"][4] - want["train/loss"][1]) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, reference", [("qlora", "adapter switched off"), ("freeze", "reference model")])
+def test_kto_trains_qlora_and_freeze(tmp_path, pretrained_tiny, kto_data, method, reference):
+    """The other methods: QLoRA (its 4-bit base with the adapter off as the reference) and freeze (a frozen copy):
+    step 1 is at the reference (every answer's loss 1 - sigmoid(0), weighted), later steps move, and the
+    method's own artifact is saved."""
+    out = tmp_path / method
+    proc = run_train(base_args(out, kto_data, model_name_or_path=pretrained_tiny, train_from_scratch=False,
+                               stage="kto", finetuning_type=method, max_steps=3, learning_rate=1e-2,
+                               cutoff_len=128), nprocs=None)  # fmt: skip
+    assert reference in proc.stdout and f"method={method}" in proc.stdout
+    loss = read_metrics(out, "train/loss")
+    assert loss[1] == pytest.approx(0.5, abs=1e-6) and abs(loss[3] - 0.5) > 1e-5
+    assert (out / ("adapter_config.json" if method == "qlora" else "model.safetensors")).is_file()
