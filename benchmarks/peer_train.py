@@ -1,5 +1,5 @@
 """The peers' training script: plain HF Trainer or TRL's SFTTrainer on the benchmark's pre-tokenized rows, or
-TRL's DPOTrainer on the raw pairs of a DPO workload.
+TRL's DPOTrainer on the raw pairs of a DPO workload, or a plain loop without a trainer (`hf_loop`).
 
 It runs inside a peer's own venv (python peer_train.py SETTINGS.json), so it imports nothing from
 dist_glm: only torch, transformers, peft and (for TRL) trl and datasets. Both trainers get the same
@@ -25,6 +25,36 @@ def lora_model(model, s: dict):
 
     cfg = LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], target_modules="all-linear", lora_dropout=0.0)
     return get_peft_model(model, cfg)
+
+
+def plain_loop(model, tokenizer, rows: list[dict], s: dict, steps_log) -> None:
+    """What a user writes without a trainer: shuffled batches padded to their longest row, the model's own
+    loss (HF's, on the full B x T x V logits), backward, clipping at 1.0, torch.optim.AdamW as written (the
+    matched profile: fused), no scheduler (the workload's rate is constant)."""
+    import torch
+
+    args = s.get("trainer_args", {})
+    if args.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    fused = True if args.get("optim") == "adamw_torch_fused" else None
+    opt = torch.optim.AdamW(model.parameters(), lr=s["learning_rate"], weight_decay=0.0, fused=fused)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(s["seed"])).tolist()
+    model.train()
+    for step in range(1, s["steps"] + 1):
+        batch = [rows[order[(step - 1) * s["batch_size"] + i] % len(rows)] for i in range(s["batch_size"])]
+        width = max(len(r["input_ids"]) for r in batch)
+        padded = {
+            key: torch.tensor([r[src] + [value] * (width - len(r[src])) for r in batch])
+            for key, src, value in (("input_ids", "input_ids", tokenizer.pad_token_id), ("labels", "labels", -100))
+        }
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+        loss = model(**padded, attention_mask=mask).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps_log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
+        steps_log.flush()
 
 
 def main(settings_path: str) -> None:
@@ -66,6 +96,8 @@ def main(settings_path: str) -> None:
         **s.get("trainer_args", {}),  # the benchmark's profile: nothing (the trainer's defaults) or matched settings
     )
     rows = load_rows(s["data"])
+    if s["framework"] == "hf_loop":
+        return plain_loop(model, tokenizer, rows, s, steps_log)
     if s.get("stage") == "dpo":  # TRL's DPOTrainer on the raw pairs (conversational: its chat template renders them)
         from datasets import Dataset
         from trl import DPOConfig, DPOTrainer

@@ -25,6 +25,11 @@ class Peer:
     candidates: tuple[tuple[str, ...], ...]
     check: str  # python that must import in the venv for the install to count
     cpu_fixup: bool = False  # drop the CUDA-only compiled parts of torchvision/torchaudio on a CPU torch
+    venv: str = ""  # another peer's venv to run in (the same pins), instead of one of its own
+
+    @property
+    def home(self) -> str:
+        return self.venv or self.name
 
 
 # PyPI's torchvision and torchaudio wheels are CUDA builds: next to a CPU torch their compiled parts do
@@ -51,6 +56,15 @@ PEERS = {
             (("transformers==5.24.0", "accelerate==1.16.0", "peft==0.21.2", "safetensors"),),
             "import transformers, accelerate, peft",
         ),
+        # What a user writes without a trainer: forward with labels (HF's loss on the full logits), backward,
+        # clipping, torch.optim.AdamW. The memory goal's yardstick (issue 27); it runs in HF Trainer's venv.
+        Peer(
+            "hf_loop",
+            "plain HF loop (no trainer)",
+            (("transformers==5.24.0", "accelerate==1.16.0", "peft==0.21.2", "safetensors"),),
+            "import transformers, accelerate, peft",
+            venv="hf",
+        ),
         Peer(
             "trl",
             "TRL (SFTTrainer; DPOTrainer for DPO)",
@@ -69,12 +83,12 @@ PEERS = {
 
 
 def venv_python(cache: Path, peer: Peer) -> Path:
-    return cache / "venvs" / peer.name / "bin" / "python"
+    return cache / "venvs" / peer.home / "bin" / "python"
 
 
 def installed_pins(cache: Path, peer: Peer) -> str | None:
     """The pins of a complete install (the marker's text), or None."""
-    marker = cache / "venvs" / peer.name / ".installed"
+    marker = cache / "venvs" / peer.home / ".installed"
     return marker.read_text().strip() if marker.exists() else None
 
 
@@ -83,8 +97,8 @@ def ensure_venv(cache: Path, peer: Peer, log=print) -> tuple[Path | None, str]:
     done = installed_pins(cache, peer)
     if done is not None:
         return venv_python(cache, peer), done
-    home, python = cache / "venvs" / peer.name, str(venv_python(cache, peer))
-    logfile = cache / "venvs" / f"{peer.name}.log"
+    home, python = cache / "venvs" / peer.home, str(venv_python(cache, peer))
+    logfile = cache / "venvs" / f"{peer.home}.log"
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     pip = [python, "-m", "pip", "install", "-q"]
     reason = "no pin set installed"
@@ -134,6 +148,13 @@ DEFAULTS_CODE = {
     "from llamafactory.hparams import ModelArguments as M\na = A(output_dir='unused', use_cpu=True)\n"
     "print(getattr(a.optim, 'value', a.optim), not M.__dataclass_fields__['disable_gradient_checkpointing'].default)",
 }
+# torch.optim.AdamW as written (foreach=None, fused=None) takes the single-tensor loop on CPU tensors (torch
+# picks foreach only for CUDA), what transformers calls adamw_torch; the plain loop checkpoints nothing.
+DEFAULTS_CODE["hf_loop"] = (
+    "import torch\nfrom torch.optim.optimizer import _default_to_fused_or_foreach as d\n"
+    "fused, foreach = d([torch.zeros(1)], False, False)\n"
+    "print('adamw_torch_fused' if fused else 'adamw_torch_foreach' if foreach else 'adamw_torch', False)"
+)
 DEFAULTS_CODE["trl"] = DEFAULTS_CODE["hf"].replace(
     "from transformers import TrainingArguments as A", "from trl import SFTConfig as A"
 )

@@ -10,6 +10,7 @@ checkpointing for all. The settings each framework ran with are printed under th
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -156,6 +157,17 @@ def mfu_line(mine: list, model_dir: Path, rows: Path, before, after) -> str:
     )
 
 
+def floor_line(model_dir: Path) -> str:
+    """The memory no fp32 full fine-tuning with AdamW goes below: weights, gradients and two moments, 16 bytes
+    per parameter (the checkpoint's fp32 tensors are 4)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    floor = 16 * n / report.GIB
+    return f"model states floor (fp32 weights, gradients, AdamW moments: 16 bytes x {n / 1e6:.1f}M) = {floor:.2f} GiB"
+
+
 def settings_lines(profile: str, frameworks: list[str], defaults: dict) -> list[str]:
     """What each framework ran with beyond the workload, in `profile`: the optimizer implementation and
     activation checkpointing, each marked as the framework's own default or as set by the benchmark."""
@@ -232,6 +244,8 @@ def bench(a: BenchArgs, log=print) -> str:
     )
     for profile, wname, mine, model_dir, tokenized in mfu_lines:
         lines.append(f"- {wname} ({profile}): " + mfu_line(mine, model_dir, tokenized, before, after))
+    for w in (w for w in chosen if not w.lora and w.stage == "sft" and not w.layouts):
+        lines.append(f"- {w.name}: " + floor_line(workloads.build_model_dir(w.model, cache)))
     text = "\n\n".join(sections) + "\n\n" + "\n".join(lines)
     if a.output:
         Path(a.output).write_text(text + "\n", encoding="utf-8")
@@ -250,9 +264,10 @@ def prepare_data(w, cache: Path) -> tuple[Path, Path, Path, list[int]]:
 
 def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, cache: Path, log):
     """Every round of one workload in one profile: (table row, ours' Numbers, model dir, data dir)."""
-    if w.stage == "dpo" and "hf" in pythons:  # HF Trainer has no preference training
-        pythons = {n: p for n, p in pythons.items() if n != "hf"}
-        skipped = dict(skipped, hf="no preference training in HF Trainer")
+    if w.stage == "dpo":  # HF Trainer (and a plain SFT loop) has no preference training
+        without = {n for n in ("hf", "hf_loop") if n in pythons}
+        pythons = {n: p for n, p in pythons.items() if n not in without}
+        skipped = dict(skipped, **{n: "no preference training in HF Trainer" for n in without})
     model_dir, data_dir, raw, lengths = prepare_data(w, cache)
     workloads.write_llamafactory_data(raw, data_dir / "llamafactory", w.stage)
     tokens_per_step = w.batch_size * statistics.mean(lengths)

@@ -52,6 +52,18 @@ WORKLOADS = {
             "real_long2x", "glm4-real-vocab", False, 8, 512, 1e-4, 6, 10.0, "same with prompts twice as long (x16)", 16
         ),
         Workload(
+            "mem128",
+            "glm4-real-vocab",
+            False,
+            16,
+            128,
+            1e-4,
+            3,
+            8.0,
+            "memory at 112-token rows (prompts x5) in cutoff 128, batch 16, full FT: against a plain HF loop",
+            5,
+        ),
+        Workload(
             "moe_full",
             "glm4-moe-real-vocab",
             False,

@@ -58,7 +58,10 @@ def test_ratios_are_ours_over_the_peer_within_each_round(tmp_path):
 @pytest.mark.parametrize(
     "args,expect",
     [
-        (BenchArgs(peers="hf,deepspeed_chat"), "--peers: unknown deepspeed_chat; choose from hf, trl, llamafactory"),
+        (
+            BenchArgs(peers="hf,deepspeed_chat"),
+            "--peers: unknown deepspeed_chat; choose from hf, hf_loop, trl, llamafactory",
+        ),
         (BenchArgs(workloads="huge"), "--workloads: unknown huge"),
         (BenchArgs(steps=5, loss_step=9), "--loss_step=9 is past --steps=5"),
         (BenchArgs(rounds=0), "--rounds=0: must be at least 1"),
@@ -138,9 +141,10 @@ def test_the_settings_files_each_peer_gets_agree_with_what_the_tables_say(tmp_pa
     from benchmarks.run import OURS, build_jobs, settings_lines
 
     w = workloads.WORKLOADS["tiny"]
-    pythons = {name: tmp_path / name / "bin" / "python" for name in ("hf", "trl", "llamafactory")}
+    pythons = {name: tmp_path / name / "bin" / "python" for name in ("hf", "hf_loop", "trl", "llamafactory")}
     own = {"optim": "adamw_torch_fused", "gradient_checkpointing": False}
-    defaults = {"hf": own, "trl": own, "llamafactory": {**own, "gradient_checkpointing": True}}
+    defaults = {"hf": own, "trl": own, "llamafactory": {**own, "gradient_checkpointing": True},
+                "hf_loop": {"optim": "adamw_torch", "gradient_checkpointing": False}}  # fmt: skip
     for profile in workloads.PROFILES:
         run_root = tmp_path / profile
         build_jobs(w, tmp_path / "model", tmp_path / "data", pythons, run_root, tmp_path / "logs", profile)
@@ -218,3 +222,22 @@ def test_a_multi_rank_workload_runs_ours_in_each_layout_with_the_global_batch_sp
                  skipped={}, errors={})]  # fmt: skip
     text = report.table(rows, ["ZeRO-2 + EP=2", "ZeRO-3"], "ZeRO-2 + EP=2", "ZeRO-2 + EP=2 / it")
     assert "ZeRO-2 + EP=2 / it, tok/s" in text and "| w | ZeRO-3 |" in text and "| 2.00-2.00x |" in text
+
+
+def test_the_plain_loop_peer_trains_and_logs_each_step(tmp_path):
+    """peer_train.py's `hf_loop` (what a user writes without a trainer), run here on the tiny model with our
+    venv's transformers (the peer's venv pins the same): every step logged, the loss falls from ln(vocab)."""
+    from benchmarks import peer_train, workloads
+
+    w = workloads.WORKLOADS["tiny"]
+    model_dir = workloads.build_model_dir(w.model, tmp_path)
+    raw = workloads.write_rows(w, tmp_path / "raw.jsonl")
+    workloads.tokenize_rows(model_dir, raw, w.cutoff_len, tmp_path / "tok.jsonl")
+    for profile in workloads.PROFILES:
+        out = tmp_path / profile
+        out.mkdir()
+        settings = workloads.peer_settings(w, "hf_loop", model_dir, tmp_path / "tok.jsonl", out, profile)
+        (out / "s.json").write_text(json.dumps(dict(settings, steps=4)))
+        peer_train.main(str(out / "s.json"))
+        losses = [json.loads(x)["loss"] for x in (out / "steps.jsonl").read_text().splitlines()]
+        assert len(losses) == 4 and losses[-1] < losses[0] < 7
