@@ -84,7 +84,7 @@ def matmul_reference(n: int = 1024, tries: int = 5, seconds: float = 0.5) -> Mat
 TRUSTED_SPREAD = 0.10  # best tries before and after the rounds further apart than this: the machine was busy
 
 
-def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: MatmulReference) -> str:
+def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: MatmulReference, above: str = "") -> str:
     """`MFU x %` with its uncertainty, or why no number is given: a reference that changed between before and
     after the rounds by more than TRUSTED_SPREAD (a busy machine) and a utilisation above 100% are measurement
     errors, never printed as results. The spread of the tries within one measurement is reported, not used."""
@@ -100,7 +100,8 @@ def mfu_text(flops_per_cpu_second: float, before: MatmulReference, after: Matmul
     reference = max(before.best, after.best)
     mfu = flops_per_cpu_second / reference
     if mfu > 1:
-        return f"not given: {100 * mfu:.0f} % is above what the reference allows, so the reference is wrong"
+        why = above or "so the reference is wrong"
+        return f"not given: {100 * mfu:.0f} % is above what the reference allows, {why}"
     uncertainty = mfu * max(change, 0.01)
     return f"{100 * mfu:.0f} +- {100 * uncertainty:.0f} % (reference {reference / 1e9:.1f} GFLOP/s per thread)"
 

@@ -148,7 +148,10 @@ def mfu_line(mine: list, model_dir: Path, rows: Path, before, after) -> str:
     labels = [json.loads(line)["labels"] for line in open(rows, encoding="utf-8")]
     labelled = sum(sum(x != -100 for x in r) for r in labels) / sum(len(r) for r in labels)
     per_cpu_s = statistics.median(n.tokens_per_cpu_second for n in mine)
-    model_mfu = report.mfu_text(per_cpu_s * 6 * (body + head), before, after)
+    # Where ours does far fewer FLOPs than 6N (the head at few labelled tokens), 6N can exceed the core's rate
+    # although the reference is sound: then it is the FLOP count, not the reference, that does not fit.
+    fewer = "as ours does fewer FLOPs than 6N (see the next figure)" if labelled < 0.5 else ""
+    model_mfu = report.mfu_text(per_cpu_s * 6 * (body + head), before, after, fewer)
     done_mfu = report.mfu_text(per_cpu_s * 6 * (body + head * labelled), before, after)
     return (
         f"ours at {per_cpu_s:.0f} tok per CPU-s (median); N = {(body + head) / 1e6:.1f}M matmul parameters "
