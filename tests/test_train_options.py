@@ -141,3 +141,35 @@ def test_the_hugging_face_schedules_llamafactory_recipes_name(kind, kwargs, lr_a
         load_config([*base, "--lr_scheduler_type=cosine_with_restarts", '--lr_scheduler_kwargs={"num_cycles": "two"}'])
     with pytest.raises(Exception, match=r"lr_scheduler_kwargs=.*linear takes none"):
         load_config([*base, '--lr_scheduler_kwargs={"num_cycles": 2}'], None)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [("linear", {}), ("cosine", {}), ("constant", {}), ("constant_with_warmup", {}), ("cosine_with_restarts", {}),
+     ("cosine_with_restarts", {"num_cycles": 3}), ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
+     ("cosine_with_min_lr", {"min_lr": 0.02, "num_cycles": 0.7})],
+)  # fmt: skip
+def test_every_schedule_equals_transformers_get_scheduler(kind, kwargs, warmup):
+    """Ours (dist_glm.training.optimizer, which does not import transformers.optimization) gives, step for step,
+    the learning rate of transformers' get_scheduler for the same name, warmup and arguments."""
+    import json
+
+    import torch
+    from transformers import get_scheduler
+
+    from dist_glm.config import load_config
+    from dist_glm.training.optimizer import build_scheduler
+
+    cfg = load_config(["--model_name_or_path=m", "--dataset=d", "--output_dir=o", "--learning_rate=0.1",
+                       f"--warmup_steps={warmup}", f"--lr_scheduler_type={kind}",
+                       f"--lr_scheduler_kwargs={json.dumps(kwargs)}"], None)  # fmt: skip
+    opts = [torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) for _ in range(2)]
+    ours = build_scheduler(opts[0], cfg.train, total_steps=17)
+    theirs = get_scheduler(kind, opts[1], num_warmup_steps=warmup, num_training_steps=17,
+                           scheduler_specific_kwargs=kwargs)  # fmt: skip
+    for _ in range(20):
+        assert opts[0].param_groups[0]["lr"] == pytest.approx(opts[1].param_groups[0]["lr"], rel=1e-12, abs=1e-15)
+        for opt, s in zip(opts, (ours, theirs), strict=True):
+            opt.step()
+            s.step()

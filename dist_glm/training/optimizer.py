@@ -54,14 +54,38 @@ def _fusable(groups) -> bool | None:
     return True if all(p.is_floating_point() and p.device.type in devices for p in params) else None
 
 
-def build_scheduler(optimizer, t, total_steps: int):
-    from transformers import get_scheduler
+def lr_factor(kind: str, step: int, warmup: int, total: int, num_cycles: float | None, min_lr_rate: float) -> float:
+    """The learning rate's multiplier at `step`: Hugging Face's schedules by their names and their definitions
+    (tests/test_train_options.py checks every one against transformers' get_scheduler). A linear warmup from
+    0 over `warmup` steps (not for plain `constant`, which has none there), then constant, linear to 0 at
+    `total`, or cosine: half a wave to 0 (`num_cycles` 0.5), to `min_lr_rate` (cosine_with_min_lr), or
+    `num_cycles` hard restarts (cosine_with_restarts, 1 by default)."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine_with_restarts":
+        cycles = 1 if num_cycles is None else num_cycles
+        return 0.0 if progress >= 1 else max(0.0, 0.5 * (1 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+    factor = 0.5 * (1 + math.cos(math.pi * (0.5 if num_cycles is None else num_cycles) * 2 * progress))
+    return max(0.0, factor * (1 - min_lr_rate) + min_lr_rate)
 
+
+def build_scheduler(optimizer, t, total_steps: int):
+    """A LambdaLR over `lr_factor`, written here rather than taken from transformers.get_scheduler: importing
+    transformers.optimization imports its trainer utilities, and with them PEFT and bitsandbytes (about 1.3 s
+    of start-up on every run, most of the gap to HF Trainer's first step on a small model)."""
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total_steps)
-    return get_scheduler(
-        t.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup,
-        num_training_steps=total_steps,
-        scheduler_specific_kwargs=json.loads(t.lr_scheduler_kwargs or "{}"),
+    kwargs = json.loads(t.lr_scheduler_kwargs or "{}")  # checked: only what the schedule takes
+    min_lr_rate = kwargs.get("min_lr_rate", 0.0)
+    if "min_lr" in kwargs:  # an absolute floor, as a share of the configured rate
+        min_lr_rate = kwargs["min_lr"] / optimizer.defaults["lr"]
+    kind, cycles = t.lr_scheduler_type, kwargs.get("num_cycles")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(kind, step, warmup, total_steps, cycles, min_lr_rate)
     )
