@@ -39,7 +39,13 @@ class BenchArgs:
         "Comma-separated: defaults (each framework at its own defaults) and/or matched (the same optimizer "
         "kernel, no gradient checkpointing).",
     )
-    rounds: int = option(3, "Rounds; in each, ours and every peer run at the same time.")
+    rounds: int = option(3, "Rounds; in each, ours and every peer run at the same time (or in turn: --alone).")
+    alone: bool = option(
+        False,
+        "Run each framework alone on the machine, in turn (the order reversed every other round), instead of all "
+        "at once: tokens/s as one training on the machine gets it, not a share of the CPU decided by how many "
+        "threads each framework keeps runnable.",
+    )
     steps: int = option(0, "Optimizer steps per run (0 = the workload's own count).")
     loss_step: int = option(0, "The step whose loss the table prints for every framework (0 = the last step).")
     cache_dir: str = option("~/.cache/dist_glm_bench", "Peer venvs, model directories, run logs.")
@@ -140,6 +146,13 @@ def groups_that_fit(jobs: list, per_job_gib: float, headroom_gib: float, log) ->
     return [[ours, *rest[i : i + fit - 1]] for i in range(0, len(rest), fit - 1)]
 
 
+def alone_in_turn(jobs: list, round_index: int) -> list[list]:
+    """--alone: one job at a time; ours (jobs[0]) first in the 1st, 3rd, ... round and last in the others, so a
+    machine that speeds up or slows down during a round favours neither side over the rounds."""
+    order = jobs if round_index % 2 == 0 else [*jobs[1:], jobs[0]]
+    return [[job] for job in order]
+
+
 def mfu_line(mine: list, model_dir: Path, rows: Path, before, after) -> str:
     """Ours' MFU per CPU-second (the runs share the CPU; a CPU-second can do at most one thread's matmul
     rate): at the usual 6N FLOP/token, and at the FLOPs ours does, which apply the LM head only at labelled
@@ -228,7 +241,8 @@ def bench(a: BenchArgs, log=print) -> str:
                 mfu_lines.append((profile, wname, mine, model_dir, data_dir / "tokenized.jsonl"))
         settings = "\n".join(settings_lines(profile, [OURS, *pythons], defaults))
         sections.append(
-            f"### {PROFILE_TITLES[profile]}\n\n{report.table(rows, [OURS, *peer_names], OURS)}\n\nSettings:\n{settings}"
+            f"### {PROFILE_TITLES[profile]}{' (each framework alone on the machine, in turn)' if a.alone else ''}"
+            f"\n\n{report.table(rows, [OURS, *peer_names], OURS)}\n\nSettings:\n{settings}"
         )
     for w in (w for w in chosen if w.layouts):
         row = run_layouts(a, w, cache, log)
@@ -284,21 +298,28 @@ def run_workload(a: BenchArgs, w, profile: str, pythons: dict, skipped: dict, ca
         shutil.rmtree(run_root, ignore_errors=True)
         log_root.mkdir(parents=True, exist_ok=True)
         jobs = build_jobs(w, model_dir, data_dir, pythons, run_root, log_root, profile)
-        for group in groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log):
-            log(f"{w.name} ({profile}) round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} together "
+        groups = alone_in_turn(jobs, r) if a.alone else groups_that_fit(jobs, w.rss_gib, a.memory_headroom_gib, log)
+        this_round: dict = {}
+        for group in groups:
+            how = "alone" if len(group) == 1 else "together"
+            log(f"{w.name} ({profile}) round {r + 1}/{a.rounds}: {', '.join(j.label for j in group)} {how} "
                 f"({w.steps} steps)")  # fmt: skip
             results = measure.run_together(group, a.round_timeout_s)
             # The raw marks, so a table can be recomputed (or checked) without running again.
             marks = log_root / f"results-{'-'.join(j.label for j in group)}.json"
             marks.write_text(json.dumps([dataclasses.asdict(res) for res in results], indent=1))
             together = {res.label: report.numbers(res, tokens_per_step, loss_step) for res in results}
+            this_round.update(together)
             for res in results:
                 got[res.label].append(together[res.label])
-                if res.label != OURS:
+                if res.label != OURS and not a.alone:
                     pairs[res.label].append((together[OURS], together[res.label]))
                 if res.error:
                     errors[res.label] = res.error
                     log(f"  {res.label}: {res.error}")
+        if a.alone:
+            for name in pythons:
+                pairs[name].append((this_round[OURS], this_round[name]))
         shutil.rmtree(run_root, ignore_errors=True)  # final models (ours saves one) are not kept
     row = dict(workload=f"{w.name} (batch {w.batch_size}, cutoff {w.cutoff_len}, {w.steps} steps, loss at "
                f"step {loss_step}; {tokens_per_step:.0f} non-pad tok/step)", about=w.about, numbers=got,

@@ -241,3 +241,12 @@ def test_the_plain_loop_peer_trains_and_logs_each_step(tmp_path):
         peer_train.main(str(out / "s.json"))
         losses = [json.loads(x)["loss"] for x in (out / "steps.jsonl").read_text().splitlines()]
         assert len(losses) == 4 and losses[-1] < losses[0] < 7
+
+
+def test_alone_runs_one_framework_at_a_time_ours_first_then_last():
+    from benchmarks.run import alone_in_turn
+
+    jobs = ["dist_glm", "hf", "trl", "llamafactory"]
+    assert alone_in_turn(jobs, 0) == [["dist_glm"], ["hf"], ["trl"], ["llamafactory"]]
+    assert alone_in_turn(jobs, 1) == [["hf"], ["trl"], ["llamafactory"], ["dist_glm"]]
+    assert alone_in_turn(jobs, 2) == alone_in_turn(jobs, 0)
