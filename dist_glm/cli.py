@@ -173,50 +173,51 @@ def write_samples(samples, tokenizer, path) -> None:
     tmp.rename(path)
 
 
-def distill_cache_main(argv: list[str] | None = None) -> None:
-    """Run a recipe's teacher once over its training rows and eval sets and cache its top-k logits per
-    trainable token (launch/distill_cache.py); training with distill_cache=DIR then loads no teacher."""
+def _recipe_tool_main(argv, prog: str, usage: str, description: str, build) -> None:
+    """A command that reads a training recipe and builds something from its rows ahead of training
+    (`build(cfg)`: the teacher cache, the reference cache)."""
     import dataclasses
 
     from dist_glm import config
 
-    command = dataclasses.replace(
-        config.TRAIN,
-        prog="distill_cache.py",
-        usage="distill_cache.py RECIPE.yaml --teacher_model_name_or_path=DIR --distill_cache=DIR [--distill_top_k=64]",
-        description="Writes the teacher cache that training with --distill_cache=DIR reads (docs/distillation.md).",
-        default_yaml=None,
-    )
+    command = dataclasses.replace(config.TRAIN, prog=prog, usage=usage, description=description, default_yaml=None)
+    run_command(command, argv, lambda sections: build(recipe_config(sections)))
 
-    def body(sections):
+
+def distill_cache_main(argv: list[str] | None = None) -> None:
+    """Run a recipe's teacher once over its training rows and eval sets and cache its top-k logits per
+    trainable token (launch/distill_cache.py); training with distill_cache=DIR then loads no teacher."""
+
+    def build(cfg):
         from dist_glm.tools.distill_cache import build_from_recipe
 
-        build_from_recipe(recipe_config(sections))
+        build_from_recipe(cfg)
 
-    run_command(command, argv, body)
+    _recipe_tool_main(
+        argv,
+        "distill_cache.py",
+        "distill_cache.py RECIPE.yaml --teacher_model_name_or_path=DIR --distill_cache=DIR [--distill_top_k=64]",
+        "Writes the teacher cache that training with --distill_cache=DIR reads (docs/distillation.md).",
+        build,
+    )
 
 
 def ref_cache_main(argv: list[str] | None = None) -> None:
     """Run a preference recipe's reference model once over its rows and cache each row's log-probability
     (launch/ref_cache.py); training with ref_logps_cache=DIR then loads no reference model."""
-    import dataclasses
 
-    from dist_glm import config
-
-    command = dataclasses.replace(
-        config.TRAIN,
-        prog="ref_cache.py",
-        usage="ref_cache.py RECIPE.yaml --ref_logps_cache=DIR [--ref_model=DIR] [--key=value ...]",
-        description="Writes the reference cache that training with --ref_logps_cache=DIR reads (docs/preference.md).",
-        default_yaml=None,
-    )
-
-    def body(sections):
+    def build(cfg):
         from dist_glm.tools.ref_cache import build_from_recipe
 
-        build_from_recipe(recipe_config(sections))
+        build_from_recipe(cfg)
 
-    run_command(command, argv, body)
+    _recipe_tool_main(
+        argv,
+        "ref_cache.py",
+        "ref_cache.py RECIPE.yaml --ref_logps_cache=DIR [--ref_model=DIR] [--key=value ...]",
+        "Writes the reference cache that training with --ref_logps_cache=DIR reads (docs/preference.md).",
+        build,
+    )
 
 
 def distill_generate_main(argv: list[str] | None = None) -> None:

@@ -220,43 +220,57 @@ def load_pairs(spec: str, tokenizer, data_cfg, template_name: str, skipped: list
 
     # Only the answer is trained (its log-probability is what is compared): no earlier turn, no prompt.
     template = build_template(template_name, tokenizer, mask_history=True, train_on_prompt=False)
+
+    def not_pairs(mapping):
+        if mapping is not None and not mapping.get("ranking"):
+            return ('its dataset_info.json entry is not a ranking dataset ("ranking": true, with chosen and rejected '
+                    "columns); stage=dpo trains preference pairs")  # fmt: skip
+        return None
+
+    def pair_of(row, mapping, where):
+        fmt, chosen_row, rejected_row = rows_of(row, mapping)
+        convs = [_conversation(fmt, r, data_cfg) for r in (chosen_row, rejected_row)]
+        if convs[0]["messages"][:-1] != convs[1]["messages"][:-1] or convs[0]["system"] != convs[1]["system"]:
+            raise BadRow("the chosen and rejected rows have different prompts; a pair answers one prompt")
+        if any(c["messages"][-1]["role"] != "assistant" for c in convs):
+            raise BadRow("each answer must be an assistant turn after the prompt")
+        for name, conv in zip(("chosen", "rejected"), convs, strict=True):
+            _check_answer(conv, mapping, where, f"the {name} answer")
+        check_reasoning_is_rendered(convs, template_name)  # as SFT: reasoning the template drops is refused
+        return encode_pair(template, convs, data_cfg.cutoff_len)
+
+    built = _build_each(spec, data_cfg, max_samples, skipped, "pairs", not_pairs, pair_of)
+    return [pair for pair, _ in built], {"truncated": sum(cut for _, cut in built)}
+
+
+def _build_each(spec: str, data_cfg, max_samples: int, skipped: list[dict], what: str, refusal, build) -> list:
+    """`build(row, mapping, where)` on every row of the comma-separated files in `spec` (at most `max_samples` a
+    file), in order; `refusal(mapping)` says why a file's registry entry is not for this stage. A row that
+    raises BadRow is a file:line error, or skipped with the reason under `on_invalid: skip`."""
     registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
-    pairs, bad, truncated = [], [], 0
+    out, bad = [], []
     for path in split_paths(spec):
         mapping = registered.get(path)
-        if mapping is not None and not mapping.get("ranking"):
-            raise UserError(
-                f'{path}: its dataset_info.json entry is not a ranking dataset ("ranking": true, with chosen and '
-                "rejected columns); stage=dpo trains preference pairs"
-            )
+        problem = refusal(mapping)
+        if problem:
+            raise UserError(f"{path}: {problem}")
         taken = 0
         for lineno, row in read_rows(path):
             if max_samples and taken >= max_samples:
                 break
             where = f"{path}:{lineno}"
             try:
-                fmt, chosen_row, rejected_row = rows_of(as_object(row), mapping)
-                convs = [_conversation(fmt, r, data_cfg) for r in (chosen_row, rejected_row)]
-                if convs[0]["messages"][:-1] != convs[1]["messages"][:-1] or convs[0]["system"] != convs[1]["system"]:
-                    raise BadRow("the chosen and rejected rows have different prompts; a pair answers one prompt")
-                if any(c["messages"][-1]["role"] != "assistant" for c in convs):
-                    raise BadRow("each answer must be an assistant turn after the prompt")
-                for name, conv in zip(("chosen", "rejected"), convs, strict=True):
-                    _check_answer(conv, mapping, where, f"the {name} answer")
-                check_reasoning_is_rendered(convs, template_name)  # as SFT: reasoning the template drops is refused
-                pair, cut = encode_pair(template, convs, data_cfg.cutoff_len)
-                truncated += cut
+                out.append(build(as_object(row), mapping, where))
             except BadRow as e:
                 if data_cfg.on_invalid == "skip":
                     skipped.append({"where": where, "error": str(e)})
-                    continue
-                bad.append(f"{where}: {e}")
+                else:
+                    bad.append(f"{where}: {e}")
                 continue
-            pairs.append(pair)
             taken += 1
     if bad:
-        raise bad_rows_error(bad, "pairs")
-    return pairs, {"truncated": truncated}
+        raise bad_rows_error(bad, what)
+    return out
 
 
 def feedback_row(row: dict, mapping: dict | None) -> tuple[str, dict, bool]:
@@ -298,40 +312,26 @@ def load_feedback(spec: str, tokenizer, data_cfg, template_name: str, skipped: l
     from dist_glm.data.template import build_template
 
     template = build_template(template_name, tokenizer, mask_history=True, train_on_prompt=False)
-    registered = json.loads(getattr(data_cfg, "dataset_columns", "") or "{}")
-    encoded, bad = [], []
-    for path in split_paths(spec):
-        mapping = registered.get(path)
+
+    def not_labelled(mapping):
         if mapping is not None and "kto_tag" not in mapping.get("columns", {}):
-            raise UserError(
-                f"{path}: its dataset_info.json entry has no kto_tag column (the desirable / undesirable label); "
-                "stage=kto trains labelled answers"
-            )
-        taken = 0
-        for lineno, row in read_rows(path):
-            if max_samples and taken >= max_samples:
-                break
-            where = f"{path}:{lineno}"
-            try:
-                fmt, conv_row, desirable = feedback_row(as_object(row), mapping)
-                conv = _conversation(fmt, conv_row, data_cfg)
-                if conv["messages"][-1]["role"] != "assistant":
-                    raise BadRow("the answer must be an assistant turn after the prompt")
-                _check_answer(conv, mapping, where, "the answer")
-                check_reasoning_is_rendered([conv], template_name)
-                enc = template.encode(conv, data_cfg.cutoff_len)
-                start = _answer_start(enc.labels)
-            except (BadRow, StopIteration) as e:
-                error = str(e) if isinstance(e, BadRow) else "no answer token fits in cutoff_len"
-                if data_cfg.on_invalid == "skip":
-                    skipped.append({"where": where, "error": error})
-                else:
-                    bad.append(f"{where}: {error}")
-                continue
-            encoded.append((enc, start, desirable))
-            taken += 1
-    if bad:
-        raise bad_rows_error(bad, "rows")
+            return ("its dataset_info.json entry has no kto_tag column (the desirable / undesirable label); "
+                    "stage=kto trains labelled answers")  # fmt: skip
+        return None
+
+    def answer_of(row, mapping, where):
+        fmt, conv_row, desirable = feedback_row(row, mapping)
+        conv = _conversation(fmt, conv_row, data_cfg)
+        if conv["messages"][-1]["role"] != "assistant":
+            raise BadRow("the answer must be an assistant turn after the prompt")
+        _check_answer(conv, mapping, where, "the answer")
+        check_reasoning_is_rendered([conv], template_name)
+        enc = template.encode(conv, data_cfg.cutoff_len)
+        if all(label == IGNORE_INDEX for label in enc.labels):
+            raise BadRow("no answer token fits in cutoff_len")
+        return enc, _answer_start(enc.labels), desirable
+
+    encoded = _build_each(spec, data_cfg, max_samples, skipped, "rows", not_labelled, answer_of)
     samples = []
     prompts = [enc.input_ids[:start] for enc, start, _ in encoded]
     for i, (enc, _, desirable) in enumerate(encoded):

@@ -16,16 +16,13 @@ is 8 bytes x k per trainable token (64 MiB per million tokens at k = 8; 512 MiB 
 each rank's memory at start-up.
 """
 
-import hashlib
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
+from dist_glm.objectives import row_cache
 from dist_glm.objectives.cross_entropy import (
     CHUNK_ELEMENTS,
     count_trainable_tokens,
@@ -34,39 +31,17 @@ from dist_glm.objectives.cross_entropy import (
     sums_from_head,
 )
 from dist_glm.objectives.distillation import KDMix, KDSpec, kd_per_token
+from dist_glm.objectives.row_cache import is_labelled, row_key
 from dist_glm.runtime import collectives
-
-MANIFEST = "manifest.json"
-
-
-def row_key(example) -> str:
-    """What identifies a row's teacher targets: its ids, labels and (packed) positions."""
-    h = hashlib.sha1()
-    for seq in (example.input_ids, example.labels, example.position_ids or []):
-        h.update(torch.tensor(seq, dtype=torch.int64).numpy().tobytes())
-        h.update(b"|")
-    return h.hexdigest()
-
-
-def is_labelled(example) -> bool:
-    return any(label != IGNORE_INDEX for label in example.labels[1:])
 
 
 def read_manifest(path: str) -> dict:
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise UserError(
-            f"distill_cache='{path}': no {MANIFEST} there; build it first with "
-            f"`python launch/distill_cache.py RECIPE --distill_cache={path}` (or finish an interrupted build)"
-        )
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"distill_cache='{path}': {MANIFEST} is not valid JSON ({e}); rebuild the cache") from None
+    manifest = row_cache.read_manifest(path, "distill_cache", "python launch/distill_cache.py")
     need = {"top_k": int, "vocab": int, "rows": int, "teacher_model_name_or_path": str}
-    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(k), t) for k, t in need.items()):
+    if not all(isinstance(manifest.get(k), t) for k, t in need.items()):
         raise UserError(
-            f"distill_cache='{path}': {MANIFEST} lacks {', '.join(need)} of the right types; rebuild the cache"
+            f"distill_cache='{path}': {row_cache.MANIFEST} lacks {', '.join(need)} of the right types; "
+            "rebuild the cache"
         )
     return manifest
 
@@ -98,9 +73,7 @@ class CachedDistillation:
         self.vocab = vocab
         k = self.manifest["top_k"]
         self.mix = KDMix.from_config(d, k)  # the divergences compare the k cached entries
-        self.entries = {}
-        for shard in sorted(Path(d.distill_cache).glob("shard-*.pt")):
-            self.entries.update(torch.load(shard, weights_only=True))
+        self.entries = row_cache.load_entries(d.distill_cache)
         collectives.log(
             f"distillation from cache {d.distill_cache}: teacher {self.manifest['teacher_model_name_or_path']}, "
             f"top-{k}, {len(self.entries)} rows; {d.distill_loss} at T={d.distill_temperature:g}, "

@@ -13,7 +13,6 @@ Where the reference log-probabilities come from, in this order:
 ORPO and SimPO need none. The three give the same loss (tests/test_preference.py).
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,11 +21,10 @@ import torch.nn.functional as F
 from dist_glm.data.batching import model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.objectives.cached_distillation import is_labelled, row_key
+from dist_glm.objectives import row_cache
 from dist_glm.objectives.cross_entropy import sum_over_labelled, sums_from_head, vocab_size_of
+from dist_glm.objectives.row_cache import is_labelled, row_key
 from dist_glm.runtime import collectives
-
-MANIFEST = "manifest.json"
 
 
 def _chunk_row_logps(head_forward, hidden, targets, rows, n_rows):
@@ -80,22 +78,13 @@ def reference_source(cfg) -> dict:
 def read_manifest(cfg) -> dict:
     """The cache's manifest, checked against this run's reference (before launch)."""
     path = cfg.preference.ref_logps_cache
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        raise UserError(
-            f"ref_logps_cache='{path}': no {MANIFEST} there; build it first with `python launch/ref_cache.py RECIPE "
-            f"--ref_logps_cache={path}` (or finish an interrupted build)"
-        )
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"ref_logps_cache='{path}': {MANIFEST} is not valid JSON ({e}); rebuild the cache") from None
+    manifest = row_cache.read_manifest(path, "ref_logps_cache", "python launch/ref_cache.py")
     want = reference_source(cfg)
-    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in want} != want:
-        got = manifest.get("reference") if isinstance(manifest, dict) else None
+    if {k: manifest.get(k) for k in want} != want:
         raise UserError(
-            f"ref_logps_cache='{path}' holds the log-probabilities of '{got}', but this run's reference is "
-            f"'{want['reference']}'{' + ' + want['adapter'] if want['adapter'] else ''}; rebuild it with this recipe"
+            f"ref_logps_cache='{path}' holds the log-probabilities of '{manifest.get('reference')}', but this run's "
+            f"reference is '{want['reference']}'{' + ' + want['adapter'] if want['adapter'] else ''}; rebuild it "
+            "with this recipe"
         )
     return manifest
 
@@ -106,9 +95,7 @@ class CachedReference:
     def __init__(self, cfg):
         self.path = cfg.preference.ref_logps_cache
         self.manifest = read_manifest(cfg)
-        self.entries: dict[str, float] = {}
-        for shard in sorted(Path(self.path).glob("shard-*.pt")):
-            self.entries.update(torch.load(shard, weights_only=True))
+        self.entries: dict[str, float] = row_cache.load_entries(self.path)
         collectives.log(
             f"preference: reference log-probabilities from {self.path} ({self.manifest['reference']}, "
             f"{len(self.entries)} rows); no reference model loaded"

@@ -1,7 +1,6 @@
 """Building a teacher cache for offline distillation (launch/distill_cache.py): the recipe's rows exactly as
 training builds them, through the teacher once, top-k logits per trainable token in resumable shards."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,10 +9,9 @@ import torch.nn.functional as F
 from dist_glm.data.batching import collate, model_inputs
 from dist_glm.data.template import IGNORE_INDEX
 from dist_glm.errors import UserError
-from dist_glm.objectives.cached_distillation import MANIFEST, is_labelled, row_key
+from dist_glm.objectives import row_cache
 from dist_glm.objectives.cross_entropy import CHUNK_ELEMENTS
 from dist_glm.runtime import collectives, environment
-from dist_glm.runtime.staging import unique_temp_file
 
 ROWS_PER_SHARD = 512  # rows per shard file: one rank writes it whole, a rerun skips it
 
@@ -36,51 +34,33 @@ def teacher_top_k(teacher, batch: dict, k: int, vocab: int) -> tuple[torch.Tenso
 
 
 def build(cfg, rows: list, teacher, vocab: int, batch_size: int, pad_id: int, device) -> Path:
-    """Collective. Shards of ROWS_PER_SHARD rows (sorted by key, so the split is the same for any world
-    size), each written whole by one rank and skipped when it exists: an interrupted build resumes."""
-    out = Path(cfg.distill.distill_cache)
-    k = cfg.distill.distill_top_k
-    by_key = {row_key(r): r for r in rows if is_labelled(r)}
-    keys = sorted(by_key)
-    shards = [keys[i : i + ROWS_PER_SHARD] for i in range(0, len(keys), ROWS_PER_SHARD)]
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    out.mkdir(parents=True, exist_ok=True)
-    done = 0
-    for j in range(rank, len(shards), world):
-        path = out / f"shard-{j:05d}.pt"
-        if path.is_file():
-            continue
-        entries = {}
+    """Collective. The teacher's top-k of every labelled row in resumable shards (dist_glm.objectives.row_cache)."""
+    out, k = Path(cfg.distill.distill_cache), cfg.distill.distill_top_k
+
+    def shard(keys: list, members: list) -> dict:
+        entries, by_key = {}, dict(zip(keys, members, strict=True))
         # Packed rows (training) and unpacked ones (eval sets) are batched apart: collate takes one kind.
-        kinds = [[key for key in shards[j] if (by_key[key].position_ids is None) == unpacked] for unpacked in (0, 1)]
-        batches = [kind[i : i + batch_size] for kind in kinds for i in range(0, len(kind), batch_size)]
-        for batch_keys in batches:
-            members = [by_key[key] for key in batch_keys]
-            batch = {name: t.to(device) for name, t in collate(members, pad_id).items()}
+        kinds = [[key for key in keys if (by_key[key].position_ids is None) == unpacked] for unpacked in (0, 1)]
+        for batch_keys in (kind[i : i + batch_size] for kind in kinds for i in range(0, len(kind), batch_size)):
+            batch_rows = [by_key[key] for key in batch_keys]
+            batch = {name: t.to(device) for name, t in collate(batch_rows, pad_id).items()}
             ids, values = teacher_top_k(teacher, batch, k, vocab)
             start = 0
-            for key, row in zip(batch_keys, members, strict=True):
+            for key, row in zip(batch_keys, batch_rows, strict=True):
                 n = sum(label != IGNORE_INDEX for label in row.labels[1:])
                 entries[key] = (ids[start : start + n].clone(), values[start : start + n].clone())
                 start += n
-        tmp = unique_temp_file(path)  # a fresh name: distill_cache is the user's directory
-        torch.save(entries, tmp)
-        tmp.rename(path)  # whole or absent: a rerun redoes only missing shards
-        done += 1
-    collectives.barrier()
-    if collectives.is_main_process():
-        d = cfg.distill
-        manifest = {
-            "teacher_model_name_or_path": d.teacher_model_name_or_path,
-            "teacher_adapter_name_or_path": d.teacher_adapter_name_or_path,
-            "top_k": k,
-            "vocab": vocab,
-            "rows": len(keys),
-            "shards": len(shards),
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    collectives.barrier()
-    collectives.log(f"teacher cache {out}: {len(keys)} rows in {len(shards)} shards (this rank wrote {done}), k={k}")
+        return entries
+
+    d = cfg.distill
+    manifest = {
+        "teacher_model_name_or_path": d.teacher_model_name_or_path,
+        "teacher_adapter_name_or_path": d.teacher_adapter_name_or_path,
+        "top_k": k,
+        "vocab": vocab,
+    }
+    n_rows, n_shards, done = row_cache.write(out, rows, ROWS_PER_SHARD, shard, manifest)
+    collectives.log(f"teacher cache {out}: {n_rows} rows in {n_shards} shards (this rank wrote {done}), k={k}")
     return out
 
 

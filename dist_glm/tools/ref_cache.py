@@ -10,17 +10,16 @@ import torch
 
 from dist_glm.data.batching import collate
 from dist_glm.errors import UserError
-from dist_glm.objectives.cached_distillation import is_labelled, row_key
-from dist_glm.objectives.reference import MANIFEST, load_frozen, reference_source, row_logps
+from dist_glm.objectives import row_cache
+from dist_glm.objectives.reference import load_frozen, reference_source, row_logps
 from dist_glm.runtime import collectives, environment
-from dist_glm.runtime.staging import unique_temp_file
 
 ROWS_PER_SHARD = 1024  # rows per shard file: one rank writes it whole, a rerun skips it
 
 
 def _check_directory(out: Path, source: dict) -> None:
     """A directory that holds another reference's cache is not added to (nor is anything in it replaced)."""
-    file = out / MANIFEST
+    file = out / row_cache.MANIFEST
     if not file.is_file():
         return
     try:
@@ -29,43 +28,27 @@ def _check_directory(out: Path, source: dict) -> None:
         manifest = None
     if not isinstance(manifest, dict) or {k: manifest.get(k) for k in source} != source:
         raise UserError(
-            f"ref_logps_cache='{out}' already holds a cache of another reference (its {MANIFEST}); name a new "
-            "directory (nothing there is replaced)"
+            f"ref_logps_cache='{out}' already holds a cache of another reference (its {row_cache.MANIFEST}); name a "
+            "new directory (nothing there is replaced)"
         )
 
 
 def build(cfg, rows: list, reference, batch_size: int, pad_id: int, device) -> Path:
-    """Collective. Shards of ROWS_PER_SHARD rows (sorted by key, so the split is the same for any world size),
-    each written whole by one rank and skipped when it exists: an interrupted build resumes."""
+    """Collective. Each labelled row's reference log-probability in resumable shards (dist_glm.objectives.row_cache)."""
     out = Path(cfg.preference.ref_logps_cache)
-    by_key = {row_key(r): r for r in rows if is_labelled(r)}
-    keys = sorted(by_key)
-    shards = [keys[i : i + ROWS_PER_SHARD] for i in range(0, len(keys), ROWS_PER_SHARD)]
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    out.mkdir(parents=True, exist_ok=True)
-    done = 0
-    for j in range(rank, len(shards), world):
-        path = out / f"shard-{j:05d}.pt"
-        if path.is_file():
-            continue
+
+    def shard(keys: list, members: list) -> dict:
         entries = {}
-        for i in range(0, len(shards[j]), batch_size):
-            batch_keys = shards[j][i : i + batch_size]
-            members = [by_key[key] for key in batch_keys]
-            batch = {name: t.to(device) for name, t in collate(members, pad_id).items()}
+        for i in range(0, len(keys), batch_size):
+            batch = {name: t.to(device) for name, t in collate(members[i : i + batch_size], pad_id).items()}
             with torch.no_grad():
                 logps = row_logps(reference, batch).float().cpu().tolist()
-            entries.update(zip(batch_keys, logps, strict=True))
-        tmp = unique_temp_file(path)  # a fresh name: ref_logps_cache is the user's directory
-        torch.save(entries, tmp)
-        tmp.rename(path)  # whole or absent: a rerun redoes only missing shards
-        done += 1
-    collectives.barrier()
-    if collectives.is_main_process():
-        manifest = {**reference_source(cfg), "dtype": str(cfg.train.dtype), "rows": len(keys), "shards": len(shards)}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    collectives.barrier()
-    collectives.log(f"reference cache {out}: {len(keys)} rows in {len(shards)} shards (this rank wrote {done})")
+            entries.update(zip(keys[i : i + batch_size], logps, strict=True))
+        return entries
+
+    manifest = {**reference_source(cfg), "dtype": str(cfg.train.dtype)}
+    n_rows, n_shards, done = row_cache.write(out, rows, ROWS_PER_SHARD, shard, manifest)
+    collectives.log(f"reference cache {out}: {n_rows} rows in {n_shards} shards (this rank wrote {done})")
     return out
 
 
