@@ -94,7 +94,9 @@ class CachedReference:
 
     def __init__(self, cfg):
         self.path = cfg.preference.ref_logps_cache
-        self.manifest = read_manifest(cfg)
+        # Checked against this run's reference before launch (check_objective): here the config may already name
+        # the merged base that merge_adapter wrote, which the cache holds as base + adapter.
+        self.manifest = row_cache.read_manifest(self.path, "ref_logps_cache", "python launch/ref_cache.py")
         self.entries: dict[str, float] = row_cache.load_entries(self.path)
         collectives.log(
             f"preference: reference log-probabilities from {self.path} ({self.manifest['reference']}, "
