@@ -81,6 +81,11 @@ def train_main(argv: list[str] | None = None) -> None:
 
         notes = []
         cfg, problems = config.collect_config(argv, notes=notes)
+        if not problems:
+            from dist_glm.methods import get_method
+            from dist_glm.models.loading import leave_out_bitsandbytes
+
+            leave_out_bitsandbytes(cfg, get_method(cfg.method.finetuning_type))
         if rank_from_env() == 0:  # every rank parsed the same recipe
             for note in notes:
                 print(f"[dist_glm] note: {note}", flush=True)

@@ -31,10 +31,11 @@ METHODS = {
     "qlora": {"lora_rank": 4, "learning_rate": 1e-2},
     "ptuning": {"pre_seq_len": 8, "prefix_projection": True, "prefix_hidden_size": 32, "learning_rate": 1e-2},
 }
-# (column title, DeepSpeed config, extra training flags)
+# (column title, DeepSpeed config, extra training flags). No ZeRO-1 column: DeepSpeed runs ZeRO-1 with ZeRO-2's
+# optimizer (stage_1_and_2.py, gradients not partitioned); ZeRO-1 is checked against one process in
+# test_zero_equivalence and under fp16 in test_fp16, and a column of it cost CI a minute for no other line.
 CONFIGS = [
     ("ZeRO-0", "zero0", {}),
-    ("ZeRO-1", "zero1", {}),
     ("ZeRO-2", "zero2", {}),
     ("ZeRO-3", "zero3", {}),
     ("ZeRO-2 + offload, bf16, GC", "zero2_offload", {"bf16": True, "gradient_checkpointing": True}),

@@ -241,3 +241,50 @@ def test_unsupported_method_combinations_are_refused_up_front(tmp_path, varlen_d
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert re.search(match, proc.stderr + proc.stdout), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_that_loads_no_quantized_weights_leaves_bitsandbytes_out(tmp_path, monkeypatch):
+    """PEFT imports bitsandbytes (and with it torch's inductor) whenever it is installed; a LoRA run on a plain
+    checkpoint marks it absent, so neither happens. Kept for QLoRA, a named adapter (its base may have been
+    trained quantized) and a checkpoint that carries a quantization_config."""
+    import sys
+
+    from dist_glm.models.loading import leave_out_bitsandbytes
+
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    config = json.loads((TINY_MODEL / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    cases = {
+        "lora": ([f"--model_name_or_path={TINY_MODEL}", "--finetuning_type=lora"], True),
+        "full": ([f"--model_name_or_path={TINY_MODEL}", "--finetuning_type=full"], True),
+        "qlora": ([f"--model_name_or_path={TINY_MODEL}", "--finetuning_type=qlora"], False),
+        "adapter": ([f"--model_name_or_path={TINY_MODEL}", f"--adapter_name_or_path={tmp_path}"], False),
+        "quantized": ([f"--model_name_or_path={quantized}", "--finetuning_type=lora"], False),
+    }
+    for name, (flags, left_out) in cases.items():
+        monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+        cfg = load_config([*flags, "--dataset=d.jsonl", "--output_dir=o"], None)
+        assert leave_out_bitsandbytes(cfg, get_method(cfg.method.finetuning_type)) is left_out, name
+        assert (sys.modules.get("bitsandbytes", "absent") is None) is left_out, name
+
+
+@pytest.mark.slow
+def test_peft_lora_trains_in_a_process_that_left_bitsandbytes_out():
+    """In a fresh process: PEFT's LoRA works without bitsandbytes, and torch's inductor is not imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom dist_glm.config import load_config\nfrom dist_glm.methods import get_method\n"
+        "from dist_glm.models.loading import leave_out_bitsandbytes\n"
+        f"cfg = load_config(['--model_name_or_path={TINY_MODEL}', '--dataset=d', '--output_dir=o'], None)\n"
+        "assert leave_out_bitsandbytes(cfg, get_method('lora'))\n"
+        "import peft, torch\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('{TINY_MODEL}'))\n"
+        "m = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules='all-linear'))\n"
+        "m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()\n"
+        "print(sorted(k for k in ('bitsandbytes', 'torch._inductor.compile_fx') if sys.modules.get(k)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TINY_MODEL.parent.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -173,3 +173,37 @@ def test_every_schedule_equals_transformers_get_scheduler(kind, kwargs, warmup):
         for opt, s in zip(opts, (ours, theirs), strict=True):
             opt.step()
             s.step()
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3, 0.0])
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_gives_clip_grad_norm_then_adamw(max_norm, fused):
+    """The loop's clipping (the factor handed to fused AdamW's kernel, or a multiply otherwise) updates the
+    weights as torch's clip_grad_norm_ followed by AdamW does, and reports the norm before clipping; a
+    non-finite norm leaves the weights and the moments as they were."""
+    import torch
+
+    from dist_glm.training.step import clip_gradients
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=fused) for m in models]
+    x = torch.randn(8, 16)
+    for step in range(3):
+        for m in models:
+            (m(x).square().sum() * (10.0**step)).backward()
+        want = float(torch.nn.utils.clip_grad_norm_(models[1].parameters(), max_norm if max_norm else float("inf")))
+        got = clip_gradients(models[0], opts[0], max_norm)
+        assert got == pytest.approx(want, rel=1e-6)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        opts[0].grad_scale = None
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in models[0].parameters()]
+    models[0](x).sum().mul(float("nan")).backward()
+    assert math.isnan(clip_gradients(models[0], opts[0], max_norm))
+    opts[0].step()
+    assert all(torch.equal(a, b) for a, b in zip(before, models[0].parameters(), strict=True))

@@ -287,3 +287,33 @@ def enable_gradient_checkpointing(model) -> None:
     # Non-reentrant checkpointing computes correct gradients even when the inputs of a checkpointed
     # block do not require grad (the frozen-embedding case of LoRA), so no input-grad hook is needed.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def leave_out_bitsandbytes(cfg, method) -> bool:
+    """Marks bitsandbytes absent in this process when the run loads no quantized weights; returns whether it did.
+
+    PEFT imports bitsandbytes whenever it is installed (peft.helpers), and bitsandbytes' import wraps its
+    kernels in torch.compile, which imports torch's inductor: 2-3.5 s and ~45 MB of start-up in every LoRA
+    rank that quantizes nothing (measured on CPU, docs/performance.md). A None entry in sys.modules makes
+    `import bitsandbytes` raise ImportError and find_spec return None, so PEFT leaves out its quantized-layer
+    support, which such a run never reaches. Kept whenever anything might load 4/8-bit weights: the method
+    quantizes, an adapter is named (its base may have been trained quantized), or a checkpoint's config.json
+    carries a quantization_config."""
+    import json
+    import sys
+
+    if "bitsandbytes" in sys.modules or method.quantization_config(cfg) is not None:
+        return False
+    adapters = (cfg.model.adapter_name_or_path, cfg.distill.teacher_adapter_name_or_path)
+    models = (cfg.model.model_name_or_path, cfg.distill.teacher_model_name_or_path, cfg.preference.ref_model)
+    if any(adapters):
+        return False
+    for path in filter(None, models):
+        config = Path(path) / "config.json"
+        try:
+            if not config.is_file() or "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+                return False  # an adapter or checkpoint directory, or a quantized checkpoint
+        except (OSError, ValueError):
+            return False
+    sys.modules["bitsandbytes"] = None
+    return True

@@ -59,14 +59,12 @@ def train_step(
             skipped = guard.loss_verdict(loss_total / global_tokens)
         engine.backward(loss_sum * (scale if skipped is None else float("nan")))
         if last and clip is not None:
-            # Gradients are final (all-reduced) here; clipping returns the norm it measured, so the norm
-            # is computed once per step, not once by the engine and again for the log.
-            params = [p for p in engine.module.parameters() if p.grad is not None]
-            own_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
-            if not math.isfinite(own_norm):
-                for p in params:
-                    p.grad = None  # AdamW leaves a parameter without a gradient (and its moments) untouched
+            # Gradients are final (all-reduced) here; the norm is computed once per step, not once by the
+            # engine and again for the log.
+            own_norm = clip_gradients(engine.module, engine.optimizer, clip)
         engine.step()  # only steps the optimizer at the accumulation boundary
+        if last and clip is not None:
+            engine.optimizer.grad_scale = None  # this step's clipping factor (clip_gradients) is spent
     grad_norm = own_norm if own_norm is not None else float(engine.get_global_grad_norm() or 0.0)
     # fp16: a finite loss whose gradients overflowed is the loss scaler's business (it skipped the update
     # and lowered the scale, as it must while it searches for its scale), not the guard's.
@@ -81,6 +79,27 @@ def train_step(
         engine.lr_scheduler.step()
     parts = {name: v / global_tokens for name, v in zip(objective.parts, part_totals, strict=True)}
     return StepResult(loss_total / global_tokens, grad_norm, int(nonpad_total), skipped, parts, overflow)
+
+
+def clip_gradients(model, optimizer, max_norm: float) -> float:
+    """Clips the gradients to `max_norm` (0: measures only) the way torch's clip_grad_norm_ does, and
+    returns their global norm before clipping. With torch's fused AdamW the factor is handed to the
+    optimizer's kernel as its `grad_scale` (it divides each gradient as it reads it) instead of a separate
+    pass multiplying every gradient in memory: 3 % of a full fine-tuning step at 151,552 vocabulary on CPU
+    (docs/performance.md). A non-finite norm drops the gradients: AdamW then leaves every parameter and its
+    moments untouched."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not math.isfinite(float(norm)):
+        for p in params:
+            p.grad = None
+    elif max_norm > 0:
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # clip_grad_norm_'s own arithmetic
+        if isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused"):
+            optimizer.grad_scale = (1.0 / factor).to(torch.float32)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def loss_scale(engine) -> float:
