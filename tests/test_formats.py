@@ -319,16 +319,24 @@ def test_a_half_written_cache_is_never_used(tmp_path):
     )
 
 
-def test_parallel_tokenization_gives_the_same_samples():
+def test_parallel_tokenization_gives_the_same_samples(tmp_path):
+    """Workers tokenize contiguous chunks (12 here): the samples and every count equal one process's, with a
+    per-file cap, a skipped row and two files; a bad row under on_invalid=error is the same one-line error."""
     tok = load_tokenizer(str(TINY_MODEL))
-    data = REPO / "data" / "advertisegen_demo" / "train.jsonl"
-    one = load_config(["--model_name_or_path=m", f"--dataset={data}", "--output_dir=o"], default_yaml=None).data
-    four = load_config(
-        ["--model_name_or_path=m", f"--dataset={data}", "--output_dir=o", "--preprocessing_num_workers=3"], None
-    ).data
-    serial, s_stats = build_examples(str(data), tok, one, "glm4", max_samples=300)
-    parallel, p_stats = build_examples(str(data), tok, four, "glm4", max_samples=300)
+    demo = (REPO / "data" / "advertisegen_demo" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(demo[:150] + ["{not json"] + demo[150:200]) + "\n", encoding="utf-8")
+    second.write_text("\n".join(demo[200:260]) + "\n", encoding="utf-8")
+    flags = ["--model_name_or_path=m", f"--dataset={first},{second}", "--output_dir=o", "--on_invalid=skip"]
+    one = load_config(flags, None).data
+    three = load_config([*flags, "--preprocessing_num_workers=3"], None).data
+    serial, s_stats = build_examples(f"{first},{second}", tok, one, "glm4", max_samples=180)
+    parallel, p_stats = build_examples(f"{first},{second}", tok, three, "glm4", max_samples=180)
     assert parallel == serial and p_stats == s_stats
+    assert len(serial) == 180 + 60 and s_stats.rows == 261 and [s["where"] for s in s_stats.skipped] == [f"{first}:151"]
+    strict = load_config([*flags[:-1], "--preprocessing_num_workers=3"], None).data
+    with pytest.raises(UserError, match=f"{first}:151: invalid JSON"):
+        build_examples(f"{first},{second}", tok, strict, "glm4")
 
 
 def test_what_truncation_costs_is_counted_and_a_cut_tool_call_is_not_trained(tmp_path):
